@@ -1,0 +1,194 @@
+"""Plans from files: Python plan scripts, TOML task files, and command lists.
+
+Invariants:
+- Every loader returns a Graph whose result flags mark what the user asked for, or
+  raises PlanError with one line naming the file (and task) at fault.
+- A plan script runs with a global ``params`` (dict of the ``-p KEY=VALUE`` strings)
+  and must define a module-level ``results``: a Task or a sequence of Tasks.
+- Relative file names in a TOML task file are relative to that file's directory.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import traceback
+
+from graphfmt import tasks
+from graphfmt.graph import Graph
+from graphfmt.plan import as_task_list, build_graph
+
+
+class PlanError(Exception):
+    """A plan source could not be turned into a graph."""
+
+
+def load_plan(path: str, params: dict[str, str] | None = None) -> Graph:
+    """Any plan source, chosen by file name: ``.py`` script, ``.toml`` task file,
+    otherwise one shell command per line."""
+    if path.endswith(".py"):
+        return load_script(path, params)
+    if path.endswith(".toml"):
+        return load_toml(path)
+    return load_lines(path)
+
+
+def load_script(path: str, params: dict[str, str] | None = None) -> Graph:
+    if not os.path.isfile(path):
+        raise PlanError(f"plan script {path} does not exist")
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [path]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        namespace = runpy.run_path(path, init_globals={"params": dict(params or {})}, run_name="__plan__")
+    except SystemExit as exc:
+        raise PlanError(f"plan script {path} exited ({exc.code}) instead of defining results") from None
+    except BaseException as exc:   # the user's code: report it in one line
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        where = f" at line {frame.lineno}" if frame.filename == path or frame.filename.endswith(os.path.basename(path)) else ""
+        raise PlanError(f"plan script {path} raised {type(exc).__name__}{where}: {exc}") from None
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    if "results" not in namespace:
+        raise PlanError(f"plan script {path} defines no 'results' (a task or a list of tasks)")
+    return graph_of_results(namespace["results"], f"plan script {path}")
+
+
+def graph_of_results(results, origin: str) -> Graph:
+    items = as_task_list(results)
+    for k, item in enumerate(items):
+        if not isinstance(item, tasks.Task):
+            raise PlanError(f"{origin}: results[{k}] is a {type(item).__name__}, not a Task")
+    if not items:
+        raise PlanError(f"{origin}: results is empty")
+    try:
+        return build_graph(items)[0]
+    except TypeError as exc:
+        raise PlanError(f"{origin}: {exc}") from None
+
+
+def load_lines(path: str) -> Graph:
+    """One ``run`` task per non-empty, non-comment line, run by ``sh -c``; every task
+    is a result (its standard output)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines() if path != "-" else sys.stdin.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError(f"cannot read command list {path}: {exc}") from None
+    results = []
+    for number, line in enumerate(lines, 1):
+        command = line.strip()
+        if not command or command.startswith("#"):
+            continue
+        task = tasks.run(["sh", "-c", command])
+        task.label = f"line:{number}"
+        results.append(task)
+    if not results:
+        raise PlanError(f"command list {path} has no commands")
+    return build_graph(results)[0]
+
+
+def load_toml(path: str) -> Graph:
+    try:
+        import tomllib
+    except ImportError:   # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as exc:
+        raise PlanError(f"cannot read task file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PlanError(f"task file {path} is not valid TOML: {exc}") from None
+    specs = document.get("task")
+    if not isinstance(specs, dict) or not specs:
+        raise PlanError(f"task file {path} has no [task.NAME] tables")
+    return _TomlPlan(path, specs).graph()
+
+
+_TOML_KEYS = {"command", "args", "stdin", "inputs", "outputs", "after", "label", "cpus", "result",
+              "checkpoint"}
+
+
+class _TomlPlan:
+    def __init__(self, path: str, specs: dict):
+        self.path, self.specs = path, specs
+        self.base = os.path.dirname(os.path.abspath(path))
+        self.built: dict[str, tasks.Task] = {}
+        self.building: set[str] = set()
+        self.files: dict[str, tasks.Task] = {}
+
+    def fail(self, name: str, message: str):
+        raise PlanError(f"task file {self.path}: task {name!r}: {message}")
+
+    def graph(self) -> Graph:
+        for name in self.specs:
+            self.task(name)
+        consumed = {id(x) for t in self.built.values() for x in t.inputs}
+        results = [t for name, t in self.built.items()
+                   if self.specs[name].get("result", id(t) not in consumed)]
+        return build_graph(results)[0]
+
+    def source(self, owner: str, ref) -> tasks.Task:
+        """'@name' is another task's output; anything else is a file path."""
+        if not isinstance(ref, str) or not ref:
+            self.fail(owner, f"input {ref!r} must be '@task' or a file path")
+        if ref.startswith("@"):
+            return self.task(ref[1:], owner)
+        path = os.path.normpath(os.path.join(self.base, ref))
+        if path not in self.files:
+            self.files[path] = tasks.open(path)
+        return self.files[path]
+
+    def task(self, name: str, wanted_by: str | None = None) -> tasks.Task:
+        if name in self.built:
+            return self.built[name]
+        spec = self.specs.get(name)
+        if not isinstance(spec, dict):
+            self.fail(wanted_by or name, f"depends on unknown task {name!r}")
+        if name in self.building:
+            self.fail(name, "is part of a dependency cycle")
+        unknown = set(spec) - _TOML_KEYS
+        if unknown:
+            self.fail(name, f"unknown key(s) {', '.join(sorted(unknown))}")
+        self.building.add(name)
+        if ("command" in spec) == ("args" in spec):
+            self.fail(name, "needs exactly one of 'command' (a shell line) or 'args' (a list)")
+        if "command" in spec:
+            if not isinstance(spec["command"], str):
+                self.fail(name, "'command' must be a string")
+            args = ["sh", "-c", spec["command"]]
+        else:
+            args = spec["args"]
+            if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
+                self.fail(name, "'args' must be a non-empty list of strings")
+        pairs = []
+        if "stdin" in spec:
+            pairs.append((self.source(name, spec["stdin"]), None))
+        inputs = spec.get("inputs", {})
+        if not isinstance(inputs, dict):
+            self.fail(name, "'inputs' must be a table of file name = '@task' or path")
+        for filename, ref in inputs.items():
+            if "/" in filename or not filename:
+                self.fail(name, f"input file name {filename!r} must be a plain name")
+            pairs.append((self.source(name, ref), filename))
+        after = spec.get("after", [])
+        if not isinstance(after, list):
+            self.fail(name, "'after' must be a list of task names")
+        for k, other in enumerate(after):
+            pairs.append((self.task(str(other), name), f"$_after{k}"))
+        outputs = spec.get("outputs", [None])
+        if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs) and outputs != [None]:
+            self.fail(name, "'outputs' must be a list of file names")
+        task = tasks.run(args, pairs, outputs)
+        task.label = str(spec.get("label", name))
+        cpus = spec.get("cpus", 1)
+        if not isinstance(cpus, int) or cpus < 0:
+            self.fail(name, "'cpus' must be a non-negative integer")
+        task.resource_request = tasks.cpus(cpus) if cpus else None
+        if "checkpoint" in spec:
+            task.checkpoint_path = os.path.normpath(os.path.join(self.base, spec["checkpoint"]))
+        self.building.discard(name)
+        self.built[name] = task
+        return task
