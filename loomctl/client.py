@@ -1,0 +1,348 @@
+"""HyperLoom-compatible Python client: Client, Future, TaskFailed, LoomError.
+
+    from loomctl.client import Client, tasks
+    client = Client("localhost", 9010)
+    print(client.submit_one(tasks.merge((tasks.const("Hello "), tasks.const("world!")))).gather())
+
+Results are downloaded directly from the worker that holds them (the server only tells
+where); the server never carries data objects.
+
+Invariants:
+- One Client owns one DEALER to the server; it is not thread-safe.
+- A Future's data stays on the workers until the future is released (gather releases).
+- Pushes from the server (results ready, task failed, job done) are applied to futures
+  whenever the client reads its socket, so waiting never loses a notification.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket as _socket
+from typing import Iterable, Iterator
+
+import numpy as np
+import zmq
+
+import graphfmt
+from graphfmt import symbols as S
+from graphfmt import tasks  # noqa: F401  (HyperLoom: from loom.client import tasks)
+from graphfmt.plan import as_task_list, build_graph
+from graphfmt.tasks import Task
+from loomctl import protocol as P
+from loomctl.access import AccessError, connect_address, read_access, server_dir
+from loomctl.worker import data as D
+
+
+class LoomException(Exception):
+    """Base of the errors this client raises."""
+
+
+class LoomError(LoomException):
+    """The server refused a request, or the connection failed."""
+
+
+class TaskFailed(LoomException):
+    """A task of a submission failed; the whole submission failed with it."""
+
+    def __init__(self, id: int, worker: str, error_msg: str, label: str = ""):  # noqa: A002
+        self.id = id
+        self.worker = worker
+        self.error_msg = error_msg
+        self.label = label
+        where = f" ({label})" if label else ""
+        super().__init__(f"task {id}{where} failed on worker {worker or '?'}: {error_msg}")
+
+
+class Future:
+    __slots__ = ("client", "task_id", "job", "address", "_released", "__weakref__")
+
+    def __init__(self, client: "Client", task_id: int, job: int):
+        self.client, self.task_id, self.job = client, task_id, job
+        self.address: str | None = None
+        self._released = False
+
+    def finished(self) -> bool:
+        self.client._poll(0)
+        return self.address is not None
+
+    def released(self) -> bool:
+        return self._released
+
+    def wait(self) -> None:
+        self.client.wait([self])
+
+    def fetch(self):
+        return self.client.fetch([self])[0]
+
+    def gather(self):
+        return self.client.gather([self])[0]
+
+    def release(self) -> None:
+        self.client.release([self])
+
+    def __repr__(self):
+        state = "released" if self._released else "finished" if self.address else "pending"
+        return f"<Future task={self.task_id} job={self.job} {state}>"
+
+
+class Client:
+    def __init__(self, address: str | None = None, port: int | None = None,
+                 server_dir_path: str | None = None, secret: str | None = ..., timeout: float = 30.0):
+        access = None
+        try:
+            access = read_access(server_dir_path)
+        except AccessError:
+            if address is None:
+                raise LoomError(f"no server address given and {_access_hint(server_dir_path)}") from None
+        if address is None:
+            address, port = access["host"], access["port"]
+        if port is None:
+            port = 9010
+        if secret is ...:
+            secret = access.get("secret") if access and _same_server(access, address, port) else None
+        self.secret = secret
+        self.timeout_ms = int(timeout * 1000)
+        self.ctx = zmq.Context()
+        self.sock = self._connect(connect_address(address, port), "client")
+        self.peers: dict[str, zmq.Socket] = {}
+        self.req = itertools.count(1)
+        self.futures: dict[int, Future] = {}
+        self.job_errors: dict[int, dict] = {}
+        self.job_status: dict[int, str] = {}
+        self.replies: dict[int, tuple[bytes, dict]] = {}
+        self.trace_path: str | None = None
+
+    def _connect(self, address: str, role: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        try:
+            P.client_handshake(sock, role, self.secret, self.timeout_ms)
+        except (ConnectionError, P.ProtocolError) as exc:
+            sock.close(0)
+            raise LoomError(f"{address}: {exc}") from None
+        return sock
+
+    # ------------------------------------------------------------------ requests
+    def _request(self, kind: bytes, body: dict | None = None) -> dict:
+        req = next(self.req)
+        self.sock.send_multipart(P.encode(kind, {**(body or {}), "req": req}))
+        while req not in self.replies:
+            if not self._poll(self.timeout_ms):
+                raise LoomError(f"no reply from the server to {kind.decode()} within {self.timeout_ms / 1000:.0f} s")
+        reply_kind, reply = self.replies.pop(req)
+        if reply_kind == P.ERROR:
+            raise LoomError(reply.get("message", "request failed"))
+        return reply
+
+    def _poll(self, timeout_ms: int) -> bool:
+        """Read every waiting message (waiting up to timeout_ms for the first)."""
+        if not self.sock.poll(timeout_ms, zmq.POLLIN):
+            return False
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            kind, body, _ = P.decode(frames)
+            self._apply(kind, body)
+
+    def _apply(self, kind: bytes, body: dict) -> None:
+        if kind in (P.REPLY, P.ERROR):
+            self.replies[body.get("req")] = (kind, body)
+        elif kind == P.RESULTS_READY:
+            for task_id, address in zip(P.ids_from_bytes(body["ids"]).tolist(), body["addresses"]):
+                future = self.futures.get(task_id)
+                if future is not None:
+                    future.address = address
+        elif kind == P.TASK_FAILED:
+            self.job_errors[body["job"]] = body
+        elif kind == P.JOB_DONE:
+            self.job_status[body["job"]] = body["status"]
+
+    # ------------------------------------------------------------------ API
+    def submit(self, tasks_, load: bool = False):
+        """Submit a task or a list of tasks; returns a Future (for one task) or a list of
+        Futures in the same order. Shared sub-graphs are computed once per submission."""
+        single = isinstance(tasks_, Task)
+        items = as_task_list(tasks_)
+        for item in items:
+            if isinstance(item, Future):
+                raise LoomError("a future cannot be submitted; submit a task that uses it as an input")
+            if not isinstance(item, Task):
+                raise LoomError(f"cannot submit a {type(item).__name__}; expected Task objects")
+        graph, local_ids = build_graph(items, external=self._future_input)
+        reply = self._request(P.SUBMIT, {"graph": graphfmt.to_bytes(graph), "load": load, "notify": True,
+                                         "trace": self.trace_path})
+        job, base = reply["job"], reply["base"]
+        futures = []
+        for local in local_ids:
+            task_id = base + local
+            future = self.futures.get(task_id) or Future(self, task_id, job)
+            self.futures[task_id] = future
+            futures.append(future)
+        return futures[0] if single else futures
+
+    def submit_graph(self, graph: graphfmt.Graph, load: bool = False, name: str = "") -> tuple[int, list[Future]]:
+        """Submit a columnar graph (e.g. read from a graph file); returns the job id and
+        a future per result (the marked results, else the sinks), in task id order."""
+        reply = self._request(P.SUBMIT, {"graph": graphfmt.to_bytes(graph), "load": load, "notify": True,
+                                         "name": name, "trace": self.trace_path})
+        job = reply["job"]
+        futures = []
+        for task_id in P.ids_from_bytes(reply["results"]).tolist():
+            future = self.futures[task_id] = Future(self, task_id, job)
+            futures.append(future)
+        return job, futures
+
+    def job_progress(self, job: int) -> dict:
+        """Status and per-state task counts of a job; also applies pending pushes."""
+        return self._request(P.JOB_RESULTS, {"job": job})
+
+    def submit_one(self, task: Task, load: bool = False) -> Future:
+        return self.submit([task], load)[0]
+
+    def _future_input(self, obj) -> Task:
+        if not isinstance(obj, Future):
+            raise TypeError(f"task input must be a Task or a Future, got {type(obj).__name__}")
+        if obj.client is not self:
+            raise LoomError("a future of another client cannot be used as an input")
+        if obj._released:
+            raise LoomError(f"future of task {obj.task_id} was released and cannot be used as an input")
+        return Task(S.FUTURE, (), S.encode_u64(obj.task_id))
+
+    def wait(self, futures) -> None:
+        futures = _as_list(futures)
+        while True:
+            self._raise_failures(futures)
+            if all(f.address is not None for f in futures):
+                return
+            for f in futures:
+                if f._released:
+                    raise LoomError(f"future of task {f.task_id} was released")
+                if self.job_status.get(f.job) in ("cancelled",):
+                    raise LoomError(f"job {f.job} was cancelled")
+            self._poll(1000)
+
+    def _raise_failures(self, futures: list[Future]) -> None:
+        for f in futures:
+            error = self.job_errors.get(f.job)
+            if error is not None:
+                raise TaskFailed(error.get("id"), error.get("worker", ""), error.get("message", ""),
+                                 error.get("label", ""))
+
+    def as_completed(self, futures) -> Iterator[Future]:
+        pending = list(_as_list(futures))
+        while pending:
+            self._raise_failures(pending)
+            done = [f for f in pending if f.address is not None]
+            for f in done:
+                pending.remove(f)
+                yield f
+            if pending and not done:
+                self._poll(1000)
+
+    def fetch(self, futures) -> list:
+        futures = _as_list(futures)
+        self.wait(futures)
+        by_address: dict[str, list[Future]] = {}
+        for f in futures:
+            by_address.setdefault(f.address, []).append(f)
+        values = {}
+        for address, group in by_address.items():
+            values.update(self._download(address, [f.task_id for f in group]))
+        return [values[f.task_id] for f in futures]
+
+    def _download(self, address: str, ids: list[int]) -> dict:
+        sock = self.peers.get(address)
+        if sock is None:
+            sock = self.peers[address] = self._connect(address, "client")
+        req = next(self.req)
+        sock.send_multipart(P.encode(P.FETCH, {"req": req, "ids": P.ids_to_bytes(ids)}))
+        while True:
+            if not sock.poll(self.timeout_ms, zmq.POLLIN):
+                raise LoomError(f"worker at {address} did not send the data of tasks {ids}")
+            kind, body, blobs = P.decode(sock.recv_multipart())
+            if kind == P.DATA and body.get("req") == req:
+                break
+        missing = P.ids_from_bytes(body.get("missing", b"")).tolist()
+        if missing:
+            raise LoomError(f"worker at {address} no longer holds the data of tasks {missing}")
+        found = P.ids_from_bytes(body["ids"]).tolist()
+        return {t: D.to_client(D.decode(blob)) for t, blob in zip(found, blobs)}
+
+    def gather(self, futures) -> list:
+        futures = _as_list(futures)
+        values = self.fetch(futures)
+        self.release(futures)
+        return values
+
+    def release(self, futures) -> None:
+        futures = [f for f in _as_list(futures) if not f._released]
+        if not futures:
+            return
+        ids = [f.task_id for f in futures]
+        for f in futures:
+            f._released = True
+            self.futures.pop(f.task_id, None)
+        self._request(P.RELEASE, {"ids": P.ids_to_bytes(ids)})
+
+    def cancel(self, job: int) -> None:
+        """Cancel a running job (its futures fail), or drop the results of a finished one."""
+        self._request(P.CANCEL, {"job": job})
+
+    def get_stats(self) -> dict:
+        return self._request(P.STATS)
+
+    def status(self) -> dict:
+        return self._request(P.STATUS)
+
+    def set_trace(self, path: str) -> None:
+        """Trace the jobs submitted from now on into directory ``path``."""
+        self.trace_path = os.path.abspath(path)
+        self._request(P.SET_TRACE, {"path": self.trace_path})
+
+    def terminate(self) -> None:
+        """Stop the server and all its workers."""
+        self._request(P.TERMINATE)
+        self.close()
+
+    def close(self) -> None:
+        for sock in self.peers.values():
+            sock.close(0)
+        self.peers.clear()
+        if not self.sock.closed:
+            self.sock.close(0)
+        self.ctx.term()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _as_list(futures) -> list[Future]:
+    if isinstance(futures, Future):
+        return [futures]
+    items = list(futures)
+    for f in items:
+        if not isinstance(f, Future):
+            raise LoomError(f"expected futures, got {type(f).__name__}")
+    return items
+
+
+def _access_hint(path: str | None) -> str:
+    return f"no access file in {server_dir(path)} (set LOOM_SERVER_DIR or pass server_dir_path)"
+
+
+def _same_server(access: dict, address: str, port: int) -> bool:
+    if access.get("port") != port:
+        return False
+    try:
+        mine = {_socket.gethostbyname(address)}
+        theirs = {_socket.gethostbyname(access["host"] if access["host"] not in ("0.0.0.0", "") else "127.0.0.1")}
+    except OSError:
+        return address == access.get("host")
+    return bool(mine & theirs) or "127.0.0.1" in mine and access["host"] in ("0.0.0.0", "127.0.0.1", "localhost")

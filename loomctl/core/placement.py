@@ -1,0 +1,169 @@
+"""Placement of a batch of ready tasks on workers (pure functions, no state).
+
+Policy (HyperLoom's, computed over whole batches):
+- A task prefers the worker that already holds the most bytes of its inputs.
+- Tasks with a cpu request go to a worker with enough cpus. A worker is given work up to
+  its cpus plus a short queue of the same size, so it never idles while a round trip is
+  in flight. A task whose preferred worker holds >= LOCALITY_BYTES of its inputs waits
+  in that worker's queue rather than moving the data elsewhere.
+- Light tasks (no request) are spread by free queue room; up to LIGHT_QUEUE of them may
+  be outstanding on one worker.
+
+Invariants: every returned assignment respects the worker's symbol support and, counting
+queued tasks, never exceeds 2x its cpus; a task appears in at most one assignment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+LOCALITY_BYTES = 1 << 20
+LIGHT_QUEUE = 8192
+
+
+@dataclass
+class WorkerRoom:
+    index: int                   # dense index used in preference arrays
+    cpus: int
+    assigned_cpus: int
+    assigned_light: int
+    resources: dict = field(default_factory=dict)
+    assigned_resources: dict = field(default_factory=dict)
+    supports: np.ndarray | None = None   # bool per global symbol code; None = everything
+
+    def cpu_room(self) -> int:
+        return 2 * self.cpus - self.assigned_cpus
+
+    def light_room(self) -> int:
+        return LIGHT_QUEUE - self.assigned_light
+
+
+def preferences(task_pos: np.ndarray, holder: np.ndarray, sizes: np.ndarray, n_tasks: int):
+    """Per task: the holder index with the most input bytes and those bytes (-1, 0 when
+    none). ``task_pos`` / ``holder`` / ``sizes`` describe one input slot each; holder -1
+    means the input's data is on no worker."""
+    best = np.full(n_tasks, -1, dtype=np.int64)
+    best_bytes = np.zeros(n_tasks, dtype=np.int64)
+    known = holder >= 0
+    if not known.any():
+        return best, best_bytes
+    t, h, s = task_pos[known], holder[known], sizes[known]
+    key = t * (int(h.max()) + 1) + h
+    order = np.argsort(key, kind="stable")
+    key, t, h, s = key[order], t[order], h[order], s[order]
+    starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+    totals = np.add.reduceat(s, starts)
+    pair_task, pair_holder = t[starts], h[starts]
+    # for each task, the pair with the largest total (ties: lowest holder index)
+    order = np.lexsort((pair_holder, -totals, pair_task))
+    first = np.concatenate(([True], pair_task[order][1:] != pair_task[order][:-1]))
+    chosen = order[first]
+    best[pair_task[chosen]] = pair_holder[chosen]
+    best_bytes[pair_task[chosen]] = totals[chosen]
+    return best, best_bytes
+
+
+def place(cpus: np.ndarray, symbols: np.ndarray, best: np.ndarray, best_bytes: np.ndarray,
+          workers: list[WorkerRoom], requests: dict[int, dict] | None = None) -> np.ndarray:
+    """Chosen worker index per task (-1: stays ready). ``requests`` maps task position to
+    named resources beyond cpus. Mutates the rooms' assigned counters."""
+    n = len(cpus)
+    chosen = np.full(n, -1, dtype=np.int64)
+    if not workers or n == 0:
+        return chosen
+    requests = requests or {}
+    light = (cpus == 0) & np.array([i not in requests for i in range(n)]) if requests else cpus == 0
+    _place_light(np.flatnonzero(light), symbols, best, best_bytes, workers, chosen)
+    _place_heavy(np.flatnonzero(~light), cpus, symbols, best, best_bytes, workers, requests, chosen)
+    return chosen
+
+
+def _supports(room: WorkerRoom, symbol: int) -> bool:
+    return room.supports is None or (symbol < len(room.supports) and bool(room.supports[symbol]))
+
+
+def _place_light(positions, symbols, best, best_bytes, workers, chosen) -> None:
+    if not len(positions):
+        return
+    by_index = {w.index: w for w in workers}
+    uniform = all(w.supports is None for w in workers)
+    # 1. tasks go to their preferred worker while it has room
+    rest = []
+    for w in workers:
+        mine = positions[best[positions] == w.index]
+        if not uniform:
+            mine = np.array([p for p in mine if _supports(w, symbols[p])], dtype=np.int64)
+        take = mine[:max(0, w.light_room())]
+        chosen[take] = w.index
+        w.assigned_light += len(take)
+    rest = positions[chosen[positions] < 0]
+    # strongly local tasks whose worker is full wait for it
+    pinned = (best[rest] >= 0) & (best_bytes[rest] >= LOCALITY_BYTES) & np.isin(best[rest], list(by_index))
+    rest = rest[~pinned]
+    if not len(rest):
+        return
+    # 2. the others are spread over the free room, emptiest workers first
+    if uniform:
+        rooms = np.array([max(0, w.light_room()) for w in workers])
+        total = int(rooms.sum())
+        if total == 0:
+            return
+        k = min(len(rest), total)
+        # round-robin over workers weighted by room: interleave so batches stay balanced
+        slots = _interleave([np.full(r, w.index) for r, w in zip(rooms, workers)])[:k]
+        chosen[rest[:k]] = slots
+        for w in workers:
+            w.assigned_light += int(np.count_nonzero(slots == w.index))
+        return
+    for p in rest:
+        candidates = [w for w in workers if w.light_room() > 0 and _supports(w, symbols[p])]
+        if candidates:
+            w = max(candidates, key=WorkerRoom.light_room)
+            chosen[p] = w.index
+            w.assigned_light += 1
+
+
+def _interleave(groups: list[np.ndarray]) -> np.ndarray:
+    """Items of several groups interleaved in proportion to their sizes."""
+    if not groups:
+        return np.zeros(0, dtype=np.int64)
+    keys = np.concatenate([(np.arange(len(g)) + 0.5) / max(len(g), 1) for g in groups])
+    return np.concatenate(groups)[np.argsort(keys, kind="stable")]
+
+
+def _fits(w: WorkerRoom, cpus: int, request: dict | None, limit_cpus: int) -> bool:
+    if w.assigned_cpus + cpus > limit_cpus:
+        return False
+    for name, amount in (request or {}).items():
+        if w.assigned_resources.get(name, 0) + amount > w.resources.get(name, 0):
+            return False
+    return True
+
+
+def _place_heavy(positions, cpus, symbols, best, best_bytes, workers, requests, chosen) -> None:
+    by_index = {w.index: w for w in workers}
+    for p in positions:
+        need = int(cpus[p])
+        request = requests.get(int(p))
+        pref = by_index.get(int(best[p]))
+        target = None
+        if pref is not None and _supports(pref, symbols[p]):
+            if _fits(pref, need, request, pref.cpus):
+                target = pref
+            elif best_bytes[p] >= LOCALITY_BYTES:
+                if _fits(pref, need, request, 2 * pref.cpus):
+                    target = pref
+                else:
+                    continue   # wait for the worker that has the data
+        if target is None:
+            candidates = [w for w in workers if _supports(w, symbols[p]) and _fits(w, need, request, 2 * w.cpus)
+                          and need <= w.cpus]
+            if not candidates:
+                continue
+            target = min(candidates, key=lambda w: (w.assigned_cpus / max(w.cpus, 1), w.index))
+        chosen[p] = target.index
+        target.assigned_cpus += need
+        for name, amount in (request or {}).items():
+            target.assigned_resources[name] = target.assigned_resources.get(name, 0) + amount

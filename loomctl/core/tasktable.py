@@ -1,0 +1,152 @@
+"""The server's task table: numpy columns indexed by global task id, plus segments.
+
+Invariants:
+- Global ids are handed out in increasing order and never reused; each submission (or
+  run-time expansion) appends one Segment covering ids ``base .. base+n-1``.
+- A segment stores its inputs and consumers in CSR form with *global* ids. Consumers
+  from a later segment (a future used by a later job, an expansion) are kept in
+  ``extra_consumers``; tasks that have some carry FLAG_EXTRA.
+- Per-task columns grow by doubling; ``cols.n`` is the number of ids in use. No Python
+  object exists per task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphfmt.graph import Graph, offsets_from_lengths
+
+# task states
+WAITING, READY, ASSIGNED, FINISHED, FAILED, CANCELLED, ALIAS, SKIPPED = range(8)
+STATE_NAMES = ("waiting", "ready", "assigned", "finished", "failed", "cancelled", "alias", "skipped")
+
+# task flags
+FLAG_RESULT = 1          # the client wants this task's data
+FLAG_EXTRA = 2           # has consumers in extra_consumers
+FLAG_CHECKPOINT = 4      # write the result to its checkpoint path
+FLAG_LOADED = 8          # taken from its checkpoint file instead of computed
+FLAG_OVERRIDE = 16       # symbol/config/inputs replaced at run time (see overrides)
+
+_COLUMNS = {
+    "state": np.uint8, "flags": np.uint8, "remaining": np.int32, "holds": np.int32,
+    "owner": np.int32, "worker": np.int32, "size": np.int64, "length": np.int64,
+    "cpus": np.int32, "job": np.int32, "segment": np.int32, "symbol": np.int32,
+    "attempts": np.int8,
+}
+
+
+class TaskColumns:
+    def __init__(self, capacity: int = 1024):
+        self.n = 0
+        self.capacity = capacity
+        for name, dtype in _COLUMNS.items():
+            setattr(self, name, np.zeros(capacity, dtype=dtype))
+
+    def allocate(self, count: int) -> int:
+        """Reserve ``count`` new ids; returns the first. New rows are zeroed except
+        owner/worker = -1."""
+        base = self.n
+        need = base + count
+        if need > self.capacity:
+            capacity = max(need, 2 * self.capacity)
+            for name in _COLUMNS:
+                old = getattr(self, name)
+                new = np.zeros(capacity, dtype=old.dtype)
+                new[:base] = old[:base]
+                setattr(self, name, new)
+            self.capacity = capacity
+        for name in _COLUMNS:
+            getattr(self, name)[base:need] = 0
+        self.owner[base:need] = -1
+        self.worker[base:need] = -1
+        self.n = need
+        return base
+
+
+@dataclass(eq=False)
+class Segment:
+    index: int
+    base: int
+    graph: Graph              # configs, labels, checkpoints, requests (local ids)
+    input_offsets: np.ndarray  # local CSR, n+1
+    inputs: np.ndarray         # global ids
+    consumer_offsets: np.ndarray
+    consumers: np.ndarray      # global ids, within this segment
+
+    @property
+    def n(self) -> int:
+        return len(self.input_offsets) - 1
+
+    @classmethod
+    def build(cls, index: int, base: int, graph: Graph, global_inputs: np.ndarray,
+              input_offsets: np.ndarray) -> "Segment":
+        n = len(input_offsets) - 1
+        owners = np.repeat(np.arange(base, base + n, dtype=np.int64), np.diff(input_offsets))
+        local = global_inputs - base
+        inside = (local >= 0) & (local < n)
+        order = np.argsort(local[inside], kind="stable")
+        counts = np.bincount(local[inside], minlength=n)[:n] if inside.any() else np.zeros(n, np.int64)
+        return cls(index, base, graph, input_offsets, global_inputs,
+                   offsets_from_lengths(counts), owners[inside][order])
+
+
+def ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, e) for every pair, vectorised."""
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if total <= 0:
+        return np.zeros(0, dtype=np.int64)
+    shift = np.repeat(starts - offsets_from_lengths(lengths)[:-1], lengths)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+class SegmentIndex:
+    """Which segment holds a global id, and CSR gathers across segments."""
+
+    def __init__(self):
+        self.segments: list[Segment] = []
+        self.bases = np.zeros(0, dtype=np.int64)
+
+    def add(self, segment: Segment) -> None:
+        self.segments.append(segment)
+        self.bases = np.append(self.bases, segment.base)
+
+    def of(self, ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.bases, ids, side="right") - 1
+
+    def _gather(self, ids: np.ndarray, offsets_name: str, values_name: str, per_slot: bool):
+        if len(ids) == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return (empty, empty) if per_slot else empty
+        seg_ids = self.of(ids)
+        values, owners = [], []
+        for s in np.unique(seg_ids):
+            seg = self.segments[s]
+            mine = ids[seg_ids == s]
+            offsets = getattr(seg, offsets_name)
+            local = mine - seg.base
+            starts, ends = offsets[local], offsets[local + 1]
+            values.append(getattr(seg, values_name)[ranges(starts, ends)])
+            if per_slot:
+                owners.append(np.repeat(mine, ends - starts))
+        values = np.concatenate(values)
+        return (values, np.concatenate(owners)) if per_slot else values
+
+    def inputs_of(self, ids: np.ndarray, per_slot: bool = False):
+        """Input ids (one per slot) of ``ids``; with per_slot also the consumer of each."""
+        return self._gather(ids, "input_offsets", "inputs", per_slot)
+
+    def consumers_of(self, ids: np.ndarray) -> np.ndarray:
+        """Consumer ids within the same segments (one per input slot)."""
+        return self._gather(ids, "consumer_offsets", "consumers", False)
+
+    def task_inputs(self, task_id: int) -> np.ndarray:
+        seg = self.segments[int(self.of(np.array([task_id]))[0])]
+        local = task_id - seg.base
+        return seg.inputs[seg.input_offsets[local]:seg.input_offsets[local + 1]]
+
+    def locate(self, task_id: int) -> tuple[Segment, int]:
+        seg = self.segments[int(self.of(np.array([task_id]))[0])]
+        return seg, task_id - seg.base

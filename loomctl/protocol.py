@@ -1,0 +1,223 @@
+"""Wire protocol between clients, the server and workers (pyzmq + msgpack).
+
+Every message is a multipart zmq message ``[kind, body, *blobs]``: ``kind`` is a short
+ASCII name below, ``body`` one msgpack map, ``blobs`` raw byte frames (data objects) so
+large data is never copied into msgpack. Integer id columns travel as raw little-endian
+int64 bytes (``ids_to_bytes``) so that thousands of ids cost one memcpy.
+
+Sockets: the server binds one ROUTER; workers and clients connect DEALERs to it. Every
+worker binds a ROUTER for its data; other workers and clients fetch data from it
+directly (the server never carries data objects).
+
+Handshake on every ROUTER (server and worker data sockets), before anything else:
+  peer -> HELLO {role, version}
+  router -> CHALLENGE {nonce}           (authentication on)
+  peer -> AUTH {proof: HMAC-SHA256(secret, nonce + role)}
+  router -> WELCOME {...} or REFUSED {reason}
+A router drops (and logs) every other message from a peer that is not welcome.
+
+Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-global):
+  worker -> server
+    REGISTER  {name, hostname, pid, cpus, resources: {name: amount}, symbols: [str],
+               data_address: "tcp://host:port", work_dir}      -> REPLY {worker_id}
+    UPDATE    {finished: ids, sizes: ids, lengths: ids,          (one batch of reports)
+               failed: [[id, message]], redirects: [[id, graph_file_bytes]],
+               replicas: ids (objects fetched from peers, now also held here),
+               logs: [[id, level, message]]}
+    HEARTBEAT {n_data, data_bytes, rss, cpu_percent, running}
+  server -> worker
+    COMPUTE   {tasks: [[id, symbol, config, [input ids], cpus, resources|None,
+                        checkpoint|None, label|None]],
+               locations: {input id: data_address}}   (inputs this worker does not hold)
+    RELEASE_DATA {ids}     STOP {}
+  client -> server: each request carries "req" (int), echoed in REPLY {req, ...} or
+  ERROR {req, message}
+    SUBMIT {graph: graph file bytes, load: bool, name, trace: dir|None, notify: bool}
+                                    -> REPLY {job, base, n}   (global id = base + local id)
+    RELEASE {ids}   STATS {}   STATUS {}   CANCEL {job}   TERMINATE {}   SET_TRACE {path}
+    JOB_RESULTS {job} -> REPLY {status, ids, addresses, failed}
+    WAIT_JOB {job}    (subscribe to the job's pushes below)
+  server -> client pushes (for jobs submitted with notify, or after WAIT_JOB)
+    RESULTS_READY {job, ids, addresses: [data_address per id]}
+    TASK_FAILED {job, id, label, symbol, worker, message}
+    JOB_DONE {job, status: finished|failed|cancelled, counts: {...}}
+  peer/client -> worker data socket
+    FETCH {req, ids} -> DATA {req, ids (found), missing: ids} + one blob per found id
+                        (loomctl.worker.data.encode of the object)
+
+Invariants:
+- ``decode`` never raises anything but ProtocolError for malformed input.
+- Bumping PROTOCOL_VERSION is required for any incompatible change of a message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+# handshake
+HELLO, CHALLENGE, AUTH, WELCOME, REFUSED = b"HELLO", b"CHALLENGE", b"AUTH", b"WELCOME", b"REFUSED"
+# worker -> server
+REGISTER, UPDATE, HEARTBEAT = b"REGISTER", b"UPDATE", b"HEARTBEAT"
+# server -> worker
+COMPUTE, RELEASE_DATA, STOP = b"COMPUTE", b"RELEASE_DATA", b"STOP"
+# client -> server (requests carry "req"; the reply echoes it)
+SUBMIT, RELEASE, STATS, STATUS, CANCEL, TERMINATE, SET_TRACE, JOB_RESULTS, WAIT_JOB = (
+    b"SUBMIT", b"RELEASE", b"STATS", b"STATUS", b"CANCEL", b"TERMINATE", b"SET_TRACE",
+    b"JOB_RESULTS", b"WAIT_JOB")
+# server -> client
+REPLY, ERROR, RESULTS_READY, TASK_FAILED, JOB_DONE = (
+    b"REPLY", b"ERROR", b"RESULTS_READY", b"TASK_FAILED", b"JOB_DONE")
+# peer -> worker data socket, and its answer
+FETCH, DATA = b"FETCH", b"DATA"
+
+ROLES = ("worker", "client", "peer")
+
+
+class ProtocolError(Exception):
+    """A message that does not follow this protocol."""
+
+
+def encode(kind: bytes, body: dict | None = None, *blobs) -> list:
+    return [kind, msgpack.packb(body or {}, use_bin_type=True), *blobs]
+
+
+def decode(frames: list) -> tuple[bytes, dict, list]:
+    """(kind, body, blobs) of a message, without the ROUTER identity frame."""
+    if len(frames) < 2:
+        raise ProtocolError(f"message has {len(frames)} frame(s), expected at least 2")
+    kind = bytes(frames[0])
+    if len(kind) > 16:
+        raise ProtocolError("message kind is too long")
+    try:
+        body = msgpack.unpackb(frames[1], raw=False, strict_map_key=False,
+                               max_bin_len=1 << 31, max_str_len=1 << 26)
+    except Exception as exc:   # msgpack raises many types for garbage
+        raise ProtocolError(f"{kind!r} body is not msgpack ({type(exc).__name__})") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{kind!r} body is not a map")
+    return kind, body, list(frames[2:])
+
+
+def ids_to_bytes(ids) -> bytes:
+    return np.ascontiguousarray(ids, dtype="<i8").tobytes()
+
+
+def ids_from_bytes(raw) -> np.ndarray:
+    if not isinstance(raw, (bytes, bytearray, memoryview)) or len(raw) % 8:
+        raise ProtocolError("id column is not a whole number of int64 values")
+    return np.frombuffer(raw, dtype="<i8").astype(np.int64)
+
+
+def field(body: dict, name: str, types, default=...):
+    """body[name] checked against ``types``; ProtocolError when missing or wrong."""
+    if name not in body:
+        if default is not ...:
+            return default
+        raise ProtocolError(f"missing field {name!r}")
+    value = body[name]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+        raise ProtocolError(f"field {name!r} has the wrong type")
+    return value
+
+
+def _as_tuple(types):
+    return types if isinstance(types, tuple) else (types,)
+
+
+# --------------------------------------------------------------- authentication
+def new_secret() -> str:
+    return os.urandom(32).hex()
+
+
+def new_nonce() -> bytes:
+    return os.urandom(32)
+
+
+def proof(secret: str, nonce: bytes, role: str) -> bytes:
+    return hmac.new(bytes.fromhex(secret), nonce + role.encode(), hashlib.sha256).digest()
+
+
+def check_proof(secret: str, nonce: bytes, role: str, given) -> bool:
+    return isinstance(given, bytes) and hmac.compare_digest(proof(secret, nonce, role), given)
+
+
+class Gatekeeper:
+    """The router side of the handshake, for one ROUTER socket (sans-I/O).
+
+    ``handle(identity, kind, body)`` returns (admitted, reply): ``admitted`` is True only
+    for a message of a peer that completed the handshake; ``reply`` is a message to send
+    back (or None)."""
+
+    def __init__(self, secret: str | None, log=None, welcome: dict | None = None):
+        self.secret = secret
+        self.log = log or (lambda msg: None)
+        self.welcome = welcome or {}
+        self.pending: dict[bytes, tuple[bytes, str]] = {}
+        self.roles: dict[bytes, str] = {}
+        self.refused = 0
+
+    def role(self, identity: bytes) -> str | None:
+        return self.roles.get(identity)
+
+    def forget(self, identity: bytes) -> None:
+        self.roles.pop(identity, None)
+        self.pending.pop(identity, None)
+
+    def handle(self, identity: bytes, kind: bytes, body: dict):
+        if identity in self.roles and kind != HELLO:
+            return True, None
+        if kind == HELLO:
+            role = body.get("role")
+            if role not in ROLES or body.get("version") != PROTOCOL_VERSION:
+                self.refused += 1
+                self.log(f"refused a peer: bad hello (role {role!r}, version {body.get('version')!r})")
+                return False, encode(REFUSED, {"reason": f"protocol version {PROTOCOL_VERSION} and a known role required"})
+            if self.secret is None:
+                self.roles[identity] = role
+                return False, encode(WELCOME, self.welcome)
+            nonce = new_nonce()
+            if len(self.pending) > 10000:   # bound the memory a flood of hellos can take
+                self.pending.clear()
+            self.pending[identity] = (nonce, role)
+            return False, encode(CHALLENGE, {"nonce": nonce})
+        if kind == AUTH and identity in self.pending:
+            nonce, role = self.pending.pop(identity)
+            if check_proof(self.secret, nonce, role, body.get("proof")):
+                self.roles[identity] = role
+                return False, encode(WELCOME, self.welcome)
+            self.refused += 1
+            self.log(f"refused a {role}: wrong secret")
+            return False, encode(REFUSED, {"reason": "authentication failed"})
+        self.refused += 1
+        self.log(f"dropped a {kind[:16]!r} message from a peer that has not authenticated")
+        return False, None
+
+
+def client_handshake(sock, role: str, secret: str | None, timeout_ms: int = 10000) -> dict:
+    """Run the peer side of the handshake on a connected DEALER; returns the WELCOME
+    body or raises ConnectionError with a message for a person."""
+    import zmq
+    sock.send_multipart(encode(HELLO, {"role": role, "version": PROTOCOL_VERSION}))
+    for _ in range(2):
+        if not sock.poll(timeout_ms, zmq.POLLIN):
+            raise ConnectionError("no answer from the server (is it running at that address?)")
+        kind, body, _ = decode(sock.recv_multipart())
+        if kind == WELCOME:
+            return body
+        if kind == REFUSED:
+            raise ConnectionError(f"the server refused the connection: {body.get('reason')}")
+        if kind == CHALLENGE:
+            if secret is None:
+                raise ConnectionError("the server requires authentication, but no secret is known "
+                                      "(point --server-dir or LOOM_SERVER_DIR at its access file)")
+            sock.send_multipart(encode(AUTH, {"proof": proof(secret, body["nonce"], role)}))
+            continue
+        raise ConnectionError(f"unexpected {kind!r} during the handshake")
+    raise ConnectionError("handshake did not complete")

@@ -1,0 +1,507 @@
+"""Execute one task: symbol + config + input data objects -> one new data object.
+
+Invariants:
+- ``execute`` either returns a data object, returns ``Redirect(task)`` (a Python task
+  asked to be replaced by a sub-plan), or raises ``TaskError`` with a message for a
+  person. Any other exception escaping a task function is turned into a ``TaskError``;
+  a task can never take its worker down.
+- Executors never mutate their inputs. They keep no state between calls except the
+  extension registry, so ``execute`` may run concurrently in several threads; each
+  ``run`` task gets its own fresh directory under ``ctx.work_dir``.
+- ``loom/scheduler/dslice``/``dget`` are expanded by the server and ``loom/client/*``
+  are references; asking to execute them is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import cloudpickle
+import numpy as np
+
+from graphfmt import symbols as S
+from loomctl.worker import extensions
+from loomctl.worker.data import (CUT_DTYPE, Array, DataObject, FileObj, Index, Plain,
+                                 PyObj, TaskError)
+
+task_logger = logging.getLogger("loomctl.task")
+
+STDERR_TAIL_LINES = 20
+STDERR_TAIL_BYTES = 2048
+
+
+@dataclass
+class ExecContext:
+    """Per-execution facts a task may need; ``logs`` collects (level, message) pairs
+    emitted by Python tasks, for the worker log and the trace."""
+    task_id: int
+    work_dir: str
+    keep_failed_dirs: bool = False
+    logs: list = field(default_factory=list)
+
+
+@dataclass
+class Redirect:
+    """A Python task returned a Task: run that sub-plan in place of this task. Inputs
+    of the sub-plan may be ``WrappedData`` objects (``.data``, ``.input_index``)."""
+    task: Any
+
+
+def execute(symbol: str, config: bytes, inputs: list, ctx: ExecContext):
+    """Run one task; see the module docstring for the contract."""
+    fn = _BUILTINS.get(symbol)
+    try:
+        if fn is not None:
+            _check_shape(symbol, config, inputs)
+            return fn(config, inputs, ctx)
+        if symbol in (S.DSLICE, S.DGET):
+            raise TaskError(f"{symbol} is expanded by the server and cannot be executed "
+                            "on a worker")
+        if symbol in (S.FUTURE, S.TASK_INPUT):
+            raise TaskError(f"{symbol} is a reference to data, not an executable task")
+        ext = extensions.lookup(symbol)
+        if ext is None:
+            raise TaskError(f"unknown task type {symbol!r}: no built-in or registered "
+                            "extension on this worker")
+        return _check_result(symbol, ext(config, inputs))
+    except TaskError:
+        raise
+    except Exception as e:
+        raise TaskError(f"{symbol} failed with an internal error: {type(e).__name__}: {e}\n"
+                        + traceback.format_exc(limit=-8)) from None
+
+
+def _check_shape(symbol: str, config: bytes, inputs: list) -> None:
+    lo, hi = S.ARITY[symbol]
+    n = len(inputs)
+    if n < lo or (hi is not None and n > hi):
+        want = str(lo) if lo == hi else f"at least {lo}"
+        raise TaskError(f"{symbol} takes {want} input(s), got {n}")
+    need = S.FIXED_CONFIG_LEN.get(symbol)
+    if need is not None and len(config) != need:
+        raise TaskError(f"malformed config for {symbol}: {len(config)} bytes, "
+                        f"expected {need}")
+
+
+def _check_result(symbol: str, result) -> DataObject:
+    if not isinstance(result, DataObject):
+        raise TaskError(f"extension task {symbol!r} returned {type(result).__name__}, "
+                        "not a data object")
+    return result
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def _content(obj: DataObject, what: str) -> bytes:
+    """Bytes of a D-object or of the bytes an index views."""
+    if obj.is_dobject or isinstance(obj, Index):
+        return obj.read()
+    raise TaskError(f"{what} is {_kind_phrase(obj)}; expected a plain, file or index object")
+
+
+def _kind_phrase(obj: DataObject) -> str:
+    return ("an " if obj.kind[0] in "aeiou" else "a ") + obj.kind + " object"
+
+
+def _config_text(config: bytes, symbol: str) -> str:
+    try:
+        name = bytes(config).decode()
+    except UnicodeDecodeError:
+        raise TaskError(f"{symbol}: file name is not valid UTF-8") from None
+    if not name:
+        raise TaskError(f"{symbol}: empty file name")
+    return name
+
+
+def _const(config, inputs, ctx):
+    return Plain(config)
+
+
+def _merge(config, inputs, ctx):
+    parts = [_content(obj, f"merge input {i}") for i, obj in enumerate(inputs)]
+    return Plain(bytes(config).join(parts))
+
+
+def _open(config, inputs, ctx):
+    path = os.path.abspath(_config_text(config, S.OPEN))
+    if not os.path.exists(path):
+        raise TaskError(f"cannot open {path!r}: no such file")
+    if not os.path.isfile(path):
+        raise TaskError(f"cannot open {path!r}: not a regular file")
+    return FileObj(path)
+
+
+def _split(config, inputs, ctx):
+    (obj,) = inputs
+    delimiter = S.decode_split(bytes(config))
+    if len(delimiter) != 1:
+        raise TaskError("split delimiter must be a single byte")
+    content = _content(obj, "split input")
+    base = obj if obj.is_dobject else Plain(content)
+    return Index(base, split_cuts(content, delimiter[0]))
+
+
+def split_cuts(content: bytes, delimiter: int) -> np.ndarray:
+    """End positions of pieces that each keep their delimiter; a last piece without a
+    delimiter ends at the end of the content. Empty content has no pieces."""
+    n = len(content)
+    if n == 0:
+        return np.empty(0, CUT_DTYPE)
+    positions = np.flatnonzero(np.frombuffer(content, dtype=np.uint8) == delimiter)
+    cuts = (positions + 1).astype(CUT_DTYPE)
+    if not len(cuts) or int(cuts[-1]) != n:
+        cuts = np.append(cuts, np.array([n], dtype=CUT_DTYPE))
+    return cuts
+
+
+def _save(config, inputs, ctx):
+    (obj,) = inputs
+    path = _config_text(config, S.SAVE)
+    if not os.path.isabs(path):
+        raise TaskError(f"cannot save to {path!r}: the file name must be absolute")
+    if not (obj.is_dobject or isinstance(obj, Index)):
+        raise TaskError(f"save input is {_kind_phrase(obj)}; expected a plain, file or "
+                        "index object")
+    write_atomically(path, obj)
+    return Plain(b"")
+
+
+def write_atomically(path: str, obj: DataObject) -> None:
+    """Write the content of ``obj`` to ``path`` through a temporary file in the same
+    directory and ``os.replace``; no partial or temporary file survives a failure."""
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise TaskError(f"cannot save to {path!r}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if isinstance(obj, FileObj):
+                with open(obj.path, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            else:
+                out.write(obj.read())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise TaskError(f"cannot save to {path!r}: {e.strerror or e}") from None
+        raise
+
+
+def _array_make(config, inputs, ctx):
+    return Array(inputs)
+
+
+def _get(config, inputs, ctx):
+    (obj,) = inputs
+    return obj.get(S.decode_u64(config))
+
+
+def _slice(config, inputs, ctx):
+    (obj,) = inputs
+    start, end = S.decode_slice(config)
+    return obj.slice(start, end)
+
+
+def _size(config, inputs, ctx):
+    (obj,) = inputs
+    return Plain(S.encode_u64(obj.size()))
+
+
+def _length(config, inputs, ctx):
+    (obj,) = inputs
+    return Plain(S.encode_u64(obj.length()))
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def _run(config, inputs, ctx):
+    try:
+        cfg = S.decode_run(bytes(config))
+    except Exception:
+        raise TaskError("malformed run configuration (not msgpack)") from None
+    args = cfg.get("args") or []
+    if isinstance(args, (str, bytes)):
+        args = args.split()
+    if not args:
+        raise TaskError("run: no program given")
+    map_inputs = list(cfg.get("map_inputs") or [])
+    map_outputs = list(cfg.get("map_outputs") or [None])
+    if len(map_inputs) != len(inputs):
+        raise TaskError(f"run: {len(inputs)} input(s) but {len(map_inputs)} input mapping(s)")
+
+    os.makedirs(ctx.work_dir, exist_ok=True)
+    run_dir = tempfile.mkdtemp(prefix=f"run-{ctx.task_id}-", dir=ctx.work_dir)
+    failed = True
+    try:
+        stdin, variables = _place_inputs(run_dir, inputs, map_inputs)
+        argv = substitute_variables(args, variables)
+        result = _run_program(argv, run_dir, stdin, map_outputs)
+        failed = False
+        return result
+    except TaskError as e:
+        if ctx.keep_failed_dirs:
+            raise TaskError(f"{e}\n(working directory kept: {run_dir})") from None
+        raise
+    finally:
+        if not (failed and ctx.keep_failed_dirs):
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _place_inputs(run_dir: str, inputs: list, map_inputs: list):
+    stdin_parts: list[bytes] = []
+    variables: dict[str, bytes] = {}
+    for i, (obj, target) in enumerate(zip(inputs, map_inputs)):
+        what = f"run input {i}"
+        if target is None:
+            stdin_parts.append(_content(obj, what))
+        elif isinstance(target, str) and target.startswith("$"):
+            variables[target[1:]] = _content(obj, what)
+        else:
+            name = os.fsdecode(target)
+            if not name or "/" in name or name in (".", ".."):
+                raise TaskError(f"run: bad input file name {name!r}")
+            _write_input_file(os.path.join(run_dir, name), obj, what)
+    stdin = b"".join(stdin_parts) if stdin_parts else None
+    return stdin, variables
+
+
+def _write_input_file(path: str, obj: DataObject, what: str) -> None:
+    try:
+        if isinstance(obj, FileObj):
+            shutil.copyfile(obj.path, path)
+        else:
+            with open(path, "wb") as f:
+                f.write(_content(obj, what))
+    except OSError as e:
+        raise TaskError(f"run: cannot write {what} to {os.path.basename(path)!r}: "
+                        f"{e.strerror or e}") from None
+
+
+def substitute_variables(args: list, variables: dict[str, bytes]) -> list:
+    """Replace ``$NAME`` and ``${NAME}`` by the variable's content, as a whole argument
+    or inside one; the longest defined name wins; undefined ``$names`` stay as they are.
+    """
+    if not variables:
+        return list(args)
+    names = sorted(variables, key=len, reverse=True)
+    alternatives = "|".join(re.escape(n) for n in names)
+    text_pattern = re.compile(r"\$(?:\{(%s)\}|(%s))" % (alternatives, alternatives))
+    bytes_pattern = re.compile(text_pattern.pattern.encode("utf-8", "surrogateescape"))
+    text_values = {k: v.decode("utf-8", "surrogateescape") for k, v in variables.items()}
+
+    def text_sub(m):
+        return text_values[m.group(1) or m.group(2)]
+
+    def bytes_sub(m):
+        return variables[(m.group(1) or m.group(2)).decode("utf-8", "surrogateescape")]
+
+    out = []
+    for arg in args:
+        if isinstance(arg, bytes):
+            out.append(bytes_pattern.sub(bytes_sub, arg))
+        else:
+            out.append(text_pattern.sub(text_sub, str(arg)))
+    return out
+
+
+def _run_program(argv: list, run_dir: str, stdin: bytes | None, map_outputs: list):
+    program = os.fsdecode(argv[0])
+    try:
+        proc = subprocess.Popen(
+            argv, cwd=run_dir,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if None in map_outputs else subprocess.DEVNULL,
+            stderr=subprocess.PIPE)
+    except OSError as e:
+        raise TaskError(f"cannot start program {program!r}: {e.strerror or e} "
+                        "(no exit status: the program did not start)") from None
+    stdout, stderr = proc.communicate(stdin)
+    status = proc.returncode
+    if status != 0:
+        raise TaskError(f"program {program!r} {_describe_status(status)}"
+                        f"{_stderr_tail(stderr)}")
+    results = []
+    for name in map_outputs:
+        if name is None:
+            results.append(Plain(stdout or b""))
+            continue
+        path = os.path.join(run_dir, os.fsdecode(name))
+        try:
+            with open(path, "rb") as f:
+                results.append(Plain(f.read()))
+        except OSError as e:
+            raise TaskError(f"program {program!r} exited with status 0 but output file "
+                            f"{os.fsdecode(name)!r} cannot be read: {e.strerror}"
+                            f"{_stderr_tail(stderr)}") from None
+    return results[0] if len(results) == 1 else Array(results)
+
+
+def _describe_status(status: int) -> str:
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = "unknown signal"
+        return f"was killed by signal {-status} ({name}) (exit status {status})"
+    return f"exited with status {status}"
+
+
+def _stderr_tail(stderr: bytes | None) -> str:
+    if not stderr:
+        return "\nstderr: (empty)"
+    lines = stderr.splitlines()
+    tail = b"\n".join(lines[-STDERR_TAIL_LINES:])
+    cut = len(lines) > STDERR_TAIL_LINES
+    if len(tail) > STDERR_TAIL_BYTES:
+        tail = tail[-STDERR_TAIL_BYTES:]
+        cut = True
+    text = tail.decode("utf-8", "replace")
+    return "\nstderr" + (" (last lines)" if cut else "") + ":\n" + text
+
+
+# ---------------------------------------------------------------------------- python
+
+
+class WrappedData:
+    """What a Python task function receives for each data input."""
+
+    __slots__ = ("data", "input_index")
+
+    def __init__(self, data: DataObject, input_index: int | None = None):
+        self.data = data
+        # position among the task's inputs (the function is input 0); None when made
+        # by context.wrap()
+        self.input_index = input_index
+
+    def read(self) -> bytes:
+        obj = self.data
+        return obj.read() if obj.is_dobject or isinstance(obj, Index) else b""
+
+    def size(self) -> int:
+        return self.data.size()
+
+    def length(self) -> int:
+        return self.data.length()
+
+    def unwrap(self) -> Any:
+        if isinstance(self.data, PyObj):
+            return self.data.obj
+        raise TaskError(f"unwrap() needs a Python object, but this input is "
+                        f"{_kind_phrase(self.data)}")
+
+    def __repr__(self):
+        return f"<WrappedData {self.data!r}>"
+
+
+class TaskContext:
+    """First argument of a ``context=True`` Python task."""
+
+    def __init__(self, ctx: ExecContext):
+        self.task_id = ctx.task_id
+        self._logs = ctx.logs
+
+    def _log(self, level: str, levelno: int, msg) -> None:
+        text = str(msg)
+        self._logs.append((level, text))
+        task_logger.log(levelno, "task %s: %s", self.task_id, text)
+
+    def log_debug(self, msg) -> None:
+        self._log("debug", logging.DEBUG, msg)
+
+    def log_info(self, msg) -> None:
+        self._log("info", logging.INFO, msg)
+
+    def log_warn(self, msg) -> None:
+        self._log("warn", logging.WARNING, msg)
+
+    def log_error(self, msg) -> None:
+        self._log("error", logging.ERROR, msg)
+
+    def log_critical(self, msg) -> None:
+        self._log("critical", logging.CRITICAL, msg)
+
+    def wrap(self, obj: Any) -> WrappedData:
+        return WrappedData(PyObj(obj))
+
+
+def _py_value(config, inputs, ctx):
+    try:
+        return PyObj(cloudpickle.loads(config))
+    except Exception:
+        raise TaskError("cannot load the Python object of loom/py/value:\n"
+                        + traceback.format_exc()) from None
+
+
+def _py_call(config, inputs, ctx):
+    fn_obj = inputs[0] if inputs else None
+    if not isinstance(fn_obj, PyObj) or not callable(fn_obj.obj):
+        got = "nothing" if fn_obj is None else (
+            f"a Python {type(fn_obj.obj).__name__}" if isinstance(fn_obj, PyObj)
+            else _kind_phrase(fn_obj))
+        raise TaskError(f"the first input of loom/py/call must be a Python callable, got {got}")
+    try:
+        direct_args, with_context = cloudpickle.loads(config) if config else ((), False)
+    except Exception:
+        raise TaskError("cannot load the direct arguments of loom/py/call:\n"
+                        + traceback.format_exc()) from None
+    fn = fn_obj.obj
+    args = [TaskContext(ctx)] if with_context else []
+    args.extend(direct_args)
+    args.extend(WrappedData(obj, i) for i, obj in enumerate(inputs[1:], start=1))
+    try:
+        result = fn(*args)
+    except Exception as e:
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
+        raise TaskError(f"Python task {name} raised an exception:\n{tb}") from None
+    if _is_task(result):
+        return Redirect(result)
+    return convert_py_result(result)
+
+
+def _is_task(value) -> bool:
+    return hasattr(value, "task_type") and hasattr(value, "inputs")
+
+
+def convert_py_result(value) -> DataObject:
+    """bytes/str -> plain, wrapped -> its data object, list/tuple -> array."""
+    if isinstance(value, bytes):
+        return Plain(value)
+    if isinstance(value, (bytearray, memoryview)):
+        return Plain(bytes(value))
+    if isinstance(value, str):
+        return Plain(value.encode("utf-8"))
+    if isinstance(value, WrappedData):
+        return value.data
+    if isinstance(value, (list, tuple)):
+        return Array([convert_py_result(item) for item in value])
+    if _is_task(value):
+        raise TaskError("a Python task may return a Task only as its whole result, "
+                        "not inside a list")
+    raise TaskError(f"a Python task returned {type(value).__name__!r}; expected bytes, "
+                    "str, a wrapped object (context.wrap), a list/tuple of these, or a Task")
+
+
+_BUILTINS: dict[str, Callable[[bytes, list, ExecContext], Any]] = {
+    S.CONST: _const, S.MERGE: _merge, S.OPEN: _open, S.SPLIT: _split, S.SAVE: _save,
+    S.ARRAY_MAKE: _array_make, S.GET: _get, S.SLICE: _slice, S.SIZE: _size,
+    S.LENGTH: _length, S.RUN: _run, S.PY_VALUE: _py_value, S.PY_CALL: _py_call,
+}

@@ -1,0 +1,303 @@
+"""The server core driven by events, without sockets; invariants checked after every step."""
+
+import numpy as np
+import pytest
+
+import graphfmt
+from graphfmt import symbols as S
+from graphfmt import tasks
+from loomctl import protocol as P
+from loomctl.core.server import ServerCore, SubmitError
+from loomctl.core.tasktable import ASSIGNED, CANCELLED, FINISHED, READY, SKIPPED, WAITING
+from loomctl.core import placement
+
+
+class Ref:
+    """What a client future looks like to the builder: something with a task_id."""
+
+    def __init__(self, task_id):
+        self.task_id = task_id
+
+
+class Env:
+    """A core plus simulated workers that 'run' what they are told."""
+
+    def __init__(self, *cpus, sizes=None):
+        self.core = ServerCore()
+        self.now = 0.0
+        self.wids = [self.core.add_worker(f"w{k}".encode(), {"cpus": c, "data_address": f"addr{k}"}, 0.0)
+                     for k, c in enumerate(cpus)]
+        self.sizes = sizes or {}
+        self.assigned = {w: [] for w in self.wids}
+        self.sent = []
+
+    def submit(self, results, client=b"c", **kw):
+        graph, ids = graphfmt.build_graph(results, external=lambda f: tasks.Task(S.FUTURE, (), S.encode_u64(f.task_id)))
+        job = self.core.submit(client, graph, self.now, **kw)
+        self.check()
+        return job, [job.base + i for i in ids]
+
+    def schedule(self):
+        self.core.schedule(self.now)
+        self.drain()
+        self.check()
+
+    def drain(self):
+        for kind, target, message, body, _ in self.core.take_commands():
+            self.sent.append((target, message, body))
+            if message == P.COMPUTE:
+                wid = self.wids[int(target[1:])]
+                self.assigned[wid].extend(t[0] for t in body["tasks"])
+
+    def finish(self, wid, ids=None, size=None):
+        ids = list(self.assigned[wid] if ids is None else ids)
+        for t in ids:
+            self.assigned[wid].remove(t)
+        sizes = np.array([self.sizes.get(t, size or 10) for t in ids], dtype=np.int64)
+        self.core.tasks_finished(wid, np.array(ids, dtype=np.int64), sizes, np.zeros(len(ids), np.int64), self.now)
+        self.drain()
+        self.check()
+
+    def run_all(self, rounds=100):
+        for _ in range(rounds):
+            self.schedule()
+            busy = [w for w in self.wids if self.assigned[w]]
+            if not busy:
+                return
+            for w in busy:
+                self.finish(w)
+        raise AssertionError("did not finish")
+
+    def check(self):
+        self.core.check_invariants()
+
+    def messages(self, kind):
+        return [(t, b) for t, m, b in self.sent if m == kind]
+
+
+def merge_tree(leaves):
+    level = [tasks.const(str(i)) for i in range(leaves)]
+    while len(level) > 1:
+        level = [tasks.merge(level[i:i + 2]) for i in range(0, len(level), 2)]
+    return level[0]
+
+
+def test_merge_tree_runs_to_the_end_and_frees_intermediates():
+    env = Env(1, 1)
+    job, (root,) = env.submit([merge_tree(64)])
+    env.run_all()
+    assert job.status == "finished"
+    assert env.core.n_data == 1 and env.core.cols.owner[root] >= 0
+    done = env.messages(P.JOB_DONE)
+    assert done and done[-1][1]["status"] == "finished"
+    env.core.release(np.array([root]))
+    env.drain()
+    assert env.core.n_data == 0
+
+
+def test_light_tasks_spread_over_workers():
+    env = Env(1, 1)
+    env.submit([tasks.const(str(i)) for i in range(100)])
+    env.schedule()
+    assert len(env.assigned[0]) == 50 and len(env.assigned[1]) == 50
+
+
+def test_consumer_goes_where_its_big_input_is():
+    env = Env(1, 1, sizes={})
+    a, b = tasks.const("a"), tasks.const("b")
+    c = tasks.run("cat", [(a, "x"), (b, "y")])
+    job, ids = env.submit([c])
+    env.schedule()
+    on0, on1 = list(env.assigned[0]), list(env.assigned[1])
+    env.sizes = {on0[0]: 5_000_000, on1[0]: 10}
+    env.finish(0)
+    env.finish(1)
+    env.schedule()
+    assert env.assigned[0] == [ids[0]]
+    compute = env.messages(P.COMPUTE)[-1][1]
+    assert compute["locations"] == {on1[0]: "addr1"}
+
+
+def test_cpu_requests_respect_worker_size_with_a_short_queue():
+    env = Env(2)
+    work = [tasks.run("true") for _ in range(6)]
+    for w in work:
+        w.resource_request = tasks.cpus(2)
+    env.submit(work)
+    env.schedule()
+    # 2 cpus + a queue of the same size: two 2-cpu tasks may be assigned, not more
+    assert len(env.assigned[0]) == 2
+    env.finish(0, env.assigned[0][:1])
+    env.schedule()
+    assert len(env.assigned[0]) == 2
+
+
+def test_unsatisfiable_request_fails_the_job():
+    env = Env(2)
+    t = tasks.run("true")
+    t.resource_request = tasks.cpus(3)
+    job, _ = env.submit([t])
+    assert job.status == "failed"
+    assert "requests 3 cpus" in job.error["message"] and "largest connected worker has 2" in job.error["message"]
+
+
+def test_task_failure_fails_the_job_cancels_the_rest_and_releases_data():
+    env = Env(1)
+    a = tasks.const("a")
+    bad = tasks.run("false", [(a, None)])
+    after = tasks.merge((bad, a))
+    job, _ = env.submit([after])
+    env.schedule()
+    env.finish(0)              # a
+    env.schedule()
+    (bad_id,) = env.assigned[0]
+    env.core.tasks_failed(0, [(bad_id, "exit status 1")], env.now)
+    env.assigned[0].clear()
+    env.drain()
+    env.check()
+    assert job.status == "failed" and job.error["id"] == bad_id
+    assert env.core.cols.state[job.base + 2] == CANCELLED
+    assert env.core.n_data == 0
+    failed = env.messages(P.TASK_FAILED)
+    assert failed[0][1]["message"] == "exit status 1"
+    # the next job runs normally
+    job2, _ = env.submit([tasks.const("x")])
+    env.run_all()
+    assert job2.status == "finished"
+
+
+def test_futures_as_inputs_and_release_after_use():
+    env = Env(1)
+    job1, (a,) = env.submit([tasks.const("a")])
+    env.run_all()
+    job2, (m,) = env.submit([tasks.merge([Ref(a), Ref(a)])])   # a future, used twice
+    assert env.core.cols.holds[a] == 3               # client + two slots
+    env.run_all()
+    assert job2.status == "finished"
+    env.core.release(np.array([a, m]))
+    env.drain()
+    env.check()
+    assert env.core.n_data == 0
+
+
+def test_released_or_unknown_future_is_refused():
+    env = Env(1)
+    _, (a,) = env.submit([tasks.const("a")])
+    env.run_all()
+    env.core.release(np.array([a]))
+    with pytest.raises(SubmitError, match="unknown, failed or released"):
+        env.submit([tasks.merge([Ref(a)])])
+    with pytest.raises(SubmitError):
+        env.submit([tasks.merge([Ref(12345)])])
+
+
+def test_same_task_in_two_submissions_is_computed_twice():
+    env = Env(1)
+    t = tasks.const("a")
+    j1, (x,) = env.submit([t])
+    j2, (y,) = env.submit([t])
+    assert x != y
+    env.run_all()
+    assert j1.status == j2.status == "finished"
+
+
+def test_worker_loss_reruns_tasks_and_recomputes_lost_data():
+    env = Env(1, 1)
+    a, b = tasks.const("a"), tasks.const("b")
+    ma = tasks.run("cat", [(a, None)])
+    mb = tasks.run("cat", [(b, None)])
+    top = tasks.merge((ma, mb))
+    job, _ = env.submit([top])
+    env.schedule()
+    env.finish(0)
+    env.finish(1)
+    env.schedule()
+    # worker 1 dies holding data and running a task
+    env.core.remove_worker(1, env.now)
+    env.assigned[1].clear()
+    env.drain()
+    env.check()
+    env.run_all()
+    assert job.status == "finished"
+
+
+def test_a_task_that_kills_its_worker_three_times_fails():
+    env = Env(1)
+    t = tasks.run("crash")
+    job, (tid,) = env.submit([t])
+    for k in range(3):
+        env.schedule()
+        assert env.assigned[env.wids[-1]] == [tid]
+        env.core.remove_worker(env.wids[-1], env.now)
+        env.wids.append(env.core.add_worker(f"w{len(env.wids)}".encode(), {"cpus": 1}, env.now))
+        env.assigned[env.wids[-1]] = []
+        env.drain()
+        env.check()
+    assert job.status == "failed" and "lost 3 times" in job.error["message"]
+
+
+def test_checkpoint_load_skips_the_task_and_its_private_inputs(tmp_path):
+    path = tmp_path / "ckpt"
+    path.write_bytes(b"saved")
+    a = tasks.const("expensive")
+    b = tasks.run("cat", [(a, None)])
+    b.checkpoint_path = str(path)
+    c = tasks.merge((b, tasks.const("!")))
+    env = Env(1)
+    job, _ = env.submit([c], load=True)
+    assert env.core.cols.state[job.base + 0] == SKIPPED          # a: needed only by b
+    env.schedule()
+    compute = [t for _, body in env.messages(P.COMPUTE) for t in body["tasks"]]
+    loaded = [t for t in compute if t[0] == job.base + 1]
+    assert loaded and loaded[0][1] == S.OPEN and loaded[0][2] == str(path).encode() and loaded[0][3] == []
+    env.run_all()
+    assert job.status == "finished"
+
+
+def test_dslice_expands_into_slices_feeding_copies():
+    env = Env(1, 1)
+    x = tasks.const("abcdefgh")
+    f = tasks.run("wc -c", [(tasks.dslice(x), None)])
+    result = tasks.array_make((f,))
+    job, (rid,) = env.submit([result])
+    env.schedule()
+    env.core.tasks_finished(env.wids[0] if env.assigned[0] else 1, np.array([job.base]), np.array([8]),
+                            np.array([8]), env.now)
+    for w in env.wids:
+        env.assigned[w] = [t for t in env.assigned[w] if t != job.base]
+    env.drain()
+    env.schedule()
+    compute = [t for _, body in env.messages(P.COMPUTE) for t in body["tasks"]]
+    slices = [t for t in compute if t[1] == S.SLICE]
+    assert len(slices) == 8           # 4 per cpu, but never more pieces than the length
+    env.run_all()
+    assert job.status == "finished"
+    gather = [t for _, body in env.messages(P.COMPUTE) for t in body["tasks"] if t[0] == rid]
+    assert gather[0][1] == S.ARRAY_MAKE and len(gather[0][3]) == 8
+
+
+def test_redirection_runs_the_subplan_in_place_of_the_task():
+    env = Env(1)
+    a = tasks.const("a")
+    p = tasks.py_call(lambda x: x, [a])
+    top = tasks.merge((p, tasks.const("!")))
+    job, _ = env.submit([top])
+    env.run_all_but = None
+    env.schedule()
+    env.finish(0)        # a, the function value, "!"
+    env.schedule()
+    (pid,) = [t for t in env.assigned[0]]
+    sub = graphfmt.build_graph([tasks.merge((tasks.Task(S.TASK_INPUT, (), S.encode_u64(1)), tasks.const("b")))])[0]
+    env.assigned[0].clear()
+    env.core.task_redirected(0, pid, sub, env.now)
+    env.drain()
+    env.check()
+    env.run_all()
+    assert job.status == "finished"
+    assert env.core.n_data == 1
+
+
+def test_preferences_pick_the_worker_with_most_bytes():
+    best, nbytes = placement.preferences(np.array([0, 0, 0, 1]), np.array([0, 1, 1, -1]),
+                                         np.array([5, 3, 3, 9]), 2)
+    assert best.tolist() == [1, -1] and nbytes.tolist() == [6, 0]
