@@ -30,7 +30,7 @@ from graphfmt import tasks  # noqa: F401  (HyperLoom: from loom.client import ta
 from graphfmt.plan import as_task_list, build_graph
 from graphfmt.tasks import Task
 from loomctl import protocol as P
-from loomctl.access import AccessError, connect_address, read_access, server_dir
+from loomctl.access import AccessError, connect_address, read_access
 from loomctl.worker import data as D
 
 
@@ -40,6 +40,10 @@ class LoomException(Exception):
 
 class LoomError(LoomException):
     """The server refused a request, or the connection failed."""
+
+
+class LoomConnectionError(LoomError):
+    """The server or a worker could not be reached, or stopped answering."""
 
 
 class TaskFailed(LoomException):
@@ -92,9 +96,9 @@ class Client:
         access = None
         try:
             access = read_access(server_dir_path)
-        except AccessError:
+        except AccessError as exc:
             if address is None:
-                raise LoomError(f"no server address given and {_access_hint(server_dir_path)}") from None
+                raise LoomConnectionError(str(exc)) from None
         if address is None:
             address, port = access["host"], access["port"]
         if port is None:
@@ -121,7 +125,7 @@ class Client:
             P.client_handshake(sock, role, self.secret, self.timeout_ms)
         except (ConnectionError, P.ProtocolError) as exc:
             sock.close(0)
-            raise LoomError(f"{address}: {exc}") from None
+            raise LoomConnectionError(f"{address}: {exc}") from None
         return sock
 
     # ------------------------------------------------------------------ requests
@@ -130,7 +134,7 @@ class Client:
         self.sock.send_multipart(P.encode(kind, {**(body or {}), "req": req}))
         while req not in self.replies:
             if not self._poll(self.timeout_ms):
-                raise LoomError(f"no reply from the server to {kind.decode()} within {self.timeout_ms / 1000:.0f} s")
+                raise LoomConnectionError(f"no reply from the server to {kind.decode()} within {self.timeout_ms / 1000:.0f} s")
         reply_kind, reply = self.replies.pop(req)
         if reply_kind == P.ERROR:
             raise LoomError(reply.get("message", "request failed"))
@@ -262,7 +266,7 @@ class Client:
         sock.send_multipart(P.encode(P.FETCH, {"req": req, "ids": P.ids_to_bytes(ids)}))
         while True:
             if not sock.poll(self.timeout_ms, zmq.POLLIN):
-                raise LoomError(f"worker at {address} did not send the data of tasks {ids}")
+                raise LoomConnectionError(f"worker at {address} did not send the data of tasks {ids}")
             kind, body, blobs = P.decode(sock.recv_multipart())
             if kind == P.DATA and body.get("req") == req:
                 break
@@ -331,10 +335,6 @@ def _as_list(futures) -> list[Future]:
         if not isinstance(f, Future):
             raise LoomError(f"expected futures, got {type(f).__name__}")
     return items
-
-
-def _access_hint(path: str | None) -> str:
-    return f"no access file in {server_dir(path)} (set LOOM_SERVER_DIR or pass server_dir_path)"
 
 
 def _same_server(access: dict, address: str, port: int) -> bool:

@@ -23,3 +23,13 @@ def one_line_error(proc, code=3):
     assert err.startswith("loomctl: error: "), err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     return err
+
+
+def final_error(proc, code):
+    """Progress lines may come first; the last stderr line is the one-line error."""
+    err = proc.stderr.decode()
+    assert proc.returncode == code, (proc.returncode, err)
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("loomctl: error: "), err
+    return last

@@ -13,7 +13,7 @@ import sys
 import typer
 
 from loomctl import __version__
-from loomctl.cli import graph
+from loomctl.cli import graph, job, run, server, worker
 from loomctl.cli.output import CliError, ExitCode
 
 app = typer.Typer(
@@ -25,6 +25,11 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.registered_commands.extend(graph.app.registered_commands)
+app.registered_commands.extend(job.root.registered_commands)
+app.registered_commands.extend(run.root.registered_commands)
+app.add_typer(server.app, name="server")
+app.add_typer(worker.app, name="worker")
+app.add_typer(job.app, name="job")
 
 
 def _version(value: bool):

@@ -75,3 +75,38 @@ def _jsonable(value):
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+class Progress:
+    """Job progress on stderr: a redrawn bar on a terminal, a plain line every few
+    seconds otherwise, nothing in quiet/JSON mode."""
+
+    def __init__(self, enabled: bool = True, interval: float = 2.0):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.interval = interval
+        import time
+        self.last_line = time.monotonic()   # plain lines start after one interval
+        self.shown = False
+
+    def update(self, done: int, failed: int, total: int, elapsed: float, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        import time
+        if self.tty:
+            width = 30
+            filled = int(width * done / total) if total else width
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} done, "
+                             f"{failed} failed, {elapsed:.1f} s ")
+            sys.stderr.flush()
+            self.shown = True
+        elif (force and self.shown) or time.monotonic() - self.last_line >= self.interval:
+            self.last_line = time.monotonic()
+            self.shown = True
+            sys.stderr.write(f"progress: {done}/{total} tasks done, {failed} failed, {elapsed:.1f} s elapsed\n")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self.shown:  # end the redrawn bar's line
+            sys.stderr.write("\n")
+            sys.stderr.flush()

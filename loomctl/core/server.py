@@ -89,7 +89,7 @@ class ServerCore:
         self.n_data = 0
         self.next_worker = 0
         self.next_job = 1
-        self.stats = {"scheduled": 0, "finished": 0, "failed": 0, "rounds": 0}
+        self.stats = {"scheduled": 0, "finished": 0, "failed": 0, "rounds": 0, "transfers": 0}
 
     # ------------------------------------------------------------------ helpers
     def _send(self, kind: str, target, message: bytes, body: dict, *blobs) -> None:
@@ -443,6 +443,7 @@ class ServerCore:
     def replicas_added(self, wid: int, ids: np.ndarray) -> None:
         c = self.cols
         ids = ids[(ids >= 0) & (ids < c.n)]
+        self.stats["transfers"] += len(ids)
         for t in ids.tolist():
             if c.owner[t] >= 0 and c.owner[t] != wid:
                 self.replicas.setdefault(t, set()).add(wid)

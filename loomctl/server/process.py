@@ -174,7 +174,8 @@ class Server:
         try:
             result = self._client_request(identity, kind, body, now)
         except (SubmitError, GraphError, P.ProtocolError, ValueError, TypeError, KeyError) as exc:
-            self._reply(identity, P.encode(P.ERROR, {"req": req, "message": _short(exc)}))
+            message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else _short(exc)
+            self._reply(identity, P.encode(P.ERROR, {"req": req, "message": message}))
             return
         if result is not None:
             self._reply(identity, P.encode(P.REPLY, {"req": req, **result}))

@@ -1,0 +1,53 @@
+"""``loomctl server start | stop``: the server in the foreground, and stopping it.
+
+Invariants: ``start`` writes the access file into the server directory and removes it
+on exit; ``stop`` finds the server through that file and stops it and its workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import typer
+
+from loomctl.access import server_dir as resolve_server_dir
+from loomctl.cli.output import CliError, ExitCode, JsonOption, Output, QuietOption
+from loomctl.cli.connect import connect
+
+app = typer.Typer(help="Start and stop the server.", no_args_is_help=True)
+
+ServerDirOption = typer.Option(None, "--server-dir", envvar="LOOM_SERVER_DIR",
+                               help="Directory of the access file (default: $LOOM_SERVER_DIR or ~/.loomctl/server).")
+
+
+@app.command()
+def start(
+    server_dir: Optional[str] = ServerDirOption,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(9010, "--port", help="Port to listen on (0: any free port)."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Accept peers without the secret (trusted networks only)."),
+    heartbeat_timeout: float = typer.Option(5.0, "--heartbeat-timeout", help="Seconds of silence after which a worker counts as lost."),
+    trace_dir: Optional[str] = typer.Option(None, "--trace-dir", help="Directory for traces of jobs that ask for one."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every job and worker event."),
+):
+    """Run the server in the foreground (logs go to stderr)."""
+    from loomctl.server.process import run_server
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("loomctl.server").setLevel(logging.INFO)
+    try:
+        run_server(host=host, port=port, server_dir=resolve_server_dir(server_dir), auth=not no_auth,
+                   heartbeat_timeout=heartbeat_timeout, trace_dir=trace_dir)
+    except OSError as exc:
+        raise CliError(f"cannot start the server: {exc}", ExitCode.UNAVAILABLE) from None
+    except Exception as exc:  # zmq.ZMQError (address in use) is not an OSError
+        raise CliError(f"cannot start the server: {exc}", ExitCode.UNAVAILABLE) from None
+
+
+@app.command()
+def stop(server_dir: Optional[str] = ServerDirOption, json_mode: bool = JsonOption, quiet: bool = QuietOption):
+    """Stop the server and all its workers."""
+    client = connect(server_dir)
+    client.terminate()
+    Output(json_mode, quiet).emit({"stopped": True}, lambda d: "server stopped")

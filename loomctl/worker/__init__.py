@@ -1,0 +1,1 @@
+"""The worker: data store, task execution, transfers between workers, the worker process."""

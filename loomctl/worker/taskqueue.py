@@ -1,0 +1,267 @@
+"""The worker's task queue and resource accounting, sans-I/O (no sockets, threads, clock).
+
+Events in, decisions out:
+  ``assign(specs, have, locations)``   tasks received (COMPUTE)  -> inputs to fetch, tasks failed
+  ``inputs_arrived(ids)``              data became local         -> (nothing; tasks may become ready)
+  ``inputs_unavailable(ids, why)``     a fetch failed            -> tasks failed
+  ``finished(task_id, ok)``            a started task ended      -> tasks failed (local waiters)
+  ``take_startable()``                 -> tasks to start now, their cpus/resources reserved
+
+Invariants:
+- A task is in exactly one of: queued (``queued``) or running (``running``); a task id
+  seen twice while queued or running is ignored.
+- A queued task is *ready* iff ``missing[t] == 0``; the ready tasks are kept in arrival
+  order and started first-fit in that order (a ready task that does not fit now does not
+  block a later one that does).
+- ``free_cpus == cpus - sum(cpus of running tasks)`` and likewise for each named
+  resource; both stay >= 0. Light tasks (cpus == 0) reserve no cpus.
+- A task that could never fit this worker (more cpus or named resources than it has) is
+  failed at ``assign`` with a message saying so; it never waits, so it cannot deadlock
+  the worker.
+- An input that is neither held, nor located on a peer, nor produced by a task queued or
+  running here, fails its task at ``assign``: nothing waits for data that cannot come.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from loomctl.protocol import ProtocolError
+
+
+@dataclass
+class TaskSpec:
+    """One task assignment of a COMPUTE message."""
+    id: int
+    symbol: str
+    config: bytes
+    inputs: list
+    cpus: int = 0
+    resources: dict = field(default_factory=dict)
+    checkpoint: str | None = None
+    label: str | None = None
+
+    @classmethod
+    def from_wire(cls, row) -> "TaskSpec":
+        """``[id, symbol, config, [input ids], cpus, resources|None, checkpoint|None,
+        label|None]``; raises ProtocolError when malformed."""
+        if not isinstance(row, (list, tuple)) or len(row) < 5:
+            raise ProtocolError("a COMPUTE task is not a list of at least 5 fields")
+        tid, symbol, config, inputs, cpus = row[:5]
+        resources = row[5] if len(row) > 5 else None
+        checkpoint = row[6] if len(row) > 6 else None
+        label = row[7] if len(row) > 7 else None
+        if not is_int(tid) or tid < 0:
+            raise ProtocolError("a COMPUTE task id is not a non-negative integer")
+        if not isinstance(symbol, str):
+            raise ProtocolError(f"task {tid}: symbol is not a string")
+        if isinstance(config, str):
+            config = config.encode()
+        if not isinstance(config, (bytes, bytearray, memoryview)):
+            raise ProtocolError(f"task {tid}: config is not bytes")
+        if not isinstance(inputs, (list, tuple)) or not all(is_int(i) and i >= 0 for i in inputs):
+            raise ProtocolError(f"task {tid}: inputs are not a list of task ids")
+        if not is_int(cpus) or cpus < 0:
+            raise ProtocolError(f"task {tid}: cpus is not a non-negative integer")
+        if resources is None:
+            resources = {}
+        if not isinstance(resources, dict) or not all(
+                isinstance(k, str) and is_int(v) and v >= 0 for k, v in resources.items()):
+            raise ProtocolError(f"task {tid}: resources are not a map of names to amounts")
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            raise ProtocolError(f"task {tid}: checkpoint is not a string")
+        if label is not None and not isinstance(label, str):
+            raise ProtocolError(f"task {tid}: label is not a string")
+        return cls(tid, symbol, bytes(config), list(inputs), cpus,
+                   {k: v for k, v in resources.items() if v}, checkpoint or None, label)
+
+    @property
+    def light(self) -> bool:
+        return self.cpus == 0
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class TaskQueue:
+    """See the module docstring."""
+
+    def __init__(self, cpus: int, resources: dict | None = None):
+        self.cpus = int(cpus)
+        self.resources = {str(k): int(v) for k, v in (resources or {}).items()}
+        self.free_cpus = self.cpus
+        self.free_resources = dict(self.resources)
+        self.queued: dict[int, TaskSpec] = {}
+        self.running: dict[int, TaskSpec] = {}
+        self.missing: dict[int, int] = {}            # queued task -> distinct inputs not held
+        self.waiters: dict[int, list[int]] = {}      # input id -> queued tasks waiting on it
+        self.fetching: set[int] = set()              # inputs requested from peers
+        self._seq = 0
+        self._arrival: dict[int, int] = {}           # queued task -> arrival number
+        self._ready: list[tuple[int, int]] = []      # (arrival, task id), sorted
+
+    # ------------------------------------------------------------------ events
+    def assign(self, specs, have, locations: dict) -> tuple[list, list]:
+        """Queue tasks. ``have(id)`` (or ``id in have``) says whether data is held here;
+        ``locations`` maps input id -> data address. Returns ``(fetch, failed)``:
+        ``fetch`` = [(input id, address)] not requested before, ``failed`` = [(task id,
+        message)]."""
+        has = have if callable(have) else have.__contains__
+        fetch: list[tuple[int, str]] = []
+        failed: list[tuple[int, str]] = []
+        for spec in specs:
+            tid = spec.id
+            if tid in self.queued or tid in self.running:
+                continue
+            why = self.never_fits(spec)
+            if why:
+                failed.append((tid, why))
+                continue
+            missing: list[int] = []
+            problem = None
+            for i in dict.fromkeys(spec.inputs):
+                if has(i):
+                    continue
+                if i in self.fetching or i in self.queued or i in self.running:
+                    missing.append(i)
+                elif i in locations:
+                    missing.append(i)
+                    fetch.append((i, locations[i]))
+                    self.fetching.add(i)
+                else:
+                    problem = (f"input {i} of task {tid} is not on this worker and the "
+                               "server gave no location for it")
+                    break
+            if problem:
+                failed.append((tid, problem))
+                continue
+            self.queued[tid] = spec
+            self._arrival[tid] = self._seq
+            self._seq += 1
+            self.missing[tid] = len(missing)
+            for i in missing:
+                self.waiters.setdefault(i, []).append(tid)
+            if not missing:
+                bisect.insort(self._ready, (self._arrival[tid], tid))
+        return fetch, failed
+
+    def inputs_arrived(self, ids) -> None:
+        for i in ids:
+            i = int(i)
+            self.fetching.discard(i)
+            for tid in self.waiters.pop(i, ()):
+                if tid in self.missing:
+                    self.missing[tid] -= 1
+                    if self.missing[tid] == 0:
+                        bisect.insort(self._ready, (self._arrival[tid], tid))
+
+    def inputs_unavailable(self, ids, why: str) -> list:
+        """Inputs that will not arrive: every queued task waiting on one fails."""
+        failed = []
+        for i in ids:
+            i = int(i)
+            self.fetching.discard(i)
+            for tid in self.waiters.pop(i, ()):
+                if tid in self.queued:
+                    self._drop(tid)
+                    failed.append((tid, f"input {i} is unavailable: {why}"))
+        return failed
+
+    def finished(self, task_id: int, ok: bool = True) -> list:
+        """A running task ended (``ok``: its data is now held here). Frees its cpus and
+        resources; when not ok, queued tasks waiting on its data fail."""
+        spec = self.running.pop(task_id, None)
+        if spec is not None:
+            self.free_cpus += spec.cpus
+            for name, amount in spec.resources.items():
+                self.free_resources[name] += amount
+        if ok:
+            self.inputs_arrived([task_id])
+            return []
+        return self.inputs_unavailable([task_id], f"task {task_id} did not produce it here")
+
+    def take_startable(self) -> list:
+        """Ready tasks that fit now, in arrival order (first fit); their cpus and
+        resources are reserved and they count as running."""
+        if not self._ready:
+            return []
+        start: list[TaskSpec] = []
+        keep: list[tuple[int, int]] = []
+        for pos, item in enumerate(self._ready):
+            spec = self.queued[item[1]]
+            if spec.cpus > self.free_cpus or not self._resources_free(spec):
+                keep.append(item)
+                if self.free_cpus == 0 and not spec.light:
+                    # only light tasks can start from here on: skip to them cheaply
+                    for rest in self._ready[pos + 1:]:
+                        other = self.queued[rest[1]]
+                        if other.light and self._resources_free(other):
+                            self._reserve(other)
+                            start.append(other)
+                        else:
+                            keep.append(rest)
+                    break
+                continue
+            self._reserve(spec)
+            start.append(spec)
+        self._ready = keep
+        return start
+
+    # ------------------------------------------------------------------ queries
+    def never_fits(self, spec: TaskSpec) -> str | None:
+        if spec.cpus > self.cpus:
+            return (f"task {spec.id} requests {spec.cpus} cpus but this worker has only "
+                    f"{self.cpus}")
+        for name, amount in spec.resources.items():
+            have = self.resources.get(name, 0)
+            if amount > have:
+                return (f"task {spec.id} requests {amount} of resource {name!r} but this "
+                        f"worker has {have}")
+        return None
+
+    def is_known(self, task_id: int) -> bool:
+        return task_id in self.queued or task_id in self.running
+
+    @property
+    def n_ready(self) -> int:
+        return len(self._ready)
+
+    def check_invariants(self) -> None:
+        assert not (set(self.queued) & set(self.running))
+        assert self.free_cpus == self.cpus - sum(s.cpus for s in self.running.values())
+        assert self.free_cpus >= 0
+        for name, cap in self.resources.items():
+            used = sum(s.resources.get(name, 0) for s in self.running.values())
+            assert self.free_resources[name] == cap - used >= 0
+        ready = {tid for _, tid in self._ready}
+        assert ready == {t for t in self.queued if self.missing[t] == 0}
+        assert [a for a, _ in self._ready] == sorted(a for a, _ in self._ready)
+
+    # ------------------------------------------------------------------ internals
+    def _resources_free(self, spec: TaskSpec) -> bool:
+        return all(self.free_resources.get(n, 0) >= a for n, a in spec.resources.items())
+
+    def _reserve(self, spec: TaskSpec) -> None:
+        tid = spec.id
+        del self.queued[tid]
+        del self.missing[tid]
+        del self._arrival[tid]
+        self.free_cpus -= spec.cpus
+        for name, amount in spec.resources.items():
+            self.free_resources[name] -= amount
+        self.running[tid] = spec
+
+    def _drop(self, tid: int) -> None:
+        """Remove a queued task (it failed before starting)."""
+        spec = self.queued.pop(tid)
+        if self.missing.pop(tid, 1) == 0:
+            self._ready.remove((self._arrival[tid], tid))
+        del self._arrival[tid]
+        for i in dict.fromkeys(spec.inputs):
+            waiting = self.waiters.get(i)
+            if waiting and tid in waiting:
+                waiting.remove(tid)
+                if not waiting:
+                    del self.waiters[i]

@@ -1,0 +1,99 @@
+"""Real loomctl server and worker processes on 127.0.0.1 for end-to-end tests.
+
+Every process started here is stopped by ``Cluster.stop`` (terminate, then kill), which
+the fixtures call in their finalizers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from clihelp import ROOT
+
+
+class Cluster:
+    def __init__(self, directory, workers=2, cpus=1, auth=True, heartbeat_timeout=5.0, worker_args=()):
+        self.dir = str(directory)
+        self.server_dir = os.path.join(self.dir, "server")
+        self.env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                        LOOM_SERVER_DIR=self.server_dir)
+        self.logs = []
+        self.workers = []
+        cmd = ["server", "start", "--port", "0", "--verbose", "--heartbeat-timeout", str(heartbeat_timeout)]
+        if not auth:
+            cmd.append("--no-auth")
+        self.server = self._spawn(cmd, "server")
+        try:
+            self.access = self._wait_access()
+            for k in range(workers):
+                self.add_worker(cpus=cpus, name=f"w{k}", extra=worker_args)
+            self.wait_workers(workers)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self, args, name):
+        log = open(os.path.join(self.dir, f"{name}.log"), "wb")
+        self.logs.append(log)
+        return subprocess.Popen([sys.executable, "-m", "loomctl", *args], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=self.env)
+
+    def _wait_access(self, timeout=20):
+        path = os.path.join(self.server_dir, "access.json")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if os.path.exists(path):
+                with open(path) as f:
+                    return json.load(f)
+            if self.server.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log('server')}")
+            time.sleep(0.02)
+        raise RuntimeError("server did not write its access file")
+
+    def add_worker(self, cpus=1, name=None, extra=()):
+        name = name or f"w{len(self.workers)}"
+        work_dir = os.path.join(self.dir, f"work-{name}")
+        proc = self._spawn(["worker", "start", "--cpus", str(cpus), "--name", name, "--work-dir", work_dir,
+                            *extra], name)
+        self.workers.append(proc)
+        return proc
+
+    def client(self, **kw):
+        from loomctl.client import Client
+        return Client(server_dir_path=self.server_dir, **kw)
+
+    def stats(self):
+        with self.client() as c:
+            return c.get_stats()
+
+    def wait_workers(self, count, timeout=20):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.stats()["n_workers"] == count:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"expected {count} workers: {self.log('server')}")
+
+    def log(self, name):
+        try:
+            with open(os.path.join(self.dir, f"{name}.log"), errors="replace") as f:
+                return f.read()[-3000:]
+        except OSError:
+            return ""
+
+    def stop(self):
+        procs = [p for p in [*self.workers, getattr(self, "server", None)] if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.time() + 5
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for log in self.logs:
+            log.close()
