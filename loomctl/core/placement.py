@@ -21,6 +21,7 @@ import numpy as np
 
 LOCALITY_BYTES = 1 << 20
 LIGHT_QUEUE = 8192
+QUEUE_FACTOR = 2   # cpu tasks assigned to a worker: up to this many times its cpus
 
 
 @dataclass
@@ -34,7 +35,7 @@ class WorkerRoom:
     supports: np.ndarray | None = None   # bool per global symbol code; None = everything
 
     def cpu_room(self) -> int:
-        return 2 * self.cpus - self.assigned_cpus
+        return QUEUE_FACTOR * self.cpus - self.assigned_cpus
 
     def light_room(self) -> int:
         return LIGHT_QUEUE - self.assigned_light
@@ -145,6 +146,8 @@ def _fits(w: WorkerRoom, cpus: int, request: dict | None, limit_cpus: int) -> bo
 def _place_heavy(positions, cpus, symbols, best, best_bytes, workers, requests, chosen) -> None:
     by_index = {w.index: w for w in workers}
     for p in positions:
+        if all(w.cpu_room() <= 0 for w in workers):
+            break   # every worker is full: the rest waits for the next round
         need = int(cpus[p])
         request = requests.get(int(p))
         pref = by_index.get(int(best[p]))
@@ -153,12 +156,12 @@ def _place_heavy(positions, cpus, symbols, best, best_bytes, workers, requests, 
             if _fits(pref, need, request, pref.cpus):
                 target = pref
             elif best_bytes[p] >= LOCALITY_BYTES:
-                if _fits(pref, need, request, 2 * pref.cpus):
+                if _fits(pref, need, request, QUEUE_FACTOR * pref.cpus):
                     target = pref
                 else:
                     continue   # wait for the worker that has the data
         if target is None:
-            candidates = [w for w in workers if _supports(w, symbols[p]) and _fits(w, need, request, 2 * w.cpus)
+            candidates = [w for w in workers if _supports(w, symbols[p]) and _fits(w, need, request, QUEUE_FACTOR * w.cpus)
                           and need <= w.cpus]
             if not candidates:
                 continue

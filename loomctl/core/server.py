@@ -32,6 +32,16 @@ from loomctl.core.tasktable import (ALIAS, ASSIGNED, CANCELLED, FAILED, FINISHED
 MAX_ATTEMPTS = 3   # a task that lost its worker this many times fails
 
 
+def small_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique, without its sorting cost for the one- or two-element arrays that most
+    reports carry."""
+    if len(values) <= 1:
+        return values
+    if len(values) == 2:
+        return values[:1] if values[0] == values[1] else np.sort(values)
+    return np.unique(values)
+
+
 class SubmitError(Exception):
     """A submission is refused; the message is for the client."""
 
@@ -52,6 +62,7 @@ class Worker:
     last_seen: float = 0.0
     stats: dict = field(default_factory=dict)
     tasks_done: int = 0
+    support_mask: np.ndarray | None = None   # cache of ServerCore._support_mask
 
 
 @dataclass
@@ -87,6 +98,7 @@ class ServerCore:
         self.extra_consumers: dict[int, list[int]] = {}
         self.overrides: dict[int, tuple[str, bytes, np.ndarray]] = {}
         self.n_data = 0
+        self.any_named_requests = False   # fast path: no task asked for more than cpus
         self.next_worker = 0
         self.next_job = 1
         self.stats = {"scheduled": 0, "finished": 0, "failed": 0, "rounds": 0, "transfers": 0}
@@ -238,6 +250,7 @@ class ServerCore:
         self.next_job += 1
         segment = Segment.build(len(self.segs.segments), base, graph, global_inputs, graph.input_offsets)
         self.segs.add(segment)
+        self.any_named_requests |= segment.has_named_requests
         lut = np.array([self._code(s) for s in graph.symbols] or [0], dtype=np.int32)
         c.symbol[base:base + n] = lut[graph.types] if n else 0
         c.job[base:base + n] = job.id
@@ -364,13 +377,18 @@ class ServerCore:
             consumers = np.concatenate([consumers, np.array(more, dtype=np.int64)])
         consumers = consumers[c.state[consumers] == WAITING]
         np.subtract.at(c.remaining, consumers, 1)
-        self._make_ready(np.unique(consumers))
+        self._make_ready(small_unique(consumers))
         # inputs of the finished tasks lose one hold per slot
         inputs = self._inputs_of_many(ids)
         np.subtract.at(c.holds, inputs, 1)
         # results: tell the watchers; then release what nobody holds
-        jobs, counts = np.unique(c.job[ids], return_counts=True)
-        for job_id, count in zip(jobs.tolist(), counts.tolist()):
+        job_of = c.job[ids]
+        if (job_of == job_of[0]).all():   # the usual case: one job
+            per_job = [(int(job_of[0]), len(ids))]
+        else:
+            jobs, counts = np.unique(job_of, return_counts=True)
+            per_job = zip(jobs.tolist(), counts.tolist())
+        for job_id, count in per_job:
             job = self.jobs.get(job_id)
             if job is None:
                 continue
@@ -396,7 +414,7 @@ class ServerCore:
 
     def _unassign(self, ids: np.ndarray) -> None:
         c = self.cols
-        for wid in np.unique(c.worker[ids]).tolist():
+        for wid in small_unique(c.worker[ids]).tolist():
             worker = self.workers.get(wid)
             if worker is None:
                 continue
@@ -410,6 +428,8 @@ class ServerCore:
         c.worker[ids] = -1
 
     def _named_request(self, t: int) -> dict:
+        if not self.any_named_requests:
+            return {}
         seg, local = self.segs.locate(t)
         request = seg.graph.request(local) or {}
         return {k: v for k, v in request.items() if k != "cpus"}
@@ -418,7 +438,7 @@ class ServerCore:
         c = self.cols
         if not len(candidates):
             return
-        candidates = np.unique(candidates)
+        candidates = small_unique(candidates)
         free = candidates[(c.holds[candidates] <= 0) & (c.owner[candidates] >= 0)]
         self._release(free)
 
@@ -428,7 +448,7 @@ class ServerCore:
         if not len(ids):
             return
         targets: dict[int, list[np.ndarray]] = {}
-        for wid in np.unique(c.owner[ids]).tolist():
+        for wid in small_unique(c.owner[ids]).tolist():
             targets.setdefault(wid, []).append(ids[c.owner[ids] == wid])
         for t in ids.tolist():
             for wid in self.replicas.pop(t, ()):
@@ -623,6 +643,15 @@ class ServerCore:
             for t in ids[(c.symbol[ids] == code) & (c.state[ids] == READY)].tolist():
                 self._task_failed(t, f"no connected worker supports task type {symbol!r}", "", 0.0)
 
+    def _support_mask(self, worker: Worker) -> np.ndarray | None:
+        """Bool per global symbol code: can this worker run it (None: everything)."""
+        if not worker.symbols:
+            return None
+        mask = worker.support_mask
+        if mask is None or len(mask) != len(self.symbols):
+            mask = worker.support_mask = np.array([self._supports(worker, s) for s in self.symbols], dtype=bool)
+        return mask
+
     @staticmethod
     def _supports(worker: Worker, symbol: str) -> bool:
         return symbol in worker.symbols or (symbol.startswith("loom/") and not worker.symbols)
@@ -631,39 +660,39 @@ class ServerCore:
         """Place ready tasks on workers; returns how many were placed."""
         if not self.ready or not self.workers:
             return 0
+        if not any(w.assigned_light < placement.LIGHT_QUEUE or w.assigned_cpus < placement.QUEUE_FACTOR * w.cpus
+                   for w in self.workers.values()):
+            return 0   # every worker is full: leave the ready list as it is
         c = self.cols
-        ids = np.concatenate(self.ready)
+        ids = np.concatenate(self.ready) if len(self.ready) > 1 else self.ready[0]
         ids = ids[c.state[ids] == READY]
         self.ready = []
         if not len(ids):
             return 0
         self.stats["rounds"] += 1
-        dynamic = np.isin(c.symbol[ids], [self.symbol_codes.get(S.DSLICE, -1), self.symbol_codes.get(S.DGET, -1)])
-        if dynamic.any():
+        dynamic_codes = [self.symbol_codes[s] for s in (S.DSLICE, S.DGET) if s in self.symbol_codes]
+        dynamic = np.isin(c.symbol[ids], dynamic_codes) if dynamic_codes else None
+        if dynamic is not None and dynamic.any():
             for t in ids[dynamic].tolist():
                 self._expand_dynamic(t, now)
             ids = np.concatenate([ids[~dynamic], *self.ready])   # expansions are placed now too
             self.ready = []
             ids = ids[c.state[ids] == READY]
         workers = list(self.workers.values())
+        ids, deferred = self._candidates(ids, workers)
+        if len(deferred):
+            self.ready.append(deferred)
+        if not len(ids):
+            return 0
         index = {w.id: k for k, w in enumerate(workers)}
         inputs, consumer_of_slot = self._slots(ids)
-        pos_of = {}
-        task_pos = np.searchsorted(ids, consumer_of_slot) if np.all(ids[:-1] <= ids[1:]) else None
-        if task_pos is None:
-            order = np.argsort(ids, kind="stable")
-            ids = ids[order]
-            inputs, consumer_of_slot = self._slots(ids)
-            task_pos = np.searchsorted(ids, consumer_of_slot)
+        task_pos = np.searchsorted(ids, consumer_of_slot)
         holder = np.array([index.get(int(w), -1) for w in c.owner[inputs]], dtype=np.int64) \
             if len(inputs) else np.zeros(0, np.int64)
         best, best_bytes = placement.preferences(task_pos, holder, c.size[inputs], len(ids))
-        n_symbols = len(self.symbols)
         rooms = []
         for k, w in enumerate(workers):
-            supports = None
-            if w.symbols:
-                supports = np.array([self._supports(w, s) for s in self.symbols], dtype=bool)
+            supports = self._support_mask(w)
             rooms.append(placement.WorkerRoom(k, w.cpus, w.assigned_cpus, w.assigned_light, w.resources,
                                               dict(w.assigned_resources), supports))
         requests = {}
@@ -673,7 +702,6 @@ class ServerCore:
             if req:
                 requests[int(np.searchsorted(ids, t))] = req
         chosen = placement.place(c.cpus[ids], c.symbol[ids], best, best_bytes, rooms, requests)
-        del pos_of, n_symbols
         placed = 0
         for k, w in enumerate(workers):
             mine = ids[chosen == k]
@@ -690,6 +718,20 @@ class ServerCore:
             self.ready.append(waiting)
         self.stats["scheduled"] += placed
         return placed
+
+    def _candidates(self, ids: np.ndarray, workers: list) -> tuple[np.ndarray, np.ndarray]:
+        """The ready tasks worth considering this round (sorted), and the rest, kept in
+        order for later rounds: no more light tasks than the workers' light queues can
+        take, and a few times as many cpu tasks as there are free cpu slots."""
+        c = self.cols
+        light_room = sum(max(0, placement.LIGHT_QUEUE - w.assigned_light) for w in workers)
+        cpu_room = sum(max(0, placement.QUEUE_FACTOR * w.cpus - w.assigned_cpus) for w in workers)
+        is_light = c.cpus[ids] == 0
+        light, heavy = ids[is_light], ids[~is_light]
+        heavy_take = 4 * cpu_room + 16 if cpu_room else 0
+        taken = np.concatenate([light[:light_room], heavy[:heavy_take]])
+        rest = np.concatenate([light[light_room:], heavy[heavy_take:]])
+        return np.sort(taken), rest
 
     def _slots(self, ids: np.ndarray):
         c = self.cols

@@ -76,6 +76,11 @@ class Segment:
     consumers: np.ndarray      # global ids, within this segment
 
     @property
+    def has_named_requests(self) -> bool:
+        """Some task asks for a named resource besides cpus."""
+        return any(set(r) - {"cpus"} for r in self.graph.requests)
+
+    @property
     def n(self) -> int:
         return len(self.input_offsets) - 1
 
@@ -121,18 +126,22 @@ class SegmentIndex:
             empty = np.zeros(0, dtype=np.int64)
             return (empty, empty) if per_slot else empty
         seg_ids = self.of(ids)
+        first = seg_ids[0]
+        present = (first,) if (seg_ids == first).all() else np.unique(seg_ids)
         values, owners = [], []
-        for s in np.unique(seg_ids):
+        for s in present:
             seg = self.segments[s]
-            mine = ids[seg_ids == s]
+            mine = ids if len(present) == 1 else ids[seg_ids == s]
             offsets = getattr(seg, offsets_name)
             local = mine - seg.base
             starts, ends = offsets[local], offsets[local + 1]
             values.append(getattr(seg, values_name)[ranges(starts, ends)])
             if per_slot:
                 owners.append(np.repeat(mine, ends - starts))
-        values = np.concatenate(values)
-        return (values, np.concatenate(owners)) if per_slot else values
+        values = values[0] if len(values) == 1 else np.concatenate(values)
+        if not per_slot:
+            return values
+        return values, owners[0] if len(owners) == 1 else np.concatenate(owners)
 
     def inputs_of(self, ids: np.ndarray, per_slot: bool = False):
         """Input ids (one per slot) of ``ids``; with per_slot also the consumer of each."""

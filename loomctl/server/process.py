@@ -75,8 +75,8 @@ class Server:
                         name = self.core.workers[wid].name
                         log.warning("worker %s missed heartbeats for %.1f s; removing it", name, self.heartbeat_timeout)
                         self._remove_worker(wid, now)
-                self.core.schedule(now)
-                self._flush()
+                        self.core.schedule(now)
+                    self._flush()
         finally:
             self.close()
 
@@ -94,8 +94,8 @@ class Server:
             except Exception as exc:   # a peer must never take the server down
                 self.bad_messages += 1
                 log.warning("dropped a malformed message: %s", _short(exc))
-            self.core.schedule(now)
-            self._flush()
+        self.core.schedule(now)   # once per drained batch of messages
+        self._flush()
 
     def _flush(self) -> None:
         for kind, target, message, body, blobs in self.core.take_commands():

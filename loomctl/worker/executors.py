@@ -233,6 +233,31 @@ def _length(config, inputs, ctx):
 
 
 def _run(config, inputs, ctx):
+    """Run a program to the end in this thread (the worker's loop uses the same steps
+    without blocking, see loomctl.worker.programs)."""
+    prepared = prepare_run(config, inputs, ctx)
+    try:
+        proc = start_program(prepared)
+        stdout, stderr = proc.communicate(prepared.stdin)
+        result = finish_run(prepared, proc.returncode, stdout, stderr)
+        prepared.failed = False
+        return result
+    finally:
+        cleanup_run(prepared)
+
+
+@dataclass
+class PreparedRun:
+    """A run task with its working directory made and its inputs in place."""
+    argv: list
+    run_dir: str
+    stdin: bytes | None
+    map_outputs: list
+    keep_failed_dirs: bool
+    failed: bool = True
+
+
+def prepare_run(config, inputs, ctx) -> PreparedRun:
     try:
         cfg = S.decode_run(bytes(config))
     except Exception:
@@ -246,23 +271,45 @@ def _run(config, inputs, ctx):
     map_outputs = list(cfg.get("map_outputs") or [None])
     if len(map_inputs) != len(inputs):
         raise TaskError(f"run: {len(inputs)} input(s) but {len(map_inputs)} input mapping(s)")
-
     os.makedirs(ctx.work_dir, exist_ok=True)
     run_dir = tempfile.mkdtemp(prefix=f"run-{ctx.task_id}-", dir=ctx.work_dir)
-    failed = True
+    prepared = PreparedRun([], run_dir, None, map_outputs, ctx.keep_failed_dirs)
     try:
         stdin, variables = _place_inputs(run_dir, inputs, map_inputs)
-        argv = substitute_variables(args, variables)
-        result = _run_program(argv, run_dir, stdin, map_outputs)
-        failed = False
-        return result
-    except TaskError as e:
-        if ctx.keep_failed_dirs:
-            raise TaskError(f"{e}\n(working directory kept: {run_dir})") from None
+    except BaseException:
+        cleanup_run(prepared)
         raise
-    finally:
-        if not (failed and ctx.keep_failed_dirs):
-            shutil.rmtree(run_dir, ignore_errors=True)
+    prepared.argv = substitute_variables(args, variables)
+    prepared.stdin = stdin
+    return prepared
+
+
+def start_program(prepared: PreparedRun) -> subprocess.Popen:
+    program = os.fsdecode(prepared.argv[0])
+    try:
+        return subprocess.Popen(
+            prepared.argv, cwd=prepared.run_dir,
+            stdin=subprocess.PIPE if prepared.stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if None in prepared.map_outputs else subprocess.DEVNULL,
+            stderr=subprocess.PIPE)
+    except OSError as e:
+        raise TaskError(f"cannot start program {program!r}: {e.strerror or e} "
+                        "(no exit status: the program did not start)") from None
+
+
+def finish_run(prepared: PreparedRun, status: int, stdout: bytes | None, stderr: bytes | None):
+    """The task's result from a program that exited; raises TaskError on failure."""
+    try:
+        return _collect_outputs(prepared, status, stdout, stderr)
+    except TaskError as e:
+        if prepared.keep_failed_dirs:
+            raise TaskError(f"{e}\n(working directory kept: {prepared.run_dir})") from None
+        raise
+
+
+def cleanup_run(prepared: PreparedRun) -> None:
+    if not (prepared.failed and prepared.keep_failed_dirs):
+        shutil.rmtree(prepared.run_dir, ignore_errors=True)
 
 
 def _place_inputs(run_dir: str, inputs: list, map_inputs: list):
@@ -322,19 +369,9 @@ def substitute_variables(args: list, variables: dict[str, bytes]) -> list:
     return out
 
 
-def _run_program(argv: list, run_dir: str, stdin: bytes | None, map_outputs: list):
-    program = os.fsdecode(argv[0])
-    try:
-        proc = subprocess.Popen(
-            argv, cwd=run_dir,
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if None in map_outputs else subprocess.DEVNULL,
-            stderr=subprocess.PIPE)
-    except OSError as e:
-        raise TaskError(f"cannot start program {program!r}: {e.strerror or e} "
-                        "(no exit status: the program did not start)") from None
-    stdout, stderr = proc.communicate(stdin)
-    status = proc.returncode
+def _collect_outputs(prepared: PreparedRun, status: int, stdout, stderr):
+    program = os.fsdecode(prepared.argv[0])
+    run_dir, map_outputs = prepared.run_dir, prepared.map_outputs
     if status != 0:
         raise TaskError(f"program {program!r} {_describe_status(status)}"
                         f"{_stderr_tail(stderr)}")

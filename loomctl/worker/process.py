@@ -45,7 +45,9 @@ from zmq.utils.monitor import recv_monitor_message
 from loomctl import protocol as P
 from loomctl.worker import data
 from loomctl.worker import extensions as registry
+from graphfmt import symbols as S
 from loomctl.worker.fetch import FetchPlan, PeerLinks
+from loomctl.worker.programs import Programs
 from loomctl.worker.running import INLINE_SYMBOLS, Outcome, Pool, Report, run_task
 from loomctl.worker.taskqueue import TaskQueue, TaskSpec, is_int
 
@@ -189,6 +191,7 @@ class Worker:
         self._pools = [Pool(max(1, self.cpus), "loomctl-exec", self._done),
                        Pool(LIGHT_THREADS, "loomctl-light", self._done)]
         self.pool, self.light_pool = self._pools
+        self.programs = Programs(self.poller, self.run_dir, self.keep_failed_dirs)
 
     def _socket(self, kind):
         sock = self.context.socket(kind)
@@ -257,7 +260,13 @@ class Worker:
     def _iterate(self) -> None:
         events = dict(self.poller.poll(self._poll_timeout(time.monotonic())))
         now = time.monotonic()
+        pipes = [fd for fd in events if isinstance(fd, int)]
+        if pipes or self.programs.reaping:
+            for outcome in self.programs.on_ready(pipes):
+                self._apply(outcome)
         for sock in events:
+            if isinstance(sock, int):
+                continue
             if sock is self.server:
                 self._drain(self.server, self._on_server_message)
             elif sock is self.data:
@@ -280,6 +289,8 @@ class Worker:
     def _poll_timeout(self, now: float) -> int:
         if self._outcomes:
             return 0
+        if self.programs.reaping:   # a program closed its pipes but has not exited yet
+            return 1
         deadline = self._next_heartbeat
         if self._lost_since is not None:
             deadline = min(deadline, self._lost_since + self.server_lost_s)
@@ -511,6 +522,10 @@ class Worker:
                     lost = [i for i, obj in zip(spec.inputs, inputs) if obj is None]
                     self._apply(Outcome(spec.id, error=f"input {lost[0]} was released from "
                                                        "this worker before the task started"))
+                elif spec.symbol == S.RUN:   # started here, watched by the poller
+                    failed = self.programs.start(spec, inputs)
+                    if failed is not None:
+                        self._apply(failed)
                 elif not spec.light:
                     self.pool.submit(spec, inputs, self.run_dir, self.keep_failed_dirs)
                 elif spec.symbol in INLINE_SYMBOLS and not spec.checkpoint:
@@ -567,6 +582,8 @@ class Worker:
         self._closed = True
         for pool in self._pools:
             pool.close()
+        if getattr(self, "programs", None) is not None:
+            self.programs.kill_all()
         with self._wake_lock:
             if self._wake_tx is not None:
                 self._wake_tx.close(0)

@@ -49,18 +49,23 @@ def run_task(spec: TaskSpec, inputs: list, work_dir: str, keep_failed_dirs: bool
         if isinstance(result, Redirect):
             out.redirect = redirect_graph_bytes(result.task)
             return out
-        if spec.checkpoint:
-            try:
-                write_atomically(spec.checkpoint, result)
-            except data.TaskError as exc:
-                raise data.TaskError(f"cannot write checkpoint {spec.checkpoint!r}: {exc}") from None
-        out.size, out.length = result.size(), result.length()
-        out.result = result
+        finalize(out, spec, result)
     except data.TaskError as exc:
         out.error = str(exc)
     except Exception as exc:   # a bug must not take the worker down
         out.error = f"internal error while running the task: {type(exc).__name__}: {exc}"
     return out
+
+
+def finalize(out: Outcome, spec: TaskSpec, result) -> None:
+    """Write the checkpoint (if any) and record the result; raises TaskError."""
+    if spec.checkpoint:
+        try:
+            write_atomically(spec.checkpoint, result)
+        except data.TaskError as exc:
+            raise data.TaskError(f"cannot write checkpoint {spec.checkpoint!r}: {exc}") from None
+    out.size, out.length = result.size(), result.length()
+    out.result = result
 
 
 class Report:
