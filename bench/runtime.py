@@ -5,11 +5,11 @@ a server/scheduler plus 2 worker processes with 1 cpu each, on this machine.
     python bench/runtime.py --json --only trivial,true
 
 Shapes:
-  trivial   N independent trivial tasks (loomctl: const; Dask: a Python function)
-            gathered by one merge / sum task
+  trivial   N independent trivial tasks, all N results gathered by the client
+            (loomctl: const; Dask: a Python function)
   pytrivial the same with Python function tasks on both sides
   tree      binary merge tree over 2^K leaves
-  true      M external programs `true` (1 cpu each), then one gathering task
+  true      M external programs `true` (1 cpu each), all results gathered
   latency   submit + gather of one const, median over R repetitions
 
 Figures are tasks per second (higher is better) except latency (ms, lower is better);
@@ -71,13 +71,9 @@ def _true(_):
     return 0
 
 
-def _count(xs):
-    return len(xs)
-
-
 def loom_trivial(c, n):
     leaves = [tasks.const(b"%d" % i) for i in range(n)]
-    return _timed(lambda: c.submit_one(tasks.size(tasks.merge(leaves))).gather(), n + 2)
+    return _timed(lambda: c.gather(c.submit(leaves)), n)
 
 
 def loom_pytrivial(c, n):
@@ -85,7 +81,7 @@ def loom_pytrivial(c, n):
     leaves = [tasks.py_call(fn) for _ in range(n)]
     for leaf in leaves:
         leaf.resource_request = None   # trivial: light, like a Dask task that holds no slot
-    return _timed(lambda: c.submit_one(tasks.size(tasks.merge(leaves))).gather(), n + 2)
+    return _timed(lambda: c.gather(c.submit(leaves)), n)
 
 
 def loom_tree(c, k):
@@ -99,7 +95,7 @@ def loom_tree(c, k):
 
 def loom_true(c, m):
     runs = [tasks.run("true") for _ in range(m)]
-    return _timed(lambda: c.submit_one(tasks.size(tasks.merge(runs))).gather(), m + 2)
+    return _timed(lambda: c.gather(c.submit(runs)), m)
 
 
 def loom_latency(c, reps):
@@ -127,9 +123,8 @@ def dask_run(shapes, sizes):
             size = sizes[shape]
             if shape in ("trivial", "pytrivial"):
                 def go():
-                    futs = client.map(_inc, range(size), pure=False)
-                    client.submit(_count, futs).result()
-                results[shape] = _timed(go, size + 1)
+                    client.gather(client.map(_inc, range(size), pure=False))
+                results[shape] = _timed(go, size)
             elif shape == "tree":
                 def go():
                     level = client.map(_inc, range(2 ** size), pure=False)
@@ -145,9 +140,8 @@ def dask_run(shapes, sizes):
                 results[shape] = n / (time.perf_counter() - t0)
             elif shape == "true":
                 def go():
-                    futs = client.map(_true, range(size), pure=False)
-                    client.submit(_count, futs).result()
-                results[shape] = _timed(go, size + 1)
+                    client.gather(client.map(_true, range(size), pure=False))
+                results[shape] = _timed(go, size)
             elif shape == "latency":
                 samples = []
                 for i in range(size):
