@@ -11,6 +11,8 @@ Invariants:
   reader takes columns with ``np.frombuffer`` and builds no Python object per task.
 - A chunk or column kind whose first letter is upper case is critical: a reader that
   does not know it refuses the file. Lower case ones may be skipped.
+- Every column of version 1.0 has exactly one type (``_COLUMN_TYPES``): a reader refuses
+  any other, and a writer refuses a value that does not fit, so nothing is ever narrowed.
 - Any malformed input makes ``read`` raise GraphError with a one-line message; it never
   raises anything else.
 """
@@ -42,24 +44,57 @@ _U64 = struct.Struct("<Q")
 K_SYMBOLS, K_REQUESTS, K_LABELS, K_TASKS, K_END = b"SYMB", b"RREQ", b"LABL", b"TASK", b"END!"
 _DTYPES = {b"u1\0\0": "<u1", b"u2\0\0": "<u2", b"u4\0\0": "<u4", b"u8\0\0": "<u8"}
 _DTYPE_CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
+# The type code of every column of version 1.0; a reader refuses any other.
+_COLUMN_TYPES = {b"TYPE": b"u2\0\0", b"NINP": b"u4\0\0", b"INPS": b"u4\0\0", b"CLEN": b"u4\0\0",
+                 b"CFGD": b"u1\0\0", b"FLAG": b"u1\0\0", b"RCOD": b"u2\0\0", b"LCOD": b"u4\0\0",
+                 b"CKPL": b"u4\0\0", b"CKPD": b"u1\0\0", b"METL": b"u4\0\0", b"METD": b"u1\0\0"}
+# data column -> the column holding its per-task lengths
+_DATA_COLUMNS = {b"INPS": b"NINP", b"CFGD": b"CLEN", b"CKPD": b"CKPL", b"METD": b"METL"}
+_REQUIRED_COLUMNS = (b"TYPE", b"NINP", b"CLEN", b"FLAG")
+# Most entries a part's table can hold: the largest code must fit its column
+# (symbol codes are 0-based; label and request codes start at 1).
+_TABLE_LIMITS = {K_SYMBOLS: (1 << 16, "symbols"), K_REQUESTS: ((1 << 16) - 1, "resource requests"),
+                 K_LABELS: ((1 << 32) - 1, "labels")}
+MAX_CHUNK = 1 << 40
 
 
 def _pad(n: int) -> int:
     return -n % 8
 
 
+def _text(raw, type_code: bool = False) -> str:
+    """A chunk kind, column id or type code as text: printable ASCII as is, other bytes
+    as \\xNN; a type code without its trailing zero bytes ("u4" rather than "u4\\x00\\x00")."""
+    raw = bytes(raw)
+    if type_code:
+        raw = raw.rstrip(b"\0") or raw
+    return "".join(chr(c) if 32 <= c < 127 and c != 92 else f"\\x{c:02x}" for c in raw)
+
+
 # ----------------------------------------------------------------------- writing
 class GraphWriter:
     """Writes one part to a binary stream: tables and task blocks as they come, so a
-    consumer at the other end of a pipe can start reading before the end."""
+    consumer at the other end of a pipe can start reading before the end.
+
+    ``tables`` and ``n_tasks`` continue a part that already holds those table entries
+    and tasks (for appending); ``header=False`` then leaves out the part header."""
 
     def __init__(self, out: BinaryIO, tables: dict | None = None, n_tasks: int = 0,
                  header: bool = True):
         self.out = out
         self.n_tasks = n_tasks
-        # value -> code of every entry already in the part's tables
-        self.codes = {kind: {table_key(v): i for i, v in enumerate((tables or {}).get(kind, []))}
-                      for kind in (K_SYMBOLS, K_LABELS, K_REQUESTS)}
+        tables = tables or {}
+        # value -> code of every entry already in the part's tables (a value held twice
+        # keeps its first code), and the length of each table: new entries get codes from
+        # there, which is more than the number of distinct values when a value is twice.
+        self.codes: dict = {}
+        self.sizes: dict = {}
+        for kind in (K_SYMBOLS, K_LABELS, K_REQUESTS):
+            values = tables.get(kind, [])
+            codes = self.codes[kind] = {}
+            for i, value in enumerate(values):
+                codes.setdefault(table_key(value), i)
+            self.sizes[kind] = len(values)
         if header:
             out.write(_HEADER.pack(MAGIC, *VERSION, 0))
 
@@ -70,42 +105,83 @@ class GraphWriter:
             self.out.write(p)
         self.out.write(b"\0" * _pad(length))
 
-    def _table(self, kind: bytes, values: list) -> np.ndarray:
-        """Codes in the part table for ``values``; appends the ones not there yet."""
+    def _plan_table(self, kind: bytes, values: list) -> tuple[np.ndarray, list]:
+        """Codes in the part table for ``values``, and the values not there yet (whose
+        codes follow the table's current length). Changes nothing."""
         codes = self.codes[kind]
+        fresh: dict = {}
         new = []
         lut = np.zeros(len(values), dtype=np.int64)
         for i, value in enumerate(values):
             k = table_key(value)
-            if k not in codes:
-                codes[k] = len(codes)
-                new.append(value)
-            lut[i] = codes[k]
-        if new:
-            self._chunk(kind, [msgpack.packb(new, use_bin_type=True)])
-        return lut
+            code = codes.get(k)
+            if code is None:
+                code = fresh.get(k)
+                if code is None:
+                    code = fresh[k] = self.sizes[kind] + len(new)
+                    new.append(value)
+            lut[i] = code
+        limit, what = _TABLE_LIMITS[kind]
+        if self.sizes[kind] + len(new) > limit:
+            raise GraphError(f"cannot write the graph: a part holds at most {limit} {what}, "
+                             f"this one would hold {self.sizes[kind] + len(new)}")
+        return lut, new
+
+    def _commit_table(self, kind: bytes, new: list) -> None:
+        """Write a table chunk with the entries that ``_plan_table`` found new."""
+        if not new:
+            return
+        codes = self.codes[kind]
+        for value in new:
+            codes[table_key(value)] = self.sizes[kind]
+            self.sizes[kind] += 1
+        self._chunk(kind, [msgpack.packb(new, use_bin_type=True)])
 
     def write_graph(self, graph: Graph, input_base: int = 0, block_tasks: int = BLOCK_TASKS) -> None:
-        """Append the tasks of ``graph``. Its input ids are part-local ids minus
-        ``input_base`` (0 for a self-contained graph written into a fresh part)."""
-        symbol_lut = self._table(K_SYMBOLS, graph.symbols)
-        label_lut = np.concatenate([[0], self._table(K_LABELS, graph.labels) + 1])
-        request_lut = np.concatenate([[0], self._table(K_REQUESTS, graph.requests) + 1])
+        """Append the tasks of ``graph`` to the part. ``input_base`` says how the input ids
+        of ``graph`` are numbered: it is the id, in that numbering, of the first task that
+        this call writes. 0 (the default) when the inputs are ids within ``graph``; the
+        file's task count when they are whole-file ids of a file whose last part this
+        writer continues (``append``). An input ``x`` is stored as the part-local id
+        ``x - input_base + n_tasks``. Raises GraphError, before writing any task chunk,
+        when a value does not fit its column."""
         n = len(graph)
+        if n and int(graph.types.max()) >= len(graph.symbols):
+            raise GraphError("cannot write the graph: a symbol code is not in its symbol table")
         counts = np.diff(graph.input_offsets)
-        config_lengths = graph.configs.lengths()
         shift = self.n_tasks - input_base
+        # check every value against its column's width before writing anything
+        columns_of = {
+            b"NINP": ("number of inputs", counts, None),
+            b"INPS": ("input id (part-local)", graph.inputs + shift if len(graph.inputs) else graph.inputs,
+                      graph.input_offsets),
+            b"CLEN": ("config length", graph.configs.lengths(), None),
+            b"FLAG": ("flags", graph.flags, None),
+        }
+        for prefix, column, what in ((b"CKP", graph.checkpoints, "checkpoint path length"),
+                                     (b"MET", graph.metadata, "metadata length")):
+            if column is not None:
+                columns_of[prefix + b"L"] = (what, column.lengths(), None)
+        narrow = {name: _narrow(name, what, values, offsets)
+                  for name, (what, values, offsets) in columns_of.items()}
+        plans = {kind: self._plan_table(kind, values) for kind, values in
+                 ((K_SYMBOLS, graph.symbols), (K_LABELS, graph.labels), (K_REQUESTS, graph.requests))}
+        for kind, (_, new) in plans.items():
+            self._commit_table(kind, new)
+        symbol_lut = plans[K_SYMBOLS][0]
+        label_lut = np.concatenate([[0], plans[K_LABELS][0] + 1])
+        request_lut = np.concatenate([[0], plans[K_REQUESTS][0] + 1])
         for start in range(0, n, block_tasks):
             end = min(n, start + block_tasks)
             i0, i1 = graph.input_offsets[start], graph.input_offsets[end]
             c0, c1 = graph.configs.offsets[start], graph.configs.offsets[end]
             columns = [
                 (b"TYPE", symbol_lut[graph.types[start:end]].astype("<u2")),
-                (b"NINP", counts[start:end].astype("<u4")),
-                (b"INPS", (graph.inputs[i0:i1] + shift).astype("<u4")),
-                (b"CLEN", config_lengths[start:end].astype("<u4")),
+                (b"NINP", narrow[b"NINP"][start:end]),
+                (b"INPS", narrow[b"INPS"][i0:i1]),
+                (b"CLEN", narrow[b"CLEN"][start:end]),
                 (b"CFGD", np.frombuffer(memoryview(graph.configs.data)[c0:c1], dtype=np.uint8)),
-                (b"FLAG", graph.flags[start:end].astype("<u1")),
+                (b"FLAG", narrow[b"FLAG"][start:end]),
             ]
             if graph.request_codes[start:end].any():
                 columns.append((b"RCOD", request_lut[graph.request_codes[start:end]].astype("<u2")))
@@ -114,7 +190,7 @@ class GraphWriter:
             for name, column in ((b"CKP", graph.checkpoints), (b"MET", graph.metadata)):
                 if column is not None and column.offsets[end] > column.offsets[start]:
                     d0, d1 = column.offsets[start], column.offsets[end]
-                    columns.append((name + b"L", column.lengths()[start:end].astype("<u4")))
+                    columns.append((name + b"L", narrow[name + b"L"][start:end]))
                     columns.append((name + b"D", np.frombuffer(memoryview(column.data)[d0:d1], dtype=np.uint8)))
             self._task_block(end - start, columns)
         self.n_tasks += n
@@ -138,8 +214,25 @@ class GraphWriter:
         self._chunk(K_TASKS, parts)
 
     def close(self) -> None:
+        """Write the end chunk: the part is complete."""
         self._chunk(K_END, [_U64.pack(self.n_tasks)])
         self.out.flush()
+
+
+def _narrow(name: bytes, what: str, values: np.ndarray, input_offsets: np.ndarray | None) -> np.ndarray:
+    """``values`` as the type of column ``name``; GraphError naming the first task whose
+    value does not fit. ``input_offsets`` maps input slots to tasks (for INPS)."""
+    dtype = np.dtype(_DTYPES[_COLUMN_TYPES[name]])
+    values = np.asarray(values)
+    if len(values) and not np.can_cast(values.dtype, dtype):
+        top = np.iinfo(dtype).max
+        bad = np.flatnonzero((values < 0) | (values > top))
+        if len(bad):
+            i = int(bad[0])
+            task = i if input_offsets is None else int(np.searchsorted(input_offsets, i, side="right")) - 1
+            raise GraphError(f"cannot write task {task} of the graph: {what} {values[i]} does not fit "
+                             f"column {name.decode()} ({_text(_COLUMN_TYPES[name], True)}: 0 to {top})")
+    return values.astype(dtype, copy=False)
 
 
 def write(dest, graph_or_results, block_tasks: int = BLOCK_TASKS) -> Graph:
@@ -189,58 +282,129 @@ class _open_out:
 def append(path: str, graph: Graph) -> int:
     """Append the tasks of ``graph`` to the last part of the file at ``path`` (created
     when missing). Input ids of ``graph`` are ids of the whole file (tasks already in it
-    first, then the new ones). Returns the id of the first appended task."""
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
-        with open(path, "wb") as out:
-            GraphWriter(out).close()
-    with open(path, "r+b") as f:
-        scan = _scan_tables(f)
-        part_base = scan["total"] - scan["part_tasks"]
-        if len(graph.inputs) and graph.inputs.min() < part_base:
-            raise GraphError(f"input {graph.inputs.min()} lies in an earlier part of the file; "
-                             "only tasks of the last part can be inputs of appended tasks")
-        f.seek(scan["end_offset"])
-        f.truncate()
-        writer = GraphWriter(f, scan, n_tasks=scan["part_tasks"], header=False)
-        writer.write_graph(graph, input_base=scan["part_tasks"])
+    first, then the new ones). Returns the id of the first appended task.
+
+    The new chunks are built in memory before the file is touched, so an append that
+    fails with GraphError (a bad input id, a value that does not fit its column, a
+    malformed file) leaves the file as it was. They are then written over the old end
+    chunk and the file is synced to disk; an append interrupted while writing leaves a
+    last part without a valid end chunk, which readers refuse as truncated."""
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        f = _open_new(path)
+    except OSError as exc:
+        raise GraphError(f"cannot append to {path}: {exc.strerror}") from None
+    with f:
+        size = f.seek(0, 2)
+        scan = _scan_tables(f, size) if size else _empty_scan()
+        total = scan["total"]
+        part_base = total - scan["part_tasks"]
+        if len(graph.inputs):
+            low, high = int(graph.inputs.min()), int(graph.inputs.max())
+            if low < 0 or high >= total + len(graph):
+                bad = low if low < 0 else high
+                raise GraphError(f"input {bad} does not exist (the file would hold {total + len(graph)} tasks)")
+            if low < part_base:
+                raise GraphError(f"input {low} lies in an earlier part of the file; "
+                                 "only tasks of the last part can be inputs of appended tasks")
+        tail = io.BytesIO()
+        writer = GraphWriter(tail, scan, n_tasks=scan["part_tasks"], header=not size)
+        writer.write_graph(graph, input_base=total)
         writer.close()
-    return scan["total"]
+        try:
+            f.seek(scan["end_offset"])
+            f.write(tail.getbuffer())
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as exc:
+            raise GraphError(f"cannot append to {path}: {exc.strerror}") from None
+    return total
 
 
-def _scan_tables(f: BinaryIO) -> dict:
-    """Walk chunk headers (skipping task payloads); the last part's tables."""
-    size = f.seek(0, 2)
+def _open_new(path: str) -> BinaryIO:
+    try:
+        return open(path, "x+b")
+    except FileExistsError:   # created meanwhile: append to it
+        return open(path, "r+b")
+    except OSError as exc:
+        raise GraphError(f"cannot create {path}: {exc.strerror}") from None
+
+
+def _empty_scan() -> dict:
+    return {K_SYMBOLS: [], K_LABELS: [], K_REQUESTS: [], "part_tasks": 0, "total": 0, "end_offset": 0}
+
+
+def _scan_tables(f: BinaryIO, size: int) -> dict:
+    """Walk the chunk headers of the whole file, skipping task payloads, with the
+    reader's checks on everything but task payloads (a chunk cut short, an unknown
+    critical chunk, a malformed table or end chunk, a wrong task count). Returns the
+    last part's tables, task count and end chunk offset, and the file's task count."""
     f.seek(0)
     total = 0
-    state: dict = {}
     position = 0
+    state = _empty_scan()
     while position < size:
-        header = f.read(_HEADER.size)
-        _check_header(header)
-        state = {K_SYMBOLS: [], K_LABELS: [], K_REQUESTS: [], "part_tasks": 0}
+        _check_header(f.read(_HEADER.size), position)
         position += _HEADER.size
+        state = _empty_scan()
         while True:
             raw = f.read(_CHUNK.size)
             if len(raw) < _CHUNK.size:
-                raise GraphError("truncated file: missing end of part")
+                raise GraphError(f"truncated file: chunk header at byte {position} is cut short")
             kind, _, length = _CHUNK.unpack(raw)
+            _check_chunk_length(kind, length)
+            stored = length + _pad(length)
+            if position + _CHUNK.size + stored > size:
+                raise GraphError(f"truncated file: {_text(kind)} chunk at byte {position + _CHUNK.size} is cut short")
             if kind == K_END:
+                _check_task_count(_end_count(f.read(length)), state["part_tasks"])
                 state["end_offset"] = position
-                f.seek(length + _pad(length), 1)
-                position += _CHUNK.size + length + _pad(length)
-                break
-            if kind in (K_SYMBOLS, K_LABELS, K_REQUESTS):
+                f.seek(_pad(length), 1)
+            elif kind in (K_SYMBOLS, K_LABELS, K_REQUESTS):
                 state[kind] += _unpack_table(f.read(length), kind)
                 f.seek(_pad(length), 1)
             elif kind == K_TASKS:
+                if length < 16:
+                    raise GraphError(f"malformed TASK chunk at task {total + state['part_tasks']}: too short")
                 state["part_tasks"] += _U64.unpack(f.read(8))[0]
                 f.seek(length - 8 + _pad(length), 1)
             else:
-                f.seek(length + _pad(length), 1)
-            position += _CHUNK.size + length + _pad(length)
+                _check_ancillary_chunk(kind)
+                f.seek(stored, 1)
+            position += _CHUNK.size + stored
+            if kind == K_END:
+                break
         total += state["part_tasks"]
     state["total"] = total
     return state
+
+
+# ------------------------------------------------------------ checks shared by reader and appender
+def _critical(name: bytes) -> bool:
+    return 65 <= name[0] <= 90   # A-Z
+
+
+def _check_chunk_length(kind: bytes, length: int) -> None:
+    if length > MAX_CHUNK:
+        raise GraphError(f"malformed {_text(kind)} chunk: length {length} exceeds 2^40 bytes")
+
+
+def _check_ancillary_chunk(kind: bytes) -> None:
+    if _critical(kind):
+        raise GraphError(f"graph file uses chunk {_text(kind)} that this loomctl does not know")
+
+
+def _end_count(payload) -> int:
+    if len(payload) < 8:
+        raise GraphError(f"malformed END chunk: payload is {len(payload)} bytes, expected 8")
+    return _U64.unpack(payload[:8])[0]
+
+
+def _check_task_count(declared: int, read: int) -> None:
+    if declared != read:
+        raise GraphError(f"end of part declares {declared} tasks, but {read} were read")
 
 
 # ----------------------------------------------------------------------- reading
@@ -248,9 +412,10 @@ class _Source:
     """Exact reads from a memory buffer (zero copy) or a stream (incremental)."""
 
     def __init__(self, data: bytes | memoryview | None = None, stream: BinaryIO | None = None):
-        self.view = memoryview(data) if data is not None else None
+        self.view = memoryview(data).cast("B") if data is not None else None
         self.stream = stream
         self.position = 0
+        self.short = 0   # bytes that the last read cut short did get
 
     def read(self, n: int, what: str) -> memoryview:
         if self.view is not None:
@@ -258,118 +423,146 @@ class _Source:
         else:
             chunk = memoryview(_read_exact(self.stream, n))
         if len(chunk) < n:
+            self.short = len(chunk)
             raise GraphError(f"truncated file: {what} at byte {self.position} is cut short")
         self.position += n
         return chunk
 
 
 def _read_exact(stream: BinaryIO, n: int) -> bytes:
+    # in bounded pieces: a length read from a corrupt file must not allocate 2^40 bytes
     buf = bytearray()
     while len(buf) < n:
-        piece = stream.read(n - len(buf))
+        piece = stream.read(min(n - len(buf), 1 << 24))
         if not piece:
             break
         buf += piece
     return bytes(buf)
 
 
-def _check_header(raw) -> None:
+def _check_header(raw, position: int = 0) -> None:
     if len(raw) < _HEADER.size:
-        raise GraphError("truncated file: header is cut short" if raw else "empty file: not a graph file")
+        if not len(raw) and not position:
+            raise GraphError("empty file: not a graph file")
+        raise GraphError(f"truncated file: header at byte {position} is cut short")
     magic, major, minor, features = _HEADER.unpack(raw)
     if magic != MAGIC:
         raise GraphError("not a loomctl graph file (wrong magic number)")
     if major != VERSION[0]:
         raise GraphError(f"graph format version {major}.{minor} is not supported "
                          f"(this loomctl reads {VERSION[0]}.x)")
-    if features & ~KNOWN_FEATURES:
-        raise GraphError(f"graph file needs features {features:#x} that this loomctl does not know")
+    unknown = features & ~KNOWN_FEATURES
+    if unknown:
+        raise GraphError(f"graph file needs features {unknown:#x} that this loomctl does not know")
 
 
 def _unpack_table(payload, kind: bytes) -> list:
+    name = kind.decode()
     try:
         values = msgpack.unpackb(payload, raw=False)
     except Exception:
-        raise GraphError(f"malformed {kind.decode()} chunk: not a msgpack array") from None
+        raise GraphError(f"malformed {name} chunk: not a msgpack array") from None
     if not isinstance(values, list):
-        raise GraphError(f"malformed {kind.decode()} chunk: not an array")
-    want = dict if kind == K_REQUESTS else str
-    if not all(isinstance(v, want) for v in values):
-        raise GraphError(f"malformed {kind.decode()} chunk: entries must be {want.__name__}")
+        raise GraphError(f"malformed {name} chunk: not an array")
+    if kind == K_REQUESTS:
+        for value in values:
+            if not isinstance(value, dict):
+                raise GraphError(f"malformed {name} chunk: entries must be dict")
+            if not all(type(k) is str and type(v) is int and v >= 0 for k, v in value.items()):
+                raise GraphError(f"malformed {name} chunk: a request must map names (str) "
+                                 "to amounts (non-negative int)")
+    elif not all(type(v) is str for v in values):
+        raise GraphError(f"malformed {name} chunk: entries must be str")
     return values
 
 
 class _PartBuilder:
-    def __init__(self):
+    def __init__(self, base: int):
+        self.base = base   # whole-file id of the part's first task
         self.tables = {K_SYMBOLS: [], K_LABELS: [], K_REQUESTS: []}
         self.blocks: list[dict] = []
         self.n = 0
 
     def add_block(self, payload: memoryview) -> None:
+        where = f"malformed TASK chunk at task {self.base + self.n}"
         if len(payload) < 16:
-            raise GraphError("malformed TASK chunk: too short")
+            raise GraphError(f"{where}: too short")
         n, n_columns = _U64x2.unpack(payload[:16])
         if 16 + n_columns * _COLUMN.size > len(payload):
-            raise GraphError("malformed TASK chunk: column directory is cut short")
+            raise GraphError(f"{where}: column directory is cut short")
         columns = {}
+        seen = set()
         for k in range(n_columns):
             name, dtype, offset, length = _COLUMN.unpack(payload[16 + k * _COLUMN.size:16 + (k + 1) * _COLUMN.size])
+            want = _COLUMN_TYPES.get(name)
+            if want is None and _critical(name):
+                raise GraphError(f"graph file uses column {_text(name)} that this loomctl does not know")
+            if name in seen:
+                raise GraphError(f"{where}: column {_text(name)} appears twice")
+            seen.add(name)
             if dtype not in _DTYPES:
-                raise GraphError(f"malformed TASK chunk: column {name!r} has unknown type {dtype!r}")
+                raise GraphError(f"{where}: column {_text(name)} has unknown type code '{_text(dtype, True)}'")
+            if want is not None and dtype != want:
+                raise GraphError(f"{where}: column {_text(name)} has type {_text(dtype, True)}, "
+                                 f"but must have type {_text(want, True)}")
             if offset + length > len(payload) or length % np.dtype(_DTYPES[dtype]).itemsize:
-                raise GraphError(f"malformed TASK chunk: column {name.decode(errors='replace')} is out of bounds")
-            if name[:1].isupper() and name not in _KNOWN_COLUMNS:
-                raise GraphError(f"graph file uses column {name.decode(errors='replace')} that this loomctl does not know")
-            columns[name] = np.frombuffer(payload[offset:offset + length], dtype=_DTYPES[dtype])
-        block = {"n": n, "base": self.n}
-        for name in (b"TYPE", b"NINP", b"CLEN", b"FLAG"):
+                raise GraphError(f"{where}: column {_text(name)} is out of bounds")
+            if want is not None:
+                columns[name] = np.frombuffer(payload[offset:offset + length], dtype=_DTYPES[dtype])
+        for name in _REQUIRED_COLUMNS:
             if name not in columns:
-                raise GraphError(f"malformed TASK chunk: column {name.decode()} is missing")
+                raise GraphError(f"{where}: column {name.decode()} is missing")
         for name, column in columns.items():
-            expected = _expected_length(name, n, columns)
-            if expected is not None and len(column) != expected:
-                raise GraphError(f"malformed TASK chunk at task {self.n}: column {name.decode()} "
-                                 f"has {len(column)} entries, expected {expected}")
-        block.update(columns)
-        self.blocks.append(block)
+            if name not in _DATA_COLUMNS and len(column) != n:
+                raise GraphError(f"{where}: column {name.decode()} has {len(column)} entries, expected {n}")
+        for name, lengths in _DATA_COLUMNS.items():
+            expected = int(columns[lengths].sum(dtype=np.uint64)) if lengths in columns else 0
+            if name not in columns:
+                if expected:
+                    raise GraphError(f"{where}: column {name.decode()} is missing, but {lengths.decode()} "
+                                     f"says it has {expected} entries")
+            elif len(columns[name]) != expected:
+                raise GraphError(f"{where}: column {name.decode()} has {len(columns[name])} entries, "
+                                 f"expected {expected}")
+        columns["n"] = n
+        self.blocks.append(columns)
         self.n += n
 
-    def graph(self, part_base: int) -> Graph:
+    def graph(self) -> Graph:
         b = self.blocks
         n = self.n
+        base = self.base
+        types = _cat(b, b"TYPE", np.uint16)
+        request_codes = _cat(b, b"RCOD", np.uint16)
+        label_codes = _cat(b, b"LCOD", np.uint32)
+        for codes, table, what in ((types, self.tables[K_SYMBOLS], "symbol code {} is not in the symbol table"),
+                                   (label_codes, self.tables[K_LABELS], "label code {} is not in the label table"),
+                                   (request_codes, self.tables[K_REQUESTS], "request code {} is not in the request table")):
+            # symbol codes count from 0, label and request codes from 1 (0: none)
+            limit = len(table) - (codes is types)
+            if n and int(codes.max()) > limit:
+                bad = int(np.flatnonzero(codes > limit)[0])
+                raise GraphError(f"task {base + bad}: " + what.format(codes[bad]))
         counts = _cat(b, b"NINP", np.int64)
         inputs = _cat(b, b"INPS", np.int64)
         if len(inputs) and inputs.max() >= n:
             owners = np.repeat(np.arange(n), counts)
             bad = int(np.flatnonzero(inputs >= n)[0])
-            raise GraphError(f"task {part_base + owners[bad]}: input {part_base + inputs[bad]} "
+            raise GraphError(f"task {base + owners[bad]}: input {base + inputs[bad]} "
                              "does not exist (dangling input)")
         return Graph(
-            symbols=self.tables[K_SYMBOLS], types=_cat(b, b"TYPE", np.uint16),
+            symbols=self.tables[K_SYMBOLS], types=types,
             input_offsets=offsets_from_lengths(counts), inputs=inputs,
             configs=VarBytes.from_lengths(_cat(b, b"CLEN", np.int64), _join(b, b"CFGD")),
             flags=_cat(b, b"FLAG", np.uint8),
-            request_codes=_cat(b, b"RCOD", np.uint16), requests=self.tables[K_REQUESTS],
-            label_codes=_cat(b, b"LCOD", np.uint32), labels=self.tables[K_LABELS],
+            request_codes=request_codes, requests=self.tables[K_REQUESTS],
+            label_codes=label_codes, labels=self.tables[K_LABELS],
             checkpoints=_optional(b, b"CKP"), metadata=_optional(b, b"MET"),
         )
 
 
-_KNOWN_COLUMNS = {b"TYPE", b"NINP", b"INPS", b"CLEN", b"CFGD", b"FLAG", b"RCOD", b"LCOD",
-                  b"CKPL", b"CKPD", b"METL", b"METD"}
-
-
-def _expected_length(name: bytes, n: int, columns: dict) -> int | None:
-    if name in (b"TYPE", b"NINP", b"CLEN", b"FLAG", b"RCOD", b"LCOD", b"CKPL", b"METL"):
-        return n
-    lengths = {b"INPS": b"NINP", b"CFGD": b"CLEN", b"CKPD": b"CKPL", b"METD": b"METL"}.get(name)
-    if lengths is not None:
-        return int(columns[lengths].sum()) if lengths in columns else 0
-    return None
-
-
 def _cat(blocks: list[dict], name: bytes, dtype) -> np.ndarray:
-    parts = [blk[name] if name in blk else np.zeros(blk["n"] if name != b"INPS" else 0, dtype)
+    parts = [blk[name] if name in blk else np.zeros(blk["n"] if name not in _DATA_COLUMNS else 0, dtype)
              for blk in blocks]
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
@@ -390,25 +583,22 @@ def iter_parts(source: _Source) -> Iterator[Graph]:
     base = 0
     while True:
         _check_header(_read_header(source))
-        part = _PartBuilder()
+        part = _PartBuilder(base)
         while True:
             kind, _, length = _CHUNK.unpack(source.read(_CHUNK.size, "chunk header"))
-            if length > (1 << 40):
-                raise GraphError(f"malformed chunk {kind!r}: length {length} is absurd")
-            payload = source.read(length, f"{kind.decode(errors='replace')} chunk")
+            _check_chunk_length(kind, length)
+            payload = source.read(length, f"{_text(kind)} chunk")
             source.read(_pad(length), "chunk padding")
             if kind == K_END:
-                declared = _U64.unpack(payload[:8])[0] if len(payload) >= 8 else -1
-                if declared != part.n:
-                    raise GraphError(f"end of part declares {declared} tasks, but {part.n} were read")
+                _check_task_count(_end_count(payload), part.n)
                 break
             if kind in part.tables:
                 part.tables[kind] = part.tables[kind] + _unpack_table(payload, kind)
             elif kind == K_TASKS:
                 part.add_block(payload)
-            elif kind[:1].isupper():
-                raise GraphError(f"graph file uses chunk {kind.decode(errors='replace')} that this loomctl does not know")
-        yield part.graph(base).deduplicated()
+            else:
+                _check_ancillary_chunk(kind)
+        yield part.graph().deduplicated()
         base += part.n
         if _exhausted(source):
             return
@@ -418,7 +608,7 @@ def _read_header(source: _Source) -> memoryview:
     try:
         return source.read(_HEADER.size, "header")
     except GraphError:
-        if source.position == 0 and (source.view is None or len(source.view) == 0):
+        if source.position == 0 and source.short == 0:
             raise GraphError("empty file: not a graph file") from None
         raise
 
@@ -450,12 +640,12 @@ def read(src, validate: bool = True) -> Graph:
     source = _as_source(src)
     try:
         graph = Graph.concat(list(iter_parts(source)))
+        if validate:
+            graph.validate()
     except GraphError:
         raise
     except (ValueError, struct.error, OverflowError, TypeError, IndexError, MemoryError) as exc:
         raise GraphError(f"malformed graph file: {exc}") from None
-    if validate:
-        graph.validate()
     return graph
 
 

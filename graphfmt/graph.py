@@ -234,6 +234,8 @@ class Graph:
 
     # --- validation ---------------------------------------------------------------
     def validate(self) -> None:
+        """Raise GraphError naming the first problem. Columns and table codes are checked
+        first, so that every later check may name tasks with ``describe``."""
         n = len(self)
         for name, column, length in (("input_offsets", self.input_offsets, n + 1),
                                      ("flags", self.flags, n), ("request_codes", self.request_codes, n),
@@ -242,11 +244,21 @@ class Graph:
                 raise GraphError(f"column {name} has {len(column)} entries, expected {length}")
         if len(self.configs) != n:
             raise GraphError(f"config column has {len(self.configs)} entries, expected {n}")
+        for name, column in (("checkpoint", self.checkpoints), ("metadata", self.metadata)):
+            if column is not None and len(column) != n:
+                raise GraphError(f"{name} column has {len(column)} entries, expected {n}")
         if n == 0:
             return
-        bad = np.flatnonzero(self.types >= len(self.symbols))
-        if len(bad):
-            raise GraphError(f"task {bad[0]}: symbol code {self.types[bad[0]]} is not in the symbol table")
+        if self.input_offsets[0] != 0 or self.input_offsets[-1] != len(self.inputs) \
+                or (np.diff(self.input_offsets) < 0).any():
+            raise GraphError("input offsets do not match the inputs column")
+        # symbol codes count from 0; label and request codes from 1 (0: none)
+        for what, codes, limit in (("symbol", self.types, len(self.symbols) - 1),
+                                   ("label", self.label_codes, len(self.labels)),
+                                   ("request", self.request_codes, len(self.requests))):
+            bad = np.flatnonzero(codes > limit)
+            if len(bad):
+                raise GraphError(f"task {bad[0]}: {what} code {codes[bad[0]]} is not in the {what} table")
         if len(self.inputs):
             owners = np.repeat(np.arange(n), np.diff(self.input_offsets))
             bad = np.flatnonzero((self.inputs < 0) | (self.inputs >= n))
@@ -255,14 +267,15 @@ class Graph:
                 raise GraphError(f"{self.describe(i)}: input {self.inputs[bad[0]]} does not exist (dangling input)")
             if (self.inputs >= owners).any():   # not topologically ordered: look for cycles
                 self.levels()
-        for code, bad_table in ((self.request_codes, len(self.requests)), (self.label_codes, len(self.labels))):
-            bad = np.flatnonzero(code > bad_table)
-            if len(bad):
-                raise GraphError(f"task {bad[0]}: code {code[bad[0]]} is not in its table")
         self._validate_configs()
         if self.checkpoints is not None:
             for i in np.flatnonzero(self.checkpoints.lengths()):
-                if not self.checkpoints[i].startswith(b"/"):
+                path = self.checkpoints[i]
+                try:
+                    path.decode()
+                except UnicodeDecodeError:
+                    raise GraphError(f"{self.describe(i)}: checkpoint path is not UTF-8") from None
+                if not path.startswith(b"/"):
                     raise GraphError(f"{self.describe(i)}: checkpoint path is not absolute")
 
     def _validate_configs(self) -> None:

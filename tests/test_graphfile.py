@@ -244,3 +244,297 @@ def test_bytes_per_task_stay_small():
         leaves = [tasks.merge(leaves[i:i + 2]) for i in range(0, len(leaves), 2)]
     data = to_bytes(leaves)
     assert len(data) / 8191 < 20
+
+
+# ------------------------------------------------------------ hand-made files
+_NP_TYPES = {"u1": "<u1", "u2": "<u2", "u4": "<u4", "u8": "<u8"}
+
+
+def chunk(kind, payload):
+    return struct.pack("<4sIQ", kind, 0, len(payload)) + payload + b"\0" * (-len(payload) % 8)
+
+
+def part_header(features=0):
+    return MAGIC + struct.pack("<HHI", 1, 0, features)
+
+
+def end_chunk(n):
+    return chunk(b"END!", struct.pack("<Q", n))
+
+
+def table_chunk(kind, values):
+    import msgpack
+    return chunk(kind, msgpack.packb(values, use_bin_type=True))
+
+
+def col(name, values, code=None):
+    """A column (id, type code, data); the type code defaults to the documented one."""
+    default = {b"TYPE": "u2", b"RCOD": "u2", b"CFGD": "u1", b"FLAG": "u1", b"CKPD": "u1", b"METD": "u1"}
+    code = code or default.get(name, "u4")
+    raw = values if isinstance(values, bytes) else np.array(values, dtype=_NP_TYPES.get(code, "<u4")).tobytes()
+    return name, code.encode().ljust(4, b"\0"), raw
+
+
+def task_chunk(n, columns):
+    directory, body = b"", b""
+    offset = 16 + 24 * len(columns)
+    for name, code, raw in columns:
+        gap = -offset % 8
+        body += b"\0" * gap
+        offset += gap
+        directory += struct.pack("<4s4sQQ", name, code, offset, len(raw))
+        body += raw
+        offset += len(raw)
+    return chunk(b"TASK", struct.pack("<QQ", n, len(columns)) + directory + body)
+
+
+def merge_of_two_consts(**replace):
+    """Columns of: const "a", const "b", merge(0, 1); ``replace`` swaps or drops columns."""
+    columns = {b"TYPE": col(b"TYPE", [0, 0, 1]), b"NINP": col(b"NINP", [0, 0, 2]),
+               b"INPS": col(b"INPS", [0, 1]), b"CLEN": col(b"CLEN", [1, 1, 0]),
+               b"CFGD": col(b"CFGD", b"ab"), b"FLAG": col(b"FLAG", [0, 0, 1])}
+    for name, column in replace.items():
+        if column is None:
+            columns.pop(name.encode(), None)
+        else:
+            columns[name.encode()] = column
+    return (part_header() + table_chunk(b"SYMB", [S.CONST, S.MERGE])
+            + task_chunk(3, list(columns.values())) + end_chunk(3))
+
+
+def test_hand_made_file_reads():
+    g = graphfmt.read(merge_of_two_consts())
+    assert [g.symbol(i) for i in range(3)] == [S.CONST, S.CONST, S.MERGE]
+    assert g.task_inputs(2).tolist() == [0, 1] and g.config(1) == b"b"
+
+
+# ------------------------------------------------------------ appending
+def test_append_to_concatenated_parts_stores_part_local_inputs(tmp_path):
+    path = tmp_path / "ab.loom"
+    a = to_bytes([tasks.merge((tasks.const("p"), tasks.const("q")))])      # tasks 0-2
+    b = to_bytes([tasks.merge((tasks.const("x"), tasks.const("y")), ",")])  # tasks 3-5
+    path.write_bytes(a + b)
+    assert graphfmt.append(str(path), one_task(S.MERGE, b"-", [3, 5])) == 6
+    assert graphfmt.append(str(path), one_task(S.MERGE, b"", [6, 4])) == 7
+    g = graphfmt.read(str(path))
+    assert len(g) == 8
+    assert g.task_inputs(6).tolist() == [3, 5] and g.task_inputs(7).tolist() == [6, 4]
+    assert g.task_inputs(5).tolist() == [3, 4] and g.task_inputs(2).tolist() == [0, 1]
+
+
+def test_append_refuses_inputs_that_do_not_exist_and_leaves_the_file(tmp_path):
+    path = tmp_path / "a.loom"
+    path.write_bytes(to_bytes([tasks.const("x")]))
+    before = path.read_bytes()
+    for bad in (5, -1):
+        with pytest.raises(GraphError, match=f"input {bad} does not exist"):
+            graphfmt.append(str(path), one_task(S.MERGE, b"", [bad]))
+    assert path.read_bytes() == before
+
+
+def test_append_after_a_table_holding_a_value_twice(tmp_path):
+    path = tmp_path / "dup.loom"
+    data = (part_header() + table_chunk(b"SYMB", [S.CONST, S.CONST, S.MERGE])
+            + task_chunk(3, [col(b"TYPE", [0, 1, 2]), col(b"NINP", [0, 0, 2]), col(b"INPS", [0, 1]),
+                             col(b"CLEN", [1, 1, 0]), col(b"CFGD", b"ab"), col(b"FLAG", [0, 0, 1])])
+            + end_chunk(3))
+    path.write_bytes(data)
+    assert [graphfmt.read(data).symbol(i) for i in range(3)] == [S.CONST, S.CONST, S.MERGE]
+    assert graphfmt.append(str(path), one_task(S.SIZE, b"", [2])) == 3
+    assert graphfmt.append(str(path), one_task(S.LENGTH, b"", [2])) == 4
+    g = graphfmt.read(str(path))
+    assert [g.symbol(i) for i in range(5)] == [S.CONST, S.CONST, S.MERGE, S.SIZE, S.LENGTH]
+    assert g.task_inputs(3).tolist() == [2]
+
+
+def test_append_refuses_an_unknown_critical_chunk(tmp_path):
+    path = tmp_path / "z.loom"
+    data = to_bytes([tasks.const("x")])
+    path.write_bytes(data[:16] + chunk(b"ZZZZ", b"") + data[16:])
+    before = path.read_bytes()
+    with pytest.raises(GraphError, match="chunk ZZZZ that this loomctl does not know"):
+        graphfmt.append(str(path), one_task(S.CONST, b"y", []))
+    assert path.read_bytes() == before
+    path.write_bytes(data[:16] + chunk(b"note", b"abc") + data[16:])   # ancillary: kept
+    graphfmt.append(str(path), one_task(S.CONST, b"y", []))
+    assert len(graphfmt.read(str(path))) == 2
+
+
+@pytest.mark.parametrize("cut", [1, 8, 20, 30])
+def test_append_refuses_a_truncated_file(tmp_path, cut):
+    path = tmp_path / "t.loom"
+    data = to_bytes([tasks.const("x")])
+    path.write_bytes(data[:-cut])
+    with pytest.raises(GraphError, match="truncated|malformed END"):
+        graphfmt.append(str(path), one_task(S.CONST, b"y", []))
+    assert path.read_bytes() == data[:-cut]
+
+
+def test_a_failed_append_leaves_the_file_unchanged(tmp_path):
+    path = tmp_path / "a.loom"
+    path.write_bytes(to_bytes([tasks.const("x")]))
+    before = path.read_bytes()
+    huge = one_task(S.CONST, b"", [])
+    huge.configs = VarBytes(np.array([0, 1 << 32]), b"")   # a 4 GiB config, without the bytes
+    with pytest.raises(GraphError, match="config length 4294967296 does not fit column CLEN"):
+        graphfmt.append(str(path), huge)
+    assert path.read_bytes() == before
+    assert len(graphfmt.read(str(path))) == 1
+
+
+# ------------------------------------------------------------ column widths
+COLUMN_TYPES = {b"TYPE": "u2", b"NINP": "u4", b"INPS": "u4", b"CLEN": "u4", b"CFGD": "u1",
+                b"FLAG": "u1", b"RCOD": "u2", b"LCOD": "u4", b"CKPL": "u4", b"CKPD": "u1",
+                b"METL": "u4", b"METD": "u1"}
+
+
+@pytest.mark.parametrize("name", sorted(COLUMN_TYPES))
+def test_a_column_of_another_width_is_refused(name):
+    wrong = "u8" if COLUMN_TYPES[name] != "u8" else "u4"
+    if name in (b"CFGD", b"CKPD", b"METD"):
+        column = col(name, b"", "u2")   # empty: only the type is wrong
+        wrong = "u2"
+    else:
+        values = {b"TYPE": [0, 0, 1], b"NINP": [0, 0, 2], b"INPS": [0, 1], b"CLEN": [1, 1, 0],
+                  b"FLAG": [0, 0, 1]}.get(name, [0, 0, 0])
+        column = col(name, values, wrong)
+    data = merge_of_two_consts(**{name.decode(): column})
+    with pytest.raises(GraphError, match=rf"column {name.decode()} has type {wrong}, but must have type "
+                                         rf"{COLUMN_TYPES[name]}$"):
+        graphfmt.read(data)
+
+
+def test_a_wide_column_is_not_narrowed_silently():
+    # TYPE stored as u4 with code 65536 used to be read as code 0 (a const)
+    data = merge_of_two_consts(TYPE=col(b"TYPE", [65536, 0, 1], "u4"))
+    with pytest.raises(GraphError, match="column TYPE has type u4"):
+        graphfmt.read(data)
+
+
+def test_writer_refuses_values_that_do_not_fit():
+    g = one_task(S.CONST, b"", [])
+    g.symbols = [f"ext/s{i}" for i in range(65537)]
+    g.types = np.array([65536], np.int64)
+    with pytest.raises(GraphError, match="at most 65536 symbols"):
+        graphfmt.write(io.BytesIO(), g)
+    for bad in (1 << 32, -1):
+        g = Graph.concat([one_task(S.CONST, b"x", []), one_task(S.MERGE, b"", [0])])
+        g.inputs[:] = bad
+        with pytest.raises(GraphError, match=f"task 1 of the graph: input id .*{bad} does not fit column INPS"):
+            graphfmt.write(io.BytesIO(), g)
+    g = one_task(S.CONST, b"", [])
+    g.configs = VarBytes(np.array([0, 1 << 32]), b"")
+    with pytest.raises(GraphError, match="config length 4294967296 does not fit column CLEN"):
+        graphfmt.write(io.BytesIO(), g)
+    g = one_task(S.CONST, b"", [])
+    g.requests = [{"cpus": i} for i in range(65536)]
+    with pytest.raises(GraphError, match="at most 65535 resource requests"):
+        graphfmt.write(io.BytesIO(), g)
+
+
+# ------------------------------------------------------------ missing columns, bad codes
+@pytest.mark.parametrize("data_column,length_column,values", [
+    (b"INPS", b"NINP", None), (b"CFGD", b"CLEN", None),
+    (b"CKPD", b"CKPL", [0, 0, 5]), (b"METD", b"METL", [1, 0, 0]),
+])
+def test_a_missing_data_column_is_refused(data_column, length_column, values):
+    replace = {data_column.decode(): None}
+    if values is not None:
+        replace[length_column.decode()] = col(length_column, values)
+    with pytest.raises(GraphError, match=rf"at task 0: column {data_column.decode()} is missing, "
+                                         rf"but {length_column.decode()} says it has \d+ entries"):
+        graphfmt.read(merge_of_two_consts(**replace))
+
+
+def test_data_columns_may_be_absent_when_empty():
+    data = merge_of_two_consts(NINP=col(b"NINP", [0, 0, 0]), INPS=None,
+                               CLEN=col(b"CLEN", [0, 0, 0]), CFGD=None, TYPE=col(b"TYPE", [1, 1, 1]))
+    g = graphfmt.read(data)
+    assert len(g) == 3 and len(g.inputs) == 0
+
+
+def test_cycle_with_a_label_code_outside_its_table_is_a_graph_error():
+    # two merges feeding each other, task 0 labelled with a code the (empty) table lacks
+    data = (part_header() + table_chunk(b"SYMB", [S.MERGE])
+            + task_chunk(2, [col(b"TYPE", [0, 0]), col(b"NINP", [1, 1]), col(b"INPS", [1, 0]),
+                             col(b"CLEN", [0, 0]), col(b"CFGD", b""), col(b"FLAG", [1, 1]),
+                             col(b"LCOD", [5, 0])])
+            + end_chunk(2))
+    with pytest.raises(GraphError, match="task 0: label code 5 is not in the label table"):
+        graphfmt.read(data)
+    with pytest.raises(GraphError, match="task 0: label code 5 is not in the label table"):
+        graphfmt.read(data, validate=False)
+
+
+def test_validate_checks_codes_before_naming_tasks():
+    g = Graph.concat([one_task(S.MERGE, b"", [1]), one_task(S.MERGE, b"", [0])])
+    g.inputs[:] = [1, 0]                       # a cycle
+    g.label_codes = np.array([3, 0], np.uint32)
+    with pytest.raises(GraphError, match="task 0: label code 3 is not in the label table"):
+        g.validate()
+    g.label_codes = np.zeros(2, np.uint32)
+    g.request_codes = np.array([0, 2], np.uint16)
+    with pytest.raises(GraphError, match="task 1: request code 2 is not in the request table"):
+        g.validate()
+
+
+# ------------------------------------------------------------ messages
+def test_task_chunk_errors_name_whole_file_ids():
+    good = to_bytes(sample_plan())                       # 6 tasks
+    bad = merge_of_two_consts(FLAG=col(b"FLAG", [0, 1]))
+    with pytest.raises(GraphError, match=r"malformed TASK chunk at task 6: column FLAG has 2 entries, expected 3"):
+        graphfmt.read(good + bad)
+
+
+def test_kinds_and_type_codes_print_as_text():
+    data = to_bytes(sample_plan())
+    absurd = struct.pack("<4sIQ", b"ABCD", 0, 1 << 41)
+    with pytest.raises(GraphError, match=r"^malformed ABCD chunk: length 2199023255552 exceeds 2\^40 bytes$"):
+        graphfmt.read(data[:16] + absurd + data[16:])
+    weird = merge_of_two_consts(FLAG=(b"FLAG", b"x9\0\0", b"\0\0\x01"))
+    with pytest.raises(GraphError, match=r"^malformed TASK chunk at task 0: column FLAG has unknown type code 'x9'$"):
+        graphfmt.read(weird)
+    with pytest.raises(GraphError, match=r"^graph file uses column Q\\x00Z\\x89 that this loomctl does not know$"):
+        graphfmt.read(merge_of_two_consts(Q=(b"Q\0Z\x89", b"u1\0\0", b"")))
+
+
+@pytest.mark.parametrize("length", [0, 4, 7])
+def test_short_end_chunk(length):
+    data = to_bytes([tasks.const("x")])
+    end = data.rindex(b"END!")
+    short = data[:end] + chunk(b"END!", struct.pack("<Q", 1)[:length])
+    with pytest.raises(GraphError, match=rf"^malformed END chunk: payload is {length} bytes, expected 8$"):
+        graphfmt.read(short)
+
+
+def test_a_header_cut_short_on_a_stream_is_truncated_not_empty(monkeypatch):
+    data = to_bytes([tasks.const("x")])
+    for cut in (1, 5, 15):
+        with pytest.raises(GraphError, match="^truncated file: header"):
+            graphfmt.read(io.BytesIO(data[:cut]))
+    with pytest.raises(GraphError, match="^empty file"):
+        graphfmt.read(io.BytesIO(b""))
+
+    class Stdin:
+        buffer = io.BytesIO(data[:5])
+    monkeypatch.setattr(sys, "stdin", Stdin)
+    with pytest.raises(GraphError, match="^truncated file: header"):
+        graphfmt.read("-")
+
+
+def test_features_error_names_only_unknown_bits(monkeypatch):
+    from graphfmt import fileformat
+    monkeypatch.setattr(fileformat, "KNOWN_FEATURES", 0x1)
+    data = bytearray(to_bytes([tasks.const("x")]))
+    data[12:16] = struct.pack("<I", 0x7)
+    with pytest.raises(GraphError, match="^graph file needs features 0x6 that this loomctl does not know$"):
+        graphfmt.read(bytes(data))
+
+
+@pytest.mark.parametrize("requests", [[[1]], [{"cpus": -1}], [{"cpus": "1"}], [{"cpus": [1]}], [{1: 2}]])
+def test_malformed_request_tables(requests):
+    import msgpack
+    data = to_bytes([tasks.const("x")])
+    payload = msgpack.packb(requests, use_bin_type=True, strict_types=False)
+    with pytest.raises(GraphError, match="malformed RREQ chunk"):
+        graphfmt.read(data[:16] + chunk(b"RREQ", payload) + data[16:])
