@@ -188,11 +188,14 @@ class Client:
             futures.append(future)
         return futures[0] if single else futures
 
-    def submit_graph(self, graph: graphfmt.Graph, load: bool = False, name: str = "") -> tuple[int, list[Future]]:
+    def submit_graph(self, graph: graphfmt.Graph, load: bool = False, name: str = "",
+                     detach: bool = False) -> tuple[int, list[Future]]:
         """Submit a columnar graph (e.g. read from a graph file); returns the job id and
-        a future per result (the marked results, else the sinks), in task id order."""
+        a future per result (the marked results, else the sinks), in task id order.
+        A detached job outlives this client (its results stay until cancelled); other
+        jobs are cancelled, and their results released, when the client disconnects."""
         reply = self._request(P.SUBMIT, {"graph": graphfmt.to_bytes(graph), "load": load, "notify": True,
-                                         "name": name, "trace": self.trace_path})
+                                         "name": name, "trace": self.trace_path, "detach": detach})
         job = reply["job"]
         futures = []
         for task_id in P.ids_from_bytes(reply["results"]).tolist():

@@ -28,13 +28,23 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
   server -> worker
     COMPUTE   {tasks: [[id, symbol, config, [input ids], cpus, resources|None,
                         checkpoint|None, label|None]],
-               locations: {input id: data_address}}   (inputs this worker does not hold)
+               locations: {input id: data_address},   (inputs this worker does not hold)
+               jobs: ids (optional: the job of each task, in the order of tasks; present
+                     only when a task of a traced job is among them)}
     RELEASE_DATA {ids}     STOP {}
+  server -> any peer
+    PING {}    (a probe after a connection closed; peers ignore it)
+    TRACE     {path: trace directory, job, on: bool}   (start / stop tracing a job into
+               path: the worker appends records to path/worker-<name>.trace; see
+               loomctl.trace.hooks and loom-trace(5))
   client -> server: each request carries "req" (int), echoed in REPLY {req, ...} or
   ERROR {req, message}
     SUBMIT {graph: graph file bytes, load: bool, name, trace: dir|None, notify: bool}
                                     -> REPLY {job, base, n}   (global id = base + local id)
     RELEASE {ids}   STATS {}   STATUS {}   CANCEL {job}   TERMINATE {}   SET_TRACE {path}
+    (SUBMIT trace: the job is traced into that directory; a relative one, or true, is
+     taken relative to / as the server's trace directory, which ``--trace-dir`` or
+     SET_TRACE sets.)
     JOB_RESULTS {job} -> REPLY {status, ids, addresses, failed}
     WAIT_JOB {job}    (subscribe to the job's pushes below)
   server -> client pushes (for jobs submitted with notify, or after WAIT_JOB)
@@ -67,6 +77,7 @@ HELLO, CHALLENGE, AUTH, WELCOME, REFUSED = b"HELLO", b"CHALLENGE", b"AUTH", b"WE
 REGISTER, UPDATE, HEARTBEAT = b"REGISTER", b"UPDATE", b"HEARTBEAT"
 # server -> worker
 COMPUTE, RELEASE_DATA, STOP = b"COMPUTE", b"RELEASE_DATA", b"STOP"
+TRACE = b"TRACE"
 # client -> server (requests carry "req"; the reply echoes it)
 SUBMIT, RELEASE, STATS, STATUS, CANCEL, TERMINATE, SET_TRACE, JOB_RESULTS, WAIT_JOB = (
     b"SUBMIT", b"RELEASE", b"STATS", b"STATUS", b"CANCEL", b"TERMINATE", b"SET_TRACE",
@@ -76,6 +87,9 @@ REPLY, ERROR, RESULTS_READY, TASK_FAILED, JOB_DONE = (
     b"REPLY", b"ERROR", b"RESULTS_READY", b"TASK_FAILED", b"JOB_DONE")
 # peer -> worker data socket, and its answer
 FETCH, DATA = b"FETCH", b"DATA"
+# server -> any peer: "are you there" after a connection closed (zmq tells the server
+# when the peer is gone); every peer ignores it
+PING = b"PING"
 
 ROLES = ("worker", "client", "peer")
 
@@ -155,8 +169,12 @@ class Gatekeeper:
     for a message of a peer that completed the handshake; ``reply`` is a message to send
     back (or None)."""
 
-    def __init__(self, secret: str | None, log=None, welcome: dict | None = None):
+    def __init__(self, secret: str | None, log=None, welcome: dict | None = None,
+                 tell_strangers: bool = False):
         self.secret = secret
+        # answer REFUSED to messages of unknown peers (the server does, so a worker it
+        # removed learns it); otherwise they are dropped silently
+        self.tell_strangers = tell_strangers
         self.log = log or (lambda msg: None)
         self.welcome = welcome or {}
         self.pending: dict[bytes, tuple[bytes, str]] = {}
@@ -197,7 +215,9 @@ class Gatekeeper:
             return False, encode(REFUSED, {"reason": "authentication failed"})
         self.refused += 1
         self.log(f"dropped a {kind[:16]!r} message from a peer that has not authenticated")
-        return False, None
+        if not self.tell_strangers:
+            return False, None
+        return False, encode(REFUSED, {"reason": "not authenticated (start with HELLO)"})
 
 
 def client_handshake(sock, role: str, secret: str | None, timeout_ms: int = 10000) -> dict:

@@ -44,7 +44,8 @@ def submit(
     try:
         if trace:
             client.set_trace(trace)
-        job, futures = client.submit_graph(graph, load=load_checkpoints, name=name or os.path.basename(source))
+        job, futures = client.submit_graph(graph, load=load_checkpoints, name=name or os.path.basename(source),
+                                           detach=True)
         if not wait:
             Output(json_mode, quiet).emit({"job": job, "tasks": len(graph)}, lambda d: f"job {d['job']} submitted ({d['tasks']} tasks)", essential=job)
             return

@@ -82,6 +82,7 @@ class Job:
     watchers: set = field(default_factory=set)
     ended: float | None = None
     trace: str | None = None
+    detached: bool = False      # kept when its client disconnects (loomctl submit)
 
 
 class ServerCore:
@@ -99,6 +100,7 @@ class ServerCore:
         self.overrides: dict[int, tuple[str, bytes, np.ndarray]] = {}
         self.n_data = 0
         self.any_named_requests = False   # fast path: no task asked for more than cpus
+        self.lost_workers: list[dict] = []
         self.next_worker = 0
         self.next_job = 1
         self.stats = {"scheduled": 0, "finished": 0, "failed": 0, "rounds": 0, "transfers": 0}
@@ -137,6 +139,7 @@ class ServerCore:
         worker = self.workers.pop(wid, None)
         if worker is None:
             return
+        self.lost_workers.append({"id": wid, "name": worker.name, "reason": reason, "at": now})
         c = self.cols
         n = c.n
         assigned = np.flatnonzero((c.state[:n] == ASSIGNED) & (c.worker[:n] == wid))
@@ -216,7 +219,7 @@ class ServerCore:
     # ------------------------------------------------------------------ submit
     def submit(self, client: bytes | None, graph: Graph, now: float, load: bool = False,
                name: str = "", notify: bool = True, trace: str | None = None,
-               redirect_inputs: np.ndarray | None = None) -> Job:
+               redirect_inputs: np.ndarray | None = None, detached: bool = False) -> Job:
         """Add a validated graph as a new job (or, with ``redirect_inputs``, as a
         redirection sub-plan whose TASK_INPUT pseudo-tasks map to those ids)."""
         n = len(graph)
@@ -246,7 +249,7 @@ class ServerCore:
         c.allocate(n)
         ids = np.arange(base, base + n, dtype=np.int64)
         job = Job(id=self.next_job, client=client, name=name, base=base, n=n, active=0,
-                  results=np.zeros(0, np.int64), submitted=now, trace=trace)
+                  results=np.zeros(0, np.int64), submitted=now, trace=trace, detached=detached)
         self.next_job += 1
         segment = Segment.build(len(self.segs.segments), base, graph, global_inputs, graph.input_offsets)
         self.segs.add(segment)
@@ -611,9 +614,19 @@ class ServerCore:
             self.release(job.results)
         return True
 
-    def client_gone(self, client: bytes) -> None:
-        for job in self.jobs.values():
+    def client_gone(self, client: bytes, now: float) -> list[int]:
+        """A client disconnected: its session jobs are cancelled (running) or their
+        results released (finished); detached jobs stay. Returns the cancelled ids."""
+        cancelled = []
+        for job in list(self.jobs.values()):
             job.watchers.discard(client)
+            if job.client != client or job.detached:
+                continue
+            if job.status == "running":
+                self._abort_job(job, "cancelled", now)
+                cancelled.append(job.id)
+            self.release(job.results)
+        return cancelled
 
     def job_counts(self, job: Job) -> dict:
         c = self.cols
@@ -853,7 +866,8 @@ class ServerCore:
             jobs.append({"id": job.id, "name": job.name, "status": job.status, **self.job_counts(job),
                          "results": int(len(job.results)), "error": job.error,
                          "elapsed_s": round((job.ended or now) - job.submitted, 3)})
-        return {"workers": workers, "jobs": jobs, "n_tasks": int(c.n), "n_data_objects": self.n_data,
+        lost = [{**w, "ago_s": round(now - w["at"], 1)} for w in self.lost_workers[-20:]]
+        return {"workers": workers, "lost_workers": lost, "jobs": jobs, "n_tasks": int(c.n), "n_data_objects": self.n_data,
                 "stats": dict(self.stats)}
 
     def check_invariants(self) -> None:

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 import graphfmt
 from graphfmt.graph import GraphError
@@ -32,11 +33,15 @@ log = logging.getLogger("loomctl.server")
 
 class Server:
     def __init__(self, host: str = "127.0.0.1", port: int = 9010, server_dir: str | None = None,
-                 auth: bool = True, heartbeat_timeout: float = 5.0, trace_dir: str | None = None):
+                 auth: bool = True, heartbeat_timeout: float = 2.0, trace_dir: str | None = None):
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # zmq-level heartbeats: a peer that vanishes without closing its connection
+        # (a cut cable) is disconnected after 3 s, which the monitor below reports
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         bind_host = host if host not in ("", "localhost") else "127.0.0.1"
         if port == 0:
             self.port = self.sock.bind_to_random_port(f"tcp://{bind_host}")
@@ -45,13 +50,19 @@ class Server:
             self.port = port
         self.host = bind_host
         self.secret = P.new_secret() if auth else None
-        self.gate = P.Gatekeeper(self.secret, log=log.warning, welcome={"server": "loomctl"})
+        self.gate = P.Gatekeeper(self.secret, log=log.warning, welcome={"server": "loomctl"},
+                                 tell_strangers=True)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # an unroutable peer raises: see _routable
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.peers = PeerConnections()
+        self.suspects: dict[bytes, float] = {}   # identity -> probe until (monotonic time)
         self.core = ServerCore()
         self.worker_of_key: dict[bytes, int] = {}
         self.server_dir = server_dir
         self.heartbeat_timeout = heartbeat_timeout
         self.trace_dir = trace_dir
         self.running = True
+        self.tracer = None   # a ServerTracer while a traced job runs (loomctl.trace.hooks)
         self.started = time.time()
         self.bytes_received = 0
         self.messages_received = 0
@@ -65,17 +76,26 @@ class Server:
                  "on" if self.secret else "OFF")
         last_check = time.monotonic()
         try:
+            poller = zmq.Poller()
+            poller.register(self.sock, zmq.POLLIN)
+            poller.register(self.monitor, zmq.POLLIN)
             while self.running:
-                if self.sock.poll(100, zmq.POLLIN):
+                events = dict(poller.poll(100))
+                if self.monitor in events:
+                    self._on_monitor()
+                if self.sock in events:
                     self._drain()
                 now = time.monotonic()
                 if now - last_check > 0.25:
                     last_check = now
+                    self._probe_suspects(now)
+                    if self.tracer is not None:
+                        self.tracer.tick()
                     for wid in self.core.dead_workers(now, self.heartbeat_timeout):
                         name = self.core.workers[wid].name
                         log.warning("worker %s missed heartbeats for %.1f s; removing it", name, self.heartbeat_timeout)
                         self._remove_worker(wid, now)
-                        self.core.schedule(now)
+                        self._schedule(now)
                     self._flush()
         finally:
             self.close()
@@ -84,28 +104,128 @@ class Server:
         now = time.monotonic()
         for _ in range(10000):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
             self.messages_received += 1
             self.bytes_received += sum(len(f) for f in frames)
+            identity = frames[0].bytes
+            if not self.peers.known(identity):
+                self.peers.connected(identity, frames[0].get(zmq.SRCFD))
             try:
-                self._handle(frames, now)
+                self._handle([identity, *(f.bytes for f in frames[1:])], now)
             except Exception as exc:   # a peer must never take the server down
                 self.bad_messages += 1
                 log.warning("dropped a malformed message: %s", _short(exc))
-        self.core.schedule(now)   # once per drained batch of messages
+        self._schedule(now)   # once per drained batch of messages
         self._flush()
 
+    def _on_monitor(self) -> None:
+        now = time.monotonic()
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except Exception:   # a malformed monitor frame: nothing to learn from it
+                break
+            if event.get("event") == zmq.EVENT_DISCONNECTED:
+                for identity in self.peers.candidates(event.get("value")):
+                    self.suspects[identity] = now + 2.0
+        self._probe_suspects(now)
+
+    def _probe_suspects(self, now: float) -> None:
+        """Peers seen on a connection that closed: gone if zmq can no longer route to
+        them; probed again for a short while otherwise (the close may still be in
+        flight inside zmq)."""
+        for identity, until in list(self.suspects.items()):
+            if not self._routable(identity):
+                del self.suspects[identity]
+                self._peer_gone(identity, now)
+            elif now > until:
+                del self.suspects[identity]
+
+    def _routable(self, identity: bytes) -> bool:
+        try:
+            self.sock.send_multipart([identity, *P.encode(P.PING)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            return exc.errno != zmq.EHOSTUNREACH   # EAGAIN: alive, only busy
+        return True
+
+    def _peer_gone(self, identity: bytes | None, now: float) -> None:
+        if identity is None:
+            return
+        role = self.gate.role(identity)
+        self.gate.forget(identity)
+        self.peers.forget(identity)
+        if role == "worker":
+            wid = self.worker_of_key.get(identity)
+            if wid is not None and wid in self.core.workers:
+                log.warning("worker %s disconnected; its tasks run elsewhere", self.core.workers[wid].name)
+                self._remove_worker(wid, now, "disconnected")
+                self._schedule(now)
+                self._flush()
+        elif role == "client":
+            cancelled = self.core.client_gone(identity, now)
+            if cancelled:
+                log.info("a client disconnected; cancelled its jobs %s", cancelled)
+            self._flush()
+
+    def _schedule(self, now: float) -> int:
+        if self.tracer is None:
+            return self.core.schedule(now)
+        started, rounds, t0 = time.time(), self.core.stats["rounds"], time.perf_counter()
+        placed = self.core.schedule(now)
+        if placed or self.core.stats["rounds"] != rounds:
+            self.tracer.round(started, time.perf_counter() - t0, placed, sum(len(r) for r in self.core.ready))
+        return placed
+
     def _flush(self) -> None:
-        for kind, target, message, body, blobs in self.core.take_commands():
+        commands = self.core.take_commands()
+        if self.tracer is not None:
+            self.tracer.commands(commands, self.core.cols.job, self.worker_of_key)
+        for kind, target, message, body, blobs in commands:
             try:
                 self.sock.send_multipart([target, *P.encode(message, body, *blobs)], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 log.warning("could not send %s: %s", message.decode(), exc)
+        if self.tracer is not None:
+            self._send_trace(self.tracer.ended_jobs(self.core.jobs, self.core.workers.values()))
+            if not self.tracer:   # no traced job left: no tracing cost from here on
+                self.tracer = None
+
+    def _send_trace(self, messages: list) -> None:
+        for key, message in messages:
+            try:
+                self.sock.send_multipart([key, *message], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.warning("could not send TRACE: %s", exc)
+
+    def _trace_dir(self, requested) -> str | None:
+        """The directory a submission asks to be traced into (see the protocol)."""
+        if requested is None or requested is False or requested == "":
+            return None
+        if requested is True:
+            if not self.trace_dir:
+                raise SubmitError("the job asks for a trace, but the server has no trace directory")
+            return os.path.abspath(self.trace_dir)
+        if not isinstance(requested, str):
+            raise SubmitError("trace must be a directory name")
+        return os.path.abspath(os.path.join(self.trace_dir or os.getcwd(), requested))
+
+    def _trace_job(self, job, directory: str) -> None:
+        if self.tracer is None:
+            from loomctl.trace.hooks import ServerTracer
+            self.tracer = ServerTracer()
+        self._send_trace(self.tracer.start_job(job, directory, list(self.core.workers.values())))
+        if not self.tracer:
+            self.tracer = None
 
     def _reply(self, identity: bytes, message: list) -> None:
-        self.sock.send_multipart([identity, *message])
+        try:
+            self.sock.send_multipart([identity, *message], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:   # the peer is gone or not reading: nothing to do
+            log.info("could not answer a peer: %s", exc)
 
     # ------------------------------------------------------------------ dispatch
     def _handle(self, frames: list, now: float) -> None:
@@ -129,11 +249,17 @@ class Server:
     def _worker_message(self, identity: bytes, kind: bytes, body: dict, now: float) -> None:
         core = self.core
         if kind == P.REGISTER:
+            address = P.field(body, "data_address", str)
+            cpus = P.field(body, "cpus", int)
+            if not address.startswith("tcp://") or cpus < 0:
+                raise P.ProtocolError("REGISTER needs a tcp:// data_address and cpus >= 0")
             wid = core.add_worker(identity, body, now)
             self.worker_of_key[identity] = wid
             w = core.workers[wid]
             log.info("worker %s registered: %d cpus at %s", w.name, w.cpus, w.data_address)
             self._reply(identity, P.encode(P.REPLY, {"worker_id": wid}))
+            if self.tracer is not None:
+                self._send_trace(self.tracer.worker_added(w))
             return
         wid = self.worker_of_key.get(identity)
         if wid is None or wid not in core.workers:
@@ -184,10 +310,13 @@ class Server:
         core = self.core
         if kind == P.SUBMIT:
             graph = graphfmt.read(P.field(body, "graph", bytes))
+            trace_dir = self._trace_dir(body.get("trace"))
             job = core.submit(identity, graph, now, load=bool(body.get("load", False)),
                               name=str(body.get("name") or ""), notify=bool(body.get("notify", True)),
-                              trace=body.get("trace"))
+                              trace=body.get("trace"), detached=bool(body.get("detach", False)))
             log.info("job %d submitted: %d tasks", job.id, job.n)
+            if trace_dir is not None:
+                self._trace_job(job, trace_dir)
             return {"job": job.id, "base": job.base, "n": job.n, "results": P.ids_to_bytes(job.results)}
         if kind == P.RELEASE:
             core.release(P.ids_from_bytes(P.field(body, "ids", bytes)))
@@ -230,17 +359,58 @@ class Server:
             return None
         raise P.ProtocolError(f"unknown client message {kind!r}")
 
-    def _remove_worker(self, wid: int, now: float) -> None:
+    def _remove_worker(self, wid: int, now: float, reason: str = "missed heartbeats") -> None:
         key = self.core.workers[wid].key
-        self.core.remove_worker(wid, now)
+        if self.tracer is not None:
+            self.tracer.worker_lost(self.core.workers[wid], reason)
+        self.core.remove_worker(wid, now, reason)
         self.worker_of_key.pop(key, None)
         self.gate.forget(key)
 
     def close(self) -> None:
+        if self.tracer is not None:
+            self.tracer.close()
+            self.tracer = None
         if self.server_dir:
             remove_access(self.server_dir)
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(0)
         self.sock.close(linger=500)   # let STOP messages reach the workers
         self.ctx.term()
+
+
+class PeerConnections:
+    """Which connection (file descriptor) each peer identity was seen on, so that a
+    disconnection reported by the socket monitor (by descriptor) can be traced to peers.
+
+    A descriptor is reused after its connection closed, and messages of a closed
+    connection may still be queued, so a descriptor may list several identities; the
+    server probes each of them (a PING that zmq refuses to route to a gone peer)."""
+
+    def __init__(self):
+        self.fd_of: dict[bytes, int] = {}
+        self.on_fd: dict[int, set[bytes]] = {}
+
+    def known(self, identity: bytes) -> bool:
+        return identity in self.fd_of
+
+    def connected(self, identity: bytes, fd: int) -> None:
+        self.fd_of[identity] = fd
+        self.on_fd.setdefault(fd, set()).add(identity)
+
+    def candidates(self, fd) -> list[bytes]:
+        return sorted(self.on_fd.get(fd, ())) if isinstance(fd, int) else []
+
+    def forget(self, identity: bytes) -> None:
+        fd = self.fd_of.pop(identity, None)
+        peers = self.on_fd.get(fd)
+        if peers is not None:
+            peers.discard(identity)
+            if not peers:
+                del self.on_fd[fd]
 
 
 def _short(exc: Exception) -> str:

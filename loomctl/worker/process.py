@@ -96,7 +96,7 @@ class Worker:
                  work_dir: str | None = None, resources: dict | None = None,
                  name: str | None = None, extensions: list | tuple = (),
                  keep_failed_dirs: bool = False, host: str | None = None,
-                 heartbeat_s: float = 1.0, memory_limit: int | None = None,
+                 heartbeat_s: float = 0.5, memory_limit: int | None = None,
                  server_lost_s: float = 3.0, connect_timeout_s: float = 10.0,
                  peer_timeout_s: float = 10.0, fetch_timeout_s: float = 120.0):
         self.server_address = server_address if server_address.startswith("tcp://") \
@@ -138,6 +138,7 @@ class Worker:
         self._lost_since: float | None = None
         self._created_base: str | None = None
         self._closed = False
+        self.tracer = None        # a WorkerTracer while a traced job runs (loomctl.trace.hooks)
 
     # ------------------------------------------------------------------ setup
     def start(self) -> None:
@@ -318,11 +319,18 @@ class Worker:
             kind, body, _ = P.decode(frames)
             if kind == P.COMPUTE:
                 self._on_compute(body)
+            elif kind == P.TRACE:
+                self._on_trace(body)
             elif kind == P.RELEASE_DATA:
                 self._release(P.ids_from_bytes(P.field(body, "ids", bytes)).tolist())
             elif kind == P.STOP:
                 log.info("the server asked this worker to stop")
                 self.stop("stop")
+            elif kind == P.PING:
+                pass
+            elif kind == P.REFUSED:   # the server no longer knows us (it removed us)
+                log.warning("the server dropped this worker (%s); stopping", body.get("reason"))
+                self.stop("server lost")
             elif kind == P.ERROR:
                 log.warning("the server reported an error: %s", body.get("message"))
             else:
@@ -346,11 +354,25 @@ class Worker:
                 log.warning("malformed task in COMPUTE: %s", exc)
                 if isinstance(row, (list, tuple)) and row and is_int(row[0]):
                     self._fail(row[0], f"malformed task assignment: {exc}")
+        if self.tracer is not None and "jobs" in body:
+            self.tracer.assigned(rows, body["jobs"])
         fetch, failed = self.queue.assign(specs, self.store, locations)
         for task_id, message in failed:
             self._fail(task_id, message)
         for input_id, address in fetch:
             self.plan.want(input_id, address)
+
+    def _on_trace(self, body: dict) -> None:
+        """TRACE {path, job, on}: start or stop recording a traced job's tasks."""
+        if self.tracer is None:
+            if not body.get("on", True):
+                return
+            from loomctl.trace.hooks import WorkerTracer
+            self.tracer = WorkerTracer(self.name, self.worker_id, self.data_address, self.cpus, self.resources)
+        self.tracer.on_message(body)
+        if not self.tracer:   # no traced job left: no tracing cost from here on
+            self.tracer.close()
+            self.tracer = None
 
     def _on_monitor(self, now: float) -> None:
         while True:
@@ -375,6 +397,8 @@ class Worker:
             self.report = Report()
 
     def _timers(self, now: float) -> None:
+        if self.tracer is not None:
+            self.tracer.tick(now)
         if now >= self._next_heartbeat:
             self._heartbeat(now)
             self._next_heartbeat = now + self.heartbeat_s
@@ -392,9 +416,11 @@ class Worker:
         wall = now - self._hb_wall
         percent = 100.0 * (cpu - self._hb_cpu) / wall if wall > 0 else 0.0
         self._hb_wall, self._hb_cpu = now, cpu
-        self._send_server(P.HEARTBEAT, {
-            "n_data": len(self.store), "data_bytes": self.data_bytes, "rss": _rss(),
-            "cpu_percent": round(percent, 1), "running": len(self.queue.running)})
+        stats = {"n_data": len(self.store), "data_bytes": self.data_bytes, "rss": _rss(),
+                 "cpu_percent": round(percent, 1), "running": len(self.queue.running)}
+        self._send_server(P.HEARTBEAT, stats)
+        if self.tracer is not None:
+            self.tracer.sample(now, stats)
 
     # ------------------------------------------------------------------ data socket
     def _on_data_message(self, frames) -> None:
@@ -469,6 +495,8 @@ class Worker:
             self._fail(task_id, message)
 
     def _on_fetched(self, address: str, req: int, found: list, missing: list, blobs: list) -> None:
+        if self.tracer is not None and req in self.plan.inflight:
+            self.tracer.transfer(address, self.plan.inflight[req][2], sum(len(b) for b in blobs), found)
         entry = self.plan.answered(req, address)
         if entry is None:
             log.warning("peer %s answered an unknown or expired request %d", address, req)
@@ -516,7 +544,11 @@ class Worker:
             specs = self.queue.take_startable()
             if not specs:
                 return
+            tracer = self.tracer
             for spec in specs:
+                if tracer is not None:   # inline: the same rule as the dispatch below
+                    tracer.started(spec, spec.light and spec.symbol != S.RUN and spec.symbol in INLINE_SYMBOLS
+                                   and not spec.checkpoint)
                 inputs = [self.store.get(i) for i in spec.inputs]
                 if any(obj is None for obj in inputs):
                     lost = [i for i, obj in zip(spec.inputs, inputs) if obj is None]
@@ -536,6 +568,8 @@ class Worker:
     def _apply(self, outcome: Outcome) -> None:
         task_id = outcome.task_id
         spec = self.queue.running.get(task_id)
+        if self.tracer is not None:
+            self.tracer.ended(task_id, outcome, spec)
         for level, message in outcome.logs:
             self.report.logs.append([task_id, level, message])
         if outcome.error is not None:
@@ -580,6 +614,9 @@ class Worker:
         if self._closed:
             return
         self._closed = True
+        if self.tracer is not None:
+            self.tracer.close()
+            self.tracer = None
         for pool in self._pools:
             pool.close()
         if getattr(self, "programs", None) is not None:
@@ -618,7 +655,7 @@ class Worker:
 
 def run_worker(server_address: str, secret: str | None, cpus: int, work_dir: str | None,
                resources: dict, name: str | None, extensions: list, keep_failed_dirs: bool,
-               host: str | None, heartbeat_s: float = 1.0, memory_limit: int | None = None,
+               host: str | None, heartbeat_s: float = 0.5, memory_limit: int | None = None,
                server_lost_s: float = 3.0) -> str:
     """Connect, register and serve until STOP or a lost server; returns why it ended.
     Raises ConnectionError (server unreachable or refusing) and ExtensionError."""
