@@ -3,6 +3,7 @@ a server/scheduler plus 2 worker processes with 1 cpu each, on this machine.
 
     python bench/runtime.py                 # all shapes, table
     python bench/runtime.py --json --only trivial,true
+    python bench/runtime.py --no-dask --only trivial --trace /tmp/trace   # tracing overhead
 
 Shapes:
   trivial   N independent trivial tasks, all N results gathered by the client
@@ -48,6 +49,8 @@ class LoomCluster:
         self.client = Client(server_dir_path=self.tmp)
         while self.client.get_stats()["n_workers"] < workers:
             time.sleep(0.05)
+        if trace:
+            self.client.set_trace(trace)
 
     def close(self):
         try:
@@ -163,13 +166,14 @@ def main():
     parser.add_argument("--only", default=",".join(SHAPES))
     parser.add_argument("--no-dask", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--trace", metavar="DIR", help="trace the loomctl jobs into DIR (client.set_trace)")
     for shape, (_, size) in SHAPES.items():
         parser.add_argument(f"--{shape}-size", type=int, default=size)
     args = parser.parse_args()
     shapes = args.only.split(",")
     sizes = {s: getattr(args, f"{s}_size") for s in shapes}
     loom = {}
-    cluster = LoomCluster()
+    cluster = LoomCluster(trace=args.trace)
     try:
         for shape in shapes:
             loom[shape] = SHAPES[shape][0](cluster.client, sizes[shape])

@@ -13,7 +13,7 @@ import sys
 import typer
 
 from loomctl import __version__
-from loomctl.cli import graph, job, run, server, worker
+from loomctl.cli import graph, job, run, server, slurm, trace, worker
 from loomctl.cli.output import CliError, ExitCode
 
 app = typer.Typer(
@@ -30,6 +30,8 @@ app.registered_commands.extend(run.root.registered_commands)
 app.add_typer(server.app, name="server")
 app.add_typer(worker.app, name="worker")
 app.add_typer(job.app, name="job")
+app.add_typer(slurm.app, name="slurm")
+app.add_typer(trace.app, name="trace")
 
 
 def _version(value: bool):

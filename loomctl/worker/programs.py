@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 
 import zmq
 
@@ -28,10 +29,11 @@ READ_SIZE = 1 << 16
 
 
 class _Program:
-    __slots__ = ("spec", "prepared", "proc", "out", "err", "stdin_view", "open_fds", "fds")
+    __slots__ = ("spec", "prepared", "proc", "out", "err", "stdin_view", "open_fds", "fds", "started")
 
-    def __init__(self, spec, prepared: PreparedRun, proc: subprocess.Popen):
+    def __init__(self, spec, prepared: PreparedRun, proc: subprocess.Popen, started: float = 0.0):
         self.spec, self.prepared, self.proc = spec, prepared, proc
+        self.started = started   # Unix time before the program was prepared (for traces)
         # descriptor -> pipe, taken now: a closed pipe object no longer knows its fileno
         self.fds = {pipe.fileno(): pipe for pipe in (proc.stdin, proc.stdout, proc.stderr) if pipe is not None}
         self.out: list[bytes] = []
@@ -54,6 +56,7 @@ class Programs:
     def start(self, spec, inputs: list) -> Outcome | None:
         """Start the program of a run task; an Outcome when it failed at once."""
         ctx = ExecContext(spec.id, self.work_dir, self.keep_failed_dirs)
+        started = time.time()
         prepared = None
         try:
             prepared = prepare_run(spec.config, inputs, ctx)
@@ -62,7 +65,7 @@ class Programs:
             if prepared is not None:
                 cleanup_run(prepared)
             return Outcome(spec.id, error=str(exc))
-        program = _Program(spec, prepared, proc)
+        program = _Program(spec, prepared, proc, started)
         for pipe, flags in ((proc.stdout, zmq.POLLIN), (proc.stderr, zmq.POLLIN), (proc.stdin, zmq.POLLOUT)):
             if pipe is None:
                 continue
@@ -138,7 +141,7 @@ class Programs:
 
     def _outcome(self, program: _Program) -> Outcome:
         spec, prepared = program.spec, program.prepared
-        out = Outcome(spec.id)
+        out = Outcome(spec.id, started=program.started)
         try:
             result = finish_run(prepared, program.proc.returncode,
                                 b"".join(program.out) if program.proc.stdout is not None else None,
@@ -149,6 +152,7 @@ class Programs:
             out.error = str(exc)
         finally:
             cleanup_run(prepared)
+        out.ended = time.time()
         return out
 
     def kill_all(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 from graphfmt import symbols as S
@@ -38,22 +39,25 @@ class Outcome:
     error: str | None = None
     redirect: bytes | None = None
     logs: list = field(default_factory=list)
+    started: float = 0.0     # Unix times of the run (for traces); 0: not measured
+    ended: float = 0.0
 
 
 def run_task(spec: TaskSpec, inputs: list, work_dir: str, keep_failed_dirs: bool) -> Outcome:
     """Execute one task (in any thread); never raises."""
     ctx = ExecContext(spec.id, work_dir, keep_failed_dirs)
-    out = Outcome(spec.id, logs=ctx.logs)
+    out = Outcome(spec.id, logs=ctx.logs, started=time.time())
     try:
         result = execute(spec.symbol, spec.config, inputs, ctx)
         if isinstance(result, Redirect):
             out.redirect = redirect_graph_bytes(result.task)
-            return out
-        finalize(out, spec, result)
+        else:
+            finalize(out, spec, result)
     except data.TaskError as exc:
         out.error = str(exc)
     except Exception as exc:   # a bug must not take the worker down
         out.error = f"internal error while running the task: {type(exc).__name__}: {exc}"
+    out.ended = time.time()
     return out
 
 
