@@ -1,0 +1,1 @@
+"""Running loomctl inside the allocations of a cluster's resource manager (Slurm)."""
