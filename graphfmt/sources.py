@@ -10,6 +10,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
 import sys
@@ -41,7 +42,9 @@ def load_script(path: str, params: dict[str, str] | None = None) -> Graph:
     sys.argv = [path]
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     try:
-        namespace = runpy.run_path(path, init_globals={"params": dict(params or {})}, run_name="__plan__")
+        # the script's prints go to stderr: stdout may be carrying the graph (-o -)
+        with contextlib.redirect_stdout(sys.stderr):
+            namespace = runpy.run_path(path, init_globals={"params": dict(params or {})}, run_name="__plan__")
     except SystemExit as exc:
         raise PlanError(f"plan script {path} exited ({exc.code}) instead of defining results") from None
     except BaseException as exc:   # the user's code: report it in one line

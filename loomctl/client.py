@@ -138,6 +138,7 @@ class Client:
         reply_kind, reply = self.replies.pop(req)
         if reply_kind == P.ERROR:
             raise LoomError(reply.get("message", "request failed"))
+        reply.pop("req", None)
         return reply
 
     def _poll(self, timeout_ms: int) -> bool:

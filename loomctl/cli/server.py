@@ -35,7 +35,6 @@ def start(
     from loomctl.server.process import run_server
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("loomctl.server").setLevel(logging.INFO)
     try:
         run_server(host=host, port=port, server_dir=resolve_server_dir(server_dir), auth=not no_auth,
                    heartbeat_timeout=heartbeat_timeout, trace_dir=trace_dir)
