@@ -301,3 +301,14 @@ def test_preferences_pick_the_worker_with_most_bytes():
     best, nbytes = placement.preferences(np.array([0, 0, 0, 1]), np.array([0, 1, 1, -1]),
                                          np.array([5, 3, 3, 9]), 2)
     assert best.tolist() == [1, -1] and nbytes.tolist() == [6, 0]
+
+
+def test_results_of_a_cancelled_job_arriving_late_are_dropped():
+    env = Env(1)
+    job, _ = env.submit([tasks.merge([tasks.run("sleep 1") for _ in range(2)])])
+    env.schedule()
+    assert env.assigned[0]
+    env.core.cancel(job.id, env.now)
+    env.finish(0)                 # the running tasks end after the cancellation
+    assert env.core.n_data == 0
+    assert any(m == P.RELEASE_DATA for _, m, _ in env.sent)

@@ -95,6 +95,7 @@ def test_client_that_vanishes_mid_job_leaves_nothing(cluster):
         finished.wait()
         gone.close()   # disconnect mid-job, holding a result
         assert other.gather(survivor) == [f"{i}\n".encode() for i in range(4)]
+        time.sleep(1.0)   # tasks of the cancelled job that were running have ended now
         wait_until(lambda: other.get_stats()["n_data_objects"] == 0, 10)
         jobs = other.status()["jobs"]
         assert any(j["status"] == "cancelled" for j in jobs)

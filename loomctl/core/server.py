@@ -101,6 +101,7 @@ class ServerCore:
         self.n_data = 0
         self.any_named_requests = False   # fast path: no task asked for more than cpus
         self.lost_workers: list[dict] = []
+        self.aborted_jobs: set[int] = set()   # cancelled or failed: late results are dropped
         self.next_worker = 0
         self.next_job = 1
         self.stats = {"scheduled": 0, "finished": 0, "failed": 0, "rounds": 0, "transfers": 0}
@@ -357,6 +358,12 @@ class ServerCore:
         valid = (ids >= 0) & (ids < c.n)
         ids, sizes, lengths = ids[valid], sizes[valid], lengths[valid]
         mine = (c.state[ids] == ASSIGNED) & (c.worker[ids] == wid)
+        if self.aborted_jobs:   # tasks of cancelled/failed jobs that were still running
+            late = mine & np.isin(c.job[ids], list(self.aborted_jobs))
+            if late.any():
+                self._unassign(ids[late])
+                c.state[ids[late]] = CANCELLED
+                mine &= ~late
         stale = ids[~mine]
         if len(stale) and worker is not None:   # cancelled or re-run elsewhere: drop the copy
             self._send("worker", worker.key, P.RELEASE_DATA, {"ids": P.ids_to_bytes(stale)})
@@ -525,6 +532,8 @@ class ServerCore:
 
     def _end_job(self, job: Job, status: str, now: float) -> None:
         job.status = status
+        if status != "finished":
+            self.aborted_jobs.add(job.id)
         job.ended = now
         body = {"job": job.id, "status": status, "counts": self.job_counts(job)}
         for client in job.watchers:
