@@ -225,10 +225,12 @@ def client_handshake(sock, role: str, secret: str | None, timeout_ms: int = 1000
     body or raises ConnectionError with a message for a person."""
     import zmq
     sock.send_multipart(encode(HELLO, {"role": role, "version": PROTOCOL_VERSION}))
-    for _ in range(2):
+    for _ in range(16):
         if not sock.poll(timeout_ms, zmq.POLLIN):
             raise ConnectionError("no answer from the server (is it running at that address?)")
         kind, body, _ = decode(sock.recv_multipart())
+        if kind == PING:   # a liveness probe may arrive at any time; it needs no answer
+            continue
         if kind == WELCOME:
             return body
         if kind == REFUSED:
