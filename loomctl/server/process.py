@@ -351,7 +351,7 @@ class Server:
             self.trace_dir = str(P.field(body, "path", str))
             return {}
         if kind == P.TERMINATE:
-            log.info("terminate requested: stopping workers and the server")
+            log.warning("terminate requested: stopping workers and the server")
             for worker in core.workers.values():
                 self._reply(worker.key, P.encode(P.STOP))
             self._reply(identity, P.encode(P.REPLY, {"req": body.get("req")}))
