@@ -8,6 +8,7 @@ whatever happened.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -43,6 +44,8 @@ def run(
     graph = load_graph(source, parse_params(param))
     from loomctl.client import Client, LoomError
     from loomctl.server.process import Server
+    # the embedded server speaks only through run's own output and errors
+    logging.getLogger("loomctl.server").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="loomctl-run-") as tmp:
         server = Server(host="127.0.0.1", port=0, server_dir=tmp, trace_dir=trace)
         thread = threading.Thread(target=server.serve, name="loomctl-server", daemon=True)
