@@ -258,6 +258,17 @@ def test_timeline_escapes_labels_and_merges_tiny_bars(tmp_path):
     assert svg.count("<rect") < 200 and "tasks (zoom in" in svg
 
 
+def test_lost_worker_is_noted_and_marked(tmp_path):
+    write_trace(str(tmp_path))
+    server = F.TraceWriter(os.path.join(str(tmp_path), F.SERVER_FILE), F.header("server"))
+    server.add({"k": F.WORKER_LOST, "t": T0 + 0.6, "worker": 1, "name": "w1", "reason": "disconnected"})
+    server.close()
+    trace = read_trace(str(tmp_path))
+    assert any("lost worker w1 0.600 s" in n and "disconnected" in n for n in trace.notes), trace.notes
+    svg = timeline.to_svg(timeline.layout(trace))
+    assert "w1 lost (disconnected)" in svg
+
+
 def test_timeline_of_a_trace_without_tasks(tmp_path):
     F.TraceWriter(str(tmp_path / "server.trace"), F.header("server")).close()
     svg = timeline.to_svg(timeline.layout(read_trace(str(tmp_path))))

@@ -276,9 +276,10 @@ def render(data: dict, max_rows: int = 30) -> str:
     out.append(head + ("\n" + table(rows, ["task", "type", "label", "worker", "time"]) if rows else ""))
     logs = data["logs"]
     if logs["count"]:
+        shown = min(max_rows, 10)
         lines = [f"{m['level']:>8}  task {m['task']} on {m['worker']}: {m['message']}"
-                 for m in logs["messages"][:max_rows]]
-        more = f"\n... {logs['count'] - max_rows} more" if logs["count"] > max_rows else ""
+                 for m in logs["messages"][:shown]]
+        more = f"\n... {logs['count'] - shown} more (--json shows all)" if logs["count"] > shown else ""
         out.append(f"Task messages ({logs['count']})\n" + "\n".join(lines) + more)
     if data["notes"]:
         out.append("Notes\n" + "\n".join(f"- {n}" for n in data["notes"]))
