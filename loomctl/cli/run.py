@@ -43,13 +43,10 @@ def run(
         raise CliError("--workers and --cpus must be at least 1", ExitCode.USAGE)
     graph = load_graph(source, parse_params(param))
     from loomctl.client import Client, LoomError
-    from loomctl.server.process import Server
     # the embedded server speaks only through run's own output and errors
     logging.getLogger("loomctl.server").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="loomctl-run-") as tmp:
-        server = Server(host="127.0.0.1", port=0, server_dir=tmp, trace_dir=trace)
-        thread = threading.Thread(target=server.serve, name="loomctl-server", daemon=True)
-        thread.start()
+        server, thread = start_server("127.0.0.1", tmp, trace)
         procs = [_start_worker(tmp, cpus, k, keep_failed) for k in range(workers)]
         client = None
         try:
@@ -62,14 +59,31 @@ def run(
         except LoomError as exc:
             raise CliError(str(exc), ExitCode.UNAVAILABLE) from None
         finally:
-            if client is not None:
-                try:
-                    client.terminate()
-                except Exception:
-                    client.close()
-            server.running = False
-            thread.join(5)
-            _stop(procs)
+            stop_server(client, server, thread)
+            stop_processes(procs)
+
+
+def start_server(host: str, server_dir: str, trace_dir: str | None):
+    """A server in this process, serving from a daemon thread: (server, thread)."""
+    from loomctl.server.process import Server
+    try:
+        server = Server(host=host, port=0, server_dir=server_dir, trace_dir=trace_dir)
+    except Exception as exc:   # OSError, zmq.ZMQError (e.g. not an address of this host)
+        raise CliError(f"cannot start the server on {host}: {exc}", ExitCode.UNAVAILABLE) from None
+    thread = threading.Thread(target=server.serve, name="loomctl-server", daemon=True)
+    thread.start()
+    return server, thread
+
+
+def stop_server(client, server, thread) -> None:
+    """Stop the server (and, through it, its workers); the client is closed."""
+    if client is not None:
+        try:
+            client.terminate()
+        except Exception:
+            client.close()
+    server.running = False
+    thread.join(5)
 
 
 def _start_worker(server_dir: str, cpus: int, k: int, keep_failed: bool) -> subprocess.Popen:
@@ -106,7 +120,7 @@ def _last_line(server_dir: str, k: int) -> str:
         return "(no log)"
 
 
-def _stop(procs: list) -> None:
+def stop_processes(procs: list) -> None:
     deadline = time.monotonic() + 5
     for p in procs:
         try:

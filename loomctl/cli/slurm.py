@@ -23,7 +23,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from typing import List, Optional
 
@@ -33,7 +32,7 @@ from loomctl import __version__
 from loomctl.cli.graph import load_graph, parse_params
 from loomctl.cli.job import run_to_end
 from loomctl.cli.output import CliError, ExitCode, JsonOption, Output, QuietOption
-from loomctl.cli.run import _stop
+from loomctl.cli.run import start_server, stop_processes, stop_server
 from loomctl.cluster import slurm
 
 app = typer.Typer(help="Run plans in Slurm allocations.", no_args_is_help=True)
@@ -174,16 +173,10 @@ def run_allocation(
     talk = not (json_mode or quiet)
 
     from loomctl.client import Client, LoomError
-    from loomctl.server.process import Server
 
     previous = signal.signal(signal.SIGTERM, _interrupt)   # scancel, the time limit
     try:
-        try:
-            server = Server(host=address, port=0, server_dir=server_dir, trace_dir=trace)
-        except Exception as exc:   # OSError, zmq.ZMQError (not an address of this node)
-            raise CliError(f"cannot start the server on {address}: {exc}", ExitCode.UNAVAILABLE) from None
-        thread = threading.Thread(target=server.serve, name="loomctl-server", daemon=True)
-        thread.start()
+        server, thread = start_server(address, server_dir, trace)
         if talk:
             _note(f"Slurm job {alloc.job_id}: server on {alloc.node_name} at {address}:{server.port}, "
                   f"server directory {server_dir}; starting {count} workers with srun (log: {log_path})")
@@ -207,15 +200,9 @@ def run_allocation(
             raise CliError(str(exc), ExitCode.UNAVAILABLE) from None
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not cut this short
-            if client is not None:
-                try:
-                    client.terminate()       # stops the server and, through it, every worker
-                except Exception:
-                    client.close()
-            server.running = False
-            thread.join(5)
+            stop_server(client, server, thread)   # through the server, every worker stops
             if srun_proc is not None:
-                _stop([srun_proc])
+                stop_processes([srun_proc])
                 if srun_proc.returncode not in (0, None) and talk:
                     _note(f"the srun step of the workers exited with status {srun_proc.returncode} "
                           f"(log: {log_path})")
