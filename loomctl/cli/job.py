@@ -19,7 +19,8 @@ import typer
 
 from loomctl.cli.connect import connect
 from loomctl.cli.graph import load_graph, parse_params
-from loomctl.cli.output import CliError, ExitCode, JsonOption, Output, Progress, QuietOption, key_values, table
+from loomctl.cli.output import (CliError, ExitCode, JsonOption, Output, Progress, QuietOption, human_bytes,
+                                 key_values, table)
 from loomctl.cli.server import ServerDirOption
 
 app = typer.Typer(help="Manage jobs.", no_args_is_help=True)
@@ -142,7 +143,7 @@ def _render_status(d: dict) -> str:
                        ("workers", len(d["workers"])), ("data objects", d["n_data_objects"]),
                        ("tasks", d["n_tasks"])])
     workers = table([[w["id"], w["name"], w["hostname"], w["cpus"], w["assigned"], w["tasks_done"],
-                      w["data_objects"], _size(w["data_bytes"]), _size(w["rss"])] for w in d["workers"]],
+                      w["data_objects"], human_bytes(w["data_bytes"]), human_bytes(w["rss"])] for w in d["workers"]],
                     ["id", "worker", "host", "cpus", "running", "done", "data", "bytes", "memory"])
     return head + "\n\n" + workers + "\n\n" + _jobs_table(d["jobs"])
 
@@ -152,15 +153,6 @@ def _jobs_table(jobs: list) -> str:
                    j.get("assigned", 0), j.get("finished", 0), j.get("failed", 0), j["total"], j["elapsed_s"]]
                   for j in jobs],
                  ["job", "name", "status", "waiting", "running", "finished", "failed", "total", "seconds"])
-
-
-def _size(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 @app.command("list")

@@ -69,6 +69,17 @@ def key_values(pairs: list[tuple[str, Any]]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in pairs)
 
 
+def human_bytes(n) -> str:
+    """'812 B', '3.4 MiB'; '-' for an unknown amount."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def _jsonable(value):
     if hasattr(value, "tolist"):
         return value.tolist()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from loomctl.cli.output import human_bytes as fmt_bytes
 from loomctl.trace.reader import Trace
 
 NO_LABEL = "(no label)"
@@ -207,16 +208,6 @@ def fmt_time(seconds) -> str:
     if s == 0:
         return "0"
     return f"{seconds * 1e6:.3g} µs"
-
-
-def fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def fmt_percent(x) -> str:
