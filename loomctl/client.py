@@ -115,6 +115,9 @@ class Client:
         self.job_errors: dict[int, dict] = {}
         self.job_status: dict[int, str] = {}
         self.replies: dict[int, tuple[bytes, dict]] = {}
+        # results ready before their futures exist (the notice can arrive in the same read
+        # as the submit reply); consumed when the submit makes its futures
+        self.early_addresses: dict[int, str] = {}
         self.trace_path: str | None = None
 
     def _connect(self, address: str, role: str) -> zmq.Socket:
@@ -161,6 +164,8 @@ class Client:
                 future = self.futures.get(task_id)
                 if future is not None:
                     future.address = address
+                else:
+                    self.early_addresses[task_id] = address
         elif kind == P.TASK_FAILED:
             self.job_errors[body["job"]] = body
         elif kind == P.JOB_DONE:
@@ -187,6 +192,7 @@ class Client:
             future = self.futures.get(task_id) or Future(self, task_id, job)
             self.futures[task_id] = future
             futures.append(future)
+        self._take_early_addresses(futures)
         return futures[0] if single else futures
 
     def submit_graph(self, graph: graphfmt.Graph, load: bool = False, name: str = "",
@@ -202,7 +208,16 @@ class Client:
         for task_id in P.ids_from_bytes(reply["results"]).tolist():
             future = self.futures[task_id] = Future(self, task_id, job)
             futures.append(future)
+        self._take_early_addresses(futures)
         return job, futures
+
+    def _take_early_addresses(self, futures: list[Future]) -> None:
+        """Apply notices read before these futures existed; any other early notice is for
+        a future released already, so none is kept."""
+        if self.early_addresses:
+            for future in futures:
+                future.address = self.early_addresses.get(future.task_id, future.address)
+            self.early_addresses.clear()
 
     def job_progress(self, job: int) -> dict:
         """Status and per-state task counts of a job; also applies pending pushes."""

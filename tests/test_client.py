@@ -1,0 +1,63 @@
+"""The Client against a scripted server on 127.0.0.1: message orders a real server
+produces only rarely (timing), made certain here."""
+
+import threading
+
+import zmq
+
+from graphfmt import tasks
+from loomctl import protocol as P
+from loomctl.client import Client
+
+
+def scripted_server(script):
+    """A ROUTER on a free port that answers HELLO with WELCOME, then calls
+    script(send, kind, body) for every later message; stops when stop is set."""
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def serve():
+        try:
+            while not stop.is_set():
+                if not router.poll(50):
+                    continue
+                ident, *frames = router.recv_multipart()
+                kind, body, _ = P.decode(frames)
+
+                def send(kind, body):
+                    router.send_multipart([ident, *P.encode(kind, body)])
+                if kind == P.HELLO:
+                    send(P.WELCOME, {})
+                else:
+                    script(send, kind, body)
+        finally:
+            router.close(0)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return port, stop, thread
+
+
+def test_result_ready_read_together_with_the_submit_reply_is_not_lost():
+    # The notice for a one-task job can be read in the same drain of the socket as the
+    # SUBMIT reply, before the client has made the future it belongs to.
+    def script(send, kind, body):
+        if kind == P.SUBMIT:
+            send(P.RESULTS_READY, {"ids": P.ids_to_bytes([7]), "addresses": ["tcp://127.0.0.1:1"]})
+            send(P.REPLY, {"req": body["req"], "job": 1, "base": 7})
+
+    port, stop, thread = scripted_server(script)
+    client = Client("127.0.0.1", port, secret=None, timeout=5)
+    try:
+        future = client.submit_one(tasks.const(b"x"))
+        assert future.task_id == 7
+        assert future.finished()
+        assert future.address == "tcp://127.0.0.1:1"
+        assert client.early_addresses == {}
+    finally:
+        client.ctx.destroy(linger=0)
+        stop.set()
+        thread.join(5)
