@@ -32,6 +32,9 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
                jobs: ids (optional: the job of each task, in the order of tasks; present
                      only when a task of a traced job is among them)}
     RELEASE_DATA {ids}     STOP {}
+    PEER_LOST {address}    (the server removed the worker with this data address: give
+                            up fetching from it now; tasks left waiting for its data fail
+                            with "input ... is unavailable" and the server runs them again)
   server -> any peer
     PING {}    (a probe after a connection closed; peers ignore it)
     TRACE     {path: trace directory, job, on: bool}   (start / stop tracing a job into
@@ -78,6 +81,7 @@ REGISTER, UPDATE, HEARTBEAT = b"REGISTER", b"UPDATE", b"HEARTBEAT"
 # server -> worker
 COMPUTE, RELEASE_DATA, STOP = b"COMPUTE", b"RELEASE_DATA", b"STOP"
 TRACE = b"TRACE"
+PEER_LOST = b"PEER_LOST"
 # client -> server (requests carry "req"; the reply echoes it)
 SUBMIT, RELEASE, STATS, STATUS, CANCEL, TERMINATE, SET_TRACE, JOB_RESULTS, WAIT_JOB = (
     b"SUBMIT", b"RELEASE", b"STATS", b"STATUS", b"CANCEL", b"TERMINATE", b"SET_TRACE",

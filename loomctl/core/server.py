@@ -11,6 +11,10 @@ Invariants (checked by ``check_invariants`` in tests):
   Data of a FINISHED task is released (owner -1) as soon as holds reaches 0.
 - ``owner[t] >= 0`` iff t's data is held by that worker; ``n_data`` counts those.
 - A worker's assigned cpus / light counts equal the sums over its ASSIGNED tasks.
+- When a worker is lost, the others are told (PEER_LOST) to stop fetching from it; a task
+  ASSIGNED elsewhere that was to fetch an input from it is ``stranded``: its failure
+  report from that worker ("input unavailable") makes it wait and run again, once,
+  instead of failing its job.
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ class ServerCore:
         self.n_data = 0
         self.any_named_requests = False   # fast path: no task asked for more than cpus
         self.lost_workers: list[dict] = []
+        self.stranded: dict[int, int] = {}   # task -> worker it waits on, for a lost input
         self.aborted_jobs: set[int] = set()   # cancelled or failed: late results are dropped
         self.next_worker = 0
         self.next_job = 1
@@ -144,6 +149,7 @@ class ServerCore:
         c = self.cols
         n = c.n
         assigned = np.flatnonzero((c.state[:n] == ASSIGNED) & (c.worker[:n] == wid))
+        self._strand(wid, worker.data_address)
         for t in list(self.replicas):
             holders = self.replicas[t]
             holders.discard(wid)
@@ -170,6 +176,22 @@ class ServerCore:
         self._recompute_lost(now)
         self._make_ready(retry)
         self._fail_unsatisfiable()
+
+    def _strand(self, wid: int, address: str) -> None:
+        """Before the owners of ``wid``'s data change: remember the tasks assigned to
+        other workers that need data ``wid`` held, and tell the others it is gone."""
+        c = self.cols
+        n = c.n
+        self.stranded = {t: w for t, w in self.stranded.items()
+                         if w != wid and c.state[t] == ASSIGNED and c.worker[t] == w}
+        held = c.owner[:n] == wid
+        if held.any():
+            elsewhere = np.flatnonzero((c.state[:n] == ASSIGNED) & (c.worker[:n] >= 0) & (c.worker[:n] != wid))
+            for t in elsewhere.tolist():
+                if held[self._inputs(t)].any():
+                    self.stranded[t] = int(c.worker[t])
+        for other in self.workers.values():
+            self._send("worker", other.key, P.PEER_LOST, {"address": address})
 
     def _recompute_lost(self, now: float) -> None:
         """Finished tasks whose data vanished but is still needed go back to WAITING,
@@ -487,6 +509,12 @@ class ServerCore:
             if not (0 <= task_id < c.n) or c.state[task_id] != ASSIGNED or c.worker[task_id] != wid:
                 continue
             self._unassign(np.array([task_id]))
+            if self.stranded.pop(task_id, None) == wid:   # its input was on a lost worker
+                ins = self._inputs(task_id)
+                c.state[task_id] = WAITING
+                c.remaining[task_id] = int(np.count_nonzero(c.state[ins] != FINISHED)) if len(ins) else 0
+                self._make_ready(np.array([task_id], dtype=np.int64))
+                continue
             self._task_failed(task_id, str(message), worker.name if worker else "?", now)
 
     def _task_failed(self, t: int, message: str, worker_name: str, now: float) -> None:

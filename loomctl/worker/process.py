@@ -328,6 +328,10 @@ class Worker:
                 self.stop("stop")
             elif kind == P.PING:
                 pass
+            elif kind == P.PEER_LOST:   # fetches from a lost worker would wait for timeouts
+                address = P.field(body, "address", str)
+                if address in self.plan.addresses() or address in self.peers.links:
+                    self._give_up(address, "the server lost that worker")
             elif kind == P.REFUSED:   # the server no longer knows us (it removed us)
                 log.warning("the server dropped this worker (%s); stopping", body.get("reason"))
                 self.stop("server lost")
