@@ -132,6 +132,23 @@ def test_cpu_requests_respect_worker_size_with_a_short_queue():
     assert len(env.assigned[0]) == 2
 
 
+def test_queue_grows_for_a_worker_that_finishes_short_tasks_fast():
+    from loomctl.core import placement
+    fast, slow = Env(1), Env(1)
+    for env, step in ((fast, 0.0005), (slow, 0.5)):   # 2,000 tasks/s against 2 tasks/s
+        env.submit([tasks.run("true") for _ in range(400)])
+        env.schedule()
+        assert len(env.assigned[0]) == placement.QUEUE_FACTOR   # a short queue to begin with
+        for _ in range(150):
+            env.now += step
+            env.finish(0, env.assigned[0][:1])
+            env.schedule()
+            assert len(env.assigned[0]) <= placement.MAX_QUEUE_FACTOR
+    assert len(fast.assigned[0]) == placement.MAX_QUEUE_FACTOR
+    assert len(slow.assigned[0]) == placement.QUEUE_FACTOR
+    fast.core.check_invariants()
+
+
 def test_unsatisfiable_request_fails_the_job():
     env = Env(2)
     t = tasks.run("true")

@@ -12,7 +12,7 @@ from graphfmt import symbols as S
 from loomctl.worker import extensions
 from loomctl.worker.data import Array, FileObj, Index, Plain, PyObj, TaskError, to_client
 from loomctl.worker.executors import (ExecContext, Redirect, WrappedData, _BUILTINS,
-                                      execute, split_cuts, substitute_variables)
+                                      execute, remove_spare_dirs, split_cuts, substitute_variables)
 
 
 @pytest.fixture
@@ -26,6 +26,12 @@ def ex(ctx, symbol, config=b"", inputs=()):
 
 def run(ctx, args, inputs=(), map_inputs=(), outputs=(None,)):
     return ex(ctx, S.RUN, S.encode_run(args, list(map_inputs), list(outputs)), inputs)
+
+
+def nothing_left(work_dir) -> bool:
+    """No run directory left once the spare (empty) ones are removed, as at worker exit."""
+    remove_spare_dirs(work_dir)
+    return os.listdir(work_dir) == []
 
 
 def index_of(text: bytes) -> Index:
@@ -179,7 +185,24 @@ def test_run_stdout_and_stdin(ctx):
     assert run(ctx, ["echo", "hello"]) == Plain(b"hello\n")
     out = run(ctx, ["tr", "a-z", "A-Z"], [Plain(b"abc")], [None])
     assert out == Plain(b"ABC")
-    assert os.listdir(ctx.work_dir) == []
+    # the (empty) run directory is kept for the next run, then removed when the worker stops
+    assert len(os.listdir(ctx.work_dir)) <= 1
+    assert all(os.listdir(os.path.join(ctx.work_dir, d)) == [] for d in os.listdir(ctx.work_dir))
+    assert nothing_left(ctx.work_dir)
+
+
+def test_run_directories_are_empty_and_reused_only_when_left_empty(ctx):
+    first = run(ctx, ["sh", "-c", "ls -A | wc -l; pwd; echo junk > left-behind"])
+    count, first_dir = first.read().decode().split()
+    assert count == "0"
+    second = run(ctx, ["sh", "-c", "ls -A | wc -l; pwd"])
+    count, second_dir = second.read().decode().split()
+    assert count == "0"
+    assert second_dir != first_dir   # a directory with files in it is removed, not reused
+    assert not os.path.exists(first_dir)
+    third = run(ctx, ["pwd"]).read().decode().strip()
+    assert third == second_dir       # an empty one is handed to the next run
+    assert nothing_left(ctx.work_dir)
 
 
 def test_run_string_args_are_split(ctx):
@@ -217,7 +240,7 @@ def test_run_non_zero_exit_reports_status_and_stderr(ctx):
         run(ctx, ["sh", "-c", "echo some diagnostics >&2; exit 3"])
     msg = str(info.value)
     assert "status 3" in msg and "some diagnostics" in msg
-    assert os.listdir(ctx.work_dir) == []
+    assert nothing_left(ctx.work_dir)
 
 
 def test_run_stderr_tail_is_bounded(ctx):
@@ -243,7 +266,7 @@ def test_run_missing_output_file(ctx):
 def test_run_program_that_cannot_start(ctx):
     with pytest.raises(TaskError, match="cannot start program 'no-such-program-x'"):
         run(ctx, ["no-such-program-x"])
-    assert os.listdir(ctx.work_dir) == []
+    assert nothing_left(ctx.work_dir)
 
 
 def test_run_keeps_failed_dir_when_asked(tmp_path):
@@ -253,6 +276,7 @@ def test_run_keeps_failed_dir_when_asked(tmp_path):
     (kept,) = os.listdir(tmp_path)
     assert os.listdir(tmp_path / kept) == ["marker"]
     run(ctx, ["true"])
+    remove_spare_dirs(str(tmp_path))   # the successful run's directory
     assert os.listdir(tmp_path) == [kept]
 
 

@@ -3,14 +3,16 @@
 Policy (HyperLoom's, computed over whole batches):
 - A task prefers the worker that already holds the most bytes of its inputs.
 - Tasks with a cpu request go to a worker with enough cpus. A worker is given work up to
-  its cpus plus a short queue of the same size, so it never idles while a round trip is
-  in flight. A task whose preferred worker holds >= LOCALITY_BYTES of its inputs waits
+  ``queue_factor`` times its cpus: a short queue so it never idles while a round trip is
+  in flight. The factor is 2 (a queue as long as the cpus) for workers whose tasks take
+  long; the server raises it (up to MAX_QUEUE_FACTOR) for a worker that finishes many
+  short tasks a second, so that its reports and the server's rounds carry batches. A task whose preferred worker holds >= LOCALITY_BYTES of its inputs waits
   in that worker's queue rather than moving the data elsewhere.
 - Light tasks (no request) are spread by free queue room; up to LIGHT_QUEUE of them may
   be outstanding on one worker.
 
 Invariants: every returned assignment respects the worker's symbol support and, counting
-queued tasks, never exceeds 2x its cpus; a task appears in at most one assignment.
+queued tasks, never exceeds queue_factor x its cpus; a task appears in at most one assignment.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import numpy as np
 
 LOCALITY_BYTES = 1 << 20
 LIGHT_QUEUE = 8192
-QUEUE_FACTOR = 2   # cpu tasks assigned to a worker: up to this many times its cpus
+QUEUE_FACTOR = 2       # cpu tasks assigned to a worker: up to this many times its cpus ...
+MAX_QUEUE_FACTOR = 8   # ... or more, up to this, for a worker that finishes short tasks fast
+QUEUE_SECONDS = 0.010  # the queue beyond the cpus should hold about this much work
 
 
 @dataclass
@@ -33,12 +37,20 @@ class WorkerRoom:
     resources: dict = field(default_factory=dict)
     assigned_resources: dict = field(default_factory=dict)
     supports: np.ndarray | None = None   # bool per global symbol code; None = everything
+    queue_factor: int = QUEUE_FACTOR
 
     def cpu_room(self) -> int:
-        return QUEUE_FACTOR * self.cpus - self.assigned_cpus
+        return self.queue_factor * self.cpus - self.assigned_cpus
 
     def light_room(self) -> int:
         return LIGHT_QUEUE - self.assigned_light
+
+
+def queue_factor(cpu_tasks_per_second: float, cpus: int) -> int:
+    """How many times its cpus a worker may be given: enough queued tasks for about
+    QUEUE_SECONDS of work at the rate it has been finishing them."""
+    extra = cpu_tasks_per_second * QUEUE_SECONDS / max(cpus, 1)
+    return int(min(MAX_QUEUE_FACTOR, max(QUEUE_FACTOR, 1 + np.ceil(extra))))
 
 
 def preferences(task_pos: np.ndarray, holder: np.ndarray, sizes: np.ndarray, n_tasks: int):
@@ -156,12 +168,12 @@ def _place_heavy(positions, cpus, symbols, best, best_bytes, workers, requests, 
             if _fits(pref, need, request, pref.cpus):
                 target = pref
             elif best_bytes[p] >= LOCALITY_BYTES:
-                if _fits(pref, need, request, QUEUE_FACTOR * pref.cpus):
+                if _fits(pref, need, request, pref.queue_factor * pref.cpus):
                     target = pref
                 else:
                     continue   # wait for the worker that has the data
         if target is None:
-            candidates = [w for w in workers if _supports(w, symbols[p]) and _fits(w, need, request, QUEUE_FACTOR * w.cpus)
+            candidates = [w for w in workers if _supports(w, symbols[p]) and _fits(w, need, request, w.queue_factor * w.cpus)
                           and need <= w.cpus]
             if not candidates:
                 continue

@@ -67,6 +67,21 @@ class Worker:
     stats: dict = field(default_factory=dict)
     tasks_done: int = 0
     support_mask: np.ndarray | None = None   # cache of ServerCore._support_mask
+    queue_factor: int = placement.QUEUE_FACTOR   # from the rate of cpu tasks it finishes
+    rate_since: float | None = None          # start of the window counting them
+    rate_count: int = 0
+
+    RATE_WINDOW = 0.05   # seconds
+
+    def count_finished(self, cpu_tasks: int, now: float) -> None:
+        """Account finished cpu tasks; every RATE_WINDOW, set queue_factor from the rate."""
+        if self.rate_since is None:
+            self.rate_since = now
+        self.rate_count += cpu_tasks
+        elapsed = now - self.rate_since
+        if elapsed >= self.RATE_WINDOW:
+            self.queue_factor = placement.queue_factor(self.rate_count / elapsed, self.cpus)
+            self.rate_since, self.rate_count = now, 0
 
 
 @dataclass
@@ -87,6 +102,7 @@ class Job:
     ended: float | None = None
     trace: str | None = None
     detached: bool = False      # kept when its client disconnects (loomctl submit)
+    appended: bool = False      # has tasks after its id range (redirection sub-plans, dslice/dget)
 
 
 class ServerCore:
@@ -109,7 +125,8 @@ class ServerCore:
         self.aborted_jobs: set[int] = set()   # cancelled or failed: late results are dropped
         self.next_worker = 0
         self.next_job = 1
-        self.stats = {"scheduled": 0, "finished": 0, "failed": 0, "rounds": 0, "transfers": 0}
+        self.stats = {"scheduled": 0, "finished": 0, "failed": 0, "rounds": 0, "transfers": 0,
+                      "transfer_bytes": 0}
 
     # ------------------------------------------------------------------ helpers
     def _send(self, kind: str, target, message: bytes, body: dict, *blobs) -> None:
@@ -401,6 +418,7 @@ class ServerCore:
         self.stats["finished"] += len(ids)
         if worker is not None:
             worker.tasks_done += len(ids)
+            worker.count_finished(int(np.count_nonzero(c.cpus[ids])), now)
         # consumers: one decrement per input slot
         consumers = self.segs.consumers_of(ids)
         extra = ids[(c.flags[ids] & FLAG_EXTRA) > 0]
@@ -496,6 +514,7 @@ class ServerCore:
         c = self.cols
         ids = ids[(ids >= 0) & (ids < c.n)]
         self.stats["transfers"] += len(ids)
+        self.stats["transfer_bytes"] += int(c.size[ids].sum())
         for t in ids.tolist():
             if c.owner[t] >= 0 and c.owner[t] != wid:
                 self.replicas.setdefault(t, set()).add(wid)
@@ -536,6 +555,9 @@ class ServerCore:
     def _abort_job(self, job: Job, status: str, now: float) -> None:
         c = self.cols
         ids = np.arange(job.base, job.base + job.n, dtype=np.int64)
+        if job.appended:   # tasks added later (a redirection's sub-plan, ...) are released and cancelled too
+            end = job.base + job.n
+            ids = np.concatenate([ids, end + np.flatnonzero(c.job[end:c.n] == job.id)])
         pending = ids[np.isin(c.state[ids], (WAITING, READY))]
         c.state[pending] = CANCELLED
         # tasks of other jobs that wait on this job's unfinished tasks fail too
@@ -628,6 +650,7 @@ class ServerCore:
                 self.extra_consumers.setdefault(i, []).append(t)
                 c.flags[i] |= FLAG_EXTRA
         self.jobs[job_id].active += 1
+        self.jobs[job_id].appended = True
         self._make_ready(np.array([t]))
         return t
 
@@ -710,7 +733,7 @@ class ServerCore:
         """Place ready tasks on workers; returns how many were placed."""
         if not self.ready or not self.workers:
             return 0
-        if not any(w.assigned_light < placement.LIGHT_QUEUE or w.assigned_cpus < placement.QUEUE_FACTOR * w.cpus
+        if not any(w.assigned_light < placement.LIGHT_QUEUE or w.assigned_cpus < w.queue_factor * w.cpus
                    for w in self.workers.values()):
             return 0   # every worker is full: leave the ready list as it is
         c = self.cols
@@ -744,7 +767,7 @@ class ServerCore:
         for k, w in enumerate(workers):
             supports = self._support_mask(w)
             rooms.append(placement.WorkerRoom(k, w.cpus, w.assigned_cpus, w.assigned_light, w.resources,
-                                              dict(w.assigned_resources), supports))
+                                              dict(w.assigned_resources), supports, w.queue_factor))
         requests = {}
         named = ids[c.cpus[ids] > 0]
         for t in named.tolist():
@@ -775,7 +798,7 @@ class ServerCore:
         take, and a few times as many cpu tasks as there are free cpu slots."""
         c = self.cols
         light_room = sum(max(0, placement.LIGHT_QUEUE - w.assigned_light) for w in workers)
-        cpu_room = sum(max(0, placement.QUEUE_FACTOR * w.cpus - w.assigned_cpus) for w in workers)
+        cpu_room = sum(max(0, w.queue_factor * w.cpus - w.assigned_cpus) for w in workers)
         is_light = c.cpus[ids] == 0
         light, heavy = ids[is_light], ids[~is_light]
         heavy_take = 4 * cpu_room + 16 if cpu_room else 0

@@ -30,7 +30,7 @@ import cloudpickle
 import numpy as np
 
 from graphfmt import symbols as S
-from loomctl.worker import extensions
+from loomctl.worker import extensions, spawn
 from loomctl.worker.data import (CUT_DTYPE, Array, DataObject, FileObj, Index, Plain,
                                  PyObj, TaskError)
 
@@ -271,8 +271,7 @@ def prepare_run(config, inputs, ctx) -> PreparedRun:
     map_outputs = list(cfg.get("map_outputs") or [None])
     if len(map_inputs) != len(inputs):
         raise TaskError(f"run: {len(inputs)} input(s) but {len(map_inputs)} input mapping(s)")
-    os.makedirs(ctx.work_dir, exist_ok=True)
-    run_dir = tempfile.mkdtemp(prefix=f"run-{ctx.task_id}-", dir=ctx.work_dir)
+    run_dir = _make_run_dir(ctx.work_dir, ctx.task_id)
     prepared = PreparedRun([], run_dir, None, map_outputs, ctx.keep_failed_dirs)
     try:
         stdin, variables = _place_inputs(run_dir, inputs, map_inputs)
@@ -284,16 +283,74 @@ def prepare_run(config, inputs, ctx) -> PreparedRun:
     return prepared
 
 
+# Empty run directories left by finished programs, per work directory, handed to the
+# next run instead of being removed and made again (on a journalled file system rmdir +
+# mkdir cost more than a short program). Only directories found empty go here.
+_spare_dirs: dict[str, list[str]] = {}
+SPARE_DIRS = 16
+
+
+def _make_run_dir(work_dir: str, task_id: int) -> str:
+    """An empty directory for one run: a spare one, else ``run-ID`` (one mkdir), else a
+    unique name (a rerun of the task next to a kept failed directory)."""
+    try:
+        return _spare_dirs[work_dir].pop()
+    except (KeyError, IndexError):
+        pass
+    path = os.path.join(work_dir, f"run-{task_id}")
+    try:
+        os.mkdir(path)
+        return path
+    except FileExistsError:
+        return tempfile.mkdtemp(prefix=f"run-{task_id}-", dir=work_dir)
+    except FileNotFoundError:   # the work directory itself is not there (yet, or any more)
+        os.makedirs(work_dir, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f"run-{task_id}-", dir=work_dir)
+
+
+_program_paths: dict[bytes | str, str] = {}   # bare program name -> where PATH found it
+
+
+def _resolve(program):
+    """The path of a bare program name, looked up in PATH once per worker (the child
+    then makes one execve instead of one per PATH entry); names with a slash as given."""
+    found = _program_paths.get(program)
+    if found is None:
+        name = os.fsdecode(program)
+        if "/" in name:
+            return program
+        found = shutil.which(name)
+        if found is None or not os.path.isabs(found):
+            return program   # not found (the start fails as usual), or a relative PATH entry
+        _program_paths[program] = found
+    return found
+
+
 def start_program(prepared: PreparedRun) -> subprocess.Popen:
     program = os.fsdecode(prepared.argv[0])
+    argv = prepared.argv
     try:
         return subprocess.Popen(
-            prepared.argv, cwd=prepared.run_dir,
+            argv, executable=_resolve(argv[0]), cwd=prepared.run_dir,
             stdin=subprocess.PIPE if prepared.stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE if None in prepared.map_outputs else subprocess.DEVNULL,
             stderr=subprocess.PIPE)
     except OSError as e:
         raise TaskError(f"cannot start program {program!r}: {e.strerror or e} "
+                        "(no exit status: the program did not start)") from None
+
+
+def start_child(prepared: PreparedRun) -> spawn.Child:
+    """Start the program of a prepared run with pipes as plain fds (posix_spawn where
+    libc has it, else subprocess.Popen)."""
+    if not spawn.available():
+        return spawn.Child.of_popen(start_program(prepared))
+    argv = prepared.argv
+    try:
+        return spawn.spawn(argv, prepared.run_dir, stdin=prepared.stdin is not None,
+                           stdout=None in prepared.map_outputs, stderr=True, executable=_resolve(argv[0]))
+    except OSError as e:
+        raise TaskError(f"cannot start program {os.fsdecode(argv[0])!r}: {e.strerror or e} "
                         "(no exit status: the program did not start)") from None
 
 
@@ -307,9 +364,27 @@ def finish_run(prepared: PreparedRun, status: int, stdout: bytes | None, stderr:
         raise
 
 
+def remove_spare_dirs(work_dir: str) -> None:
+    """Remove the spare run directories of ``work_dir`` (when the worker stops)."""
+    for path in _spare_dirs.pop(work_dir, []):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def cleanup_run(prepared: PreparedRun) -> None:
-    if not (prepared.failed and prepared.keep_failed_dirs):
-        shutil.rmtree(prepared.run_dir, ignore_errors=True)
+    if prepared.failed and prepared.keep_failed_dirs:
+        return
+    run_dir = prepared.run_dir
+    try:
+        with os.scandir(run_dir) as entries:
+            empty = next(entries, None) is None
+    except OSError:
+        empty = False
+    if empty:
+        spares = _spare_dirs.setdefault(os.path.dirname(run_dir), [])
+        if len(spares) < SPARE_DIRS:
+            spares.append(run_dir)
+            return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _place_inputs(run_dir: str, inputs: list, map_inputs: list):

@@ -47,6 +47,7 @@ from loomctl.worker import data
 from loomctl.worker import extensions as registry
 from graphfmt import symbols as S
 from loomctl.worker.fetch import FetchPlan, PeerLinks
+from loomctl.worker.executors import remove_spare_dirs
 from loomctl.worker.programs import Programs
 from loomctl.worker.running import INLINE_SYMBOLS, Outcome, Pool, Report, run_task
 from loomctl.worker.taskqueue import TaskQueue, TaskSpec, is_int
@@ -56,6 +57,11 @@ log = logging.getLogger("loomctl.worker")
 LIGHT_THREADS = 2
 MAX_DRAIN = 1000          # messages read from one socket per iteration
 MAX_POLL_MS = 250
+# A busy worker (a task still running) sends finish reports at most this late, in one
+# UPDATE: the server does a round per message, so fewer and fuller messages leave its
+# cpu to the tasks. An idle worker, and any failure, reports at once. (Reporting early
+# when the local queue runs dry was tried: smaller batches cost more than the idle gap.)
+REPORT_HOLD_S = 0.010
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -127,6 +133,7 @@ class Worker:
         self.queue = TaskQueue(self.cpus, self.resources)
         self.plan = FetchPlan()
         self.report = Report()
+        self._report_since: float | None = None   # when the unsent report got its first entry
         self.context: zmq.Context | None = None
         self._sockets: list = []
         self._outcomes: deque = deque()
@@ -285,14 +292,16 @@ class Worker:
         self._start_tasks()
         self._timers(now)
         self._send_fetches(now)
-        self._flush_report()
+        self._flush_report(now)
 
     def _poll_timeout(self, now: float) -> int:
         if self._outcomes:
             return 0
-        if self.programs.reaping:   # a program closed its pipes but has not exited yet
+        if self.programs.waiting_for_exit():   # no pidfd: look again soon
             return 1
         deadline = self._next_heartbeat
+        if self._report_since is not None:
+            deadline = min(deadline, self._report_since + REPORT_HOLD_S)
         if self._lost_since is not None:
             deadline = min(deadline, self._lost_since + self.server_lost_s)
         return max(0, min(MAX_POLL_MS, int((deadline - now) * 1000) + 1))
@@ -395,10 +404,16 @@ class Worker:
                 self._lost_since = None
                 log.info("connection to the server is back")
 
-    def _flush_report(self) -> None:
-        if self.report:
-            self._send_server(P.UPDATE, self.report.body())
-            self.report = Report()
+    def _flush_report(self, now: float) -> None:
+        if not self.report:
+            return
+        if self._report_since is None:
+            self._report_since = now
+        if self.queue.running and not self.report.urgent() and now - self._report_since < REPORT_HOLD_S:
+            return
+        self._send_server(P.UPDATE, self.report.body())
+        self.report = Report()
+        self._report_since = None
 
     def _timers(self, now: float) -> None:
         if self.tracer is not None:
@@ -645,6 +660,8 @@ class Worker:
 
     def _remove_run_dir(self) -> None:
         run_dir = self.run_dir
+        if run_dir:
+            remove_spare_dirs(run_dir)
         if run_dir and os.path.isdir(run_dir):
             if self.keep_failed_dirs and os.listdir(run_dir):
                 log.info("kept the working directory %s (failed tasks' directories)", run_dir)

@@ -1,9 +1,11 @@
 """External programs (``loom/run/run``) run from the worker's loop without threads.
 
-A program is started with Popen in the loop thread; its stdin/stdout/stderr pipes are
-non-blocking and registered in the loop's zmq Poller as raw file descriptors. When both
-output pipes reach end of file the process is reaped (without blocking: a program that
-closes its pipes and keeps running is polled again later) and the task's outcome made.
+A program is started in the loop thread (posix_spawn, see spawn.py; Popen where libc
+lacks it); its stdin/stdout/stderr pipes are non-blocking and registered in the loop's zmq Poller as raw file descriptors, and so is
+a pidfd of the process (Linux >= 5.3), which becomes readable when it exits. When both
+output pipes reached end of file and the process exited, it is reaped and the task's
+outcome made. Without pidfds, a program whose pipes are closed is polled for its exit
+(the loop then wakes every millisecond).
 
 Invariants:
 - Nothing here blocks: reads and writes are non-blocking, waits use WNOHANG.
@@ -15,31 +17,39 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import time
 
 import zmq
 
 from loomctl.worker import data
 from loomctl.worker.executors import (ExecContext, PreparedRun, cleanup_run, finish_run,
-                                      prepare_run, start_program)
+                                      prepare_run, start_child)
+from loomctl.worker.spawn import Child
 from loomctl.worker.running import Outcome, finalize
 
 READ_SIZE = 1 << 16
 
 
 class _Program:
-    __slots__ = ("spec", "prepared", "proc", "out", "err", "stdin_view", "open_fds", "fds", "started")
+    __slots__ = ("spec", "prepared", "proc", "out", "err", "stdin_view", "open_fds", "fds", "started", "pidfd")
 
-    def __init__(self, spec, prepared: PreparedRun, proc: subprocess.Popen, started: float = 0.0):
+    def __init__(self, spec, prepared: PreparedRun, proc: Child, started: float = 0.0):
         self.spec, self.prepared, self.proc = spec, prepared, proc
         self.started = started   # Unix time before the program was prepared (for traces)
-        # descriptor -> pipe, taken now: a closed pipe object no longer knows its fileno
-        self.fds = {pipe.fileno(): pipe for pipe in (proc.stdin, proc.stdout, proc.stderr) if pipe is not None}
+        self.fds = {fd: role for fd, role in ((proc.stdin, "stdin"), (proc.stdout, "stdout"),
+                                              (proc.stderr, "stderr")) if fd is not None}
         self.out: list[bytes] = []
         self.err: list[bytes] = []
         self.stdin_view = memoryview(prepared.stdin) if prepared.stdin else None
         self.open_fds: set[int] = set()
+        self.pidfd: int | None = None   # open until the process exited
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):   # an older kernel or Python: poll for the exit
+        return None
 
 
 class Programs:
@@ -51,7 +61,7 @@ class Programs:
         self.reaping: list[_Program] = []
 
     def __len__(self) -> int:
-        return len({id(p) for p in self.by_fd.values()}) + len(self.reaping)
+        return len({id(p) for p in [*self.by_fd.values(), *self.reaping]})
 
     def start(self, spec, inputs: list) -> Outcome | None:
         """Start the program of a run task; an Outcome when it failed at once."""
@@ -60,22 +70,25 @@ class Programs:
         prepared = None
         try:
             prepared = prepare_run(spec.config, inputs, ctx)
-            proc = start_program(prepared)
+            proc = start_child(prepared)
         except data.TaskError as exc:
             if prepared is not None:
                 cleanup_run(prepared)
             return Outcome(spec.id, error=str(exc))
         program = _Program(spec, prepared, proc, started)
-        for pipe, flags in ((proc.stdout, zmq.POLLIN), (proc.stderr, zmq.POLLIN), (proc.stdin, zmq.POLLOUT)):
-            if pipe is None:
+        for fd, flags in ((proc.stdout, zmq.POLLIN), (proc.stderr, zmq.POLLIN), (proc.stdin, zmq.POLLOUT)):
+            if fd is None:
                 continue
-            fd = pipe.fileno()
             os.set_blocking(fd, False)
             program.open_fds.add(fd)
             self.by_fd[fd] = program
             self.poller.register(fd, flags)
+        program.pidfd = _pidfd(proc.pid)
+        if program.pidfd is not None:
+            self.by_fd[program.pidfd] = program
+            self.poller.register(program.pidfd, zmq.POLLIN)
         if proc.stdin is not None and program.stdin_view is None:
-            self._close(program, proc.stdin.fileno())
+            self._close(program, proc.stdin)
         if not program.open_fds:
             self.reaping.append(program)
         return None
@@ -86,7 +99,9 @@ class Programs:
             program = self.by_fd.get(fd)
             if program is None:
                 continue
-            if program.fds[fd] is program.proc.stdin:
+            if fd == program.pidfd:
+                self._exited(program)
+            elif program.fds[fd] == "stdin":
                 self._write_stdin(program, fd)
             else:
                 self._read(program, fd)
@@ -106,7 +121,7 @@ class Programs:
             self._close(program, fd)
 
     def _read(self, program: _Program, fd: int) -> None:
-        sink = program.out if program.fds[fd] is program.proc.stdout else program.err
+        sink = program.out if program.fds[fd] == "stdout" else program.err
         while True:
             try:
                 chunk = os.read(fd, READ_SIZE)
@@ -124,15 +139,26 @@ class Programs:
             pass
         self.by_fd.pop(fd, None)
         program.open_fds.discard(fd)
-        program.fds[fd].close()
+        os.close(fd)
         if not program.open_fds:
             self.reaping.append(program)
+
+    def _exited(self, program: _Program) -> None:
+        self.poller.unregister(program.pidfd)
+        self.by_fd.pop(program.pidfd, None)
+        os.close(program.pidfd)
+        program.pidfd = None
+        program.proc.poll()
+
+    def waiting_for_exit(self) -> bool:
+        """Whether a program closed its pipes and has no pidfd to say when it exits."""
+        return any(p.pidfd is None for p in self.reaping)
 
     def reap(self) -> list[Outcome]:
         """Outcomes of the programs whose pipes are closed and that have exited."""
         outcomes, still = [], []
         for program in self.reaping:
-            if program.proc.poll() is None:
+            if program.pidfd is not None or program.proc.poll() is None:
                 still.append(program)
                 continue
             outcomes.append(self._outcome(program))
@@ -161,6 +187,8 @@ class Programs:
             if program.proc.poll() is None:
                 program.proc.kill()
             program.proc.wait()
+            for fd in [*program.open_fds, *([program.pidfd] if program.pidfd is not None else [])]:
+                os.close(fd)
             cleanup_run(program.prepared)
         self.by_fd.clear()
         self.reaping.clear()

@@ -82,6 +82,10 @@ class Report:
     def __bool__(self):
         return bool(self.finished or self.failed or self.redirects or self.replicas or self.logs)
 
+    def urgent(self) -> bool:
+        """Whether the report has more than finishes and logs (it is sent at once)."""
+        return bool(self.failed or self.redirects or self.replicas)
+
     def body(self) -> dict:
         return {"finished": P.ids_to_bytes(self.finished), "sizes": P.ids_to_bytes(self.sizes),
                 "lengths": P.ids_to_bytes(self.lengths), "failed": self.failed,
