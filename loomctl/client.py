@@ -309,7 +309,9 @@ class Client:
         for f in futures:
             f._released = True
             self.futures.pop(f.task_id, None)
-        self._request(P.RELEASE, {"ids": P.ids_to_bytes(ids)})
+        # a notice, not a request: nothing to wait for (the server handles it before any
+        # later request of this client)
+        self.sock.send_multipart(P.encode(P.RELEASE, {"ids": P.ids_to_bytes(ids)}))
 
     def cancel(self, job: int) -> None:
         """Cancel a running job (its futures fail), or drop the results of a finished one."""

@@ -41,7 +41,9 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
                path: the worker appends records to path/worker-<name>.trace; see
                loomctl.trace.hooks and loom-trace(5))
   client -> server: each request carries "req" (int), echoed in REPLY {req, ...} or
-  ERROR {req, message}
+  ERROR {req, message}; a message without "req" is a notice and gets no answer at all
+  (the client sends RELEASE so: nothing waits for it, and later requests on the same
+  connection are handled after it)
     SUBMIT {graph: graph file bytes, load: bool, name, trace: dir|None, notify: bool}
                                     -> REPLY {job, base, n}   (global id = base + local id)
     RELEASE {ids}   STATS {}   STATUS {}   CANCEL {job}   TERMINATE {}   SET_TRACE {path}

@@ -249,6 +249,9 @@ class Server:
     def _worker_message(self, identity: bytes, kind: bytes, body: dict, now: float) -> None:
         core = self.core
         if kind == P.REGISTER:
+            if self.worker_of_key.get(identity) in core.workers:
+                # a second worker on one connection would be a phantom that gets tasks
+                raise P.ProtocolError("REGISTER from a worker that is already registered")
             address = P.field(body, "data_address", str)
             cpus = P.field(body, "cpus", int)
             if not address.startswith("tcp://") or cpus < 0:
@@ -272,6 +275,11 @@ class Server:
                 lengths = P.ids_from_bytes(P.field(body, "lengths", bytes))
                 if not len(sizes) == len(lengths) == len(finished):
                     raise P.ProtocolError("finished/sizes/lengths differ in length")
+                if len(finished) > 1:   # an id reported twice would be counted twice
+                    unique, first = np.unique(finished, return_index=True)
+                    if len(unique) < len(finished):
+                        keep = np.sort(first)
+                        finished, sizes, lengths = finished[keep], sizes[keep], lengths[keep]
                 core.tasks_finished(wid, finished, sizes, lengths, now)
             replicas = P.ids_from_bytes(P.field(body, "replicas", bytes, b""))
             if len(replicas):
@@ -283,6 +291,8 @@ class Server:
                     log.info("task %s failed on %s: %s", t, core.workers[wid].name, str(m).splitlines()[0][:200] if m else "")
             for task_id, graph_bytes in P.field(body, "redirects", list, []):
                 try:
+                    if not isinstance(graph_bytes, bytes):   # read() would open a str as a path
+                        raise GraphError("the sub-plan is not graph file bytes")
                     graph = graphfmt.read(graph_bytes)
                 except GraphError as exc:
                     core.tasks_failed(wid, [(int(task_id), f"invalid redirection sub-plan: {exc}")], now)
@@ -301,9 +311,13 @@ class Server:
             result = self._client_request(identity, kind, body, now)
         except (SubmitError, GraphError, P.ProtocolError, ValueError, TypeError, KeyError) as exc:
             message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else _short(exc)
+            if req is None:   # a notice: nobody waits for an answer
+                self.bad_messages += 1
+                log.info("bad %s notice from a client: %s", kind.decode(errors="replace"), message)
+                return
             self._reply(identity, P.encode(P.ERROR, {"req": req, "message": message}))
             return
-        if result is not None:
+        if result is not None and req is not None:
             self._reply(identity, P.encode(P.REPLY, {"req": req, **result}))
 
     def _client_request(self, identity: bytes, kind: bytes, body: dict, now: float) -> dict | None:
