@@ -66,17 +66,21 @@ def test_programs_run_through_the_loop_either_way(tmp_path, monkeypatch, use_spa
             self.checkpoint, self.label = None, ""
 
     from loomctl.worker.data import Plain
-    specs = {1: (["tr", "a-z", "A-Z"], b"hello"), 2: (["sh", "-c", "cat >/dev/null; echo oops >&2; exit 5"], b"x")}
+    specs = {1: (["tr", "a-z", "A-Z"], b"hello"), 2: (["sh", "-c", "cat >/dev/null; echo oops >&2; exit 5"], b"x"),
+             # closes its pipes, then runs on: its exit must still be noticed (pidfd or polling)
+             3: (["sh", "-c", "cat >/dev/null; echo early; exec >&- 2>&-; sleep 0.3; exit 4"], b"x")}
     for task_id, (args, stdin) in specs.items():
         assert programs.start(Spec(task_id, args), [Plain(stdin)]) is None
     outcomes = {}
-    while len(outcomes) < 2:
+    while len(outcomes) < 3:
         events = dict(poller.poll(5000))
         assert events or programs.reaping, "a program never finished"
         for outcome in programs.on_ready(list(events)):
             outcomes[outcome.task_id] = outcome
     assert outcomes[1].error is None and outcomes[1].result.read() == b"HELLO"
     assert "status 5" in outcomes[2].error and "oops" in outcomes[2].error
+    assert "status 4" in outcomes[3].error
+    assert outcomes[3].ended - outcomes[3].started >= 0.3
     assert len(programs) == 0
     executors.remove_spare_dirs(str(tmp_path))
     assert os.listdir(tmp_path) == []

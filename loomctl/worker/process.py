@@ -61,7 +61,7 @@ MAX_POLL_MS = 250
 # UPDATE: the server does a round per message, so fewer and fuller messages leave its
 # cpu to the tasks. An idle worker, and any failure, reports at once. (Reporting early
 # when the local queue runs dry was tried: smaller batches cost more than the idle gap.)
-REPORT_HOLD_S = 0.010
+REPORT_HOLD_S = 0.005
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -1,11 +1,11 @@
 """External programs (``loom/run/run``) run from the worker's loop without threads.
 
 A program is started in the loop thread (posix_spawn, see spawn.py; Popen where libc
-lacks it); its stdin/stdout/stderr pipes are non-blocking and registered in the loop's zmq Poller as raw file descriptors, and so is
-a pidfd of the process (Linux >= 5.3), which becomes readable when it exits. When both
-output pipes reached end of file and the process exited, it is reaped and the task's
-outcome made. Without pidfds, a program whose pipes are closed is polled for its exit
-(the loop then wakes every millisecond).
+lacks it); its stdin/stdout/stderr pipes are non-blocking and registered in the loop's zmq Poller as raw file descriptors. When its
+output pipes reached end of file the process has almost always exited and is reaped at
+once; if not yet, a pidfd of it (Linux >= 5.3), which becomes readable when it exits,
+joins the poller. Without pidfds, such a program is polled for its exit (the loop then
+wakes every millisecond).
 
 Invariants:
 - Nothing here blocks: reads and writes are non-blocking, waits use WNOHANG.
@@ -83,10 +83,6 @@ class Programs:
             program.open_fds.add(fd)
             self.by_fd[fd] = program
             self.poller.register(fd, flags)
-        program.pidfd = _pidfd(proc.pid)
-        if program.pidfd is not None:
-            self.by_fd[program.pidfd] = program
-            self.poller.register(program.pidfd, zmq.POLLIN)
         if proc.stdin is not None and program.stdin_view is None:
             self._close(program, proc.stdin)
         if not program.open_fds:
@@ -159,6 +155,11 @@ class Programs:
         outcomes, still = [], []
         for program in self.reaping:
             if program.pidfd is not None or program.proc.poll() is None:
+                if program.pidfd is None:   # pipes closed, exit still to come: be told
+                    program.pidfd = _pidfd(program.proc.pid)
+                    if program.pidfd is not None:
+                        self.by_fd[program.pidfd] = program
+                        self.poller.register(program.pidfd, zmq.POLLIN)
                 still.append(program)
                 continue
             outcomes.append(self._outcome(program))
