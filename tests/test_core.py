@@ -149,6 +149,27 @@ def test_queue_grows_for_a_worker_that_finishes_short_tasks_fast():
     fast.core.check_invariants()
 
 
+def test_zero_cpu_task_with_a_named_resource_goes_only_where_it_is():
+    env = Env(1)
+    gpu = env.core.add_worker(b"w1", {"cpus": 1, "data_address": "addr-g", "resources": {"gpu": 1}}, 0.0)
+    env.wids.append(gpu)
+    env.assigned[gpu] = []
+    work = [tasks.const(f"t{i}") for i in range(4)]
+    for w in work:
+        w.resource_request = tasks.ResourceRequest(0, gpu=1)
+    env.submit(work)
+    env.schedule()
+    assert env.assigned[env.wids[0]] == []          # the worker without the resource gets none
+    assert len(env.assigned[gpu]) == 1              # one at a time: there is one gpu
+    sent = [body for target, kind, body in env.sent if kind == P.COMPUTE]
+    assert sent[-1]["tasks"][0][5] == {"gpu": 1}    # and the worker is told what it reserves
+    env.finish(gpu)
+    env.schedule()
+    assert len(env.assigned[gpu]) == 1
+    assert env.core.workers[gpu].assigned_resources == {"gpu": 1}
+    env.core.check_invariants()
+
+
 def test_unsatisfiable_request_fails_the_job():
     env = Env(2)
     t = tasks.run("true")

@@ -471,9 +471,14 @@ class ServerCore:
             mine = ids[c.worker[ids] == wid]
             cpus = c.cpus[mine]
             worker.assigned_cpus -= int(cpus.sum())
-            worker.assigned_light -= int(np.count_nonzero(cpus == 0))
-            for t in mine[cpus > 0].tolist():
-                for name, amount in self._named_request(t).items():
+            if not self.any_named_requests:
+                worker.assigned_light -= int(np.count_nonzero(cpus == 0))
+                continue
+            for t, n in zip(mine.tolist(), cpus.tolist()):
+                request = self._named_request(t)
+                if n == 0 and not request:   # light, as placement counted it
+                    worker.assigned_light -= 1
+                for name, amount in request.items():
                     worker.assigned_resources[name] = worker.assigned_resources.get(name, 0) - amount
         c.worker[ids] = -1
 
@@ -769,7 +774,7 @@ class ServerCore:
             rooms.append(placement.WorkerRoom(k, w.cpus, w.assigned_cpus, w.assigned_light, w.resources,
                                               dict(w.assigned_resources), supports, w.queue_factor))
         requests = {}
-        named = ids[c.cpus[ids] > 0]
+        named = ids if self.any_named_requests else ids[:0]   # a 0-cpu task may name resources too
         for t in named.tolist():
             req = self._named_request(t)
             if req:
@@ -840,7 +845,7 @@ class ServerCore:
                     holders = self.replicas.get(i, ())
                     if worker.id not in holders and holder >= 0:
                         locations[i] = self.workers[int(holder)].data_address
-            request = self._named_request(t) if c.cpus[t] else None
+            request = self._named_request(t)
             checkpoint = g.checkpoint(local) if c.flags[t] & FLAG_CHECKPOINT and not c.flags[t] & FLAG_LOADED else None
             tasks.append([t, symbol, config, input_list, int(c.cpus[t]), request or None, checkpoint, g.label(local)])
         return {"tasks": tasks, "locations": locations}
@@ -939,6 +944,7 @@ class ServerCore:
         for w in self.workers.values():
             mine = np.flatnonzero((c.state[:n] == ASSIGNED) & (c.worker[:n] == w.id))
             assert w.assigned_cpus == int(c.cpus[mine].sum()), "assigned cpus"
-            assert w.assigned_light == int(np.count_nonzero(c.cpus[mine] == 0)), "assigned light"
+            light = [t for t in mine[c.cpus[mine] == 0].tolist() if not self._named_request(t)]
+            assert w.assigned_light == len(light), "assigned light"
         live = (c.state[:n] == FINISHED) & (c.owner[:n] >= 0)
         assert not np.any(live & (c.holds[:n] <= 0)), "unheld data kept"
