@@ -130,6 +130,49 @@ def test_python_task_exception_has_traceback(client):
     assert "ValueError" in failure.value.error_msg and "bad value here" in failure.value.error_msg
 
 
+def test_python_tasks_run_in_processes_of_their_worker(client):
+    @tasks.py_task()
+    def where():
+        import os
+        import time
+        time.sleep(0.3)   # long enough for both to run at once, on the worker's two cpus
+        print("printed output goes to the worker's log, not into the result")
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = f.read().replace(b"\0", b" ")
+        return f"{os.getpid()} {os.getppid()} {b'worker start' in parent}"
+
+    answers = [r.decode().split() for r in client.gather(client.submit([where(), where()]))]
+    for pid, parent, parent_is_worker in answers:
+        assert pid != parent and parent_is_worker == "True"
+
+
+def test_python_task_whose_process_dies_fails_alone(client):
+    @tasks.py_task()
+    def dies():
+        import os
+        os._exit(7)
+
+    @tasks.py_task()
+    def fine():
+        return "still fine"
+
+    with pytest.raises(TaskFailed) as failure:
+        client.submit_one(dies()).gather()
+    assert "exited with status 7" in failure.value.error_msg
+    assert client.gather(client.submit([fine(), fine(), fine()])) == [b"still fine"] * 3
+
+
+def test_python_task_result_that_cannot_leave_its_process(client):
+    @tasks.py_task(context=True)
+    def lock(ctx):
+        import threading
+        return ctx.wrap(threading.Lock())
+
+    with pytest.raises(TaskFailed) as failure:
+        client.submit_one(lock()).gather()
+    assert "picklable" in failure.value.error_msg
+
+
 def test_dslice_and_dget(client):
     lines = tasks.split(tasks.const("".join(f"{i}\n" for i in range(40))))
 

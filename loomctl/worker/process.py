@@ -196,7 +196,7 @@ class Worker:
         for sock in (self.server, self.data, self.monitor, self.wake_rx):
             self.poller.register(sock, zmq.POLLIN)
         self.peers = PeerLinks(ctx, self.poller, self.secret)
-        self._pools = [Pool(max(1, self.cpus), "loomctl-exec", self._done),
+        self._pools = [Pool(max(1, self.cpus), "loomctl-exec", self._done, python_processes=self.cpus > 1),
                        Pool(LIGHT_THREADS, "loomctl-light", self._done)]
         self.pool, self.light_pool = self._pools
         self.programs = Programs(self.poller, self.run_dir, self.keep_failed_dirs)

@@ -7,7 +7,10 @@ Invariants:
 - A result with a checkpoint path is written there atomically before the task counts as
   finished; a failed write fails the task.
 - Pool threads are daemons: a task still running when the worker stops does not keep
-  the process alive.
+  the process alive. On a worker with more than one cpu, a Python function task that
+  holds cpus runs in the thread's child process (pyprocess.py), so that such tasks use
+  all the cpus; everything else, and everything on a one-cpu worker (where a process
+  would only add copies of the data), runs in the thread itself.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from graphfmt import symbols as S
 from loomctl import protocol as P
 from loomctl.worker import data
 from loomctl.worker.executors import ExecContext, Redirect, execute, write_atomically
+from loomctl.worker.pyprocess import PyChild, run_in_child, wants_process
 from loomctl.worker.redirect import redirect_graph_bytes
 from loomctl.worker.taskqueue import TaskSpec
 
@@ -96,7 +100,8 @@ class Report:
 class Pool:
     """Daemon executor threads (a task still running at exit does not hold the process)."""
 
-    def __init__(self, n: int, name: str, done):
+    def __init__(self, n: int, name: str, done, python_processes: bool = False):
+        self.python_processes = python_processes
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.threads = [threading.Thread(target=self._serve, args=(done,), daemon=True,
                                          name=f"{name}-{k}") for k in range(n)]
@@ -104,11 +109,20 @@ class Pool:
             thread.start()
 
     def _serve(self, done) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            done(run_task(*job))
+        child = PyChild() if self.python_processes else None   # started when first needed
+        try:
+            while True:
+                job = self.jobs.get()
+                if job is None:
+                    return
+                spec, inputs, work_dir, _ = job
+                if child is not None and wants_process(spec, inputs):
+                    done(run_in_child(child, spec, inputs, work_dir))
+                else:
+                    done(run_task(*job))
+        finally:
+            if child is not None:
+                child.close()
 
     def submit(self, *job) -> None:
         self.jobs.put(job)
