@@ -331,9 +331,6 @@ SHAPES = {
               lambda r: r["server_peak_rss_mb"] <= 300),
     "latency": (loom_latency, dask_latency, 200, "ms", "<= 2 ms", lambda r: r["loomctl"] <= 2),
 }
-FRESH_SERVER = {"scale"}   # peak RSS must be this shape's own
-
-
 def figure(unit, n, seconds):
     if unit == "rate":
         return n / seconds
@@ -342,23 +339,20 @@ def figure(unit, n, seconds):
 
 def run_loom(shapes, sizes, repeat, trace):
     results = {}
-    shared = [s for s in shapes if s not in FRESH_SERVER]
-    groups = ([shared] if shared else []) + [[s] for s in shapes if s in FRESH_SERVER]
-    for group in groups:
+    for shape in shapes:   # each on a fresh server and workers (the scale shape's peak RSS is its own)
+        fn, _, _, unit, _, _ = SHAPES[shape]
         cluster = LoomCluster(trace=trace)
         try:
-            for shape in group:
-                fn, _, _, unit, _, _ = SHAPES[shape]
-                best = None
-                for _ in range(repeat):
-                    cpu0 = cluster.cpu()
-                    n, seconds, extra = fn(cluster, sizes[shape])
-                    cpu1 = cluster.cpu()
-                    value = figure(unit, n, seconds)
-                    if best is None or (value > best[0] if unit == "rate" else value < best[0]):
-                        cpu = {k: round((cpu1[k] - cpu0[k]) / n * 1e6, 1) for k in cpu0}
-                        best = (value, n, extra, cpu)
-                results[shape] = best
+            best = None
+            for _ in range(repeat):
+                cpu0 = cluster.cpu()
+                n, seconds, extra = fn(cluster, sizes[shape])
+                cpu1 = cluster.cpu()
+                value = figure(unit, n, seconds)
+                if best is None or (value > best[0] if unit == "rate" else value < best[0]):
+                    cpu = {k: round((cpu1[k] - cpu0[k]) / n * 1e6, 1) for k in cpu0}
+                    best = (value, n, extra, cpu)
+            results[shape] = best
         finally:
             cluster.close()
     return results
