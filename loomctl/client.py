@@ -19,9 +19,8 @@ from __future__ import annotations
 import itertools
 import os
 import socket as _socket
-from typing import Iterable, Iterator
+from typing import Iterator
 
-import numpy as np
 import zmq
 
 import graphfmt

@@ -84,16 +84,20 @@ class Cluster:
             return ""
 
     def stop(self):
-        procs = [p for p in [*self.workers, getattr(self, "server", None)] if p is not None]
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.time() + 5
-        for p in procs:
-            try:
-                p.wait(max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        terminate_all([p for p in [*self.workers, getattr(self, "server", None)] if p is not None])
         for log in self.logs:
             log.close()
+
+
+def terminate_all(procs) -> None:
+    """SIGTERM to every process still running, then up to 5 s for all to exit, then SIGKILL."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

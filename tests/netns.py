@@ -24,12 +24,12 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 
 from clihelp import ROOT
+from cluster import terminate_all
 
 SUBNET = "10.77.0"
 _counter = itertools.count(1)
@@ -192,17 +192,7 @@ class NetnsCluster:
 
     def stop(self) -> None:
         try:
-            procs = list(self.procs.values())
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 5
-            for p in procs:
-                try:
-                    p.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            terminate_all(list(self.procs.values()))
             for log in self.logs:
                 log.close()
         finally:

@@ -8,7 +8,7 @@ from graphfmt import symbols as S
 from graphfmt import tasks
 from loomctl import protocol as P
 from loomctl.core.server import ServerCore, SubmitError
-from loomctl.core.tasktable import ASSIGNED, CANCELLED, FINISHED, READY, SKIPPED, WAITING
+from loomctl.core.tasktable import CANCELLED, SKIPPED
 from loomctl.core import placement
 
 

@@ -76,16 +76,11 @@ def test_tree_job_moves_data_between_hosts(cluster):
           f"{out['stats']['transfers']} transfers, tasks done {[w['tasks_done'] for w in workers.values()]}")
 
 
-CUT_CLIENT = r"""
+# the start of the client scripts that wait for a cut to be noticed
+WAITING_CLIENT = r"""
 import subprocess, time
 from graphfmt import tasks
 from loomctl.client import Client
-
-def step1(i):
-    return tasks.run(["sh", "-c", f"sleep 0.25; echo {i}"])
-
-def step2(t):   # reads step 1's data, often made on the other worker
-    return tasks.run(["sh", "-c", "sleep 0.25; cat; echo +"], [(t, None)])
 
 def wait_until(predicate, timeout, step=0.02):
     deadline = time.monotonic() + timeout
@@ -95,6 +90,16 @@ def wait_until(predicate, timeout, step=0.02):
             return value
         time.sleep(step)
     raise SystemExit(f"condition not reached in {timeout} s")
+"""
+
+CUT_CLIENT = WAITING_CLIENT + r"""
+
+def step1(i):
+    return tasks.run(["sh", "-c", f"sleep 0.25; echo {i}"])
+
+def step2(t):   # reads step 1's data, often made on the other worker
+    return tasks.run(["sh", "-c", "sleep 0.25; cat; echo +"], [(t, None)])
+
 
 n = ARGS["n"]
 with Client(server_dir_path=ARGS["server_dir"]) as client:
@@ -140,19 +145,8 @@ def test_worker_cut_off_mid_job_is_detected_and_job_completes(cluster):
           f"server detected the loss after {out['detected']:.2f} s; job done in {out['elapsed']:.2f} s")
 
 
-STRANDED_CLIENT = r"""
-import subprocess, time
-from graphfmt import tasks
-from loomctl.client import Client
+STRANDED_CLIENT = WAITING_CLIENT + r"""
 
-def wait_until(predicate, timeout, step=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise SystemExit(f"condition not reached in {timeout} s")
 
 on_w0 = tasks.ResourceRequest(1, b=1)           # only w0 offers b
 b = tasks.run(["sh", "-c", "sleep 1; echo b"])

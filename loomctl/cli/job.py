@@ -10,7 +10,6 @@ Invariants:
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from typing import Optional
