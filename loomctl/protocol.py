@@ -201,8 +201,15 @@ class Gatekeeper:
             role = body.get("role")
             if role not in ROLES or body.get("version") != PROTOCOL_VERSION:
                 self.refused += 1
-                self.log(f"refused a peer: bad hello (role {role!r}, version {body.get('version')!r})")
+                # clipped: a stranger's 60 MB role must not become a 60 MB log line
+                self.log(f"refused a peer: bad hello (role {role!r:.80}, version {body.get('version')!r:.80})")
                 return False, encode(REFUSED, {"reason": f"protocol version {PROTOCOL_VERSION} and a known role required"})
+            if identity in self.roles and self.roles[identity] != role:
+                # a connection keeps its role: the server ties jobs (client) or a worker
+                # record (worker) to it, which a change of role would orphan
+                self.refused += 1
+                self.log(f"refused a {self.roles[identity]}'s hello as a {role}: a connection keeps its role")
+                return False, encode(REFUSED, {"reason": "a connection keeps its role"})
             if self.secret is None:
                 self.roles[identity] = role
                 return False, encode(WELCOME, self.welcome)

@@ -29,6 +29,7 @@ from loomctl.access import remove_access, write_access
 from loomctl.core.server import ServerCore, SubmitError
 
 log = logging.getLogger("loomctl.server")
+MAX_REPORTED = 1 << 48   # bound of the sizes and lengths a worker reports
 
 
 class Server:
@@ -256,6 +257,10 @@ class Server:
             cpus = P.field(body, "cpus", int)
             if not address.startswith("tcp://") or cpus < 0:
                 raise P.ProtocolError("REGISTER needs a tcp:// data_address and cpus >= 0")
+            resources = body.get("resources") or {}
+            if not isinstance(resources, dict) or not all(   # replies (STATUS) carry them
+                    isinstance(k, str) and type(v) is int and 0 <= v < 1 << 63 for k, v in resources.items()):
+                raise P.ProtocolError("REGISTER resources must map names to integers 0 <= n < 2**63")
             wid = core.add_worker(identity, body, now)
             self.worker_of_key[identity] = wid
             w = core.workers[wid]
@@ -280,6 +285,10 @@ class Server:
                     if len(unique) < len(finished):
                         keep = np.sort(first)
                         finished, sizes, lengths = finished[keep], sizes[keep], lengths[keep]
+                # sizes are summed into statistics: one near 2**63 overflowed them (and then
+                # STATS could no longer be encoded); no data object is 2**48 bytes
+                sizes = np.clip(sizes, 0, MAX_REPORTED)
+                lengths = np.clip(lengths, 0, MAX_REPORTED)
                 core.tasks_finished(wid, finished, sizes, lengths, now)
             replicas = P.ids_from_bytes(P.field(body, "replicas", bytes, b""))
             if len(replicas):
