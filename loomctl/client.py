@@ -58,11 +58,12 @@ class TaskFailed(LoomException):
 
 
 class Future:
-    __slots__ = ("client", "task_id", "job", "address", "_released", "__weakref__")
+    __slots__ = ("client", "task_id", "job", "address", "inline", "_released", "__weakref__")
 
     def __init__(self, client: "Client", task_id: int, job: int):
         self.client, self.task_id, self.job = client, task_id, job
         self.address: str | None = None
+        self.inline: bytes | None = None   # the result's encoding, when it came with the notice
         self._released = False
 
     def finished(self) -> bool:
@@ -116,7 +117,7 @@ class Client:
         self.replies: dict[int, tuple[bytes, dict]] = {}
         # results ready before their futures exist (the notice can arrive in the same read
         # as the submit reply); consumed when the submit makes its futures
-        self.early_addresses: dict[int, str] = {}
+        self.early_addresses: dict[int, tuple[str, bytes | None]] = {}
         self.trace_path: str | None = None
 
     def _connect(self, address: str, role: str) -> zmq.Socket:
@@ -152,19 +153,20 @@ class Client:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return True
-            kind, body, _ = P.decode(frames)
-            self._apply(kind, body)
+            kind, body, blobs = P.decode(frames)
+            self._apply(kind, body, blobs)
 
-    def _apply(self, kind: bytes, body: dict) -> None:
+    def _apply(self, kind: bytes, body: dict, blobs: list) -> None:
         if kind in (P.REPLY, P.ERROR):
             self.replies[body.get("req")] = (kind, body)
         elif kind == P.RESULTS_READY:
+            inline = dict(zip(P.ids_from_bytes(body.get("inline", b"")).tolist(), blobs))
             for task_id, address in zip(P.ids_from_bytes(body["ids"]).tolist(), body["addresses"]):
                 future = self.futures.get(task_id)
                 if future is not None:
-                    future.address = address
+                    future.address, future.inline = address, inline.get(task_id)
                 else:
-                    self.early_addresses[task_id] = address
+                    self.early_addresses[task_id] = (address, inline.get(task_id))
         elif kind == P.TASK_FAILED:
             self.job_errors[body["job"]] = body
         elif kind == P.JOB_DONE:
@@ -215,7 +217,8 @@ class Client:
         a future released already, so none is kept."""
         if self.early_addresses:
             for future in futures:
-                future.address = self.early_addresses.get(future.task_id, future.address)
+                if future.task_id in self.early_addresses:
+                    future.address, future.inline = self.early_addresses[future.task_id]
             self.early_addresses.clear()
 
     def job_progress(self, job: int) -> dict:
@@ -269,9 +272,12 @@ class Client:
         futures = _as_list(futures)
         self.wait(futures)
         by_address: dict[str, list[Future]] = {}
-        for f in futures:
-            by_address.setdefault(f.address, []).append(f)
         values = {}
+        for f in futures:
+            if f.inline is not None:   # came with the results notice
+                values[f.task_id] = D.to_client(D.decode(f.inline))
+            else:
+                by_address.setdefault(f.address, []).append(f)
         for address, group in by_address.items():
             values.update(self._download(address, [f.task_id for f in group]))
         return [values[f.task_id] for f in futures]

@@ -23,11 +23,16 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
     UPDATE    {finished: ids, sizes: ids, lengths: ids,          (one batch of reports)
                failed: [[id, message]], redirects: [[id, graph_file_bytes]],
                replicas: ids (objects fetched from peers, now also held here),
-               logs: [[id, level, message]]}
+               logs: [[id, level, message]],
+               inline: ids (optional: finished results sent along, one blob each, in
+                       order; only tasks marked so in COMPUTE, each <= INLINE_BYTES)}
     HEARTBEAT {n_data, data_bytes, rss, cpu_percent, running}
   server -> worker
     COMPUTE   {tasks: [[id, symbol, config, [input ids], cpus, resources|None,
-                        checkpoint|None, label|None]],
+                        checkpoint|None, label|None, inline: bool]],
+               (inline: a client waits for this result; when its encoding is at most
+                INLINE_BYTES the worker sends it along in UPDATE, and the server passes
+                it on in RESULTS_READY, saving the client a fetch; the worker keeps it)
                locations: {input id: data_address},   (inputs this worker does not hold)
                jobs: ids (optional: the job of each task, in the order of tasks; present
                      only when a task of a traced job is among them)}
@@ -53,7 +58,8 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
     JOB_RESULTS {job} -> REPLY {status, ids, addresses, failed}
     WAIT_JOB {job}    (subscribe to the job's pushes below)
   server -> client pushes (for jobs submitted with notify, or after WAIT_JOB)
-    RESULTS_READY {job, ids, addresses: [data_address per id]}
+    RESULTS_READY {job, ids, addresses: [data_address per id],
+                   inline: ids (optional, a subset of ids)} + one blob per inline id
     TASK_FAILED {job, id, label, symbol, worker, message}
     JOB_DONE {job, status: finished|failed|cancelled, counts: {...}}
   peer/client -> worker data socket
@@ -75,6 +81,7 @@ import msgpack
 import numpy as np
 
 PROTOCOL_VERSION = 1
+INLINE_BYTES = 4096   # results up to this size travel with the finish report (see UPDATE)
 
 # handshake
 HELLO, CHALLENGE, AUTH, WELCOME, REFUSED = b"HELLO", b"CHALLENGE", b"AUTH", b"WELCOME", b"REFUSED"

@@ -95,6 +95,32 @@ def test_merge_tree_runs_to_the_end_and_frees_intermediates():
     assert env.core.n_data == 0
 
 
+
+def test_small_results_a_client_waits_for_are_sent_along_with_the_finish():
+    env = Env(1)
+    job, (root,) = env.submit([tasks.merge([tasks.const("a"), tasks.const("b")])])
+    env.core.submit(None, graphfmt.build_graph([tasks.const("nobody waits")])[0], 0.0)   # no watcher
+    env.core.schedule(0.0)
+    rows = [row for _, _, message, body, _ in env.core.take_commands() if message == P.COMPUTE
+            for row in body["tasks"]]
+    inline = {row[0]: row[8] for row in rows}
+    assert inline == {root - 2: False, root - 1: False, root + 1: False}   # inputs; unwatched job
+    env.core.tasks_finished(env.wids[0], np.array([root - 2, root - 1, root + 1]), np.ones(3, np.int64),
+                            np.zeros(3, np.int64), 0.0)
+    env.core.schedule(0.0)
+    rows = [row for _, _, message, body, _ in env.core.take_commands() if message == P.COMPUTE
+            for row in body["tasks"]]
+    assert [(row[0], row[8]) for row in rows] == [(root, True)]   # the client's result
+    env.core.tasks_finished(env.wids[0], np.array([root]), np.ones(1, np.int64), np.zeros(1, np.int64), 0.0,
+                            inline={root: b"encoded ab"})
+    ready = [(body, blobs) for _, target, message, body, blobs in env.core.take_commands()
+             if message == P.RESULTS_READY]
+    assert len(ready) == 1
+    body, blobs = ready[0]
+    assert P.ids_from_bytes(body["ids"]).tolist() == [root]
+    assert P.ids_from_bytes(body["inline"]).tolist() == [root] and list(blobs) == [b"encoded ab"]
+    assert env.core.cols.owner[root] == env.wids[0]   # the worker keeps it: others may fetch it
+
 def test_light_tasks_spread_over_workers():
     env = Env(1, 1)
     env.submit([tasks.const(str(i)) for i in range(100)])

@@ -270,3 +270,15 @@ def test_checkpoint_written_atomically(client, tmp_path):
     t2 = tasks.run(["sh", "-c", "echo computed"])
     t2.checkpoint_path = str(path)
     assert client.submit_one(tasks.merge((t2,)), load=True).gather() == b"from checkpoint"
+
+
+def test_small_results_come_with_the_notice_large_ones_from_the_worker(cluster):
+    from loomctl import protocol as P
+    with cluster.client() as c:
+        small = c.submit([tasks.const("s" * 100), tasks.py_value({"v": [1, 2]})])
+        assert c.gather(small) == [b"s" * 100, {"v": [1, 2]}]
+        assert all(f.inline is not None for f in small)
+        assert c.peers == {}   # no worker was asked for data
+        big = c.submit_one(tasks.const("b" * (P.INLINE_BYTES + 1)))
+        assert big.gather() == b"b" * (P.INLINE_BYTES + 1)
+        assert big.inline is None and len(c.peers) == 1

@@ -113,7 +113,7 @@ def _place_light(positions, symbols, best, best_bytes, workers, chosen) -> None:
         w.assigned_light += len(take)
     rest = positions[chosen[positions] < 0]
     # strongly local tasks whose worker is full wait for it
-    pinned = (best[rest] >= 0) & (best_bytes[rest] >= LOCALITY_BYTES) & np.isin(best[rest], list(by_index))
+    pinned = (best[rest] >= 0) & (best_bytes[rest] >= LOCALITY_BYTES)   # best is a worker's index or -1
     rest = rest[~pinned]
     if not len(rest):
         return
@@ -125,7 +125,7 @@ def _place_light(positions, symbols, best, best_bytes, workers, chosen) -> None:
             return
         k = min(len(rest), total)
         # round-robin over workers weighted by room: interleave so batches stay balanced
-        slots = _interleave([np.full(r, w.index) for r, w in zip(rooms, workers)])[:k]
+        slots = _spread(rooms, np.array([w.index for w in workers]), k)
         chosen[rest[:k]] = slots
         for w in workers:
             w.assigned_light += int(np.count_nonzero(slots == w.index))
@@ -138,12 +138,16 @@ def _place_light(positions, symbols, best, best_bytes, workers, chosen) -> None:
             w.assigned_light += 1
 
 
-def _interleave(groups: list[np.ndarray]) -> np.ndarray:
-    """Items of several groups interleaved in proportion to their sizes."""
-    if not groups:
-        return np.zeros(0, dtype=np.int64)
-    keys = np.concatenate([(np.arange(len(g)) + 0.5) / max(len(g), 1) for g in groups])
-    return np.concatenate(groups)[np.argsort(keys, kind="stable")]
+def _spread(rooms: np.ndarray, owners: np.ndarray, k: int) -> np.ndarray:
+    """The first k of the slots (rooms[i] of them owned by owners[i]) interleaved in
+    proportion to the rooms: slot j of owner i sorts at (j + 0.5) / rooms[i]. No owner
+    gives more than k of the first k, so only min(room, k) slots of each are built
+    (rooms are up to LIGHT_QUEUE; k is often 1)."""
+    if k == 1:   # the common case of one ready task: the roomiest owner (the first of equals)
+        return owners[[int(np.argmax(rooms))]]
+    built = np.minimum(rooms, k)
+    keys = np.concatenate([(np.arange(b) + 0.5) / r for b, r in zip(built.tolist(), rooms.tolist())])
+    return np.repeat(owners, built)[np.argsort(keys, kind="stable")[:k]]
 
 
 def _fits(w: WorkerRoom, cpus: int, request: dict | None, limit_cpus: int) -> bool:

@@ -330,8 +330,7 @@ class ServerCore:
         if client is not None and notify:
             job.watchers.add(client)
         self.jobs[job.id] = job
-        self._make_ready(ids[needed & (c.remaining[base:base + n] == 0)])
-        self._fail_unsatisfiable()
+        self._fail_unsatisfiable(self._make_ready(ids[needed & (c.remaining[base:base + n] == 0)]))
         if job.active == 0:
             self._end_job(job, "finished", now)
         return job
@@ -382,16 +381,20 @@ class ServerCore:
         out = seg.consumers[seg.consumer_offsets[local]:seg.consumer_offsets[local + 1]].tolist()
         return out + self.extra_consumers.get(t, [])
 
-    def _make_ready(self, ids: np.ndarray) -> None:
+    def _make_ready(self, ids: np.ndarray) -> np.ndarray:
+        """Waiting tasks of ``ids`` with no input left to wait for become ready; returns those."""
         if len(ids):
             c = self.cols
             ids = ids[(c.state[ids] == WAITING) & (c.remaining[ids] == 0)]
             c.state[ids] = READY
             self.ready.append(ids)
+        return ids
 
     # ------------------------------------------------------------------ reports
     def tasks_finished(self, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: np.ndarray,
-                       now: float) -> None:
+                       now: float, inline: dict[int, bytes] | None = None) -> None:
+        """A worker finished ``ids`` and holds their data; ``inline`` has the encodings
+        of some (small results it was asked to send along), passed on to the watchers."""
         c = self.cols
         worker = self.workers.get(wid)
         valid = (ids >= 0) & (ids < c.n)
@@ -447,8 +450,11 @@ class ServerCore:
             if len(mine) and job.watchers:
                 body = {"job": job_id, "ids": P.ids_to_bytes(mine),
                         "addresses": [self.workers[wid].data_address] * len(mine) if worker else []}
+                sent = [t for t in mine.tolist() if t in inline] if inline else []
+                if sent:
+                    body["inline"] = P.ids_to_bytes(sent)
                 for client in job.watchers:
-                    self._send("client", client, P.RESULTS_READY, body)
+                    self._send("client", client, P.RESULTS_READY, body, *(inline[t] for t in sent))
             if job.finished >= job.active and job.status == "running":
                 self._end_job(job, "finished", now)
         self._release_unheld(np.concatenate([ids, inputs]))
@@ -701,14 +707,16 @@ class ServerCore:
         return counts
 
     # ------------------------------------------------------------------ scheduling
-    def _fail_unsatisfiable(self) -> None:
-        """Fail ready tasks no connected worker can ever run (needs >= 1 worker)."""
+    def _fail_unsatisfiable(self, ids: np.ndarray | None = None) -> None:
+        """Fail ready tasks (all, or those of ``ids``) no connected worker can ever run
+        (needs >= 1 worker)."""
         if not self.workers or not self.ready:
             return
-        ids = np.concatenate(self.ready)
         c = self.cols
-        ids = ids[c.state[ids] == READY]
-        self.ready = [ids]
+        if ids is None:
+            ids = np.concatenate(self.ready)
+            ids = ids[c.state[ids] == READY]
+            self.ready = [ids]
         max_cpus = max(w.cpus for w in self.workers.values())
         too_big = ids[c.cpus[ids] > max_cpus]
         for t in too_big.tolist():
@@ -847,8 +855,14 @@ class ServerCore:
                         locations[i] = self.workers[int(holder)].data_address
             request = self._named_request(t)
             checkpoint = g.checkpoint(local) if c.flags[t] & FLAG_CHECKPOINT and not c.flags[t] & FLAG_LOADED else None
-            tasks.append([t, symbol, config, input_list, int(c.cpus[t]), request or None, checkpoint, g.label(local)])
+            inline = bool(c.flags[t] & FLAG_RESULT) and self._watched(int(c.job[t]))
+            tasks.append([t, symbol, config, input_list, int(c.cpus[t]), request or None, checkpoint,
+                          g.label(local), inline])
         return {"tasks": tasks, "locations": locations}
+
+    def _watched(self, job_id: int) -> bool:
+        job = self.jobs.get(job_id)
+        return job is not None and bool(job.watchers)
 
     def _expand_dynamic(self, t: int, now: float) -> None:
         """dslice(x) / dget(x) with x finished: append k slices (or gets) of x, each

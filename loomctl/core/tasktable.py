@@ -112,11 +112,18 @@ class SegmentIndex:
 
     def __init__(self):
         self.segments: list[Segment] = []
-        self.bases = np.zeros(0, dtype=np.int64)
+        self._bases = np.zeros(64, dtype=np.int64)   # grows by doubling: a job per submit
+
+    @property
+    def bases(self) -> np.ndarray:
+        return self._bases[:len(self.segments)]
 
     def add(self, segment: Segment) -> None:
+        k = len(self.segments)
+        if k == len(self._bases):
+            self._bases = np.concatenate([self._bases, np.zeros(k, dtype=np.int64)])
+        self._bases[k] = segment.base
         self.segments.append(segment)
-        self.bases = np.append(self.bases, segment.base)
 
     def of(self, ids: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.bases, ids, side="right") - 1

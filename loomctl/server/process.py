@@ -241,13 +241,13 @@ class Server:
             return
         role = self.gate.role(identity)
         if role == "worker":
-            self._worker_message(identity, kind, body, now)
+            self._worker_message(identity, kind, body, now, blobs)
         elif role == "client":
             self._client_message(identity, kind, body, now)
         else:
             raise P.ProtocolError(f"{role} may not send {kind!r} to the server")
 
-    def _worker_message(self, identity: bytes, kind: bytes, body: dict, now: float) -> None:
+    def _worker_message(self, identity: bytes, kind: bytes, body: dict, now: float, blobs=()) -> None:
         core = self.core
         if kind == P.REGISTER:
             if self.worker_of_key.get(identity) in core.workers:
@@ -289,7 +289,7 @@ class Server:
                 # STATS could no longer be encoded); no data object is 2**48 bytes
                 sizes = np.clip(sizes, 0, MAX_REPORTED)
                 lengths = np.clip(lengths, 0, MAX_REPORTED)
-                core.tasks_finished(wid, finished, sizes, lengths, now)
+                core.tasks_finished(wid, finished, sizes, lengths, now, _inline(body, blobs))
             replicas = P.ids_from_bytes(P.field(body, "replicas", bytes, b""))
             if len(replicas):
                 core.replicas_added(wid, replicas)
@@ -439,6 +439,18 @@ class PeerConnections:
 def _short(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:500]
+
+
+def _inline(body: dict, blobs) -> dict[int, bytes] | None:
+    """The small results an UPDATE sends along (id -> encoding); a malformed or
+    oversized set is ignored (the client then fetches from the worker)."""
+    raw = body.get("inline")
+    if not raw or not isinstance(raw, bytes) or len(raw) % 8:
+        return None
+    ids = P.ids_from_bytes(raw).tolist()
+    if len(ids) != len(blobs) or any(len(b) > P.INLINE_BYTES for b in blobs):
+        return None
+    return dict(zip(ids, blobs))
 
 
 def run_server(**kwargs) -> None:

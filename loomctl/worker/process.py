@@ -317,9 +317,9 @@ class Worker:
                 return
 
     # ------------------------------------------------------------------ the server
-    def _send_server(self, kind: bytes, body: dict) -> None:
+    def _send_server(self, kind: bytes, body: dict, *blobs) -> None:
         try:
-            self.server.send_multipart(P.encode(kind, body), zmq.NOBLOCK)
+            self.server.send_multipart(P.encode(kind, body, *blobs), zmq.NOBLOCK)
         except zmq.Again:
             log.warning("could not send %s to the server (its queue is full)", kind.decode())
 
@@ -411,7 +411,7 @@ class Worker:
             self._report_since = now
         if self.queue.running and not self.report.urgent() and now - self._report_since < REPORT_HOLD_S:
             return
-        self._send_server(P.UPDATE, self.report.body())
+        self._send_server(P.UPDATE, self.report.body(), *self.report.blobs)
         self.report = Report()
         self._report_since = None
 
@@ -599,12 +599,27 @@ class Worker:
             failed = self.queue.finished(task_id, ok=False)
         else:
             self._store(task_id, outcome.result, outcome.size)
+            if spec is not None and spec.inline and self.sizes[task_id] <= P.INLINE_BYTES:
+                self._send_along(task_id, outcome.result)
             self.report.finished.append(task_id)
             self.report.sizes.append(outcome.size)
             self.report.lengths.append(outcome.length)
             failed = self.queue.finished(task_id, ok=True)
         for other, message in failed:
             self._fail(other, message)
+
+    def _send_along(self, task_id: int, obj: data.DataObject) -> None:
+        """A small result a client waits for goes with the finish report (it stays here
+        too); a file object is not sent (its path means something on this host only)."""
+        if isinstance(obj, data.FileObj):
+            return
+        try:
+            blob = data.encode(obj)
+        except data.TaskError:
+            return
+        if len(blob) <= P.INLINE_BYTES:
+            self.report.inline.append(task_id)
+            self.report.blobs.append(blob)
 
     def _fail(self, task_id: int, message: str, spec: TaskSpec | None = None) -> None:
         self.report.failed.append([task_id, message])

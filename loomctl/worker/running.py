@@ -82,6 +82,7 @@ class Report:
     def __init__(self):
         self.finished, self.sizes, self.lengths = [], [], []
         self.failed, self.redirects, self.replicas, self.logs = [], [], [], []
+        self.inline, self.blobs = [], []   # results sent along: ids, encodings
 
     def __bool__(self):
         return bool(self.finished or self.failed or self.redirects or self.replicas or self.logs)
@@ -91,10 +92,14 @@ class Report:
         return bool(self.failed or self.redirects or self.replicas)
 
     def body(self) -> dict:
-        return {"finished": P.ids_to_bytes(self.finished), "sizes": P.ids_to_bytes(self.sizes),
+        """The UPDATE body; ``blobs`` go with it as frames."""
+        body = {"finished": P.ids_to_bytes(self.finished), "sizes": P.ids_to_bytes(self.sizes),
                 "lengths": P.ids_to_bytes(self.lengths), "failed": self.failed,
                 "redirects": self.redirects, "replicas": P.ids_to_bytes(self.replicas),
                 "logs": self.logs}
+        if self.inline:
+            body["inline"] = P.ids_to_bytes(self.inline)
+        return body
 
 
 class Pool:

@@ -41,11 +41,12 @@ class TaskSpec:
     resources: dict = field(default_factory=dict)
     checkpoint: str | None = None
     label: str | None = None
+    inline: bool = False      # send a small result along with the finish report
 
     @classmethod
     def from_wire(cls, row) -> "TaskSpec":
         """``[id, symbol, config, [input ids], cpus, resources|None, checkpoint|None,
-        label|None]``; raises ProtocolError when malformed."""
+        label|None, inline]``; raises ProtocolError when malformed."""
         if not isinstance(row, (list, tuple)) or len(row) < 5:
             raise ProtocolError("a COMPUTE task is not a list of at least 5 fields")
         tid, symbol, config, inputs, cpus = row[:5]
@@ -73,8 +74,9 @@ class TaskSpec:
             raise ProtocolError(f"task {tid}: checkpoint is not a string")
         if label is not None and not isinstance(label, str):
             raise ProtocolError(f"task {tid}: label is not a string")
+        inline = len(row) > 8 and row[8] is True
         return cls(tid, symbol, bytes(config), list(inputs), cpus,
-                   {k: v for k, v in resources.items() if v}, checkpoint or None, label)
+                   {k: v for k, v in resources.items() if v}, checkpoint or None, label, inline)
 
     @property
     def light(self) -> bool:
