@@ -100,7 +100,6 @@ def _supports(room: WorkerRoom, symbol: int) -> bool:
 def _place_light(positions, symbols, best, best_bytes, workers, chosen) -> None:
     if not len(positions):
         return
-    by_index = {w.index: w for w in workers}
     uniform = all(w.supports is None for w in workers)
     # 1. tasks go to their preferred worker while it has room
     rest = []
