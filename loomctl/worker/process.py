@@ -61,7 +61,7 @@ MAX_POLL_MS = 250
 # UPDATE: the server does a round per message, so fewer and fuller messages leave its
 # cpu to the tasks. An idle worker, and any failure, reports at once. (Reporting early
 # when the local queue runs dry was tried: smaller batches cost more than the idle gap.)
-REPORT_HOLD_S = 0.005
+REPORT_HOLD_S = 0.020
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -409,11 +409,18 @@ class Worker:
             return
         if self._report_since is None:
             self._report_since = now
-        if self.queue.running and not self.report.urgent() and now - self._report_since < REPORT_HOLD_S:
+        if self._may_hold() and now - self._report_since < REPORT_HOLD_S:
             return
         self._send_server(P.UPDATE, self.report.body(), *self.report.blobs)
         self.report = Report()
         self._report_since = None
+
+    def _may_hold(self) -> bool:
+        """Finish reports may wait (to go in one UPDATE) while the worker is busy and has
+        queued work for all its cpus: holding them delays nobody here, and the server
+        handles fewer, larger batches. Failures and the like go at once."""
+        return bool(self.queue.running) and len(self.queue.queued) >= max(1, self.cpus) \
+            and not self.report.urgent()
 
     def _timers(self, now: float) -> None:
         if self.tracer is not None:
