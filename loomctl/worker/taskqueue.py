@@ -103,6 +103,7 @@ class TaskQueue:
         self._seq = 0
         self._arrival: dict[int, int] = {}           # queued task -> arrival number
         self._ready: list[tuple[int, int]] = []      # (arrival, task id), sorted
+        self._ready_light = 0                        # how many of them are light
 
     # ------------------------------------------------------------------ events
     def assign(self, specs, have, locations: dict) -> tuple[list, list]:
@@ -146,7 +147,7 @@ class TaskQueue:
             for i in missing:
                 self.waiters.setdefault(i, []).append(tid)
             if not missing:
-                bisect.insort(self._ready, (self._arrival[tid], tid))
+                self._now_ready(tid)
         return fetch, failed
 
     def inputs_arrived(self, ids) -> None:
@@ -157,7 +158,7 @@ class TaskQueue:
                 if tid in self.missing:
                     self.missing[tid] -= 1
                     if self.missing[tid] == 0:
-                        bisect.insort(self._ready, (self._arrival[tid], tid))
+                        self._now_ready(tid)
 
     def inputs_unavailable(self, ids, why: str) -> list:
         """Inputs that will not arrive: every queued task waiting on one fails."""
@@ -187,8 +188,8 @@ class TaskQueue:
     def take_startable(self) -> list:
         """Ready tasks that fit now, in arrival order (first fit); their cpus and
         resources are reserved and they count as running."""
-        if not self._ready:
-            return []
+        if not self._ready or (self.free_cpus == 0 and not self._ready_light):
+            return []   # (a full worker with a long queue: this is called every loop)
         start: list[TaskSpec] = []
         keep: list[tuple[int, int]] = []
         for pos, item in enumerate(self._ready):
@@ -209,6 +210,7 @@ class TaskQueue:
             self._reserve(spec)
             start.append(spec)
         self._ready = keep
+        self._ready_light -= sum(1 for spec in start if spec.light)
         return start
 
     # ------------------------------------------------------------------ queries
@@ -239,9 +241,14 @@ class TaskQueue:
             assert self.free_resources[name] == cap - used >= 0
         ready = {tid for _, tid in self._ready}
         assert ready == {t for t in self.queued if self.missing[t] == 0}
+        assert self._ready_light == sum(1 for t in ready if self.queued[t].light)
         assert [a for a, _ in self._ready] == sorted(a for a, _ in self._ready)
 
     # ------------------------------------------------------------------ internals
+    def _now_ready(self, tid: int) -> None:
+        bisect.insort(self._ready, (self._arrival[tid], tid))
+        self._ready_light += self.queued[tid].light
+
     def _resources_free(self, spec: TaskSpec) -> bool:
         return all(self.free_resources.get(n, 0) >= a for n, a in spec.resources.items())
 
@@ -260,6 +267,7 @@ class TaskQueue:
         spec = self.queued.pop(tid)
         if self.missing.pop(tid, 1) == 0:
             self._ready.remove((self._arrival[tid], tid))
+            self._ready_light -= spec.light
         del self._arrival[tid]
         for i in dict.fromkeys(spec.inputs):
             waiting = self.waiters.get(i)
