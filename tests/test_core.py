@@ -376,3 +376,48 @@ def test_results_of_a_cancelled_job_arriving_late_are_dropped():
     env.finish(0)                 # the running tasks end after the cancellation
     assert env.core.n_data == 0
     assert any(m == P.RELEASE_DATA for _, m, _ in env.sent)
+
+
+def test_an_ended_job_that_holds_nothing_is_retired_and_kept_as_a_status_row():
+    env = Env(1)
+    job, (root,) = env.submit([merge_tree(8)])
+    keeper, (kept,) = env.submit([tasks.const("kept")])
+    env.run_all()
+    assert job.status == keeper.status == "finished"
+    assert env.core.retire_jobs(env.now + 0.5) == 0          # too recent
+    assert env.core.retire_jobs(env.now + 5) == 0            # both still hold their results
+    # a later job uses the kept result as a future: it must survive its own release
+    user, (m,) = env.submit([tasks.merge([Ref(kept), tasks.const("!")])])
+    env.core.release(np.array([root, kept]))
+    env.drain()
+    assert env.core.retire_jobs(env.now + 5) == 1            # the tree's job; kept is held by `user`
+    assert job.id not in env.core.jobs and keeper.id in env.core.jobs
+    assert env.core.segs.segments[job.segments[0]] is None
+    env.run_all()
+    env.core.release(np.array([m]))
+    env.drain()
+    env.check()
+    assert env.core.retire_jobs(env.now + 5) == 2 and env.core.jobs == {}
+    rows = {row["id"]: row for row in env.core.status(env.now)["jobs"]}
+    assert rows[job.id]["status"] == "finished" and rows[job.id]["finished"] == 15
+    assert env.core.retired_row(user.id)["total"] == 2
+    # the ids of retired jobs are refused as futures; new work is unaffected
+    with pytest.raises(SubmitError):
+        env.submit([tasks.merge([Ref(root)])])
+    job2, (r2,) = env.submit([merge_tree(4)])
+    env.run_all()
+    assert job2.status == "finished" and env.core.cols.owner[r2] >= 0
+
+
+def test_a_failed_job_is_retired_once_its_running_tasks_came_back():
+    env = Env(1, 1)
+    job, _ = env.submit([tasks.merge([tasks.run("a"), tasks.run("b")])])
+    env.schedule()
+    (w0, ids0), (w1, ids1) = [(w, list(env.assigned[w])) for w in env.wids]
+    env.core.tasks_failed(w0, [(ids0[0], "boom")], env.now)
+    env.drain()
+    assert job.status == "failed"
+    assert env.core.retire_jobs(env.now + 5) == 0             # the other run is still out there
+    env.finish(w1)                                            # its late result is dropped
+    assert env.core.retire_jobs(env.now + 5) == 1 and env.core.jobs == {}
+    assert env.core.retired_row(job.id)["status"] == "failed"

@@ -282,3 +282,21 @@ def test_small_results_come_with_the_notice_large_ones_from_the_worker(cluster):
         big = c.submit_one(tasks.const("b" * (P.INLINE_BYTES + 1)))
         assert big.gather() == b"b" * (P.INLINE_BYTES + 1)
         assert big.inline is None and len(c.peers) == 1
+
+
+def test_jobs_done_with_are_retired_so_a_long_running_server_does_not_grow(cluster):
+    import time
+    with cluster.client() as c:
+        retired = c.get_stats()["retired_jobs"]
+        futures = [c.submit_one(tasks.const(str(i))) for i in range(300)]
+        assert c.gather(futures) == [str(i).encode() for i in range(300)]
+        kept = c.submit_one(tasks.const("kept"))
+        kept.wait()
+        deadline = time.time() + 10
+        while c.get_stats()["retired_jobs"] < retired + 300 and time.time() < deadline:
+            time.sleep(0.2)
+        stats = c.get_stats()
+        assert stats["retired_jobs"] >= retired + 300 and stats["n_jobs"] >= 1   # not the held one
+        assert c.job_progress(futures[0].job)["status"] == "finished"   # a status row remains
+        assert kept.gather() == b"kept"
+        assert c.submit_one(tasks.merge([tasks.const("still "), tasks.const("fine")])).gather() == b"still fine"

@@ -15,11 +15,16 @@ Invariants (checked by ``check_invariants`` in tests):
   ASSIGNED elsewhere that was to fetch an input from it is ``stranded``: its failure
   report from that worker ("input unavailable") makes it wait and run again, once,
   instead of failing its job.
+- A job ended RETIRE_AFTER_S ago whose tasks hold no data and run nowhere is *retired*
+  (``retire_jobs``): its segments and record are dropped, a status row stays in
+  ``history`` (the last JOB_HISTORY). Only the per-task columns (~50 bytes a task) of
+  its ids remain, so a server that runs many jobs for hours does not grow per job.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +39,8 @@ from loomctl.core.tasktable import (ALIAS, ASSIGNED, CANCELLED, FAILED, FINISHED
                                     TaskColumns)
 
 MAX_ATTEMPTS = 3   # a task that lost its worker this many times fails
+RETIRE_AFTER_S = 1.0   # an ended job is kept whole at least this long (traces, late reports)
+JOB_HISTORY = 1000     # status rows kept of retired jobs
 
 
 def small_unique(values: np.ndarray) -> np.ndarray:
@@ -44,6 +51,16 @@ def small_unique(values: np.ndarray) -> np.ndarray:
     if len(values) == 2:
         return values[:1] if values[0] == values[1] else np.sort(values)
     return np.unique(values)
+
+
+def _drop_range(table: dict, lo: int, hi: int) -> None:
+    """Remove the keys lo <= key < hi of a dict keyed by task id."""
+    if not table:
+        return
+    keys = [k for k in table if lo <= k < hi] if len(table) < hi - lo else \
+        [k for k in range(lo, hi) if k in table]
+    for k in keys:
+        del table[k]
 
 
 class SubmitError(Exception):
@@ -103,6 +120,7 @@ class Job:
     trace: str | None = None
     detached: bool = False      # kept when its client disconnects (loomctl submit)
     appended: bool = False      # has tasks after its id range (redirection sub-plans, dslice/dget)
+    segments: list = field(default_factory=list)   # its segment indices (the first: its own range)
 
 
 class ServerCore:
@@ -123,10 +141,12 @@ class ServerCore:
         self.lost_workers: list[dict] = []
         self.stranded: dict[int, int] = {}   # task -> worker it waits on, for a lost input
         self.aborted_jobs: set[int] = set()   # cancelled or failed: late results are dropped
+        self.ended_jobs: deque[int] = deque()  # ended, not retired yet, in the order they ended
+        self.history: deque[dict] = deque(maxlen=JOB_HISTORY)   # status rows of retired jobs
         self.next_worker = 0
         self.next_job = 1
         self.stats = {"scheduled": 0, "finished": 0, "failed": 0, "rounds": 0, "transfers": 0,
-                      "transfer_bytes": 0}
+                      "transfer_bytes": 0, "retired_jobs": 0}
 
     # ------------------------------------------------------------------ helpers
     def _send(self, kind: str, target, message: bytes, body: dict, *blobs) -> None:
@@ -293,6 +313,7 @@ class ServerCore:
         self.next_job += 1
         segment = Segment.build(len(self.segs.segments), base, graph, global_inputs, graph.input_offsets)
         self.segs.add(segment)
+        job.segments.append(segment.index)
         self.any_named_requests |= segment.has_named_requests
         lut = np.array([self._code(s) for s in graph.symbols] or [0], dtype=np.int32)
         c.symbol[base:base + n] = lut[graph.types] if n else 0
@@ -596,6 +617,7 @@ class ServerCore:
         if status != "finished":
             self.aborted_jobs.add(job.id)
         job.ended = now
+        self.ended_jobs.append(job.id)
         body = {"job": job.id, "status": status, "counts": self.job_counts(job)}
         for client in job.watchers:
             self._send("client", client, P.JOB_DONE, body)
@@ -620,6 +642,7 @@ class ServerCore:
         root = sub.base + int(roots[0])
         sub.watchers.clear()
         del self.jobs[sub.id]
+        job.segments.extend(sub.segments)
         c.job[sub.base:sub.base + sub.n] = job.id
         job.active += sub.active
         # the sub-plan's root no longer counts as a held result of its own
@@ -662,6 +685,7 @@ class ServerCore:
                 c.flags[i] |= FLAG_EXTRA
         self.jobs[job_id].active += 1
         self.jobs[job_id].appended = True
+        self.jobs[job_id].segments.append(seg.index)
         self._make_ready(np.array([t]))
         return t
 
@@ -698,6 +722,57 @@ class ServerCore:
                 cancelled.append(job.id)
             self.release(job.results)
         return cancelled
+
+    def job_row(self, job: Job, now: float) -> dict:
+        """The job as a row of ``status``."""
+        return {"id": job.id, "name": job.name, "status": job.status, **self.job_counts(job),
+                "results": int(len(job.results)), "error": job.error,
+                "elapsed_s": round((job.ended or now) - job.submitted, 3)}
+
+    def retired_row(self, job_id: int) -> dict | None:
+        return next((row for row in self.history if row["id"] == job_id), None)
+
+    # ------------------------------------------------------------------ forgetting
+    def retire_jobs(self, now: float, budget: int = 1000) -> int:
+        """Retire up to ``budget`` ended jobs whose tasks hold no data and run nowhere
+        (see the module docstring); the others are looked at again on a later call.
+        Returns how many were retired."""
+        retired = 0
+        for _ in range(min(budget, len(self.ended_jobs))):
+            job = self.jobs.get(self.ended_jobs[0])
+            if job is not None and now - job.ended < RETIRE_AFTER_S:
+                break   # every later one ended later still
+            self.ended_jobs.popleft()
+            if job is None or job.status == "running":
+                continue
+            if self._holds_nothing(job):
+                self._retire(job, now)
+                retired += 1
+            else:
+                self.ended_jobs.append(job.id)
+        return retired
+
+    def _holds_nothing(self, job: Job) -> bool:
+        c = self.cols
+        for index in job.segments:
+            seg = self.segs.segments[index]
+            lo, hi = seg.base, seg.base + seg.n
+            state = c.state[lo:hi]
+            if (c.owner[lo:hi] >= 0).any() or (state <= ASSIGNED).any() \
+                    or ((state == FINISHED) & (c.holds[lo:hi] > 0)).any():
+                return False   # data, work (WAITING, READY, ASSIGNED < FINISHED), or needed again
+        return True
+
+    def _retire(self, job: Job, now: float) -> None:
+        self.history.append(self.job_row(job, now))
+        for index in job.segments:
+            seg = self.segs.segments[index]
+            for table in (self.overrides, self.extra_consumers, self.stranded):
+                _drop_range(table, seg.base, seg.base + seg.n)
+            self.segs.retire(index)
+        self.aborted_jobs.discard(job.id)
+        del self.jobs[job.id]
+        self.stats["retired_jobs"] += 1
 
     def job_counts(self, job: Job) -> dict:
         c = self.cols
@@ -940,11 +1015,7 @@ class ServerCore:
                             "data_objects": int(len(held)), "data_bytes": int(c.size[held].sum()),
                             "rss": w.stats.get("rss"), "cpu_percent": w.stats.get("cpu_percent"),
                             "address": w.data_address, "last_seen_s": round(now - w.last_seen, 3)})
-        jobs = []
-        for job in self.jobs.values():
-            jobs.append({"id": job.id, "name": job.name, "status": job.status, **self.job_counts(job),
-                         "results": int(len(job.results)), "error": job.error,
-                         "elapsed_s": round((job.ended or now) - job.submitted, 3)})
+        jobs = [*self.history, *(self.job_row(job, now) for job in self.jobs.values())]
         lost = [{**w, "ago_s": round(now - w["at"], 1)} for w in self.lost_workers[-20:]]
         return {"workers": workers, "lost_workers": lost, "jobs": jobs, "n_tasks": int(c.n), "n_data_objects": self.n_data,
                 "stats": dict(self.stats)}

@@ -8,6 +8,8 @@ Invariants:
   ``extra_consumers``; tasks that have some carry FLAG_EXTRA.
 - Per-task columns grow by doubling; ``cols.n`` is the number of ids in use. No Python
   object exists per task.
+- A retired segment (its job is done with, see ServerCore.retire_jobs) is None in
+  ``segments``; its base stays, and none of its ids is looked up again.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class SegmentIndex:
     """Which segment holds a global id, and CSR gathers across segments."""
 
     def __init__(self):
-        self.segments: list[Segment] = []
+        self.segments: list[Segment | None] = []
         self._bases = np.zeros(64, dtype=np.int64)   # grows by doubling: a job per submit
 
     @property
@@ -124,6 +126,11 @@ class SegmentIndex:
             self._bases = np.concatenate([self._bases, np.zeros(k, dtype=np.int64)])
         self._bases[k] = segment.base
         self.segments.append(segment)
+
+    def retire(self, index: int) -> None:
+        """Forget a segment whose tasks are all done with (its base stays, so later
+        lookups still find their own segments)."""
+        self.segments[index] = None
 
     def of(self, ids: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.bases, ids, side="right") - 1

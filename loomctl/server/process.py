@@ -27,6 +27,7 @@ from graphfmt.graph import GraphError
 from loomctl import protocol as P
 from loomctl.access import remove_access, write_access
 from loomctl.core.server import ServerCore, SubmitError
+from loomctl.core.tasktable import STATE_NAMES
 
 log = logging.getLogger("loomctl.server")
 MAX_REPORTED = 1 << 48   # bound of the sizes and lengths a worker reports
@@ -90,6 +91,7 @@ class Server:
                 if now - last_check > 0.25:
                     last_check = now
                     self._probe_suspects(now)
+                    self.core.retire_jobs(now)
                     if self.tracer is not None:
                         self.tracer.tick()
                     for wid in self.core.dead_workers(now, self.heartbeat_timeout):
@@ -346,6 +348,7 @@ class Server:
             return {}
         if kind == P.STATS:
             return {"n_workers": len(core.workers), "n_data_objects": core.n_data, "n_tasks": core.cols.n,
+                    "n_jobs": len(core.jobs),
                     "bytes_received": self.bytes_received, "messages_received": self.messages_received,
                     "bad_messages": self.bad_messages, "refused": self.gate.refused, **core.stats}
         if kind == P.STATUS:
@@ -360,9 +363,15 @@ class Server:
                 raise KeyError(f"no job {job}")
             return {}
         if kind == P.JOB_RESULTS or kind == P.WAIT_JOB:
-            job = core.jobs.get(int(P.field(body, "job", int)))
-            if job is None:
-                raise KeyError(f"no job {body.get('job')}")
+            job_id = int(P.field(body, "job", int))
+            job = core.jobs.get(job_id)
+            if job is None:   # retired (it holds nothing any more), or unknown
+                row = core.retired_row(job_id)
+                if row is None:
+                    raise KeyError(f"no job {job_id}")
+                return {"job": job_id, "status": row["status"], "error": row["error"],
+                        "counts": {k: v for k, v in row.items() if k in STATE_NAMES or k == "total"},
+                        "ids": b"", "addresses": []}
             if kind == P.WAIT_JOB:
                 job.watchers.add(identity)
             c = core.cols
