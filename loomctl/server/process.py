@@ -69,6 +69,7 @@ class Server:
         self.bytes_received = 0
         self.messages_received = 0
         self.bad_messages = 0
+        self.replies: list[tuple[bytes, list]] = []   # answers of this drained batch
         if server_dir:
             write_access(server_dir, self.host, self.port, self.secret)
 
@@ -122,6 +123,10 @@ class Server:
                 log.warning("dropped a malformed message: %s", _short(exc))
         self._schedule(now)   # once per drained batch of messages
         self._flush()
+        # replies last: a submission's tasks reach the workers before its client hears back
+        for identity, message in self.replies:
+            self._reply(identity, message)
+        self.replies.clear()
 
     def _on_monitor(self) -> None:
         now = time.monotonic()
@@ -328,8 +333,8 @@ class Server:
                 return
             self._reply(identity, P.encode(P.ERROR, {"req": req, "message": message}))
             return
-        if result is not None and req is not None:
-            self._reply(identity, P.encode(P.REPLY, {"req": req, **result}))
+        if result is not None and req is not None:   # sent after this batch's COMPUTEs (see _drain)
+            self.replies.append((identity, P.encode(P.REPLY, {"req": req, **result})))
 
     def _client_request(self, identity: bytes, kind: bytes, body: dict, now: float) -> dict | None:
         core = self.core
