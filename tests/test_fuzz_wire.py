@@ -711,16 +711,22 @@ def test_a_second_register_on_one_connection_is_refused(cluster):
         ctx.destroy(linger=0)
 
 
+def _fake_worker_with_tasks(cluster, ctx):
+    """A fake worker and a client whose job gave it tasks: (worker socket, client socket, task ids)."""
+    sock = _fake_worker(cluster, ctx)
+    client = _peer(cluster, "client", ctx)
+    client.send_multipart(P.encode(P.SUBMIT, {"req": 1, "graph": JOB_GRAPH}))
+    mine = _computed(sock)
+    assert mine, "the fake worker was given no task"
+    return sock, client, mine
+
+
 def test_an_id_reported_twice_counts_once(cluster):
     """Before: UPDATE {finished: [t, t]} counted two data objects for t; one stayed
     counted forever."""
     ctx = zmq.Context()
     try:
-        sock = _fake_worker(cluster, ctx)
-        client = _peer(cluster, "client", ctx)
-        client.send_multipart(P.encode(P.SUBMIT, {"req": 1, "graph": JOB_GRAPH}))
-        mine = _computed(sock)
-        assert mine, "the fake worker was given no task"
+        sock, client, mine = _fake_worker_with_tasks(cluster, ctx)
         t = mine[0]
         sock.send_multipart(P.encode(P.UPDATE, {"finished": P.ids_to_bytes([t, t, t]), "sizes": P.ids_to_bytes([1, 1, 1]),
                                                 "lengths": P.ids_to_bytes([0, 0, 0])}))
@@ -809,11 +815,7 @@ def test_reported_sizes_cannot_break_the_statistics(cluster):
     answered again."""
     ctx = zmq.Context()
     try:
-        sock = _fake_worker(cluster, ctx)
-        client = _peer(cluster, "client", ctx)
-        client.send_multipart(P.encode(P.SUBMIT, {"req": 1, "graph": JOB_GRAPH}))
-        mine = _computed(sock)
-        assert mine, "the fake worker was given no task"
+        sock, client, mine = _fake_worker_with_tasks(cluster, ctx)
         n = len(mine)
         sock.send_multipart(P.encode(P.UPDATE, {"finished": P.ids_to_bytes(mine), "sizes": P.ids_to_bytes([2**63 - 1] * n),
                                                 "lengths": P.ids_to_bytes([-5] * n)}))
