@@ -153,14 +153,14 @@ class Client:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return True
-            kind, body, blobs = P.decode(frames)
-            self._apply(kind, body, blobs)
+            kind, body, _ = P.decode(frames)
+            self._apply(kind, body)
 
-    def _apply(self, kind: bytes, body: dict, blobs: list) -> None:
+    def _apply(self, kind: bytes, body: dict) -> None:
         if kind in (P.REPLY, P.ERROR):
             self.replies[body.get("req")] = (kind, body)
         elif kind == P.RESULTS_READY:
-            inline = dict(zip(P.ids_from_bytes(body.get("inline", b"")).tolist(), blobs))
+            inline = dict(zip(P.ids_from_bytes(body.get("inline", b"")).tolist(), body.get("blobs", ())))
             for task_id, address in zip(P.ids_from_bytes(body["ids"]).tolist(), body["addresses"]):
                 future = self.futures.get(task_id)
                 if future is not None:

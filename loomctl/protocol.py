@@ -24,8 +24,9 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
                failed: [[id, message]], redirects: [[id, graph_file_bytes]],
                replicas: ids (objects fetched from peers, now also held here),
                logs: [[id, level, message]],
-               inline: ids (optional: finished results sent along, one blob each, in
-                       order; only tasks marked so in COMPUTE, each <= INLINE_BYTES)}
+               inline: ids, blobs: [bytes] (optional: finished results sent along, their
+                       encodings in the same order; only tasks marked so in COMPUTE, each
+                       <= INLINE_BYTES; in the body, as one frame per small blob costs more)}
     HEARTBEAT {n_data, data_bytes, rss, cpu_percent, running}
   server -> worker
     COMPUTE   {tasks: [[id, symbol, config, [input ids], cpus, resources|None,
@@ -59,7 +60,7 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
     WAIT_JOB {job}    (subscribe to the job's pushes below)
   server -> client pushes (for jobs submitted with notify, or after WAIT_JOB)
     RESULTS_READY {job, ids, addresses: [data_address per id],
-                   inline: ids (optional, a subset of ids)} + one blob per inline id
+                   inline: ids, blobs: [bytes] (optional: encodings of some of the ids)}
     TASK_FAILED {job, id, label, symbol, worker, message}
     JOB_DONE {job, status: finished|failed|cancelled, counts: {...}}
   peer/client -> worker data socket

@@ -118,7 +118,7 @@ def test_small_results_a_client_waits_for_are_sent_along_with_the_finish():
     assert len(ready) == 1
     body, blobs = ready[0]
     assert P.ids_from_bytes(body["ids"]).tolist() == [root]
-    assert P.ids_from_bytes(body["inline"]).tolist() == [root] and list(blobs) == [b"encoded ab"]
+    assert P.ids_from_bytes(body["inline"]).tolist() == [root] and body["blobs"] == [b"encoded ab"]
     assert env.core.cols.owner[root] == env.wids[0]   # the worker keeps it: others may fetch it
 
 def test_light_tasks_spread_over_workers():
@@ -157,6 +157,22 @@ def test_cpu_requests_respect_worker_size_with_a_short_queue():
     env.schedule()
     assert len(env.assigned[0]) == 2
 
+
+
+def test_a_batch_of_one_cpu_tasks_is_placed_as_one_at_a_time_would_be():
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        shape = [(int(rng.integers(0, 5)), int(rng.integers(0, 9)), int(rng.integers(1, 4)))
+                 for _ in range(int(rng.integers(1, 5)))]   # (cpus, assigned, queue factor)
+        n = int(rng.integers(8, 40))
+        rooms = lambda: [placement.WorkerRoom(k, c, a, 0, queue_factor=q) for k, (c, a, q) in enumerate(shape)]
+        none = np.full(n, -1, dtype=np.int64)
+        batch, single = rooms(), rooms()
+        at_once = placement.place(np.ones(n, np.int64), np.zeros(n, np.int64), none, np.zeros(n, np.int64), batch)
+        one_by_one = np.concatenate([placement.place(np.ones(1, np.int64), np.zeros(1, np.int64), none[:1],
+                                                     np.zeros(1, np.int64), single) for _ in range(n)])
+        assert at_once.tolist() == one_by_one.tolist(), shape
+        assert [w.assigned_cpus for w in batch] == [w.assigned_cpus for w in single]
 
 def test_queue_grows_for_a_worker_that_finishes_short_tasks_fast():
     from loomctl.core import placement

@@ -149,6 +149,25 @@ def _spread(rooms: np.ndarray, owners: np.ndarray, k: int) -> np.ndarray:
     return np.repeat(owners, built)[np.argsort(keys, kind="stable")[:k]]
 
 
+def _place_unit_tasks(positions, workers, chosen) -> None:
+    """The loop of _place_heavy for a common batch (8 or more) of 1-cpu tasks with no data yet, no
+    named resources and workers that run everything, at once: the loop gives each task to
+    the least loaded worker (assigned / cpus; the lowest index among equals) with room,
+    so worker w's j-th new task comes at load (assigned_w + j) / cpus_w, and the tasks
+    take the smallest such loads in order."""
+    free = [max(0, w.queue_factor * w.cpus - w.assigned_cpus) if w.cpus >= 1 else 0 for w in workers]
+    k = min(len(positions), sum(free))
+    if k == 0:
+        return
+    built = [min(f, k) for f in free]
+    loads = np.concatenate([(w.assigned_cpus + np.arange(b)) / w.cpus for w, b in zip(workers, built) if b])
+    owners = np.repeat([w.index for w in workers], built)
+    slots = owners[np.lexsort((owners, loads))[:k]]
+    chosen[positions[:k]] = slots
+    for w in workers:
+        w.assigned_cpus += int(np.count_nonzero(slots == w.index))
+
+
 def _fits(w: WorkerRoom, cpus: int, request: dict | None, limit_cpus: int) -> bool:
     if w.assigned_cpus + cpus > limit_cpus:
         return False
@@ -159,6 +178,10 @@ def _fits(w: WorkerRoom, cpus: int, request: dict | None, limit_cpus: int) -> bo
 
 
 def _place_heavy(positions, cpus, symbols, best, best_bytes, workers, requests, chosen) -> None:
+    if len(positions) >= 8 and not requests and all(w.supports is None for w in workers) \
+            and (best[positions] < 0).all() and (cpus[positions] == 1).all():
+        _place_unit_tasks(positions, workers, chosen)
+        return
     by_index = {w.index: w for w in workers}
     for p in positions:
         if all(w.cpu_room() <= 0 for w in workers):

@@ -473,9 +473,9 @@ class ServerCore:
                         "addresses": [self.workers[wid].data_address] * len(mine) if worker else []}
                 sent = [t for t in mine.tolist() if t in inline] if inline else []
                 if sent:
-                    body["inline"] = P.ids_to_bytes(sent)
+                    body["inline"], body["blobs"] = P.ids_to_bytes(sent), [inline[t] for t in sent]
                 for client in job.watchers:
-                    self._send("client", client, P.RESULTS_READY, body, *(inline[t] for t in sent))
+                    self._send("client", client, P.RESULTS_READY, body)
             if job.finished >= job.active and job.status == "running":
                 self._end_job(job, "finished", now)
         self._release_unheld(np.concatenate([ids, inputs]))
@@ -911,9 +911,11 @@ class ServerCore:
         c = self.cols
         tasks = []
         locations = {}
-        for t in ids.tolist():
+        segments = self.segs.segments
+        for t, s in zip(ids.tolist(), self.segs.of(ids).tolist()):
             override = self.overrides.get(t)
-            seg, local = self.segs.locate(t)
+            seg = segments[s]
+            local = t - seg.base
             g = seg.graph
             if override is not None:
                 symbol, config, inputs = override

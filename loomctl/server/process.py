@@ -248,13 +248,13 @@ class Server:
             return
         role = self.gate.role(identity)
         if role == "worker":
-            self._worker_message(identity, kind, body, now, blobs)
+            self._worker_message(identity, kind, body, now)
         elif role == "client":
             self._client_message(identity, kind, body, now)
         else:
             raise P.ProtocolError(f"{role} may not send {kind!r} to the server")
 
-    def _worker_message(self, identity: bytes, kind: bytes, body: dict, now: float, blobs=()) -> None:
+    def _worker_message(self, identity: bytes, kind: bytes, body: dict, now: float) -> None:
         core = self.core
         if kind == P.REGISTER:
             if self.worker_of_key.get(identity) in core.workers:
@@ -288,15 +288,15 @@ class Server:
                 if not len(sizes) == len(lengths) == len(finished):
                     raise P.ProtocolError("finished/sizes/lengths differ in length")
                 if len(finished) > 1:   # an id reported twice would be counted twice
-                    unique, first = np.unique(finished, return_index=True)
-                    if len(unique) < len(finished):
-                        keep = np.sort(first)
+                    ordered = np.sort(finished)
+                    if (ordered[1:] == ordered[:-1]).any():
+                        keep = np.sort(np.unique(finished, return_index=True)[1])
                         finished, sizes, lengths = finished[keep], sizes[keep], lengths[keep]
                 # sizes are summed into statistics: one near 2**63 overflowed them (and then
                 # STATS could no longer be encoded); no data object is 2**48 bytes
-                sizes = np.clip(sizes, 0, MAX_REPORTED)
-                lengths = np.clip(lengths, 0, MAX_REPORTED)
-                core.tasks_finished(wid, finished, sizes, lengths, now, _inline(body, blobs))
+                sizes = np.minimum(np.maximum(sizes, 0), MAX_REPORTED)
+                lengths = np.minimum(np.maximum(lengths, 0), MAX_REPORTED)
+                core.tasks_finished(wid, finished, sizes, lengths, now, _inline(body))
             replicas = P.ids_from_bytes(P.field(body, "replicas", bytes, b""))
             if len(replicas):
                 core.replicas_added(wid, replicas)
@@ -455,14 +455,14 @@ def _short(exc: Exception) -> str:
     return text.splitlines()[0][:500]
 
 
-def _inline(body: dict, blobs) -> dict[int, bytes] | None:
+def _inline(body: dict) -> dict[int, bytes] | None:
     """The small results an UPDATE sends along (id -> encoding); a malformed or
     oversized set is ignored (the client then fetches from the worker)."""
-    raw = body.get("inline")
-    if not raw or not isinstance(raw, bytes) or len(raw) % 8:
+    raw, blobs = body.get("inline"), body.get("blobs")
+    if not raw or not isinstance(raw, bytes) or len(raw) % 8 or not isinstance(blobs, list):
         return None
     ids = P.ids_from_bytes(raw).tolist()
-    if len(ids) != len(blobs) or any(len(b) > P.INLINE_BYTES for b in blobs):
+    if len(ids) != len(blobs) or not all(type(b) is bytes and len(b) <= P.INLINE_BYTES for b in blobs):
         return None
     return dict(zip(ids, blobs))
 

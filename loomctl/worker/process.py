@@ -317,9 +317,9 @@ class Worker:
                 return
 
     # ------------------------------------------------------------------ the server
-    def _send_server(self, kind: bytes, body: dict, *blobs) -> None:
+    def _send_server(self, kind: bytes, body: dict) -> None:
         try:
-            self.server.send_multipart(P.encode(kind, body, *blobs), zmq.NOBLOCK)
+            self.server.send_multipart(P.encode(kind, body), zmq.NOBLOCK)
         except zmq.Again:
             log.warning("could not send %s to the server (its queue is full)", kind.decode())
 
@@ -411,7 +411,7 @@ class Worker:
             self._report_since = now
         if self._may_hold() and now - self._report_since < REPORT_HOLD_S:
             return
-        self._send_server(P.UPDATE, self.report.body(), *self.report.blobs)
+        self._send_server(P.UPDATE, self.report.body())
         self.report = Report()
         self._report_since = None
 

@@ -92,13 +92,13 @@ class Report:
         return bool(self.failed or self.redirects or self.replicas)
 
     def body(self) -> dict:
-        """The UPDATE body; ``blobs`` go with it as frames."""
+        """The UPDATE body."""
         body = {"finished": P.ids_to_bytes(self.finished), "sizes": P.ids_to_bytes(self.sizes),
                 "lengths": P.ids_to_bytes(self.lengths), "failed": self.failed,
                 "redirects": self.redirects, "replicas": P.ids_to_bytes(self.replicas),
                 "logs": self.logs}
         if self.inline:
-            body["inline"] = P.ids_to_bytes(self.inline)
+            body["inline"], body["blobs"] = P.ids_to_bytes(self.inline), self.blobs
         return body
 
 
