@@ -57,6 +57,8 @@ class TaskFailed(LoomException):
         super().__init__(f"task {id}{where} failed on worker {worker or '?'}: {error_msg}")
 
 
+JOB_RECORDS = 1000   # job statuses/errors kept beyond those of live futures (see Client._prune)
+
 class Future:
     __slots__ = ("client", "task_id", "job", "address", "inline", "_released", "__weakref__")
 
@@ -169,8 +171,21 @@ class Client:
                     self.early_addresses[task_id] = (address, inline.get(task_id))
         elif kind == P.TASK_FAILED:
             self.job_errors[body["job"]] = body
+            self._prune(self.job_errors)
         elif kind == P.JOB_DONE:
             self.job_status[body["job"]] = body["status"]
+            self._prune(self.job_status)
+
+    def _prune(self, records: dict) -> None:
+        """Job records (status, error) are kept for the jobs of live futures and the
+        last JOB_RECORDS jobs: a client that runs many jobs does not grow with them."""
+        if len(records) > 2 * JOB_RECORDS:
+            live = {f.job for f in self.futures.values()}
+            recent = list(records)[-JOB_RECORDS:]
+            kept = {job: records[job] for job in records if job in live}
+            kept.update((job, records[job]) for job in recent)
+            records.clear()
+            records.update(kept)
 
     # ------------------------------------------------------------------ API
     def submit(self, tasks_, load: bool = False):

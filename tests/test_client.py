@@ -61,3 +61,16 @@ def test_result_ready_read_together_with_the_submit_reply_is_not_lost():
         client.ctx.destroy(linger=0)
         stop.set()
         thread.join(5)
+
+
+def test_job_records_do_not_grow_with_the_jobs_a_client_runs():
+    from loomctl.client import JOB_RECORDS, Client, Future
+    c = Client.__new__(Client)   # no server: the records are fed in directly
+    c.futures, c.job_status, c.job_errors, c.early_addresses, c.replies = {}, {}, {}, {}, {}
+    c.futures[5] = Future(c, 5, 3)   # a live future of job 3
+    for job in range(1, 10 * JOB_RECORDS):
+        c._apply(P.JOB_DONE, {"job": job, "status": "finished"})
+        c._apply(P.TASK_FAILED, {"job": job, "id": job, "message": "x"})
+    for records in (c.job_status, c.job_errors):
+        assert len(records) <= 2 * JOB_RECORDS
+        assert 3 in records and 10 * JOB_RECORDS - 1 in records and 10 not in records
