@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 import zmq
@@ -73,7 +74,11 @@ def test_bad_graph_file_is_refused_without_harm(cluster, tmp_path):
     assert cluster.stats()["n_workers"] == 2
 
 
-def test_unauthenticated_peers_are_refused(cluster):
+def test_unauthenticated_peers_are_refused(cluster, tmp_path):
+    import graphfmt
+    marker = tmp_path / "ran"
+    plan = graphfmt.to_bytes(graphfmt.build_graph([tasks.run(["touch", str(marker)])])[0])
+    tasks_before = cluster.stats()["n_tasks"]
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -86,15 +91,18 @@ def test_unauthenticated_peers_are_refused(cluster):
         sock2.connect(f"tcp://127.0.0.1:{cluster.access['port']}")
         with pytest.raises(ConnectionError, match="refused"):
             P.client_handshake(sock2, "client", "00" * 32, 5000)
-        sock2.close()
+        sock2.send_multipart(P.encode(P.SUBMIT, {"req": 1, "graph": plan}))   # after the refusal
         # garbage and a submit without the handshake change nothing
         sock.send_multipart([b"garbage"])
-        sock.send_multipart(P.encode(P.SUBMIT, {"req": 1, "graph": b"x"}))
+        sock.send_multipart(P.encode(P.SUBMIT, {"req": 1, "graph": plan}))
+        time.sleep(0.5)
+        sock2.close()
     finally:
         sock.close()
         ctx.term()
     stats = cluster.stats()
     assert stats["refused"] >= 2 and stats["n_workers"] == 2
+    assert stats["n_tasks"] == tasks_before and not marker.exists()   # no task was taken, none ran
     assert "wrong secret" in cluster.log("server")
     assert cluster.access["secret"] not in cluster.log("server")
     mode = os.stat(os.path.join(cluster.server_dir, "access.json")).st_mode & 0o777

@@ -166,8 +166,18 @@ def test_twenty_clients_at_once(cluster):
         assert client.get_stats()["n_data_objects"] == 0
 
 
-def test_secret_not_in_process_list_or_logs(cluster):
+def test_secret_not_in_process_list_logs_or_traces(cluster, tmp_path):
     secret = cluster.access["secret"]
+    with cluster.client() as client:   # a traced job: the server's and the workers' records
+        client.set_trace(str(tmp_path / "trace"))
+        assert client.submit_one(tasks.merge([tasks.run("true"), tasks.const("x")])).gather() == b"x"
+    deadline = time.time() + 10
+    while len(list((tmp_path / "trace").glob("*"))) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    files = list((tmp_path / "trace").glob("*"))
+    assert len(files) >= 2
+    for path in files:
+        assert secret.encode() not in path.read_bytes()
     for pid in [cluster.server.pid] + [w.pid for w in cluster.workers]:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             assert secret.encode() not in f.read()
