@@ -7,7 +7,8 @@ int64 bytes (``ids_to_bytes``) so that thousands of ids cost one memcpy.
 
 Sockets: the server binds one ROUTER; workers and clients connect DEALERs to it. Every
 worker binds a ROUTER for its data; other workers and clients fetch data from it
-directly (the server never carries data objects).
+directly (the server carries no data object, except results of at most INLINE_BYTES
+passed from a worker's UPDATE to the client's RESULTS_READY).
 
 Handshake on every ROUTER (server and worker data sockets), before anything else:
   peer -> HELLO {role, version}
