@@ -417,13 +417,16 @@ class _Source:
         self.position = 0
         self.short = 0   # bytes that the last read cut short did get
 
-    def read(self, n: int, what: str) -> memoryview:
+    def read(self, n: int, what: str | bytes) -> memoryview:
+        """``what`` names the piece for the error: text, or a chunk kind (bytes)."""
         if self.view is not None:
             chunk = self.view[self.position:self.position + n]
         else:
             chunk = memoryview(_read_exact(self.stream, n))
         if len(chunk) < n:
             self.short = len(chunk)
+            if isinstance(what, bytes):
+                what = f"{_text(what)} chunk"
             raise GraphError(f"truncated file: {what} at byte {self.position} is cut short")
         self.position += n
         return chunk
@@ -562,6 +565,8 @@ class _PartBuilder:
 
 
 def _cat(blocks: list[dict], name: bytes, dtype) -> np.ndarray:
+    if len(blocks) == 1 and name in blocks[0]:   # the usual small file: one block
+        return blocks[0][name].astype(dtype, copy=False)
     parts = [blk[name] if name in blk else np.zeros(blk["n"] if name not in _DATA_COLUMNS else 0, dtype)
              for blk in blocks]
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
@@ -587,7 +592,7 @@ def iter_parts(source: _Source) -> Iterator[Graph]:
         while True:
             kind, _, length = _CHUNK.unpack(source.read(_CHUNK.size, "chunk header"))
             _check_chunk_length(kind, length)
-            payload = source.read(length, f"{_text(kind)} chunk")
+            payload = source.read(length, kind)
             source.read(_pad(length), "chunk padding")
             if kind == K_END:
                 _check_task_count(_end_count(payload), part.n)
