@@ -292,10 +292,16 @@ class Graph:
             else:   # arity and length checks are the same for every task of the type
                 keys = np.unique(np.stack([counts[ids], lengths[ids]]), axis=1, return_index=True)[1]
                 candidates = ids[np.sort(keys)]
-            for i in candidates:
-                problem = S.check_config(symbol, int(counts[i]), self.configs[i])
+            checked = set()   # the checks depend on the arity and the config only (bounded memory)
+            for i in candidates.tolist():
+                key = (int(counts[i]), self.configs[i])
+                if key in checked:
+                    continue
+                if len(checked) < 4096:
+                    checked.add(key)
+                problem = S.check_config(symbol, key[0], key[1])
                 if problem:
-                    raise GraphError(f"{self.describe(int(i))}: {problem}")
+                    raise GraphError(f"{self.describe(i)}: {problem}")
 
     # --- summaries ----------------------------------------------------------------
     def stats(self) -> dict:
