@@ -92,6 +92,19 @@ def _rss() -> int:
         return 0
 
 
+_ATOMS = (int, float, complex, bool, str, bytes, type(None))
+
+
+def _cheap_to_encode(obj: data.DataObject) -> bool:
+    if type(obj) is data.Plain:
+        return True
+    if type(obj) is data.PyObj:
+        return type(obj.obj) in _ATOMS
+    if type(obj) is data.Array:   # (empty items cost bytes too: few of them)
+        return len(obj.items) <= 256 and all(_cheap_to_encode(item) for item in obj.items)
+    return False
+
+
 class Worker:
     """``start()`` connects and registers (ConnectionError on failure), ``run()`` serves
     until STOP, a lost server or ``stop()`` and returns the reason, ``close()`` releases
@@ -617,8 +630,10 @@ class Worker:
 
     def _send_along(self, task_id: int, obj: data.DataObject) -> None:
         """A small result a client waits for goes with the finish report (it stays here
-        too); a file object is not sent (its path means something on this host only)."""
-        if isinstance(obj, data.FileObj):
+        too). Only objects whose size says what they cost to encode go: bytes, arrays of
+        them, Python numbers and strings (a dict's size does not count what it holds; a
+        file's path means something on this host only)."""
+        if not _cheap_to_encode(obj):
             return
         try:
             blob = data.encode(obj)
