@@ -174,6 +174,7 @@ def test_a_batch_of_one_cpu_tasks_is_placed_as_one_at_a_time_would_be():
         assert at_once.tolist() == one_by_one.tolist(), shape
         assert [w.assigned_cpus for w in batch] == [w.assigned_cpus for w in single]
 
+
 def test_queue_grows_for_a_worker_that_finishes_short_tasks_fast():
     from loomctl.core import placement
     fast, slow = Env(1), Env(1)
@@ -189,6 +190,15 @@ def test_queue_grows_for_a_worker_that_finishes_short_tasks_fast():
     assert len(fast.assigned[0]) == placement.MAX_QUEUE_FACTOR
     assert len(slow.assigned[0]) == placement.QUEUE_FACTOR
     fast.core.check_invariants()
+    # the fast worker's tasks turn long: after a second without a finish its queue is short
+    worker = fast.core.workers[fast.wids[0]]
+    fast.now += 1.0
+    fast.submit([tasks.run("true")])
+    fast.schedule()
+    assert worker.queue_factor <= 2 * placement.QUEUE_FACTOR
+    fast.finish(0, fast.assigned[0])
+    fast.schedule()
+    assert len(fast.assigned[0]) <= 2 * placement.QUEUE_FACTOR
 
 
 def test_zero_cpu_task_with_a_named_resource_goes_only_where_it_is():

@@ -100,6 +100,12 @@ class Worker:
             self.queue_factor = placement.queue_factor(self.rate_count / elapsed, self.cpus)
             self.rate_since, self.rate_count = now, 0
 
+    def settle(self, now: float) -> None:
+        """Without finishes for two windows, the rate so far, quiet time included, sets
+        the queue again: a worker whose tasks turned long keeps no deep queue of them."""
+        if self.rate_since is not None and now - self.rate_since >= 2 * self.RATE_WINDOW:
+            self.count_finished(0, now)
+
 
 @dataclass
 class Job:
@@ -821,6 +827,8 @@ class ServerCore:
         """Place ready tasks on workers; returns how many were placed."""
         if not self.ready or not self.workers:
             return 0
+        for w in self.workers.values():
+            w.settle(now)
         if not any(w.assigned_light < placement.LIGHT_QUEUE or w.assigned_cpus < w.queue_factor * w.cpus
                    for w in self.workers.values()):
             return 0   # every worker is full: leave the ready list as it is
