@@ -144,3 +144,30 @@ def test_server_stop_stops_workers(tmp_path):
     finally:
         c.stop()
     assert "no server access file" in one_line_error(loomctl("status", env=c.env), code=4)
+
+
+def test_a_stranger_cannot_take_over_an_authenticated_connection(cluster, tmp_path):
+    import graphfmt
+    marker = tmp_path / "ran"
+    plan = graphfmt.to_bytes(graphfmt.build_graph([tasks.run(["touch", str(marker)])])[0])
+    ctx = zmq.Context()
+    try:
+        victim = ctx.socket(zmq.DEALER)
+        victim.setsockopt(zmq.LINGER, 0)
+        victim.setsockopt(zmq.ROUTING_ID, b"\x00\x00\x00\x00\x07")   # as zmq numbers peers
+        victim.connect(f"tcp://127.0.0.1:{cluster.access['port']}")
+        P.client_handshake(victim, "client", cluster.access["secret"], 5000)
+        thief = ctx.socket(zmq.DEALER)
+        thief.setsockopt(zmq.LINGER, 0)
+        thief.setsockopt(zmq.ROUTING_ID, b"\x00\x00\x00\x00\x07")
+        thief.connect(f"tcp://127.0.0.1:{cluster.access['port']}")
+        time.sleep(0.3)
+        thief.send_multipart(P.encode(P.SUBMIT, {"req": 1, "graph": plan}))
+        time.sleep(1.0)
+        assert not marker.exists()
+        victim.send_multipart(P.encode(P.STATS, {"req": 2}))   # the victim is still served
+        assert victim.poll(5000)
+        kind, body, _ = P.decode(victim.recv_multipart())
+        assert kind == P.REPLY and body["req"] == 2
+    finally:
+        ctx.destroy(linger=0)

@@ -143,6 +143,45 @@ def test_garbage_on_the_wire_changes_nothing(cluster):
     assert sent == 1200
 
 
+def test_an_oversized_message_to_a_worker_costs_it_nothing(cluster):
+    with cluster.client() as client:
+        addresses = [w["address"] for w in client.status()["workers"]]
+
+    def peak_rss_mb(pid):
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    before = [peak_rss_mb(w.pid) for w in cluster.workers]
+    ctx = zmq.Context()
+    try:
+        for address in addresses:   # a stranger's 65 MiB "request" to each data socket
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(address)
+            sock.send_multipart([P.HELLO, b"\0" * (65 << 20)])
+        time.sleep(1.0)
+    finally:
+        ctx.destroy(linger=0)
+    assert all(w.poll() is None for w in cluster.workers)
+    # dropped by zmq as it arrived: never held whole in a worker's memory
+    assert all(peak_rss_mb(w.pid) - b < 32 for w, b in zip(cluster.workers, before))
+    ctx = zmq.Context()
+    try:
+        for address in addresses:   # each still answers a proper peer
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(address)
+            P.client_handshake(sock, "client", cluster.access["secret"], 5000)
+            sock.send_multipart(P.encode(P.FETCH, {"req": 1, "ids": P.ids_to_bytes([10 ** 9])}))
+            assert sock.poll(5000)
+            kind, body, _ = P.decode(sock.recv_multipart())
+            assert kind == P.DATA and P.ids_from_bytes(body["missing"]).tolist() == [10 ** 9]
+    finally:
+        ctx.destroy(linger=0)
+    with cluster.client() as client:
+        big = [tasks.merge([tasks.const(f"{i}:"), tasks.const("y" * 5000)]) for i in range(8)]
+        assert client.gather(client.submit(big)) == [f"{i}:".encode() + b"y" * 5000 for i in range(8)]
+
+
 def test_twenty_clients_at_once(cluster):
     errors, results = [], {}
 

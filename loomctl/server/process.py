@@ -39,7 +39,10 @@ class Server:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # no ROUTER_HANDOVER: a peer must never inherit another connection's routing id,
+        # and with it that connection's authentication (a second connection with an id in
+        # use is refused by zmq; a worker reconnecting after a cut gets in once the old
+        # connection is dropped, 3 s at most, see the heartbeats below)
         # zmq-level heartbeats: a peer that vanishes without closing its connection
         # (a cut cable) is disconnected after 3 s, which the monitor below reports
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)

@@ -191,6 +191,9 @@ class Worker:
             bind_host = "*"
             advertised = local_address_towards(self.server_host, self.server_port)
         self.data = self._socket(zmq.ROUTER)
+        # only handshakes and FETCH requests come in here: a peer sending more than this
+        # in one message is disconnected by zmq before the bytes are held in memory
+        self.data.setsockopt(zmq.MAXMSGSIZE, 64 << 20)
         port = self.data.bind_to_random_port(f"tcp://{bind_host}")
         self.data_address = f"tcp://{advertised}:{port}"
         self.gate = P.Gatekeeper(self.secret, log=lambda msg: log.warning("data socket: %s", msg))
