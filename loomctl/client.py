@@ -59,6 +59,15 @@ class TaskFailed(LoomException):
 
 JOB_RECORDS = 1000   # job statuses/errors kept beyond those of live futures (see Client._prune)
 
+
+def _graph_bytes(graph) -> bytes:
+    data = graphfmt.to_bytes(graph)
+    if len(data) > P.MAX_MESSAGE - (1 << 16):   # the server drops bigger messages unread
+        raise LoomError(f"the plan's graph file is {len(data) >> 20} MiB; the server takes at most "
+                        f"{P.MAX_MESSAGE >> 20} MiB in one submission: submit it in parts (futures "
+                        "of one job can be inputs of the next)")
+    return data
+
 class Future:
     __slots__ = ("client", "task_id", "job", "address", "inline", "_released", "__weakref__")
 
@@ -199,7 +208,7 @@ class Client:
             if not isinstance(item, Task):
                 raise LoomError(f"cannot submit a {type(item).__name__}; expected Task objects")
         graph, local_ids = build_graph(items, external=self._future_input)
-        reply = self._request(P.SUBMIT, {"graph": graphfmt.to_bytes(graph), "load": load, "notify": True,
+        reply = self._request(P.SUBMIT, {"graph": _graph_bytes(graph), "load": load, "notify": True,
                                          "trace": self.trace_path})
         job, base = reply["job"], reply["base"]
         futures = []
@@ -217,7 +226,7 @@ class Client:
         a future per result (the marked results, else the sinks), in task id order.
         A detached job outlives this client (its results stay until cancelled); other
         jobs are cancelled, and their results released, when the client disconnects."""
-        reply = self._request(P.SUBMIT, {"graph": graphfmt.to_bytes(graph), "load": load, "notify": True,
+        reply = self._request(P.SUBMIT, {"graph": _graph_bytes(graph), "load": load, "notify": True,
                                          "name": name, "trace": self.trace_path, "detach": detach})
         job = reply["job"]
         futures = []

@@ -84,6 +84,8 @@ import numpy as np
 
 PROTOCOL_VERSION = 1
 INLINE_BYTES = 4096   # results up to this size travel with the finish report (see UPDATE)
+MAX_MESSAGE = 1 << 30  # the server's limit on one message (a SUBMIT's graph file: ~40M tasks);
+                       # zmq drops a bigger one before holding it, from strangers too
 
 # handshake
 HELLO, CHALLENGE, AUTH, WELCOME, REFUSED = b"HELLO", b"CHALLENGE", b"AUTH", b"WELCOME", b"REFUSED"

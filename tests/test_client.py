@@ -3,6 +3,7 @@ produces only rarely (timing), made certain here."""
 
 import threading
 
+import pytest
 import zmq
 
 from graphfmt import tasks
@@ -74,3 +75,13 @@ def test_job_records_do_not_grow_with_the_jobs_a_client_runs():
     for records in (c.job_status, c.job_errors):
         assert len(records) <= 2 * JOB_RECORDS
         assert 3 in records and 10 * JOB_RECORDS - 1 in records and 10 not in records
+
+
+def test_a_plan_too_big_for_one_message_is_refused_before_sending(monkeypatch):
+    import graphfmt
+    from loomctl import client as C
+    graph = graphfmt.build_graph([tasks.const("x" * 200_000)])[0]
+    assert C._graph_bytes(graph) == graphfmt.to_bytes(graph)
+    monkeypatch.setattr(P, "MAX_MESSAGE", 1 << 17)   # what the server would drop unread
+    with pytest.raises(C.LoomError, match="submit it in parts"):
+        C._graph_bytes(graph)

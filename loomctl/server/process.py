@@ -47,6 +47,7 @@ class Server:
         # (a cut cable) is disconnected after 3 s, which the monitor below reports
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE)
         bind_host = host if host not in ("", "localhost") else "127.0.0.1"
         if port == 0:
             self.port = self.sock.bind_to_random_port(f"tcp://{bind_host}")
