@@ -117,6 +117,12 @@ def _place_light(positions, symbols, best, best_bytes, workers, chosen) -> None:
     if not len(rest):
         return
     # 2. the others are spread over the free room, emptiest workers first
+    if uniform and len(rest) == 1:   # one task: the roomiest worker (the first of equals)
+        w = max(workers, key=WorkerRoom.light_room)
+        if w.light_room() > 0:
+            chosen[rest[0]] = w.index
+            w.assigned_light += 1
+        return
     if uniform:
         rooms = np.array([max(0, w.light_room()) for w in workers])
         total = int(rooms.sum())
@@ -142,8 +148,6 @@ def _spread(rooms: np.ndarray, owners: np.ndarray, k: int) -> np.ndarray:
     proportion to the rooms: slot j of owner i sorts at (j + 0.5) / rooms[i]. No owner
     gives more than k of the first k, so only min(room, k) slots of each are built
     (rooms are up to LIGHT_QUEUE; k is often 1)."""
-    if k == 1:   # the common case of one ready task: the roomiest owner (the first of equals)
-        return owners[[int(np.argmax(rooms))]]
     built = np.minimum(rooms, k)
     keys = np.concatenate([(np.arange(b) + 0.5) / r for b, r in zip(built.tolist(), rooms.tolist())])
     return np.repeat(owners, built)[np.argsort(keys, kind="stable")[:k]]

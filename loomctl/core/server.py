@@ -699,7 +699,7 @@ class ServerCore:
     def release(self, ids: np.ndarray) -> None:
         """The client no longer wants these results."""
         c = self.cols
-        ids = np.unique(ids[(ids >= 0) & (ids < c.n)])
+        ids = small_unique(ids[(ids >= 0) & (ids < c.n)])
         ids = ids[(c.flags[ids] & FLAG_RESULT) > 0]
         c.flags[ids] &= ~np.uint8(FLAG_RESULT)
         c.holds[ids] -= 1
@@ -803,7 +803,8 @@ class ServerCore:
         for t in too_big.tolist():
             self._task_failed(t, f"requests {c.cpus[t]} cpus, but the largest connected worker has {max_cpus}",
                               "", 0.0)
-        for code in np.unique(c.symbol[ids]).tolist():
+        codes = set(c.symbol[ids].tolist()) if len(ids) < 64 else np.unique(c.symbol[ids]).tolist()
+        for code in sorted(codes):
             symbol = self.symbols[code]
             if symbol in (S.DSLICE, S.DGET) or any(self._supports(w, symbol) for w in self.workers.values()):
                 continue

@@ -47,8 +47,8 @@ class TaskColumns:
             setattr(self, name, np.zeros(capacity, dtype=dtype))
 
     def allocate(self, count: int) -> int:
-        """Reserve ``count`` new ids; returns the first. New rows are zeroed except
-        owner/worker = -1."""
+        """Reserve ``count`` new ids; returns the first. New rows are zero (columns are
+        made with zeros and ids are never reused) except owner/worker = -1."""
         base = self.n
         need = base + count
         if need > self.capacity:
@@ -59,8 +59,6 @@ class TaskColumns:
                 new[:base] = old[:base]
                 setattr(self, name, new)
             self.capacity = capacity
-        for name in _COLUMNS:
-            getattr(self, name)[base:need] = 0
         self.owner[base:need] = -1
         self.worker[base:need] = -1
         self.n = need
@@ -90,6 +88,9 @@ class Segment:
     def build(cls, index: int, base: int, graph: Graph, global_inputs: np.ndarray,
               input_offsets: np.ndarray) -> "Segment":
         n = len(input_offsets) - 1
+        if not len(global_inputs):   # no inputs at all (a job of sources): no consumers
+            return cls(index, base, graph, input_offsets, global_inputs,
+                       np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
         owners = np.repeat(np.arange(base, base + n, dtype=np.int64), np.diff(input_offsets))
         local = global_inputs - base
         inside = (local >= 0) & (local < n)
@@ -145,6 +146,8 @@ class SegmentIndex:
         values, owners = [], []
         for s in present:
             seg = self.segments[s]
+            if not len(getattr(seg, values_name)):   # e.g. a segment of sources has no inputs
+                continue
             mine = ids if len(present) == 1 else ids[seg_ids == s]
             offsets = getattr(seg, offsets_name)
             local = mine - seg.base
@@ -152,10 +155,11 @@ class SegmentIndex:
             values.append(getattr(seg, values_name)[ranges(starts, ends)])
             if per_slot:
                 owners.append(np.repeat(mine, ends - starts))
-        values = values[0] if len(values) == 1 else np.concatenate(values)
+        empty = np.zeros(0, dtype=np.int64)
+        values = values[0] if len(values) == 1 else np.concatenate(values) if values else empty
         if not per_slot:
             return values
-        return values, owners[0] if len(owners) == 1 else np.concatenate(owners)
+        return values, owners[0] if len(owners) == 1 else np.concatenate(owners) if owners else empty
 
     def inputs_of(self, ids: np.ndarray, per_slot: bool = False):
         """Input ids (one per slot) of ``ids``; with per_slot also the consumer of each."""
