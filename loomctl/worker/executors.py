@@ -255,6 +255,7 @@ class PreparedRun:
     map_outputs: list
     keep_failed_dirs: bool
     failed: bool = True
+    work_dir: str = ""   # the directory run_dir is in
 
 
 def prepare_run(config, inputs, ctx) -> PreparedRun:
@@ -272,7 +273,7 @@ def prepare_run(config, inputs, ctx) -> PreparedRun:
     if len(map_inputs) != len(inputs):
         raise TaskError(f"run: {len(inputs)} input(s) but {len(map_inputs)} input mapping(s)")
     run_dir = _make_run_dir(ctx.work_dir, ctx.task_id)
-    prepared = PreparedRun([], run_dir, None, map_outputs, ctx.keep_failed_dirs)
+    prepared = PreparedRun([], run_dir, None, map_outputs, ctx.keep_failed_dirs, work_dir=ctx.work_dir)
     try:
         stdin, variables = _place_inputs(run_dir, inputs, map_inputs)
     except BaseException:
@@ -322,7 +323,7 @@ def _resolve(program):
         found = shutil.which(name)
         if found is None or not os.path.isabs(found):
             return program   # not found (the start fails as usual), or a relative PATH entry
-        _program_paths[program] = found
+        found = _program_paths[program] = os.fsencode(found)
     return found
 
 
@@ -380,7 +381,7 @@ def cleanup_run(prepared: PreparedRun) -> None:
     except OSError:
         empty = False
     if empty:
-        spares = _spare_dirs.setdefault(os.path.dirname(run_dir), [])
+        spares = _spare_dirs.setdefault(prepared.work_dir or os.path.dirname(run_dir), [])
         if len(spares) < SPARE_DIRS:
             spares.append(run_dir)
             return

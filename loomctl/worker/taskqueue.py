@@ -53,17 +53,19 @@ class TaskSpec:
         resources = row[5] if len(row) > 5 else None
         checkpoint = row[6] if len(row) > 6 else None
         label = row[7] if len(row) > 7 else None
-        if not is_int(tid) or tid < 0:
+        if type(tid) is not int or tid < 0:   # (type(): a bool is no task id)
             raise ProtocolError("a COMPUTE task id is not a non-negative integer")
-        if not isinstance(symbol, str):
+        if type(symbol) is not str:
             raise ProtocolError(f"task {tid}: symbol is not a string")
-        if isinstance(config, str):
-            config = config.encode()
-        if not isinstance(config, (bytes, bytearray, memoryview)):
-            raise ProtocolError(f"task {tid}: config is not bytes")
-        if not isinstance(inputs, (list, tuple)) or not all(is_int(i) and i >= 0 for i in inputs):
+        if type(config) is not bytes:
+            if isinstance(config, str):
+                config = config.encode()
+            if not isinstance(config, (bytes, bytearray, memoryview)):
+                raise ProtocolError(f"task {tid}: config is not bytes")
+            config = bytes(config)
+        if not isinstance(inputs, (list, tuple)) or not all(type(i) is int and i >= 0 for i in inputs):
             raise ProtocolError(f"task {tid}: inputs are not a list of task ids")
-        if not is_int(cpus) or cpus < 0:
+        if type(cpus) is not int or cpus < 0:
             raise ProtocolError(f"task {tid}: cpus is not a non-negative integer")
         if resources is None:
             resources = {}
@@ -75,7 +77,7 @@ class TaskSpec:
         if label is not None and not isinstance(label, str):
             raise ProtocolError(f"task {tid}: label is not a string")
         inline = len(row) > 8 and row[8] is True
-        return cls(tid, symbol, bytes(config), list(inputs), cpus,
+        return cls(tid, symbol, config, list(inputs), cpus,
                    {k: v for k, v in resources.items() if v}, checkpoint or None, label, inline)
 
     @property
