@@ -125,8 +125,18 @@ class Programs:
                 return
             if not chunk:
                 self._close(program, fd)
+                self._read_siblings(program)
                 return
             sink.append(chunk)
+
+    def _read_siblings(self, program: _Program) -> None:
+        """One output pipe ended: the program is most likely exiting and its other pipe
+        ended too or is about to; read it now rather than after another wake-up."""
+        for fd in [fd for fd in program.open_fds if program.fds[fd] != "stdin"]:
+            self._read(program, fd)
+            if fd in program.open_fds:   # not closed yet: give the exiting program the cpu once
+                os.sched_yield()
+                self._read(program, fd)
 
     def _close(self, program: _Program, fd: int) -> None:
         try:
@@ -154,6 +164,8 @@ class Programs:
         """Outcomes of the programs whose pipes are closed and that have exited."""
         outcomes, still = [], []
         for program in self.reaping:
+            if program.pidfd is None and program.proc.poll() is None:
+                os.sched_yield()   # its pipes are closed, it is exiting: let it finish first
             if program.pidfd is not None or program.proc.poll() is None:
                 if program.pidfd is None:   # pipes closed, exit still to come: be told
                     program.pidfd = _pidfd(program.proc.pid)
