@@ -1,10 +1,12 @@
 """External programs (``loom/run/run``) run from the worker's loop without threads.
 
 A program is started in the loop thread (posix_spawn, see spawn.py; Popen where libc
-lacks it); its stdin/stdout/stderr pipes are non-blocking and registered in the loop's zmq Poller as raw file descriptors. When its
-output pipes reached end of file the process has almost always exited and is reaped at
-once; if not yet, a pidfd of it (Linux >= 5.3), which becomes readable when it exits,
-joins the poller. Without pidfds, such a program is polled for its exit (the loop then
+lacks it); its stdin/stdout/stderr pipes are non-blocking and registered in the loop's zmq Poller as
+raw file descriptors. When one output pipe reaches end of file the program is exiting:
+the other is read at once (after one sched_yield if it is still open), and once both are
+closed the process, given one more sched_yield, has almost always exited and is reaped
+in the same wake-up; if not yet, a pidfd of it (Linux >= 5.3), which becomes readable
+when it exits, joins the poller. Without pidfds, such a program is polled for its exit (the loop then
 wakes every millisecond).
 
 Invariants:
