@@ -262,21 +262,27 @@ class Client:
         return Task(S.FUTURE, (), S.encode_u64(obj.task_id))
 
     def wait(self, futures) -> None:
-        futures = _as_list(futures)
+        # each wake-up looks at the futures still pending and at their jobs once, not at
+        # every future: waiting for n results costs O(n), not O(n) per notice
+        pending = _as_list(futures)
+        all_jobs = {f.job for f in pending}   # a failed task of any of them fails the wait
         while True:
-            self._raise_failures(futures)
-            if all(f.address is not None for f in futures):
+            self._raise_failures(all_jobs)
+            pending = [f for f in pending if f.address is None]
+            if not pending:
                 return
-            for f in futures:
+            jobs = {f.job for f in pending}
+            for f in pending:
                 if f._released:
                     raise LoomError(f"future of task {f.task_id} was released")
-                if self.job_status.get(f.job) in ("cancelled",):
-                    raise LoomError(f"job {f.job} was cancelled")
+            for job in jobs:
+                if self.job_status.get(job) == "cancelled":
+                    raise LoomError(f"job {job} was cancelled")
             self._poll(1000)
 
-    def _raise_failures(self, futures: list[Future]) -> None:
-        for f in futures:
-            error = self.job_errors.get(f.job)
+    def _raise_failures(self, jobs) -> None:
+        for job in jobs:
+            error = self.job_errors.get(job)
             if error is not None:
                 raise TaskFailed(error.get("id"), error.get("worker", ""), error.get("message", ""),
                                  error.get("label", ""))
@@ -284,13 +290,13 @@ class Client:
     def as_completed(self, futures) -> Iterator[Future]:
         pending = list(_as_list(futures))
         while pending:
-            self._raise_failures(pending)
+            self._raise_failures({f.job for f in pending})
             done = [f for f in pending if f.address is not None]
-            for f in done:
-                pending.remove(f)
-                yield f
-            if pending and not done:
+            if not done:
                 self._poll(1000)
+                continue
+            pending = [f for f in pending if f.address is None]
+            yield from done
 
     def fetch(self, futures) -> list:
         futures = _as_list(futures)
