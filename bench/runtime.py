@@ -363,22 +363,22 @@ def figure(unit, n, seconds):
 
 def run_loom(shapes, sizes, repeat, trace):
     results = {}
-    for shape in shapes:   # each on a fresh server and workers (the scale shape's peak RSS is its own)
+    for shape in shapes:
         fn, _, _, unit, _, _ = SHAPES[shape]
-        cluster = LoomCluster(trace=trace)
-        try:
-            best = None
-            for _ in range(repeat):
+        best = None
+        for _ in range(repeat):   # each run on a fresh server and workers (a peak RSS is its own)
+            cluster = LoomCluster(trace=trace)
+            try:
                 cpu0 = cluster.cpu()
                 n, seconds, extra = fn(cluster, sizes[shape])
                 cpu1 = cluster.cpu()
-                value = figure(unit, n, seconds)
-                if best is None or (value > best[0] if unit == "rate" else value < best[0]):
-                    cpu = {k: round((cpu1[k] - cpu0[k]) / n * 1e6, 1) for k in cpu0}
-                    best = (value, n, extra, cpu)
-            results[shape] = best
-        finally:
-            cluster.close()
+            finally:
+                cluster.close()
+            value = figure(unit, n, seconds)
+            if best is None or (value > best[0] if unit == "rate" else value < best[0]):
+                cpu = {k: round((cpu1[k] - cpu0[k]) / n * 1e6, 1) for k in cpu0}
+                best = (value, n, extra, cpu)
+        results[shape] = best
     return results
 
 

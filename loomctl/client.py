@@ -134,6 +134,8 @@ class Client:
     def _connect(self, address: str, role: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)   # notices (RELEASE) are queued, never dropped
+        sock.setsockopt(zmq.RCVHWM, 0)
         sock.connect(address)
         try:
             P.client_handshake(sock, role, self.secret, self.timeout_ms)

@@ -224,3 +224,21 @@ def test_secret_not_in_process_list_logs_or_traces(cluster, tmp_path):
             assert secret.encode() not in f.read()
     for name in ("server", "w0", "w1"):
         assert secret not in cluster.log(name)
+
+
+def test_no_message_is_dropped_for_a_worker_slow_to_read(tmp_path):
+    """Before: past 1,000 messages queued for a worker, a send failed and the message was
+    lost (a COMPUTE lost: tasks assigned for ever, the job hung)."""
+    c = Cluster(tmp_path, workers=1, heartbeat_timeout=30.0)
+    try:
+        with c.client(timeout=30) as client:   # (a lost message showed as a hang)
+            os.kill(c.workers[0].pid, signal.SIGSTOP)   # reads nothing for a while
+            try:
+                futures = [client.submit_one(tasks.const(f"{i:05d}" + "x" * 20000)) for i in range(1200)]
+            finally:
+                os.kill(c.workers[0].pid, signal.SIGCONT)
+            values = client.gather(futures)
+            assert [v[:5] for v in values] == [f"{i:05d}".encode() for i in range(1200)]
+        assert "could not send" not in c.log("server")
+    finally:
+        c.stop()

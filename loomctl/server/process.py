@@ -39,6 +39,12 @@ class Server:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # no high-water mark: a COMPUTE or RELEASE_DATA to a busy worker is queued, never
+        # dropped (at zmq's default of 1,000 queued messages a non-blocking send failed and
+        # the message was lost: tasks assigned for ever); a stalled worker is dropped by
+        # the heartbeats instead
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
         # no ROUTER_HANDOVER: a peer must never inherit another connection's routing id,
         # and with it that connection's authentication (a second connection with an id in
         # use is refused by zmq; a worker reconnecting after a cut gets in once the old

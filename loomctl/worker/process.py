@@ -220,6 +220,10 @@ class Worker:
     def _socket(self, kind):
         sock = self.context.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        # no high-water mark: a report, an assignment or an answer is queued, never dropped
+        # (at zmq's default of 1,000 queued messages a non-blocking send fails)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
         self._sockets.append(sock)
         return sock
 
