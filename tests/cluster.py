@@ -26,7 +26,7 @@ class Cluster:
             cmd.append("--no-auth")
         self.server = self._spawn(cmd, "server")
         try:
-            self.access = self._wait_access()
+            self.access = wait_access(self.server_dir, self.server, lambda: self.log("server"))
             for k in range(workers):
                 self.add_worker(cpus=cpus, name=f"w{k}", extra=worker_args)
             self.wait_workers(workers)
@@ -39,18 +39,6 @@ class Cluster:
         self.logs.append(log)
         return subprocess.Popen([sys.executable, "-m", "loomctl", *args], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=self.env)
-
-    def _wait_access(self, timeout=20):
-        path = os.path.join(self.server_dir, "access.json")
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if os.path.exists(path):
-                with open(path) as f:
-                    return json.load(f)
-            if self.server.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log('server')}")
-            time.sleep(0.02)
-        raise RuntimeError("server did not write its access file")
 
     def add_worker(self, cpus=1, name=None, extra=()):
         name = name or f"w{len(self.workers)}"
@@ -87,6 +75,21 @@ class Cluster:
         terminate_all([p for p in [*self.workers, getattr(self, "server", None)] if p is not None])
         for log in self.logs:
             log.close()
+
+
+def wait_access(server_dir: str, server: subprocess.Popen, server_log, timeout: float = 20) -> dict:
+    """The access file a starting server writes; RuntimeError with its log if it exits
+    or does not write one in time."""
+    path = os.path.join(server_dir, "access.json")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        if server.poll() is not None:
+            raise RuntimeError(f"server exited: {server_log()}")
+        time.sleep(0.02)
+    raise RuntimeError(f"server did not write its access file: {server_log()}")
 
 
 def terminate_all(procs) -> None:

@@ -29,7 +29,7 @@ import sys
 import time
 
 from clihelp import ROOT
-from cluster import terminate_all
+from cluster import terminate_all, wait_access
 
 SUBNET = "10.77.0"
 _counter = itertools.count(1)
@@ -127,7 +127,7 @@ class NetnsCluster:
             self.server = self._spawn(1, "server", ["server", "start", "--host", self.net.address(1),
                                                     "--port", "0", "--verbose",
                                                     "--heartbeat-timeout", str(heartbeat_timeout)])
-            self.access = self._wait_access()
+            self.access = wait_access(self.server_dir, self.server, lambda: self.log("server"))
             for w in range(workers):
                 self._spawn(w + 2, f"w{w}", ["worker", "start", "--cpus", "1", "--name", f"w{w}",
                                              "--host", self.net.address(w + 2), "--verbose",
@@ -146,18 +146,6 @@ class NetnsCluster:
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env)
         self.procs[name] = proc
         return proc
-
-    def _wait_access(self, timeout: float = 20) -> dict:
-        path = os.path.join(self.server_dir, "access.json")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if os.path.exists(path):
-                with open(path) as f:
-                    return json.load(f)
-            if self.server.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log('server')}")
-            time.sleep(0.02)
-        raise RuntimeError(f"server did not write its access file: {self.log('server')}")
 
     def _wait_registered(self, count: int, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
