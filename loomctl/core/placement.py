@@ -6,8 +6,9 @@ Policy (HyperLoom's, computed over whole batches):
   ``queue_factor`` times its cpus: a short queue so it never idles while a round trip is
   in flight. The factor is 2 (a queue as long as the cpus) for workers whose tasks take
   long; the server raises it (up to MAX_QUEUE_FACTOR) for a worker that finishes many
-  short tasks a second, so that its reports and the server's rounds carry batches. A task whose preferred worker holds >= LOCALITY_BYTES of its inputs waits
-  in that worker's queue rather than moving the data elsewhere.
+  short tasks a second, so that its reports and the server's rounds carry batches. A task
+  whose preferred worker holds >= LOCALITY_BYTES of its inputs waits in that worker's
+  queue rather than moving the data elsewhere.
 - Light tasks (no request) are spread by free queue room; up to LIGHT_QUEUE of them may
   be outstanding on one worker.
 
@@ -147,18 +148,18 @@ def _spread(rooms: np.ndarray, owners: np.ndarray, k: int) -> np.ndarray:
     """The first k of the slots (rooms[i] of them owned by owners[i]) interleaved in
     proportion to the rooms: slot j of owner i sorts at (j + 0.5) / rooms[i]. No owner
     gives more than k of the first k, so only min(room, k) slots of each are built
-    (rooms are up to LIGHT_QUEUE; k is often 1)."""
+    (rooms are up to LIGHT_QUEUE; k is often small)."""
     built = np.minimum(rooms, k)
     keys = np.concatenate([(np.arange(b) + 0.5) / r for b, r in zip(built.tolist(), rooms.tolist())])
     return np.repeat(owners, built)[np.argsort(keys, kind="stable")[:k]]
 
 
 def _place_unit_tasks(positions, workers, chosen) -> None:
-    """The loop of _place_heavy for a common batch (8 or more) of 1-cpu tasks with no data yet, no
-    named resources and workers that run everything, at once: the loop gives each task to
-    the least loaded worker (assigned / cpus; the lowest index among equals) with room,
-    so worker w's j-th new task comes at load (assigned_w + j) / cpus_w, and the tasks
-    take the smallest such loads in order."""
+    """The loop of _place_heavy, at once, for a common batch (8 or more) of 1-cpu tasks
+    with no data yet, no named resources and workers that run everything: the loop gives
+    each task to the least loaded worker (assigned / cpus; the lowest index among equals)
+    with room, so worker w's j-th new task comes at load (assigned_w + j) / cpus_w, and
+    the tasks take the smallest such loads in order."""
     free = [max(0, w.queue_factor * w.cpus - w.assigned_cpus) if w.cpus >= 1 else 0 for w in workers]
     k = min(len(positions), sum(free))
     if k == 0:

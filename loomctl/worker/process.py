@@ -57,10 +57,10 @@ log = logging.getLogger("loomctl.worker")
 LIGHT_THREADS = 2
 MAX_DRAIN = 1000          # messages read from one socket per iteration
 MAX_POLL_MS = 250
-# A busy worker (a task still running) sends finish reports at most this late, in one
-# UPDATE: the server does a round per message, so fewer and fuller messages leave its
-# cpu to the tasks. An idle worker, and any failure, reports at once. (Reporting early
-# when the local queue runs dry was tried: smaller batches cost more than the idle gap.)
+# A busy worker (a task running and queued work for all its cpus) sends finish reports
+# at most this late, in one UPDATE: the server does a round per message, so fewer and
+# fuller messages leave its cpu to the tasks. A worker whose queue runs low, and any
+# failure, reports at once (see Worker._may_hold).
 REPORT_HOLD_S = 0.020
 
 

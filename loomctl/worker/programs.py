@@ -6,8 +6,8 @@ raw file descriptors. When one output pipe reaches end of file the program is ex
 the other is read at once (after one sched_yield if it is still open), and once both are
 closed the process, given one more sched_yield, has almost always exited and is reaped
 in the same wake-up; if not yet, a pidfd of it (Linux >= 5.3), which becomes readable
-when it exits, joins the poller. Without pidfds, such a program is polled for its exit (the loop then
-wakes every millisecond).
+when it exits, joins the poller. Without pidfds, such a program is polled for its exit
+(the loop then wakes every millisecond).
 
 Invariants:
 - Nothing here blocks: reads and writes are non-blocking, waits use WNOHANG.
