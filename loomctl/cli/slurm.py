@@ -225,10 +225,11 @@ def _wait_for_workers(client, count: int, srun_proc, log_path: str, timeout: flo
         joined = client.get_stats()["n_workers"]
         if joined >= count:
             return
-        failed = _worker_errors(log_path)
-        if srun_proc.poll() is not None or failed:
-            what = (f"srun exited with status {srun_proc.returncode}" if srun_proc.returncode is not None
-                    else "a worker failed")
+        exited = srun_proc.poll() is not None
+        failed = _worker_errors(log_path)   # read after the poll: an ended srun's log is complete
+        if exited or failed:
+            # a worker's own error is the cause; srun's status only says that the step ended
+            what = "a worker failed" if failed else f"srun exited with status {srun_proc.returncode}"
             raise CliError(f"{what} while the workers started ({joined} of {count} joined): "
                            f"{(failed or _tail(log_path))[-1]}", ExitCode.UNAVAILABLE)
         if time.monotonic() > deadline:
