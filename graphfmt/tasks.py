@@ -13,6 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Iterable, Sequence
 
 from graphfmt import symbols as S
@@ -82,8 +83,18 @@ class Task:
         return f"<Task {self.task_type}{label} inputs={len(self.inputs)}>"
 
 
-def _bytes(data: bytes | str) -> bytes:
-    return data.encode() if isinstance(data, str) else bytes(data)
+def _bytes(value, argument: str, builder: str) -> bytes:
+    """The bytes of a bytes or str argument (str as UTF-8); anything else is a TypeError
+    naming the argument (``bytes(5)`` would silently be five NUL bytes)."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{builder}: {argument} must be bytes or str, not {type(value).__name__}")
+
+
+def _filename(value, builder: str) -> bytes:
+    return _bytes(os.fspath(value) if isinstance(value, os.PathLike) else value, "filename", builder)
 
 
 def _inputs(tasks: Iterable) -> tuple:
@@ -101,26 +112,26 @@ def _is_input(item) -> bool:
 
 
 def const(data: bytes | str) -> Task:
-    return Task(S.CONST, (), _bytes(data))
+    return Task(S.CONST, (), _bytes(data, "data", "const"))
 
 
-def merge(inputs: Iterable[Task], delimiter: bytes | str = b"") -> Task:
-    return Task(S.MERGE, _inputs(inputs), _bytes(delimiter))
+def merge(inputs: Iterable[Task], delimiter: bytes | str = "") -> Task:
+    return Task(S.MERGE, _inputs(inputs), _bytes(delimiter, "delimiter", "merge"))
 
 
 def open(filename: str) -> Task:  # noqa: A001 - HyperLoom's name
-    return Task(S.OPEN, (), filename.encode())
+    return Task(S.OPEN, (), _filename(filename, "open"))
 
 
 def split(input: Task, char: bytes | str | None = None) -> Task:  # noqa: A002
-    config = b"" if char is None else _bytes(char)
+    config = b"" if char is None else _bytes(char, "char", "split")
     if len(config) > 1:
-        raise ValueError("split delimiter must be a single byte")
+        raise ValueError("split: char must be a single byte")
     return Task(S.SPLIT, _inputs((input,)), config)
 
 
 def save(input: Task, filename: str) -> Task:  # noqa: A002
-    return Task(S.SAVE, _inputs((input,)), filename.encode(), cpu1)
+    return Task(S.SAVE, _inputs((input,)), _filename(filename, "save"), cpu1)
 
 
 def array_make(inputs: Iterable[Task]) -> Task:
@@ -144,17 +155,19 @@ def length(input: Task) -> Task:  # noqa: A002
 
 
 def run(args: str | Sequence[str], inputs: Iterable[tuple] = (),
-        outputs: Sequence[str | None] = (None,), stdin: Task | None = None) -> Task:
+        outputs: Sequence[str | None] = (None,), stdin: Task | None = None,
+        request: ResourceRequest | None = cpu1) -> Task:
     """Run a program. ``inputs`` are (task, target) pairs: target None feeds stdin,
     "$NAME" defines a variable for the arguments, any other name becomes a file in the
-    program's working directory. ``outputs`` are file names read after the program
-    exits; None is its standard output."""
+    program's working directory. ``stdin`` is a task for standard input (placed before
+    ``inputs``). ``outputs`` are file names read after the program exits; None is its
+    standard output. ``request`` is what the task reserves (None: a light task)."""
     if isinstance(args, str):
         args = args.split()
     args = [a if isinstance(a, (str, bytes)) else str(a) for a in args]
     pairs = list(inputs)
     if stdin is not None:
-        pairs.append((stdin, None))
+        pairs.insert(0, (stdin, None))
     for pair in pairs:
         if not (isinstance(pair, tuple) and len(pair) == 2):
             raise TypeError("run inputs must be (task, name) pairs")
@@ -163,7 +176,7 @@ def run(args: str | Sequence[str], inputs: Iterable[tuple] = (),
     if not outputs:
         raise ValueError("run needs at least one output")
     config = S.encode_run(args, [name for _, name in pairs], outputs)
-    return Task(S.RUN, input_tasks, config, cpu1)
+    return Task(S.RUN, input_tasks, config, request)
 
 
 def py_value(obj: Any) -> Task:
@@ -171,10 +184,11 @@ def py_value(obj: Any) -> Task:
     return Task(S.PY_VALUE, (), cloudpickle.dumps(obj), cpu1)
 
 
-def py_call(obj: Any, inputs: Iterable[Task] = (), direct_args: Sequence = (),
+def py_call(obj: Any, inputs: Iterable[Task] = (), direct_args: Sequence = (), *,
             context: bool = False) -> Task:
     """Call ``obj(*direct_args, *wrapped_inputs)`` on a worker; ``obj`` is a function
-    or a task that produces one."""
+    or a task that produces one. With ``context`` (loomctl's own) a context object
+    comes first."""
     import cloudpickle
     fn_task = obj if _is_input(obj) else py_value(obj)
     config = cloudpickle.dumps((tuple(direct_args), bool(context)))
@@ -191,7 +205,7 @@ def py_task(label: str | None = None, request: ResourceRequest | None = cpu1,
         @functools.wraps(fn)
         def build(*args):
             direct, task_inputs = args[:n_direct_args], args[n_direct_args:]
-            task = py_call(fn_task, task_inputs, direct, context)
+            task = py_call(fn_task, task_inputs, direct, context=context)
             task.label = label or fn.__name__
             task.resource_request = request
             return task

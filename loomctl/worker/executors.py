@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import re
 import shutil
@@ -494,15 +495,21 @@ def _stderr_tail(stderr: bytes | None) -> str:
 
 
 class WrappedData:
-    """What a Python task function receives for each data input."""
+    """What a Python task function receives for each data input. An array or an index
+    also behaves as a sequence: ``len(x)``, ``x[i]`` and iteration give its elements,
+    each wrapped (objects without elements have length 0)."""
 
-    __slots__ = ("data", "input_index")
+    __slots__ = ("data", "input_index", "parent", "position")
 
-    def __init__(self, data: DataObject, input_index: int | None = None):
+    def __init__(self, data: DataObject, input_index: int | None = None,
+                 parent: "WrappedData | None" = None, position: int = 0):
         self.data = data
         # position among the task's inputs (the function is input 0); None when made
-        # by context.wrap()
+        # by context.wrap() or taken from another wrapper
         self.input_index = input_index
+        # an element x[i] knows x and i, so a sub-plan can refer to it as get(x, i)
+        self.parent = parent
+        self.position = position
 
     def read(self) -> bytes:
         obj = self.data
@@ -519,6 +526,21 @@ class WrappedData:
             return self.data.obj
         raise TaskError(f"unwrap() needs a Python object, but this input is "
                         f"{_kind_phrase(self.data)}")
+
+    def __len__(self) -> int:
+        return self.data.length()
+
+    def __getitem__(self, i) -> "WrappedData":
+        n = self.data.length()
+        k = operator.index(i)
+        if k < 0:
+            k += n
+        if not 0 <= k < n:
+            raise IndexError(f"index {i} is out of range for {_kind_phrase(self.data)} of length {n}")
+        return WrappedData(self.data.get(k), parent=self, position=k)
+
+    def __iter__(self):
+        return (self[k] for k in range(self.data.length()))
 
     def __repr__(self):
         return f"<WrappedData {self.data!r}>"
@@ -552,7 +574,8 @@ class TaskContext:
         self._log("critical", logging.CRITICAL, msg)
 
     def wrap(self, obj: Any) -> WrappedData:
-        return WrappedData(PyObj(obj))
+        """A Python object as a pyobj result; a wrapped object is returned as it is."""
+        return obj if isinstance(obj, WrappedData) else WrappedData(PyObj(obj))
 
 
 def _py_value(config, inputs, ctx):

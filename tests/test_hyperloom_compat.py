@@ -1,0 +1,208 @@
+"""A HyperLoom pipeline runs unchanged: wrapped arrays and indexes in Python tasks,
+``wrap`` of a wrapped input, the builders' signatures and defaults, per-task errors at
+submit as ``TaskFailed``, plan scripts whose tasks call the script's own helpers, and
+Python-object results on the command line."""
+
+import inspect
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+
+import cloudpickle
+import numpy as np
+import pytest
+
+from graphfmt import symbols as S
+from graphfmt import tasks
+from graphfmt.sources import load_script
+from loomctl.worker.data import Array, Index, Plain, PyObj, TaskError, to_client
+from loomctl.worker.executors import ExecContext, Redirect, execute, split_cuts
+from loomctl.worker.redirect import redirect_graph_bytes
+from clihelp import ROOT, loomctl
+from cluster import Cluster
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    return ExecContext(task_id=3, work_dir=str(tmp_path / "work"))
+
+
+def py_call(ctx, fn, inputs=(), context=False):
+    return execute(S.PY_CALL, cloudpickle.dumps(((), context)), [PyObj(fn), *inputs], ctx)
+
+
+def index_of(text: bytes) -> Index:
+    return Index(Plain(text), split_cuts(text, ord("\n")))
+
+
+# ------------------------------------------------------------------ wrapped arrays and indexes
+
+def test_array_input_has_len_items_and_iteration(ctx):
+    seen = {}
+
+    def fn(x):
+        seen["len"] = len(x)
+        seen["first"] = (x[0].read(), x[0].size(), x[0].length())
+        seen["last"] = x[-1].unwrap()
+        seen["nested"] = [len(x[1]), x[1][0].read()]
+        seen["iterated"] = [item.size() for item in x]
+        for bad in (3, -4):
+            try:
+                x[bad]
+            except IndexError as e:
+                seen.setdefault("errors", []).append(str(e))
+        return "ok"
+
+    inner = Array([Plain(b"in")])
+    assert py_call(ctx, fn, [Array([Plain(b"abc"), inner, PyObj((1, 2))])]) == Plain(b"ok")
+    assert seen["len"] == 3 and seen["first"] == (b"abc", 3, 0) and seen["last"] == (1, 2)
+    assert seen["nested"] == [1, b"in"]
+    assert seen["iterated"][:2] == [3, 2]
+    assert len(seen["errors"]) == 2 and "out of range" in seen["errors"][0]
+
+
+def test_index_input_behaves_like_an_array_of_pieces(ctx):
+    seen = {}
+
+    def fn(lines):
+        seen["len"] = len(lines)
+        seen["pieces"] = [piece.read() for piece in lines]
+        seen["second"] = (lines[1].read(), lines[1].size())
+        seen["all"] = lines.read()
+        return [piece.read().upper() for piece in lines]
+
+    out = py_call(ctx, fn, [index_of(b"a\nbb\nccc")])
+    assert seen == {"len": 3, "pieces": [b"a\n", b"bb\n", b"ccc"], "second": (b"bb\n", 3),
+                    "all": b"a\nbb\nccc"}
+    assert to_client(out) == [b"A\n", b"BB\n", b"CCC"]
+
+
+def test_objects_without_elements_have_length_zero(ctx):
+    def fn(x, p):
+        try:
+            x[0]
+        except IndexError:
+            return [str(len(x)), str(len(p)), str(list(p))]
+        return "no error"
+
+    assert to_client(py_call(ctx, fn, [Plain(b"abc"), PyObj([1, 2])])) == [b"0", b"0", b"[]"]
+
+
+def test_read_of_an_index_and_of_a_slice_of_an_index_is_the_viewed_bytes(ctx):
+    lines = index_of(b"one\ntwo\nthree\nfour\n")
+    part = execute(S.SLICE, S.encode_slice(1, 3), [lines], ctx)
+    assert part.read() == b"two\nthree\n" and to_client(part) == b"two\nthree\n"
+    empty = execute(S.SLICE, S.encode_slice(3, 1), [lines], ctx)
+    assert empty.read() == b""
+    seen = py_call(ctx, lambda a, b: [a.read(), b.read(), str(len(b))], [lines, part])
+    assert to_client(seen) == [b"one\ntwo\nthree\nfour\n", b"two\nthree\n", b"2"]
+
+
+def test_element_of_an_input_in_a_redirection_is_a_get_of_that_input(ctx):
+    """x[i] in a returned sub-plan stays a reference to the input (no copy of its data)."""
+    out = py_call(ctx, lambda x: tasks.merge(list(x)), [Array([Plain(b"a"), Plain(b"b")])])
+    assert isinstance(out, Redirect)
+    import graphfmt
+    graph = graphfmt.read(redirect_graph_bytes(out.task))
+    assert [graph.symbol(i) for i in range(len(graph))] == [S.TASK_INPUT, S.GET, S.GET, S.MERGE]
+
+
+# ------------------------------------------------------------------ wrap
+
+def test_wrap_of_a_wrapped_input_passes_it_through(ctx):
+    text = PyObj("hello")
+    out = py_call(ctx, lambda c, a: c.wrap(a), [text], context=True)
+    assert out is text
+    out = py_call(ctx, lambda c, a: [c.wrap(a[0]), c.wrap(c.wrap(7))], [Array([Plain(b"p")])], context=True)
+    assert to_client(out) == [b"p", 7]
+
+
+# ------------------------------------------------------------------ builders
+
+# HyperLoom's builders (loom.client.tasks), their parameters and defaults
+HYPERLOOM = {
+    "const": "(data)",
+    "merge": "(inputs, delimiter='')",
+    "open": "(filename)",
+    "split": "(input, char=None)",
+    "save": "(input, filename)",
+    "array_make": "(inputs)",
+    "get": "(input, index)",
+    "slice": "(input, start, end)",
+    "size": "(input)",
+    "length": "(input)",
+    "run": "(args, inputs=(), outputs=(None,), stdin=None, request=cpu1)",
+    "py_call": "(obj, inputs=(), direct_args=())",
+    "py_value": "(obj)",
+    "py_task": "(label=None, request=cpu1, context=False, n_direct_args=0)",
+    "dslice": "(input)",
+    "dget": "(input)",
+    "cpus": "(n)",
+}
+
+
+def default_text(p) -> str:
+    return "cpu1" if p.default is tasks.cpu1 else repr(p.default)
+
+
+def signature_text(fn, hyperloom_only=False) -> str:
+    """A builder's parameters as written in the README (no annotations); with
+    ``hyperloom_only``, without the keyword-only extras that are loomctl's own."""
+    parts, star = [], False
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is p.KEYWORD_ONLY:
+            if hyperloom_only:
+                continue
+            if not star:
+                parts.append("*")
+                star = True
+        parts.append(p.name if p.default is p.empty else f"{p.name}={default_text(p)}")
+    return "(" + ", ".join(parts) + ")"
+
+
+@pytest.mark.parametrize("name", sorted(HYPERLOOM))
+def test_builder_has_hyperloom_signature(name):
+    assert signature_text(getattr(tasks, name), hyperloom_only=True) == HYPERLOOM[name]
+
+
+def test_readme_table_lists_every_builder_with_its_signature():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    for name in HYPERLOOM:
+        row = f"| `{name}{signature_text(getattr(tasks, name))}` |"
+        assert row in readme, f"README: no table row starting {row}"
+
+
+def test_run_request_and_defaults():
+    assert tasks.run("ls").resource_request == tasks.cpus(1)
+    assert tasks.run("ls", request=tasks.cpus(4)).resource_request == tasks.cpus(4)
+    assert tasks.run("ls", request=None).resource_request is None
+    stdin = tasks.const("x")
+    t = tasks.run("cat", [(tasks.const("y"), "f")], stdin=stdin)
+    assert t.inputs[0] is stdin        # stdin comes first, as in HyperLoom
+    for light in (tasks.const("a"), tasks.merge(()), tasks.split(stdin), tasks.get(stdin, 0)):
+        assert light.resource_request is None
+    for heavy in (tasks.save(stdin, "/tmp/x"), tasks.py_value(1), tasks.py_call(len, (stdin,))):
+        assert heavy.resource_request == tasks.cpus(1)
+
+
+@pytest.mark.parametrize("call,argument", [
+    (lambda: tasks.const(5), "data"),
+    (lambda: tasks.const(None), "data"),
+    (lambda: tasks.const([b"a"]), "data"),
+    (lambda: tasks.merge((), 5), "delimiter"),
+    (lambda: tasks.open(3), "filename"),
+    (lambda: tasks.save(tasks.const("a"), 7), "filename"),
+    (lambda: tasks.split(tasks.const("a"), 10), "char"),
+])
+def test_non_text_arguments_are_type_errors_naming_the_argument(call, argument):
+    with pytest.raises(TypeError, match=rf"\b{argument} must be bytes or str, not "):
+        call()
+
+
+def test_const_takes_bytes_and_str():
+    assert tasks.const(b"\x00a").config == b"\x00a"
+    assert tasks.const("é").config == "é".encode()
