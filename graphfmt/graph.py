@@ -24,7 +24,13 @@ FLAG_RESULT = 1
 
 
 class GraphError(Exception):
-    """A graph (or graph file) is not valid; the message names what is wrong."""
+    """A graph (or graph file) is not valid; the message names what is wrong. ``task``
+    is the id of the task at fault when the problem belongs to one task (a malformed
+    config, a bad checkpoint path), else None."""
+
+    def __init__(self, message: str, task: int | None = None):
+        super().__init__(message)
+        self.task = task
 
 
 class VarBytes:
@@ -274,9 +280,9 @@ class Graph:
                 try:
                     path.decode()
                 except UnicodeDecodeError:
-                    raise GraphError(f"{self.describe(i)}: checkpoint path is not UTF-8") from None
+                    raise GraphError(f"{self.describe(i)}: checkpoint path is not UTF-8", int(i)) from None
                 if not path.startswith(b"/"):
-                    raise GraphError(f"{self.describe(i)}: checkpoint path is not absolute")
+                    raise GraphError(f"{self.describe(i)}: checkpoint path is not absolute", int(i))
 
     def _validate_configs(self) -> None:
         counts = np.diff(self.input_offsets)
@@ -286,7 +292,7 @@ class Graph:
             if not len(ids):
                 continue
             if not S.is_known(symbol):
-                raise GraphError(f"task {ids[0]}: unknown symbol {symbol!r}")
+                raise GraphError(f"task {ids[0]}: unknown symbol {symbol!r}", int(ids[0]))
             if symbol in (S.RUN, S.OPEN, S.SAVE, S.SPLIT) or len(ids) <= 16:   # content checks, or few
                 candidates = ids
             else:   # arity and length checks are the same for every task of the type
@@ -301,7 +307,7 @@ class Graph:
                     checked.add(key)
                 problem = S.check_config(symbol, key[0], key[1])
                 if problem:
-                    raise GraphError(f"{self.describe(i)}: {problem}")
+                    raise GraphError(f"{self.describe(i)}: {problem}", i)
 
     # --- summaries ----------------------------------------------------------------
     def stats(self) -> dict:

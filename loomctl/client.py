@@ -26,6 +26,7 @@ import zmq
 import graphfmt
 from graphfmt import symbols as S
 from graphfmt import tasks  # noqa: F401  (HyperLoom: from loom.client import tasks)
+from graphfmt.graph import GraphError
 from graphfmt.plan import as_task_list, build_graph
 from graphfmt.tasks import Task
 from loomctl import protocol as P
@@ -46,15 +47,18 @@ class LoomConnectionError(LoomError):
 
 
 class TaskFailed(LoomException):
-    """A task of a submission failed; the whole submission failed with it."""
+    """A task of a submission failed; the whole submission failed with it. A task the
+    server refuses at submit (a malformed config, a relative save or checkpoint path)
+    fails the same way, with ``worker`` empty and ``id`` its id within the submission."""
 
     def __init__(self, id: int, worker: str, error_msg: str, label: str = ""):  # noqa: A002
         self.id = id
         self.worker = worker
         self.error_msg = error_msg
         self.label = label
-        where = f" ({label})" if label else ""
-        super().__init__(f"task {id}{where} failed on worker {worker or '?'}: {error_msg}")
+        name = f" ({label})" if label else ""
+        where = f" on worker {worker}" if worker else " at submit"
+        super().__init__(f"task {id}{name} failed{where}: {error_msg}")
 
 
 JOB_RECORDS = 1000   # job statuses/errors kept beyond those of live futures (see Client._prune)
@@ -67,6 +71,21 @@ def _graph_bytes(graph) -> bytes:
                         f"{P.MAX_MESSAGE >> 20} MiB in one submission: submit it in parts (futures "
                         "of one job can be inputs of the next)")
     return data
+
+def _task_at_fault(graph) -> TaskFailed | None:
+    """The failure of the task that makes a refused graph invalid, if one task is at
+    fault (the server's refusal names it only in its text). Validating here, after a
+    refusal, costs nothing on the way of a valid plan."""
+    try:
+        graph.validate()
+    except GraphError as exc:
+        if exc.task is None:
+            return None
+        prefix = graph.describe(exc.task) + ": "
+        message = str(exc)[len(prefix):] if str(exc).startswith(prefix) else str(exc)
+        return TaskFailed(exc.task, "", message, graph.label(exc.task) or "")
+    return None
+
 
 class Future:
     __slots__ = ("client", "task_id", "job", "address", "inline", "_released", "__weakref__")
@@ -210,8 +229,14 @@ class Client:
             if not isinstance(item, Task):
                 raise LoomError(f"cannot submit a {type(item).__name__}; expected Task objects")
         graph, local_ids = build_graph(items, external=self._future_input)
-        reply = self._request(P.SUBMIT, {"graph": _graph_bytes(graph), "load": load, "notify": True,
-                                         "trace": self.trace_path})
+        graph_bytes = _graph_bytes(graph)
+        try:
+            reply = self._request(P.SUBMIT, {"graph": graph_bytes, "load": load, "notify": True,
+                                             "trace": self.trace_path})
+        except LoomConnectionError:
+            raise
+        except LoomError as exc:
+            raise _task_at_fault(graph) or exc from None
         job, base = reply["job"], reply["base"]
         futures = []
         for local in local_ids:

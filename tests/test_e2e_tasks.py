@@ -67,7 +67,7 @@ def test_errors_of_data_tasks(client, tmp_path):
         client.submit_one(tasks.get(tasks.array_make((tasks.const("a"),)), 5)).gather()
     with pytest.raises(TaskFailed):
         client.submit_one(tasks.open(str(tmp_path / "missing"))).gather()
-    with pytest.raises(LoomError, match="not absolute"):
+    with pytest.raises(TaskFailed, match="not absolute"):   # refused at submit, as the task's error
         client.submit_one(tasks.save(tasks.const("x"), "relative.txt"))
 
 

@@ -206,3 +206,40 @@ def test_non_text_arguments_are_type_errors_naming_the_argument(call, argument):
 def test_const_takes_bytes_and_str():
     assert tasks.const(b"\x00a").config == b"\x00a"
     assert tasks.const("é").config == "é".encode()
+
+
+# ------------------------------------------------------------------ a cluster
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("compat"), workers=2, cpus=2)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def client(cluster):
+    with cluster.client() as c:
+        yield c
+
+
+def test_error_of_one_task_found_at_submit_is_task_failed(client):
+    from loomctl.client import LoomError, TaskFailed
+    ok = tasks.const("fine")
+    bad = tasks.save(ok, "relative-name")
+    bad.label = "save:relative"
+    with pytest.raises(TaskFailed) as info:
+        client.submit([ok, bad])
+    e = info.value
+    assert (e.id, e.label, e.worker) == (1, "save:relative", "")
+    assert "relative-name" in e.error_msg and "not absolute" in e.error_msg and "task 1" in str(e)
+    outputs = tasks.run("true", outputs=["sub/dir"])
+    with pytest.raises(TaskFailed, match="bad file name 'sub/dir'"):
+        client.submit_one(outputs)
+    late = tasks.const("x")
+    late.checkpoint_path = "relative/checkpoint"
+    with pytest.raises(TaskFailed, match="checkpoint path is not absolute"):
+        client.submit_one(tasks.merge((ok, late)))
+    with pytest.raises(LoomError):               # not the error of a task
+        client.submit(client.submit_one(ok))
+    assert client.submit_one(tasks.merge((ok, ok))).gather() == b"finefine"
