@@ -5,6 +5,9 @@ Invariants:
   raises PlanError with one line naming the file (and task) at fault.
 - A plan script runs with a global ``params`` (dict of the ``-p KEY=VALUE`` strings)
   and must define a module-level ``results``: a Task or a sequence of Tasks.
+- A plan script runs as the module ``__plan__``, registered with cloudpickle to be
+  pickled by value while it runs: its functions and classes travel inside the plan
+  (workers cannot import the script). The module is gone from ``sys.modules`` after.
 - Relative file names in a TOML task file are relative to that file's directory.
 """
 
@@ -12,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import runpy
 import sys
 import traceback
+import types
+
+import cloudpickle
 
 from graphfmt import tasks
 from graphfmt.graph import Graph
@@ -44,7 +49,7 @@ def load_script(path: str, params: dict[str, str] | None = None) -> Graph:
     try:
         # the script's prints go to stderr: stdout may be carrying the graph (-o -)
         with contextlib.redirect_stdout(sys.stderr):
-            namespace = runpy.run_path(path, init_globals={"params": dict(params or {})}, run_name="__plan__")
+            namespace = _run_plan_module(path, dict(params or {}))
     except SystemExit as exc:
         raise PlanError(f"plan script {path} exited ({exc.code}) instead of defining results") from None
     except BaseException as exc:   # the user's code: report it in one line
@@ -56,6 +61,30 @@ def load_script(path: str, params: dict[str, str] | None = None) -> Graph:
     if "results" not in namespace:
         raise PlanError(f"plan script {path} defines no 'results' (a task or a list of tasks)")
     return graph_of_results(namespace["results"], f"plan script {path}")
+
+
+PLAN_MODULE = "__plan__"
+
+
+def _run_plan_module(path: str, params: dict) -> dict:
+    """Run the script as module ``__plan__``, pickled by value; its namespace."""
+    with open(path, "rb") as f:
+        code = compile(f.read(), path, "exec")
+    module = types.ModuleType(PLAN_MODULE)
+    module.__file__ = path
+    module.params = params
+    saved = sys.modules.get(PLAN_MODULE)
+    sys.modules[PLAN_MODULE] = module
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        exec(code, module.__dict__)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+        if saved is None:
+            sys.modules.pop(PLAN_MODULE, None)
+        else:
+            sys.modules[PLAN_MODULE] = saved
+    return module.__dict__
 
 
 def graph_of_results(results, origin: str) -> Graph:

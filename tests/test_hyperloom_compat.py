@@ -243,3 +243,84 @@ def test_error_of_one_task_found_at_submit_is_task_failed(client):
     with pytest.raises(LoomError):               # not the error of a task
         client.submit(client.submit_one(ok))
     assert client.submit_one(tasks.merge((ok, ok))).gather() == b"finefine"
+
+
+# ------------------------------------------------------------------ plan scripts
+
+HELPERS = '''
+def double(data):
+    return data + b"|" + data
+'''
+
+PLAN = '''
+import cloudpickle
+from graphfmt import tasks
+import plan_helpers                          # a module next to this script
+cloudpickle.register_pickle_by_value(plan_helpers)   # its code travels with the plan
+
+SCALE = 3
+
+
+class Words:
+    def __init__(self, text):
+        self.words = text.split()
+
+    def count(self):
+        return len(self.words)
+
+
+def shout(text):
+    return text.upper()
+
+
+@tasks.py_task()
+def describe(x):
+    text = x.read().decode()
+    return f"{shout(text)} {Words(text).count() * SCALE}\\n"
+
+
+@tasks.py_task()
+def later(x):
+    return describe(x)                       # a sub-plan with another builder of this script
+
+
+@tasks.py_task(context=True)
+def as_object(ctx, x):
+    return ctx.wrap(Words(x.read().decode()))
+
+
+@tasks.py_task()
+def count(words):
+    return str(words.unwrap().count()) + "\\n"
+
+
+@tasks.py_task()
+def local(x):
+    return plan_helpers.double(x.read())
+
+
+text = tasks.const("hello plan world")
+results = [describe(text), later(text), count(as_object(text)), local(text)]
+'''
+
+
+def test_plan_script_tasks_call_the_scripts_own_functions_and_classes(tmp_path):
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    (plans / "plan_helpers.py").write_text(HELPERS)
+    (plans / "plan.py").write_text(PLAN)
+    elsewhere = tmp_path / "elsewhere"       # the workers cannot import plan_helpers from here
+    elsewhere.mkdir()
+    proc = loomctl("run", "-n", "2", plans / "plan.py", cwd=elsewhere, check=0)
+    assert proc.stdout == b"HELLO PLAN WORLD 9\nHELLO PLAN WORLD 9\n3\nhello plan world|hello plan world"
+    assert "__plan__" not in sys.modules
+
+
+def test_plan_script_module_is_gone_after_loading(tmp_path):
+    (tmp_path / "plan.py").write_text("from graphfmt import tasks\n"
+                                      "def f(x):\n    return x\n"
+                                      "results = [tasks.py_call(f, (tasks.const('a'),))]\n")
+    graph = load_script(str(tmp_path / "plan.py"))
+    assert "__plan__" not in sys.modules
+    fn = cloudpickle.loads(graph.config(0))       # by value: loads without the script
+    assert fn.__name__ == "f" and fn(5) == 5
