@@ -324,3 +324,84 @@ def test_plan_script_module_is_gone_after_loading(tmp_path):
     assert "__plan__" not in sys.modules
     fn = cloudpickle.loads(graph.config(0))       # by value: loads without the script
     assert fn.__name__ == "f" and fn(5) == 5
+
+
+# ------------------------------------------------------------------ Python objects on the command line
+
+OBJECTS_PLAN = '''
+from graphfmt import tasks
+
+
+@tasks.py_task(context=True)
+def numbers(ctx):
+    import numpy
+    return ctx.wrap(numpy.arange(5000))
+
+
+@tasks.py_task(context=True)
+def pair(ctx):
+    return ctx.wrap({"set", "of"})            # not JSON-able
+
+
+results = [numbers(), tasks.const("text\\n"), pair()]
+'''
+
+
+@pytest.fixture
+def objects_plan(tmp_path):
+    path = tmp_path / "objects.py"
+    path.write_text(OBJECTS_PLAN)
+    return path
+
+
+def test_python_object_results_are_written_as_pickles(objects_plan, tmp_path):
+    out = tmp_path / "out"
+    loomctl("run", "-n", "1", objects_plan, "-o", out, check=0)
+    assert sorted(os.listdir(out)) == ["result-1.pickle", "result-2", "result-4.pickle"]
+    with open(out / "result-1.pickle", "rb") as f:
+        assert np.array_equal(pickle.load(f), np.arange(5000))
+    assert (out / "result-2").read_bytes() == b"text\n"
+    with open(out / "result-4.pickle", "rb") as f:
+        assert pickle.load(f) == {"set", "of"}
+
+
+def test_python_object_result_on_a_pipe_is_its_pickle(tmp_path):
+    plan = tmp_path / "one.py"
+    plan.write_text(OBJECTS_PLAN.replace("results = [numbers(), tasks.const(\"text\\n\"), pair()]",
+                                         "results = [numbers()]"))
+    proc = loomctl("run", "-n", "1", plan, check=0)
+    assert np.array_equal(pickle.loads(proc.stdout), np.arange(5000))
+
+
+def test_results_as_json(objects_plan):
+    proc = loomctl("run", "-n", "1", "--json", objects_plan, check=0)
+    document = json.loads(proc.stdout)
+    assert document["status"] == "finished"
+    first, second, third = document["results"]
+    assert first == {"task": 1, "value": list(range(5000))}
+    assert second == {"task": 2, "text": "text\n"}
+    assert third["task"] == 4 and third["repr"] in ("{'set', 'of'}", "{'of', 'set'}")
+
+
+def test_python_object_result_on_a_terminal_is_readable(objects_plan):
+    import pty
+    master, slave = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "loomctl", "run", "-n", "1", "-q", str(objects_plan)],
+                            stdout=slave, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:          # EIO: the other side is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    text = b"".join(chunks).decode().replace("\r\n", "\n")
+    assert re.search(r"array\(\[ *0, +1, +2, .*4999\]", text, re.S), text
+    assert "text\n" in text and ("{'set', 'of'}" in text or "{'of', 'set'}" in text)

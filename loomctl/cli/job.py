@@ -4,16 +4,22 @@ Invariants:
 - ``submit`` without --wait prints the job id and returns at once; with --wait it exits
   0 when every task finished, TASK_FAILED (1) naming the failed task otherwise.
 - Results are written by ``write_results``: one file per result in a directory, or all
-  of them in order to stdout for "-".
+  of them in order to stdout for "-". Bytes are written as they are; a Python object
+  as its pickle (``result-ID.pickle``; on stdout: pretty-printed on a terminal); with
+  --json to stdout, one JSON document carries the values.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import pprint
 import sys
 import time
 from typing import Optional
 
+import cloudpickle
 import typer
 
 from loomctl.cli.connect import connect
@@ -65,9 +71,9 @@ def run_to_end(client, job: int, futures: list, output: str | None, json_mode: b
                        f"{e.get('worker') or '?'}: {message}", ExitCode.TASK_FAILED)
     if info["status"] != "finished":
         raise CliError(f"job {job} was {info['status']}", ExitCode.TASK_FAILED)
-    written = write_results(client, futures, output)
+    written = write_results(client, futures, output, as_json=json_mode)
     data = {"job": job, "status": info["status"], "counts": info["counts"], "results": written}
-    if output not in (None, "-"):
+    if output not in (None, "-") or json_mode:
         Output(json_mode, quiet).emit(data, lambda d: f"job {d['job']} finished: {d['counts'].get('finished', 0)} tasks",
                                       essential=job)
 
@@ -90,37 +96,74 @@ def wait_for_job(client, job: int, progress: bool = True) -> dict:
         bar.close()
 
 
-def write_results(client, futures: list, output: str | None) -> list:
+def write_results(client, futures: list, output: str | None, as_json: bool = False) -> list:
     """Download results; "-" or None writes them in order to stdout, else one file per
-    result in the directory ``output`` (named by task id and label)."""
+    result in the directory ``output``: ``result-ID`` for bytes, ``result-ID.pickle``
+    for a Python object. With ``as_json`` and stdout nothing is written: the entries
+    returned carry the values (see ``json_entry``)."""
     if not futures:
         return []
     values = client.fetch(futures)
-    written = []
     if output in (None, "-"):
+        if as_json:
+            return [{"task": f.task_id, **json_entry(v)} for f, v in zip(futures, values)]
         out = sys.stdout.buffer
-        for value in values:
-            out.write(as_bytes(value))
+        tty = sys.stdout.isatty()
+        written = []
+        for f, value in zip(futures, values):
+            data = as_bytes(value)
+            if data is None:   # a Python object: readable on a terminal, else its pickle
+                data = (pprint.pformat(value) + "\n").encode() if tty else cloudpickle.dumps(value)
+            out.write(data)
+            written.append({"task": f.task_id, "bytes": len(data)})
         out.flush()
-        return [{"task": f.task_id, "bytes": len(as_bytes(v))} for f, v in zip(futures, values)]
+        return written
     os.makedirs(output, exist_ok=True)
+    written = []
     for f, value in zip(futures, values):
-        path = os.path.join(output, f"result-{f.task_id}")
         data = as_bytes(value)
+        name = f"result-{f.task_id}"
+        if data is None:
+            data, name = cloudpickle.dumps(value), name + ".pickle"
+        path = os.path.join(output, name)
         with open(path, "wb") as fh:
             fh.write(data)
         written.append({"task": f.task_id, "path": path, "bytes": len(data)})
     return written
 
 
-def as_bytes(value) -> bytes:
+def as_bytes(value) -> bytes | None:
+    """The bytes of a result (plain, file and index contents; an array of them
+    concatenated), or None for a Python object."""
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, list) and all(isinstance(v, (bytes, bytearray)) for v in value):
-        return b"".join(value)
-    return (repr(value) + "\n").encode()
+    if isinstance(value, list):
+        parts = [as_bytes(v) for v in value]
+        return None if any(p is None for p in parts) else b"".join(parts)
+    return None
+
+
+def json_entry(value) -> dict:
+    """A result in JSON: {"text": ...} (UTF-8 bytes) or {"base64": ...}; {"items": [...]}
+    for an array; {"value": ...} for a JSON-able Python object (numpy values as lists
+    and numbers), else {"repr": ...}."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return {"text": bytes(value).decode()}
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(value).decode()}
+    if isinstance(value, list) and as_bytes(value) is not None:
+        return {"items": [json_entry(v) for v in value]}
+    try:
+        return {"value": json.loads(json.dumps(value, default=_plain_json, allow_nan=False))}
+    except (TypeError, ValueError):
+        return {"repr": repr(value)}
+
+
+def _plain_json(value):
+    if hasattr(value, "tolist"):   # numpy arrays and scalars
+        return value.tolist()
+    raise TypeError(type(value).__name__)
 
 
 @root.command()
@@ -200,14 +243,14 @@ def results(job: int = typer.Argument(..., help="Job id."),
             f = Future(client, task_id, job)
             f.address = address
             futures.append(f)
-        written = write_results(client, futures, output)
+        written = write_results(client, futures, output, as_json=json_mode)
     except LoomConnectionError as exc:
         raise CliError(str(exc), ExitCode.UNAVAILABLE) from None
     except LoomError as exc:
         raise CliError(str(exc), ExitCode.BAD_INPUT) from None
     finally:
         client.close()
-    if output != "-":
+    if output != "-" or json_mode:
         Output(json_mode, quiet).emit(written, lambda d: "\n".join(w["path"] for w in d))
 
 
