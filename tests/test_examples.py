@@ -151,3 +151,33 @@ def test_client_api_against_a_cluster(tmp_path):
         "0",
     ], proc.stdout
     assert re.fullmatch(r"task \d+ failed: .*exited with status 3.*", lines[5]), lines[5]
+
+
+def test_hyperloom_pipeline_runs_with_only_its_import_changed(tmp_path):
+    script = example("hyperloom", "pipeline.py")
+    with open(script, encoding="utf-8") as f:
+        source = f.read()
+    code = source.split('"""', 2)[2]          # after the docstring
+    ours = [line for line in code.splitlines() if re.search(r"loomctl|graphfmt", line.split("#")[0])]
+    assert ours == ["from loomctl.client import Client, TaskFailed, tasks"], ours
+    cluster = Cluster(tmp_path, workers=2, cpus=2)
+    try:
+        port = str(cluster.access["port"])
+        proc = subprocess.run([sys.executable, script, "127.0.0.1", port], env=cluster.env,
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        cluster.stop()
+    assert proc.returncode == 0, proc.stderr
+    with open(example("wordcount", "plan-life.txt"), encoding="utf-8") as f:
+        text = f.read()
+    counts = collections.Counter(re.findall(r"[a-z]+", text.lower()))
+    best = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:5]
+    lines = text.splitlines(keepends=True)
+    bounds = [len(lines) * k // 4 for k in range(5)]
+    biggest = max(len("".join(lines[a:b]).encode()) for a, b in zip(bounds, bounds[1:]))
+    assert proc.stdout.splitlines() == [
+        f"distinct words: {len(counts)}",
+        *(f"{n} {word}" for word, n in best),
+        f"largest chunk: {biggest} bytes",
+        "save failed: malformed config for loom/data/save: file name 'relative-name.txt' is not absolute",
+    ], proc.stdout
