@@ -99,6 +99,11 @@ def test_read_of_an_index_and_of_a_slice_of_an_index_is_the_viewed_bytes(ctx):
     assert empty.read() == b""
     seen = py_call(ctx, lambda a, b: [a.read(), b.read(), str(len(b))], [lines, part])
     assert to_client(seen) == [b"one\ntwo\nthree\nfour\n", b"two\nthree\n", b"2"]
+    # every other reader of a content sees the same bytes (see loomctl(1), "data object")
+    assert execute(S.MERGE, b"", [part, part], ctx).read() == b"two\nthree\ntwo\nthree\n"
+    cat = execute(S.RUN, S.encode_run(["cat", "-", "f"], [None, "f"], [None]), [part, part], ctx)
+    assert cat.read() == b"two\nthree\ntwo\nthree\n"
+    assert to_client(execute(S.SPLIT, b"", [part], ctx).get(1)) == b"three\n"
 
 
 def test_element_of_an_input_in_a_redirection_is_a_get_of_that_input(ctx):
@@ -243,6 +248,24 @@ def test_error_of_one_task_found_at_submit_is_task_failed(client):
     with pytest.raises(LoomError):               # not the error of a task
         client.submit(client.submit_one(ok))
     assert client.submit_one(tasks.merge((ok, ok))).gather() == b"finefine"
+
+
+def test_wrapped_arrays_and_indexes_on_real_workers(client):
+    @tasks.py_task()
+    def reverse(lines):
+        return tasks.merge(list(lines)[::-1])      # a sub-plan of gets of the input
+
+    @tasks.py_task(context=True)
+    def describe(ctx, parts, lines):
+        return ctx.wrap((len(parts), parts[1].read(), [len(p) for p in parts], len(lines), lines[-1].read()))
+
+    lines = tasks.split(tasks.const("a\nb\nc\n"))
+    parts = tasks.array_make((tasks.const("x"), tasks.array_make((tasks.const("y"), tasks.const("z")))))
+    light = describe(parts, lines)
+    light.resource_request = None                  # runs in the worker's thread, not a child
+    values = client.gather(client.submit([reverse(lines), describe(parts, lines), light]))
+    assert values[0] == b"c\nb\na\n"
+    assert values[1] == values[2] == (2, b"", [0, 2], 3, b"c\n")
 
 
 # ------------------------------------------------------------------ plan scripts
