@@ -4,8 +4,10 @@ Invariants:
 - A Task is a node of a plan; it is never executed here. Building is cheap: a Task holds
   its symbol, its inputs (a tuple of Tasks, repeats allowed), its config bytes, and
   optional resource request, label, metadata and checkpoint path.
-- Defaults follow HyperLoom: run, py_call, py_value and save request one cpu; every other
-  built-in is light (no request).
+- Signatures and defaults follow HyperLoom: run (``request=``), py_call, py_value and save
+  request one cpu; every other built-in is light (no request). Text arguments (const
+  data, merge delimiter, split char, file names) are bytes or str, anything else is a
+  TypeError naming the argument.
 - Porting a HyperLoom plan means replacing ``from loom.client import tasks`` with
   ``from graphfmt import tasks``.
 """

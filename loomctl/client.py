@@ -12,6 +12,8 @@ Invariants:
 - A Future's data stays on the workers until the future is released (gather releases).
 - Pushes from the server (results ready, task failed, job done) are applied to futures
   whenever the client reads its socket, so waiting never loses a notification.
+- An error that belongs to one task is a TaskFailed, also when the server refuses a
+  submission because of that task.
 """
 
 from __future__ import annotations
