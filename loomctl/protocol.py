@@ -82,6 +82,8 @@ import os
 import msgpack
 import numpy as np
 
+from loomctl import messages as M
+
 PROTOCOL_VERSION = 1
 INLINE_BYTES = 4096   # results up to this size travel with the finish report (see UPDATE)
 MAX_MESSAGE = 1 << 30  # the server's limit on one message (a SUBMIT's graph file: ~40M tasks);
@@ -160,6 +162,115 @@ def field(body: dict, name: str, types, default=...):
 
 def _as_tuple(types):
     return types if isinstance(types, tuple) else (types,)
+
+
+# --------------------------------------------------------------- commands
+def _compute_body(cmd: M.Compute) -> dict:
+    return {"tasks": cmd.rows, "locations": cmd.locations, "jobs": ids_to_bytes(cmd.jobs)}
+
+
+def _results_body(cmd: M.ResultsReady) -> dict:
+    body = {"job": cmd.job, "ids": ids_to_bytes(cmd.ids), "addresses": cmd.addresses}
+    if cmd.inline:
+        body["inline"], body["blobs"] = ids_to_bytes(list(cmd.inline)), list(cmd.inline.values())
+    return body
+
+
+_COMMANDS = {
+    M.Compute: (COMPUTE, _compute_body),
+    M.ReleaseData: (RELEASE_DATA, lambda cmd: {"ids": ids_to_bytes(cmd.ids)}),
+    M.PeerLost: (PEER_LOST, lambda cmd: {"address": cmd.address}),
+    M.Stop: (STOP, lambda cmd: {}),
+    M.ResultsReady: (RESULTS_READY, _results_body),
+    M.TaskFailed: (TASK_FAILED, lambda cmd: cmd.error),
+    M.JobDone: (JOB_DONE, lambda cmd: {"job": cmd.job, "status": cmd.status, "counts": cmd.counts}),
+}
+
+
+def encode_command(cmd) -> tuple[bytes, list]:
+    """(target, frames) of a command of loomctl.messages."""
+    kind, body = _COMMANDS[type(cmd)]
+    return cmd.target, encode(kind, body(cmd))
+
+
+def command_kind(cmd) -> bytes:
+    return _COMMANDS[type(cmd)][0]
+
+
+# --------------------------------------------------------------- events
+MAX_COUNT = 1 << 63
+
+
+def _register(body: dict) -> M.Register:
+    address = field(body, "data_address", str)
+    cpus = field(body, "cpus", int)
+    if not address.startswith("tcp://") or cpus < 0:
+        raise ProtocolError("REGISTER needs a tcp:// data_address and cpus >= 0")
+    resources = body.get("resources") or {}
+    if not isinstance(resources, dict) or not all(   # replies (STATUS) carry them
+            isinstance(k, str) and type(v) is int and 0 <= v < MAX_COUNT for k, v in resources.items()):
+        raise ProtocolError("REGISTER resources must map names to integers 0 <= n < 2**63")
+    symbols = body.get("symbols") or []
+    if not isinstance(symbols, list) or not all(isinstance(x, str) for x in symbols):
+        raise ProtocolError("REGISTER symbols must be a list of strings")
+    limit = body.get("memory_limit")
+    return M.Register(str(body.get("name") or ""), str(body.get("hostname") or ""), cpus, resources, symbols,
+                      address, limit if type(limit) is int and 0 < limit < MAX_COUNT else None)
+
+
+def _update(body: dict) -> M.Update:
+    finished = ids_from_bytes(field(body, "finished", bytes, b""))
+    sizes = lengths = finished[:0]
+    if len(finished):
+        sizes = ids_from_bytes(field(body, "sizes", bytes))
+        lengths = ids_from_bytes(field(body, "lengths", bytes))
+        if not len(sizes) == len(lengths) == len(finished):
+            raise ProtocolError("finished/sizes/lengths differ in length")
+    failed = [(int(t), str(m)) for t, m in field(body, "failed", list, [])]
+    redirects = [(int(t), g) for t, g in field(body, "redirects", list, [])]
+    logs = [(t, level, message) for t, level, message in field(body, "logs", list, [])]
+    return M.Update(finished, sizes, lengths, failed, redirects,
+                    ids_from_bytes(field(body, "replicas", bytes, b"")), logs, _inline(body))
+
+
+def _inline(body: dict) -> dict | None:
+    """The small results an UPDATE sends along (id -> encoding); a malformed or
+    oversized set is ignored (the client then fetches from the worker)."""
+    raw, blobs = body.get("inline"), body.get("blobs")
+    if not raw or not isinstance(raw, bytes) or len(raw) % 8 or not isinstance(blobs, list):
+        return None
+    ids = ids_from_bytes(raw).tolist()
+    if len(ids) != len(blobs) or not all(type(b) is bytes and len(b) <= INLINE_BYTES for b in blobs):
+        return None
+    return dict(zip(ids, blobs))
+
+
+def decode_worker_event(kind: bytes, body: dict):
+    """The typed event of a worker's message (ProtocolError when malformed)."""
+    if kind == UPDATE:
+        return _update(body)
+    if kind == HEARTBEAT:
+        return M.Heartbeat(body)
+    if kind == REGISTER:
+        return _register(body)
+    raise ProtocolError(f"unknown worker message {kind!r}")
+
+
+def decode_client_request(kind: bytes, body: dict):
+    """The typed request of a client's message (ProtocolError when malformed)."""
+    req = body.get("req")
+    if kind == SUBMIT:
+        return M.Submit(req, field(body, "graph", bytes), bool(body.get("load", False)), str(body.get("name") or ""),
+                        body.get("trace"), bool(body.get("notify", True)), bool(body.get("detach", False)))
+    if kind == RELEASE:
+        return M.Release(req, ids_from_bytes(field(body, "ids", bytes)))
+    if kind in (CANCEL, JOB_RESULTS, WAIT_JOB):
+        return M.JobRequest(req, kind, int(field(body, "job", int)))
+    if kind in (STATS, STATUS, TERMINATE):
+        return M.Query(req, kind)
+    if kind == SET_TRACE:
+        return M.SetTrace(req, str(field(body, "path", str)))
+    raise ProtocolError(f"unknown client message {kind!r}")
 
 
 # --------------------------------------------------------------- authentication

@@ -6,6 +6,7 @@ import pytest
 import graphfmt
 from graphfmt import symbols as S
 from graphfmt import tasks
+from loomctl import messages as M
 from loomctl import protocol as P
 from loomctl.core.server import ServerCore, SubmitError
 from loomctl.core.tasktable import CANCELLED, SKIPPED
@@ -19,13 +20,25 @@ class Ref:
         self.task_id = task_id
 
 
+def register(cpus=1, address="addr", resources=None, symbols=()):
+    return M.Register("", "", cpus, resources or {}, list(symbols), address)
+
+
+def wire(commands):
+    """(target, kind, body) of each command, as the protocol sends it."""
+    for cmd in commands:
+        target, frames = P.encode_command(cmd)
+        kind, body, _ = P.decode(frames)
+        yield target, kind, body
+
+
 class Env:
     """A core plus simulated workers that 'run' what they are told."""
 
     def __init__(self, *cpus, sizes=None):
         self.core = ServerCore()
         self.now = 0.0
-        self.wids = [self.core.add_worker(f"w{k}".encode(), {"cpus": c, "data_address": f"addr{k}"}, 0.0)
+        self.wids = [self.core.add_worker(f"w{k}".encode(), register(c, f"addr{k}"), 0.0)
                      for k, c in enumerate(cpus)]
         self.sizes = sizes or {}
         self.assigned = {w: [] for w in self.wids}
@@ -43,7 +56,7 @@ class Env:
         self.check()
 
     def drain(self):
-        for kind, target, message, body, _ in self.core.take_commands():
+        for target, message, body in wire(self.core.take_commands()):
             self.sent.append((target, message, body))
             if message == P.COMPUTE:
                 wid = self.wids[int(target[1:])]
@@ -101,22 +114,21 @@ def test_small_results_a_client_waits_for_are_sent_along_with_the_finish():
     job, (root,) = env.submit([tasks.merge([tasks.const("a"), tasks.const("b")])])
     env.core.submit(None, graphfmt.build_graph([tasks.const("nobody waits")])[0], 0.0)   # no watcher
     env.core.schedule(0.0)
-    rows = [row for _, _, message, body, _ in env.core.take_commands() if message == P.COMPUTE
+    rows = [row for _, message, body in wire(env.core.take_commands()) if message == P.COMPUTE
             for row in body["tasks"]]
     inline = {row[0]: row[8] for row in rows}
     assert inline == {root - 2: False, root - 1: False, root + 1: False}   # inputs; unwatched job
     env.core.tasks_finished(env.wids[0], np.array([root - 2, root - 1, root + 1]), np.ones(3, np.int64),
                             np.zeros(3, np.int64), 0.0)
     env.core.schedule(0.0)
-    rows = [row for _, _, message, body, _ in env.core.take_commands() if message == P.COMPUTE
+    rows = [row for _, message, body in wire(env.core.take_commands()) if message == P.COMPUTE
             for row in body["tasks"]]
     assert [(row[0], row[8]) for row in rows] == [(root, True)]   # the client's result
     env.core.tasks_finished(env.wids[0], np.array([root]), np.ones(1, np.int64), np.zeros(1, np.int64), 0.0,
                             inline={root: b"encoded ab"})
-    ready = [(body, blobs) for _, target, message, body, blobs in env.core.take_commands()
-             if message == P.RESULTS_READY]
+    ready = [body for _, message, body in wire(env.core.take_commands()) if message == P.RESULTS_READY]
     assert len(ready) == 1
-    body, blobs = ready[0]
+    body = ready[0]
     assert P.ids_from_bytes(body["ids"]).tolist() == [root]
     assert P.ids_from_bytes(body["inline"]).tolist() == [root] and body["blobs"] == [b"encoded ab"]
     assert env.core.cols.owner[root] == env.wids[0]   # the worker keeps it: others may fetch it
@@ -203,7 +215,7 @@ def test_queue_grows_for_a_worker_that_finishes_short_tasks_fast():
 
 def test_zero_cpu_task_with_a_named_resource_goes_only_where_it_is():
     env = Env(1)
-    gpu = env.core.add_worker(b"w1", {"cpus": 1, "data_address": "addr-g", "resources": {"gpu": 1}}, 0.0)
+    gpu = env.core.add_worker(b"w1", register(1, "addr-g", {"gpu": 1}), 0.0)
     env.wids.append(gpu)
     env.assigned[gpu] = []
     work = [tasks.const(f"t{i}") for i in range(4)]
@@ -319,7 +331,7 @@ def test_a_task_that_kills_its_worker_three_times_fails():
         env.schedule()
         assert env.assigned[env.wids[-1]] == [tid]
         env.core.remove_worker(env.wids[-1], env.now)
-        env.wids.append(env.core.add_worker(f"w{len(env.wids)}".encode(), {"cpus": 1}, env.now))
+        env.wids.append(env.core.add_worker(f"w{len(env.wids)}".encode(), register(1), env.now))
         env.assigned[env.wids[-1]] = []
         env.drain()
         env.check()

@@ -12,7 +12,9 @@ from graphfmt import symbols as S
 from loomctl.worker import extensions
 from loomctl.worker.data import Array, FileObj, Index, Plain, PyObj, TaskError, to_client
 from loomctl.worker.executors import (ExecContext, Redirect, WrappedData, _BUILTINS,
-                                      execute, remove_spare_dirs, split_cuts, substitute_variables)
+                                      execute, split_cuts)
+from loomctl.worker.runs import substitute_variables
+from programhelp import remove_spares, run_config
 
 
 @pytest.fixture
@@ -25,12 +27,13 @@ def ex(ctx, symbol, config=b"", inputs=()):
 
 
 def run(ctx, args, inputs=(), map_inputs=(), outputs=(None,)):
-    return ex(ctx, S.RUN, S.encode_run(args, list(map_inputs), list(outputs)), inputs)
+    return run_config(ctx.work_dir, S.encode_run(args, list(map_inputs), list(outputs)), inputs,
+                      ctx.keep_failed_dirs, ctx.task_id)
 
 
 def nothing_left(work_dir) -> bool:
     """No run directory left once the spare (empty) ones are removed, as at worker exit."""
-    remove_spare_dirs(work_dir)
+    remove_spares(work_dir)
     return os.listdir(work_dir) == []
 
 
@@ -207,7 +210,7 @@ def test_run_directories_are_empty_and_reused_only_when_left_empty(ctx):
 
 def test_run_string_args_are_split(ctx):
     cfg = S.encode_run("echo  a   b", [], [None])
-    assert ex(ctx, S.RUN, cfg, []) == Plain(b"a b\n")
+    assert run_config(ctx.work_dir, cfg) == Plain(b"a b\n")
 
 
 def test_run_input_files_and_fresh_directory(ctx):
@@ -276,7 +279,7 @@ def test_run_keeps_failed_dir_when_asked(tmp_path):
     (kept,) = os.listdir(tmp_path)
     assert os.listdir(tmp_path / kept) == ["marker"]
     run(ctx, ["true"])
-    remove_spare_dirs(str(tmp_path))   # the successful run's directory
+    nothing_left(str(tmp_path))   # (removes the successful run's spare directory)
     assert os.listdir(tmp_path) == [kept]
 
 
@@ -409,7 +412,7 @@ def clean_registry():
 
 
 def test_builtin_table_matches_announced_builtins():
-    assert frozenset(_BUILTINS) == extensions.EXECUTABLE_BUILTINS
+    assert frozenset(_BUILTINS) | {S.RUN} == extensions.EXECUTABLE_BUILTINS   # (programs: worker.programs)
     assert S.DSLICE not in extensions.supported_symbols()
 
 

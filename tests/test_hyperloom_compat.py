@@ -20,6 +20,7 @@ from graphfmt import tasks
 from graphfmt.sources import load_script
 from loomctl.worker.data import Array, Index, Plain, PyObj, TaskError, to_client
 from loomctl.worker.executors import ExecContext, Redirect, execute, split_cuts
+from programhelp import run_config
 from loomctl.worker.redirect import redirect_graph_bytes
 from clihelp import ROOT, loomctl
 from cluster import Cluster
@@ -101,7 +102,7 @@ def test_read_of_an_index_and_of_a_slice_of_an_index_is_the_viewed_bytes(ctx):
     assert to_client(seen) == [b"one\ntwo\nthree\nfour\n", b"two\nthree\n", b"2"]
     # every other reader of a content sees the same bytes (see loomctl(1), "data object")
     assert execute(S.MERGE, b"", [part, part], ctx).read() == b"two\nthree\ntwo\nthree\n"
-    cat = execute(S.RUN, S.encode_run(["cat", "-", "f"], [None, "f"], [None]), [part, part], ctx)
+    cat = run_config(ctx.work_dir, S.encode_run(["cat", "-", "f"], [None, "f"], [None]), [part, part])
     assert cat.read() == b"two\nthree\ntwo\nthree\n"
     assert to_client(execute(S.SPLIT, b"", [part], ctx).get(1)) == b"three\n"
 

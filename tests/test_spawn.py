@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from graphfmt import symbols as S
-from loomctl.worker import executors, spawn
+from loomctl.worker import spawn
 from loomctl.worker.programs import Programs
 
 
@@ -82,5 +82,5 @@ def test_programs_run_through_the_loop_either_way(tmp_path, monkeypatch, use_spa
     assert "status 4" in outcomes[3].error
     assert outcomes[3].ended - outcomes[3].started >= 0.3
     assert len(programs) == 0
-    executors.remove_spare_dirs(str(tmp_path))
+    programs.dirs.remove_spares()
     assert os.listdir(tmp_path) == []

@@ -16,7 +16,7 @@ from loomctl.trace.hooks import WorkerTracer
 from loomctl.trace.reader import TraceError, read_file, read_trace
 from loomctl.trace.report import critical_path, label_group, render, summary
 from loomctl.trace import timeline
-from loomctl.worker.running import Outcome
+from loomctl.worker.outcome import Outcome
 from loomctl.worker.taskqueue import TaskSpec
 
 T0 = 1_700_000_000.0

@@ -22,7 +22,7 @@ from loomctl.cli.worker import parse_resources, parse_size
 from loomctl.worker import data
 from loomctl.worker.data import Plain, PyObj
 from loomctl.worker.executors import WrappedData
-from loomctl.worker.fetch import FetchPlan
+from loomctl.worker.fetchplan import FetchPlan
 from loomctl.worker.process import Worker, run_worker, split_address
 from loomctl.worker.redirect import redirect_graph_bytes
 from loomctl.worker.running import run_task

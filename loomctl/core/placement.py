@@ -188,10 +188,12 @@ def _place_heavy(positions, cpus, symbols, best, best_bytes, workers, requests, 
         _place_unit_tasks(positions, workers, chosen)
         return
     by_index = {w.index: w for w in workers}
+    full = False
     for p in positions:
-        if all(w.cpu_room() <= 0 for w in workers):
-            break   # every worker is full: the rest waits for the next round
         need = int(cpus[p])
+        if need and (full or all(w.cpu_room() <= 0 for w in workers)):
+            full = True   # every worker is full: the cpu tasks wait for the next round
+            continue
         request = requests.get(int(p))
         pref = by_index.get(int(best[p]))
         target = None

@@ -1,15 +1,20 @@
-"""The server's task table: numpy columns indexed by global task id, plus segments.
+"""The server's task table: numpy columns indexed by global task id, plus segments, and
+the table of allowed state changes.
 
 Invariants:
 - Global ids are handed out in increasing order and never reused; each submission (or
   run-time expansion) appends one Segment covering ids ``base .. base+n-1``.
 - A segment stores its inputs and consumers in CSR form with *global* ids. Consumers
   from a later segment (a future used by a later job, an expansion) are kept in
-  ``extra_consumers``; tasks that have some carry FLAG_EXTRA.
+  ``extra_consumers``; tasks that have some carry FLAG_EXTRA. A consumer edge that was
+  removed at run time (its consumer's inputs were replaced) is -1 in the CSR and is
+  never returned by ``consumers_of``.
 - Per-task columns grow by doubling; ``cols.n`` is the number of ids in use. No Python
   object exists per task.
-- A retired segment (its job is done with, see ServerCore.retire_jobs) is None in
+- A retired segment (its job is done with, see core.jobs.retire) is None in
   ``segments``; its base stays, and none of its ids is looked up again.
+- ``state`` changes only through ``core.transitions.transition``, which checks every
+  move against ``ALLOWED`` (tests check that nothing else writes the column).
 """
 
 from __future__ import annotations
@@ -23,9 +28,29 @@ from graphfmt.graph import Graph, offsets_from_lengths
 # task states
 WAITING, READY, ASSIGNED, FINISHED, FAILED, CANCELLED, ALIAS, SKIPPED = range(8)
 STATE_NAMES = ("waiting", "ready", "assigned", "finished", "failed", "cancelled", "alias", "skipped")
+N_STATES = len(STATE_NAMES)
+# live tasks still need their inputs (each of their input slots holds its producer's data)
+LIVE = np.zeros(N_STATES, dtype=bool)
+LIVE[[WAITING, READY, ASSIGNED]] = True
+
+# ALLOWED[to, from]: the moves of ``transition``. New rows are born WAITING, ALIAS or
+# SKIPPED (core.graphstate.add_tasks); FAILED, CANCELLED, ALIAS and SKIPPED are final.
+ALLOWED = np.zeros((N_STATES, N_STATES), dtype=bool)
+for _to, _froms in {
+    READY: (WAITING,),
+    ASSIGNED: (READY,),
+    WAITING: (READY,         # an input's data was lost: wait for it again
+              ASSIGNED,      # its worker was lost, an input was stranded, or it redirected
+              FINISHED),     # its data was lost and is needed: compute it again
+    FINISHED: (ASSIGNED,),
+    FAILED: (WAITING, READY, ASSIGNED),
+    CANCELLED: (WAITING, READY, ASSIGNED),
+    SKIPPED: (WAITING, READY),   # replaced at run time (dslice/dget expansion)
+}.items():
+    ALLOWED[_to, list(_froms)] = True
 
 # task flags
-FLAG_RESULT = 1          # the client wants this task's data
+FLAG_RESULT = 1          # the client wants this task's data (it holds it once)
 FLAG_EXTRA = 2           # has consumers in extra_consumers
 FLAG_CHECKPOINT = 4      # write the result to its checkpoint path
 FLAG_LOADED = 8          # taken from its checkpoint file instead of computed
@@ -73,7 +98,19 @@ class Segment:
     input_offsets: np.ndarray  # local CSR, n+1
     inputs: np.ndarray         # global ids
     consumer_offsets: np.ndarray
-    consumers: np.ndarray      # global ids, within this segment
+    consumers: np.ndarray      # global ids, within this segment (-1: edge removed)
+    pruned: bool = False       # some consumer edge was removed
+
+    def drop_consumer(self, producer: int, consumer: int) -> bool:
+        """Remove one edge producer -> consumer from the consumer CSR (True if found)."""
+        local = producer - self.base
+        lo, hi = self.consumer_offsets[local], self.consumer_offsets[local + 1]
+        hit = np.flatnonzero(self.consumers[lo:hi] == consumer)
+        if not len(hit):
+            return False
+        self.consumers[lo + hit[0]] = -1
+        self.pruned = True
+        return True
 
     @property
     def has_named_requests(self) -> bool:
@@ -165,15 +202,26 @@ class SegmentIndex:
         """Input ids (one per slot) of ``ids``; with per_slot also the consumer of each."""
         return self._gather(ids, "input_offsets", "inputs", per_slot)
 
-    def consumers_of(self, ids: np.ndarray) -> np.ndarray:
-        """Consumer ids within the same segments (one per input slot)."""
-        return self._gather(ids, "consumer_offsets", "consumers", False)
+    def consumers_of(self, ids: np.ndarray, per_slot: bool = False):
+        """Consumer ids within the same segments (one per input slot; removed edges left
+        out); with per_slot also the producer of each."""
+        out = self._gather(ids, "consumer_offsets", "consumers", per_slot)
+        consumers = out[0] if per_slot else out
+        if len(consumers) and consumers.min() < 0:
+            keep = consumers >= 0
+            return (consumers[keep], out[1][keep]) if per_slot else consumers[keep]
+        return out
 
     def task_inputs(self, task_id: int) -> np.ndarray:
-        seg = self.segments[int(self.of(np.array([task_id]))[0])]
-        local = task_id - seg.base
+        seg, local = self.locate(task_id)
         return seg.inputs[seg.input_offsets[local]:seg.input_offsets[local + 1]]
 
+    def task_consumers(self, task_id: int) -> np.ndarray:
+        seg, local = self.locate(task_id)
+        out = seg.consumers[seg.consumer_offsets[local]:seg.consumer_offsets[local + 1]]
+        return out[out >= 0] if seg.pruned else out
+
     def locate(self, task_id: int) -> tuple[Segment, int]:
-        seg = self.segments[int(self.of(np.array([task_id]))[0])]
+        k = int(np.searchsorted(self.bases, task_id, side="right")) - 1
+        seg = self.segments[k]
         return seg, task_id - seg.base

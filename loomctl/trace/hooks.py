@@ -2,9 +2,9 @@
 
 Tracing is switched on per job. When a job with a trace directory is submitted, the
 server opens ``DIR/server.trace`` (``ServerTracer.start_job``) and sends every worker a
-``TRACE {path, job, on: true}`` message (workers that register later get one too); it
-adds a ``jobs`` column to every COMPUTE that carries tasks of a traced job, so that a
-worker knows which of its tasks to record. When the job ends, ``TRACE {..., on: false}``
+``TRACE {path, job, on: true}`` message (workers that register later get one too); every
+COMPUTE carries the job of each task, so that a worker knows which of its tasks to
+record. The server's tracer only observes the core's commands, it never changes them. When the job ends, ``TRACE {..., on: false}``
 follows, and a file whose last traced job ended is closed (with an ``end`` record).
 
 Cpu slots (the ``slot`` of a task record; one timeline row each):
@@ -31,6 +31,7 @@ import logging
 import os
 import time
 
+from loomctl import messages as M
 from loomctl import protocol as P
 from loomctl.trace import format as F
 
@@ -47,7 +48,7 @@ def _open(path: str, head: dict) -> F.TraceWriter | None:
 
 class ServerTracer:
     """The server's side: its own file per trace directory, TRACE messages for workers,
-    the ``jobs`` column of COMPUTE. Methods that return messages return a list of
+    the assignments of traced tasks. Methods that return messages return a list of
     ``(worker key, frames)`` for the shell to send."""
 
     def __init__(self):
@@ -86,27 +87,29 @@ class ServerTracer:
         for writer in self.writers.values():
             writer.add({"k": F.WORKER_LOST, "t": time.time(), "worker": w.id, "name": w.name, "reason": reason})
 
-    def round(self, started: float, duration: float, placed: int, ready: int) -> None:
-        record = {"k": F.ROUND, "t": started, "dur": duration, "placed": placed, "ready": ready}
+    @staticmethod
+    def round_begin() -> tuple[float, float]:
+        return time.time(), time.perf_counter()
+
+    def round_end(self, mark: tuple[float, float], placed: int, ready: int) -> None:
+        record = {"k": F.ROUND, "t": mark[0], "dur": time.perf_counter() - mark[1], "placed": placed, "ready": ready}
         for writer in self.writers.values():
             writer.add(record)
 
-    def commands(self, commands: list, job_column, worker_of_key: dict) -> None:
-        """Add the ``jobs`` column to COMPUTE bodies that carry traced tasks and record
-        the assignments (``job_column``: the core's task -> job array)."""
+    def commands(self, commands: list, worker_of_key: dict) -> None:
+        """Record the assignments of traced jobs' tasks (COMPUTE commands carry the job
+        of every task, which is how workers tell theirs)."""
         now = time.time()
-        for _, target, message, body, _ in commands:
-            if message != P.COMPUTE:
+        for cmd in commands:
+            if type(cmd) is not M.Compute:
                 continue
-            ids = [row[0] for row in body["tasks"]]
-            jobs = job_column[ids]
-            traced = [j for j in set(jobs.tolist()) if j in self.job_dir]
+            jobs = cmd.jobs.tolist()
+            traced = {self.job_dir[j] for j in set(jobs) if j in self.job_dir}
             if not traced:
                 continue
-            body["jobs"] = P.ids_to_bytes(jobs)
-            worker = worker_of_key.get(target, -1)
-            for directory in {self.job_dir[j] for j in traced}:
-                mine = [t for t, j in zip(ids, jobs.tolist()) if self.job_dir.get(j) == directory]
+            worker = worker_of_key.get(cmd.target, -1)
+            for directory in traced:
+                mine = [row[0] for row, j in zip(cmd.rows, jobs) if self.job_dir.get(j) == directory]
                 self.writers[directory].add({"k": F.ASSIGN, "t": now, "worker": worker,
                                              "ids": P.ids_to_bytes(mine)})
 
@@ -203,7 +206,7 @@ class WorkerTracer:
 
     # ------------------------------------------------------------------ tasks
     def assigned(self, rows: list, jobs_column) -> None:
-        """A COMPUTE with a ``jobs`` column: remember the tasks of traced jobs."""
+        """A COMPUTE's ``jobs`` column: remember the tasks of traced jobs."""
         try:
             jobs = P.ids_from_bytes(jobs_column).tolist()
         except P.ProtocolError:

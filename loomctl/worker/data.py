@@ -91,6 +91,18 @@ def _clamp(start: int, end: int, n: int) -> tuple[int, int]:
     return (start, end) if start < end else (0, 0)
 
 
+def kind_phrase(obj: DataObject) -> str:
+    return ("an " if obj.kind[0] in "aeiou" else "a ") + obj.kind + " object"
+
+
+def content(obj: DataObject, what: str) -> bytes:
+    """Bytes of a D-object or of the bytes an index views; TaskError naming ``what``
+    for any other object."""
+    if obj.is_dobject or isinstance(obj, Index):
+        return obj.read()
+    raise TaskError(f"{what} is {kind_phrase(obj)}; expected a plain, file or index object")
+
+
 class Plain(DataObject):
     __slots__ = ("content",)
     kind = "plain"

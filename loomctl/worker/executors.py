@@ -6,8 +6,9 @@ Invariants:
   person. Any other exception escaping a task function is turned into a ``TaskError``;
   a task can never take its worker down.
 - Executors never mutate their inputs. They keep no state between calls except the
-  extension registry, so ``execute`` may run concurrently in several threads; each
-  ``run`` task gets its own fresh directory under ``ctx.work_dir``.
+  extension registry, so ``execute`` may run concurrently in several threads.
+- ``loom/run/run`` is not executed here: the worker's loop starts programs
+  (``worker.programs``, ``worker.runs``).
 - ``loom/scheduler/dslice``/``dget`` are expanded by the server and ``loom/client/*``
   are references; asking to execute them is an error.
 """
@@ -17,11 +18,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
-import re
 import shutil
-import signal
-import subprocess
-import tempfile
 import traceback
 import uuid
 from dataclasses import dataclass, field
@@ -31,9 +28,9 @@ import cloudpickle
 import numpy as np
 
 from graphfmt import symbols as S
-from loomctl.worker import extensions, spawn
+from loomctl.worker import extensions
 from loomctl.worker.data import (CUT_DTYPE, Array, DataObject, FileObj, Index, Plain,
-                                 PyObj, TaskError)
+                                 PyObj, TaskError, content, kind_phrase)
 
 task_logger = logging.getLogger("loomctl.task")
 
@@ -68,6 +65,8 @@ def execute(symbol: str, config: bytes, inputs: list, ctx: ExecContext):
         if symbol in (S.DSLICE, S.DGET):
             raise TaskError(f"{symbol} is expanded by the server and cannot be executed "
                             "on a worker")
+        if symbol == S.RUN:
+            raise TaskError(f"{symbol} is started by the worker's loop (worker.programs), not executed here")
         if symbol in (S.FUTURE, S.TASK_INPUT):
             raise TaskError(f"{symbol} is a reference to data, not an executable task")
         ext = extensions.lookup(symbol)
@@ -104,17 +103,6 @@ def _check_result(symbol: str, result) -> DataObject:
 # ---------------------------------------------------------------------------- data
 
 
-def _content(obj: DataObject, what: str) -> bytes:
-    """Bytes of a D-object or of the bytes an index views."""
-    if obj.is_dobject or isinstance(obj, Index):
-        return obj.read()
-    raise TaskError(f"{what} is {_kind_phrase(obj)}; expected a plain, file or index object")
-
-
-def _kind_phrase(obj: DataObject) -> str:
-    return ("an " if obj.kind[0] in "aeiou" else "a ") + obj.kind + " object"
-
-
 def _config_text(config: bytes, symbol: str) -> str:
     try:
         name = bytes(config).decode()
@@ -130,7 +118,7 @@ def _const(config, inputs, ctx):
 
 
 def _merge(config, inputs, ctx):
-    parts = [_content(obj, f"merge input {i}") for i, obj in enumerate(inputs)]
+    parts = [content(obj, f"merge input {i}") for i, obj in enumerate(inputs)]
     return Plain(bytes(config).join(parts))
 
 
@@ -148,9 +136,9 @@ def _split(config, inputs, ctx):
     delimiter = S.decode_split(bytes(config))
     if len(delimiter) != 1:
         raise TaskError("split delimiter must be a single byte")
-    content = _content(obj, "split input")
-    base = obj if obj.is_dobject else Plain(content)
-    return Index(base, split_cuts(content, delimiter[0]))
+    text = content(obj, "split input")
+    base = obj if obj.is_dobject else Plain(text)
+    return Index(base, split_cuts(text, delimiter[0]))
 
 
 def split_cuts(content: bytes, delimiter: int) -> np.ndarray:
@@ -172,7 +160,7 @@ def _save(config, inputs, ctx):
     if not os.path.isabs(path):
         raise TaskError(f"cannot save to {path!r}: the file name must be absolute")
     if not (obj.is_dobject or isinstance(obj, Index)):
-        raise TaskError(f"save input is {_kind_phrase(obj)}; expected a plain, file or "
+        raise TaskError(f"save input is {kind_phrase(obj)}; expected a plain, file or "
                         "index object")
     write_atomically(path, obj)
     return Plain(b"")
@@ -230,267 +218,6 @@ def _length(config, inputs, ctx):
     return Plain(S.encode_u64(obj.length()))
 
 
-# ---------------------------------------------------------------------------- run
-
-
-def _run(config, inputs, ctx):
-    """Run a program to the end in this thread (the worker's loop uses the same steps
-    without blocking, see loomctl.worker.programs)."""
-    prepared = prepare_run(config, inputs, ctx)
-    try:
-        proc = start_program(prepared)
-        stdout, stderr = proc.communicate(prepared.stdin)
-        result = finish_run(prepared, proc.returncode, stdout, stderr)
-        prepared.failed = False
-        return result
-    finally:
-        cleanup_run(prepared)
-
-
-@dataclass
-class PreparedRun:
-    """A run task with its working directory made and its inputs in place."""
-    argv: list
-    run_dir: str
-    stdin: bytes | None
-    map_outputs: list
-    keep_failed_dirs: bool
-    failed: bool = True
-    work_dir: str = ""   # the directory run_dir is in
-
-
-def prepare_run(config, inputs, ctx) -> PreparedRun:
-    try:
-        cfg = S.decode_run(bytes(config))
-    except Exception:
-        raise TaskError("malformed run configuration (not msgpack)") from None
-    args = cfg.get("args") or []
-    if isinstance(args, (str, bytes)):
-        args = args.split()
-    if not args:
-        raise TaskError("run: no program given")
-    map_inputs = list(cfg.get("map_inputs") or [])
-    map_outputs = list(cfg.get("map_outputs") or [None])
-    if len(map_inputs) != len(inputs):
-        raise TaskError(f"run: {len(inputs)} input(s) but {len(map_inputs)} input mapping(s)")
-    run_dir = _make_run_dir(ctx.work_dir, ctx.task_id)
-    prepared = PreparedRun([], run_dir, None, map_outputs, ctx.keep_failed_dirs, work_dir=ctx.work_dir)
-    try:
-        stdin, variables = _place_inputs(run_dir, inputs, map_inputs)
-    except BaseException:
-        cleanup_run(prepared)
-        raise
-    prepared.argv = substitute_variables(args, variables)
-    prepared.stdin = stdin
-    return prepared
-
-
-# Empty run directories left by finished programs, per work directory, handed to the
-# next run instead of being removed and made again (on a journalled file system rmdir +
-# mkdir cost more than a short program). Only directories found empty go here.
-_spare_dirs: dict[str, list[str]] = {}
-SPARE_DIRS = 16
-
-
-def _make_run_dir(work_dir: str, task_id: int) -> str:
-    """An empty directory for one run: a spare one, else ``run-ID`` (one mkdir), else a
-    unique name (a rerun of the task next to a kept failed directory)."""
-    try:
-        return _spare_dirs[work_dir].pop()
-    except (KeyError, IndexError):
-        pass
-    path = os.path.join(work_dir, f"run-{task_id}")
-    try:
-        os.mkdir(path)
-        return path
-    except FileExistsError:
-        return tempfile.mkdtemp(prefix=f"run-{task_id}-", dir=work_dir)
-    except FileNotFoundError:   # the work directory itself is not there (yet, or any more)
-        os.makedirs(work_dir, exist_ok=True)
-        return tempfile.mkdtemp(prefix=f"run-{task_id}-", dir=work_dir)
-
-
-_program_paths: dict[bytes | str, str] = {}   # bare program name -> where PATH found it
-
-
-def _resolve(program):
-    """The path of a bare program name, looked up in PATH once per worker (the child
-    then makes one execve instead of one per PATH entry); names with a slash as given."""
-    found = _program_paths.get(program)
-    if found is None:
-        name = os.fsdecode(program)
-        if "/" in name:
-            return program
-        found = shutil.which(name)
-        if found is None or not os.path.isabs(found):
-            return program   # not found (the start fails as usual), or a relative PATH entry
-        found = _program_paths[program] = os.fsencode(found)
-    return found
-
-
-def start_program(prepared: PreparedRun) -> subprocess.Popen:
-    program = os.fsdecode(prepared.argv[0])
-    argv = prepared.argv
-    try:
-        return subprocess.Popen(
-            argv, executable=_resolve(argv[0]), cwd=prepared.run_dir,
-            stdin=subprocess.PIPE if prepared.stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if None in prepared.map_outputs else subprocess.DEVNULL,
-            stderr=subprocess.PIPE)
-    except OSError as e:
-        raise TaskError(f"cannot start program {program!r}: {e.strerror or e} "
-                        "(no exit status: the program did not start)") from None
-
-
-def start_child(prepared: PreparedRun) -> spawn.Child:
-    """Start the program of a prepared run with pipes as plain fds (posix_spawn where
-    libc has it, else subprocess.Popen)."""
-    if not spawn.available():
-        return spawn.Child.of_popen(start_program(prepared))
-    argv = prepared.argv
-    try:
-        return spawn.spawn(argv, prepared.run_dir, stdin=prepared.stdin is not None,
-                           stdout=None in prepared.map_outputs, stderr=True, executable=_resolve(argv[0]))
-    except OSError as e:
-        raise TaskError(f"cannot start program {os.fsdecode(argv[0])!r}: {e.strerror or e} "
-                        "(no exit status: the program did not start)") from None
-
-
-def finish_run(prepared: PreparedRun, status: int, stdout: bytes | None, stderr: bytes | None):
-    """The task's result from a program that exited; raises TaskError on failure."""
-    try:
-        return _collect_outputs(prepared, status, stdout, stderr)
-    except TaskError as e:
-        if prepared.keep_failed_dirs:
-            raise TaskError(f"{e}\n(working directory kept: {prepared.run_dir})") from None
-        raise
-
-
-def remove_spare_dirs(work_dir: str) -> None:
-    """Remove the spare run directories of ``work_dir`` (when the worker stops)."""
-    for path in _spare_dirs.pop(work_dir, []):
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def cleanup_run(prepared: PreparedRun) -> None:
-    if prepared.failed and prepared.keep_failed_dirs:
-        return
-    run_dir = prepared.run_dir
-    try:
-        with os.scandir(run_dir) as entries:
-            empty = next(entries, None) is None
-    except OSError:
-        empty = False
-    if empty:
-        spares = _spare_dirs.setdefault(prepared.work_dir or os.path.dirname(run_dir), [])
-        if len(spares) < SPARE_DIRS:
-            spares.append(run_dir)
-            return
-    shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def _place_inputs(run_dir: str, inputs: list, map_inputs: list):
-    stdin_parts: list[bytes] = []
-    variables: dict[str, bytes] = {}
-    for i, (obj, target) in enumerate(zip(inputs, map_inputs)):
-        what = f"run input {i}"
-        if target is None:
-            stdin_parts.append(_content(obj, what))
-        elif isinstance(target, str) and target.startswith("$"):
-            variables[target[1:]] = _content(obj, what)
-        else:
-            name = os.fsdecode(target)
-            if not name or "/" in name or name in (".", ".."):
-                raise TaskError(f"run: bad input file name {name!r}")
-            _write_input_file(os.path.join(run_dir, name), obj, what)
-    stdin = b"".join(stdin_parts) if stdin_parts else None
-    return stdin, variables
-
-
-def _write_input_file(path: str, obj: DataObject, what: str) -> None:
-    try:
-        if isinstance(obj, FileObj):
-            shutil.copyfile(obj.path, path)
-        else:
-            with open(path, "wb") as f:
-                f.write(_content(obj, what))
-    except OSError as e:
-        raise TaskError(f"run: cannot write {what} to {os.path.basename(path)!r}: "
-                        f"{e.strerror or e}") from None
-
-
-def substitute_variables(args: list, variables: dict[str, bytes]) -> list:
-    """Replace ``$NAME`` and ``${NAME}`` by the variable's content, as a whole argument
-    or inside one; the longest defined name wins; undefined ``$names`` stay as they are.
-    """
-    if not variables:
-        return list(args)
-    names = sorted(variables, key=len, reverse=True)
-    alternatives = "|".join(re.escape(n) for n in names)
-    text_pattern = re.compile(r"\$(?:\{(%s)\}|(%s))" % (alternatives, alternatives))
-    bytes_pattern = re.compile(text_pattern.pattern.encode("utf-8", "surrogateescape"))
-    text_values = {k: v.decode("utf-8", "surrogateescape") for k, v in variables.items()}
-
-    def text_sub(m):
-        return text_values[m.group(1) or m.group(2)]
-
-    def bytes_sub(m):
-        return variables[(m.group(1) or m.group(2)).decode("utf-8", "surrogateescape")]
-
-    out = []
-    for arg in args:
-        if isinstance(arg, bytes):
-            out.append(bytes_pattern.sub(bytes_sub, arg))
-        else:
-            out.append(text_pattern.sub(text_sub, str(arg)))
-    return out
-
-
-def _collect_outputs(prepared: PreparedRun, status: int, stdout, stderr):
-    program = os.fsdecode(prepared.argv[0])
-    run_dir, map_outputs = prepared.run_dir, prepared.map_outputs
-    if status != 0:
-        raise TaskError(f"program {program!r} {_describe_status(status)}"
-                        f"{_stderr_tail(stderr)}")
-    results = []
-    for name in map_outputs:
-        if name is None:
-            results.append(Plain(stdout or b""))
-            continue
-        path = os.path.join(run_dir, os.fsdecode(name))
-        try:
-            with open(path, "rb") as f:
-                results.append(Plain(f.read()))
-        except OSError as e:
-            raise TaskError(f"program {program!r} exited with status 0 but output file "
-                            f"{os.fsdecode(name)!r} cannot be read: {e.strerror}"
-                            f"{_stderr_tail(stderr)}") from None
-    return results[0] if len(results) == 1 else Array(results)
-
-
-def _describe_status(status: int) -> str:
-    if status < 0:
-        try:
-            name = signal.Signals(-status).name
-        except ValueError:
-            name = "unknown signal"
-        return f"was killed by signal {-status} ({name}) (exit status {status})"
-    return f"exited with status {status}"
-
-
-def _stderr_tail(stderr: bytes | None) -> str:
-    if not stderr:
-        return "\nstderr: (empty)"
-    lines = stderr.splitlines()
-    tail = b"\n".join(lines[-STDERR_TAIL_LINES:])
-    cut = len(lines) > STDERR_TAIL_LINES
-    if len(tail) > STDERR_TAIL_BYTES:
-        tail = tail[-STDERR_TAIL_BYTES:]
-        cut = True
-    text = tail.decode("utf-8", "replace")
-    return "\nstderr" + (" (last lines)" if cut else "") + ":\n" + text
-
-
 # ---------------------------------------------------------------------------- python
 
 
@@ -525,7 +252,7 @@ class WrappedData:
         if isinstance(self.data, PyObj):
             return self.data.obj
         raise TaskError(f"unwrap() needs a Python object, but this input is "
-                        f"{_kind_phrase(self.data)}")
+                        f"{kind_phrase(self.data)}")
 
     def __len__(self) -> int:
         return self.data.length()
@@ -536,7 +263,7 @@ class WrappedData:
         if k < 0:
             k += n
         if not 0 <= k < n:
-            raise IndexError(f"index {i} is out of range for {_kind_phrase(self.data)} of length {n}")
+            raise IndexError(f"index {i} is out of range for {kind_phrase(self.data)} of length {n}")
         return WrappedData(self.data.get(k), parent=self, position=k)
 
     def __iter__(self):
@@ -591,7 +318,7 @@ def _py_call(config, inputs, ctx):
     if not isinstance(fn_obj, PyObj) or not callable(fn_obj.obj):
         got = "nothing" if fn_obj is None else (
             f"a Python {type(fn_obj.obj).__name__}" if isinstance(fn_obj, PyObj)
-            else _kind_phrase(fn_obj))
+            else kind_phrase(fn_obj))
         raise TaskError(f"the first input of loom/py/call must be a Python callable, got {got}")
     try:
         direct_args, with_context = cloudpickle.loads(config) if config else ((), False)
@@ -639,5 +366,5 @@ def convert_py_result(value) -> DataObject:
 _BUILTINS: dict[str, Callable[[bytes, list, ExecContext], Any]] = {
     S.CONST: _const, S.MERGE: _merge, S.OPEN: _open, S.SPLIT: _split, S.SAVE: _save,
     S.ARRAY_MAKE: _array_make, S.GET: _get, S.SLICE: _slice, S.SIZE: _size,
-    S.LENGTH: _length, S.RUN: _run, S.PY_VALUE: _py_value, S.PY_CALL: _py_call,
+    S.LENGTH: _length, S.PY_VALUE: _py_value, S.PY_CALL: _py_call,
 }

@@ -1,19 +1,16 @@
-"""Fetching inputs from other workers: request batching (sans-I/O) and peer links.
+"""Moving data between workers: links to other workers' data sockets for fetching
+inputs (what to fetch from whom is decided by ``worker.fetchplan`` inside the
+WorkerState), and the answers of this worker's data socket (``serve_data``).
 
-``FetchPlan`` decides what to ask whom: ids wanted from an address accumulate until
-``take`` turns them into one FETCH per peer (one request per peer per loop iteration,
-many ids). ``PeerLinks`` owns one DEALER per peer data address and runs the peer side of
-the handshake as a non-blocking state machine driven by the worker's poll loop, so a
-slow or dead peer never blocks the loop.
+``PeerLinks`` owns one DEALER per peer data address and runs the peer side of the
+handshake as a non-blocking state machine driven by the worker's poll loop, so a slow
+or dead peer never blocks the loop.
 
 Invariants:
-- An id is requested at most once while a request for it is outstanding; every wanted
-  id ends in exactly one of: answered (found or missing), or given up (peer refused,
-  handshake or reply timed out) — ``take``/``answered``/``give_up``/``expired`` report it.
-- ``FetchPlan`` has no sockets and no clock: time is a parameter.
 - A peer link is "ready" only after WELCOME; FETCH is never sent before. A link that
   was refused or timed out is closed and forgotten (a later request makes a new one).
-- Nothing a peer sends can raise out of ``PeerLinks.receive``: garbage is logged and
+- ``serve_data`` answers only peers that completed the handshake, and only FETCH.
+- Nothing a peer sends can raise out of ``PeerLinks.receive`` or ``serve_data``: garbage is logged and
   dropped (or fails the request it claims to answer).
 """
 
@@ -24,56 +21,9 @@ import logging
 import zmq
 
 from loomctl import protocol as P
+from loomctl.worker import data
 
 log = logging.getLogger("loomctl.worker")
-
-
-class FetchPlan:
-    def __init__(self):
-        self.pending: dict[str, list[int]] = {}                 # address -> ids not yet asked
-        self.inflight: dict[int, tuple[str, list[int], float]] = {}   # req -> (address, ids, sent at)
-        self._next_req = 1
-
-    def want(self, task_id: int, address: str) -> None:
-        self.pending.setdefault(address, []).append(int(task_id))
-
-    def take(self, now: float, can_send=lambda address: True) -> list:
-        """One request per address whose link is ready: [(address, req, ids)]."""
-        out = []
-        for address in [a for a in self.pending if can_send(a)]:
-            ids = self.pending.pop(address)
-            req = self._next_req
-            self._next_req += 1
-            self.inflight[req] = (address, ids, now)
-            out.append((address, req, ids))
-        return out
-
-    def answered(self, req: int, address: str | None = None):
-        """The request ``req`` got its answer: returns (address, ids asked) or None for
-        an unknown request (or one that ``address`` was not asked)."""
-        entry = self.inflight.get(req)
-        if entry is None or (address is not None and entry[0] != address):
-            return None
-        del self.inflight[req]
-        return entry[0], entry[1]
-
-    def give_up(self, address: str) -> list[int]:
-        """Every id pending or in flight at ``address`` (the peer is unreachable)."""
-        ids = self.pending.pop(address, [])
-        for req in [r for r, (a, _, _) in self.inflight.items() if a == address]:
-            ids.extend(self.inflight.pop(req)[1])
-        return ids
-
-    def expired(self, now: float, timeout: float) -> list:
-        """Requests without an answer after ``timeout`` seconds: [(address, ids)]."""
-        out = []
-        for req in [r for r, (_, _, t) in self.inflight.items() if now - t > timeout]:
-            address, ids, _ = self.inflight.pop(req)
-            out.append((address, ids))
-        return out
-
-    def addresses(self) -> set:
-        return set(self.pending) | {a for a, _, _ in self.inflight.values()}
 
 
 class _Link:
@@ -195,3 +145,42 @@ class PeerLinks:
     def close(self) -> None:
         for address in list(self.links):
             self.close_link(address)
+
+
+def serve_data(gate: P.Gatekeeper, objects, frames: list) -> list:
+    """The replies (with the routing id) to one message on the data socket: the
+    handshake's, or the DATA answer of a FETCH (``objects(ids)`` -> found ids, their
+    objects, missing ids)."""
+    if len(frames) < 3:
+        log.warning("data socket: dropped a message with too few frames")
+        return []
+    identity = frames[0]
+    try:
+        kind, body, _ = P.decode(frames[1:])
+    except P.ProtocolError as exc:
+        log.warning("data socket: dropped a malformed message: %s", exc)
+        return []
+    admitted, reply = gate.handle(identity, kind, body)
+    replies = [[identity, *reply]] if reply is not None else []
+    if not admitted:
+        return replies
+    if kind != P.FETCH:
+        log.warning("data socket: dropped an unexpected %r message", kind[:16])
+        return replies
+    try:
+        req = P.field(body, "req", int)
+        ids = P.ids_from_bytes(P.field(body, "ids", bytes)).tolist()
+    except P.ProtocolError as exc:
+        log.warning("data socket: dropped a malformed FETCH: %s", exc)
+        return replies
+    held, found_objects, missing = objects(ids)
+    found, blobs = [], []
+    for i, obj in zip(held, found_objects):
+        try:
+            blobs.append(data.encode(obj))
+            found.append(i)
+        except data.TaskError as exc:
+            log.warning("cannot send data object %d: %s", i, exc)
+            missing.append(i)
+    return [*replies, [identity, *P.encode(P.DATA, {"req": req, "ids": P.ids_to_bytes(found),
+                                                    "missing": P.ids_to_bytes(missing)}, *blobs)]]

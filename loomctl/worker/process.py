@@ -1,22 +1,20 @@
-"""The worker process: one poll loop around a data store, a task queue and executor threads.
+"""The worker process: one poll loop around the sans-I/O WorkerState, executor threads
+and programs.
 
 The loop (``Worker.run``) polls the server DEALER, the data ROUTER, one DEALER per peer,
-the server socket's monitor and an inproc PAIR that executor threads use to wake it. Each
-iteration drains what is readable, applies finished task outcomes, starts what the
-``TaskQueue`` allows, sends FETCH requests (``FetchPlan``: one per peer, many ids), runs
-timers (heartbeat, lost server, transfer timeouts) and sends at most one UPDATE.
+the server socket's monitor and an inproc PAIR that executor threads use to wake it.
+Each iteration turns what is readable into events (messages, peer answers, ended
+programs and tasks, the clock), hands them to ``WorkerState.handle`` in one batch and
+carries out the instructions that come back: start tasks (inline built-ins in the loop,
+programs watched by the poller, cpu tasks in a pool of ``max(1, cpus)`` threads, other
+light tasks in a small pool), send the UPDATE, connect to peers and send FETCHes. What
+the worker decides is in ``worker.state``; this module keeps the sockets, threads,
+programs and the clock.
 
 Invariants:
-- The loop never waits on a task: tasks with cpus > 0 run in a pool of ``max(1, cpus)``
-  threads, light tasks of cheap built-ins (const, merge, get, slice, size, length,
-  array/make, split, open) run inline, other light tasks (extensions, a run without a
-  request, anything with a checkpoint) in a small separate pool. ``TaskQueue`` keeps the
-  cpus and named resources of running tasks within the worker's.
-- Only the loop thread touches sockets, the store and the queue. Executor threads only
-  compute; they hand an ``Outcome`` back through a deque and wake the loop through the
-  PAIR (sends serialised by a lock).
-- Data is stored before it is reported: an id in an UPDATE's ``finished`` or
-  ``replicas`` is in the store when the server reads it.
+- The loop never waits on a task, and only the loop thread touches sockets and the
+  WorkerState. Executor threads only compute; they hand an ``Outcome`` back through a
+  deque and wake the loop through the PAIR (sends serialised by a lock).
 - Every message from the network is checked; a malformed or unauthenticated one is
   logged and dropped, never raised out of the loop. A task failure is a report, never a
   crash. The secret is never logged.
@@ -32,9 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections import deque
@@ -45,64 +41,20 @@ from zmq.utils.monitor import recv_monitor_message
 from loomctl import protocol as P
 from loomctl.worker import data
 from loomctl.worker import extensions as registry
-from graphfmt import symbols as S
-from loomctl.worker.fetch import FetchPlan, PeerLinks
-from loomctl.worker.executors import remove_spare_dirs
+from loomctl.worker import state as W
+from loomctl.worker.fetch import PeerLinks, serve_data
+from loomctl.worker.outcome import Outcome
 from loomctl.worker.programs import Programs
-from loomctl.worker.running import INLINE_SYMBOLS, Outcome, Pool, Report, run_task
-from loomctl.worker.taskqueue import TaskQueue, TaskSpec, is_int
+from loomctl.worker.running import Pool, run_task
+from loomctl.worker.hostinfo import local_address_towards, rss, split_address
+from loomctl.worker.taskqueue import is_int
+from loomctl.worker.workdir import WorkDir
 
 log = logging.getLogger("loomctl.worker")
 
 LIGHT_THREADS = 2
 MAX_DRAIN = 1000          # messages read from one socket per iteration
 MAX_POLL_MS = 250
-# A busy worker (a task running and queued work for all its cpus) sends finish reports
-# at most this late, in one UPDATE: the server does a round per message, so fewer and
-# fuller messages leave its cpu to the tasks. A worker whose queue runs low, and any
-# failure, reports at once (see Worker._may_hold).
-REPORT_HOLD_S = 0.020
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """"tcp://host:port" or "host:port" -> (host, port); ValueError when malformed."""
-    rest = address[len("tcp://"):] if address.startswith("tcp://") else address
-    host, sep, port = rest.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"bad server address {address!r} (expected host:port)")
-    return host.strip("[]"), int(port)
-
-
-def local_address_towards(host: str, port: int) -> str:
-    """The local IP address this machine uses to reach host:port (a UDP connect sends
-    nothing); 127.0.0.1 when it cannot be told."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((host, port))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-_ATOMS = (int, float, complex, bool, str, bytes, type(None))
-
-
-def _cheap_to_encode(obj: data.DataObject) -> bool:
-    if type(obj) is data.Plain:
-        return True
-    if type(obj) is data.PyObj:
-        return type(obj.obj) in _ATOMS
-    if type(obj) is data.Array:   # (empty items cost bytes too: few of them)
-        return len(obj.items) <= 256 and all(_cheap_to_encode(item) for item in obj.items)
-    return False
 
 
 class Worker:
@@ -135,18 +87,13 @@ class Worker:
         self.connect_timeout_s = connect_timeout_s
         self.peer_timeout_s = peer_timeout_s
         self.fetch_timeout_s = fetch_timeout_s
-        self._work_dir_arg = work_dir
+        self.workdir = WorkDir(work_dir)
 
         self.worker_id: int | None = None
         self.data_address: str | None = None
         self.run_dir: str | None = None
-        self.store: dict[int, data.DataObject] = {}
-        self.sizes: dict[int, int] = {}
-        self.data_bytes = 0
-        self.queue = TaskQueue(self.cpus, self.resources)
-        self.plan = FetchPlan()
-        self.report = Report()
-        self._report_since: float | None = None   # when the unsent report got its first entry
+        self.state = W.WorkerState(self.cpus, self.resources, fetch_timeout_s)
+        self._events: list = []                  # for the state, this iteration
         self.context: zmq.Context | None = None
         self._sockets: list = []
         self._outcomes: deque = deque()
@@ -156,7 +103,6 @@ class Worker:
         self._early: list = []
         self._stop_reason: str | None = None
         self._lost_since: float | None = None
-        self._created_base: str | None = None
         self._closed = False
         self.tracer = None        # a WorkerTracer while a traced job runs (loomctl.trace.hooks)
 
@@ -198,7 +144,7 @@ class Worker:
         self.data_address = f"tcp://{advertised}:{port}"
         self.gate = P.Gatekeeper(self.secret, log=lambda msg: log.warning("data socket: %s", msg))
 
-        self._make_run_dir()
+        self.run_dir = self.workdir.open()
         self._register()
 
         self.wake_rx = self._socket(zmq.PAIR)
@@ -226,16 +172,6 @@ class Worker:
         sock.setsockopt(zmq.RCVHWM, 0)
         self._sockets.append(sock)
         return sock
-
-    def _make_run_dir(self) -> None:
-        if self._work_dir_arg is None:
-            self.run_dir = tempfile.mkdtemp(prefix="loomctl-worker-")
-            return
-        base = os.path.abspath(self._work_dir_arg)
-        if not os.path.isdir(base):
-            os.makedirs(base)
-            self._created_base = base
-        self.run_dir = tempfile.mkdtemp(prefix=f"worker-{os.getpid()}-", dir=base)
 
     def _register(self) -> None:
         body = {"name": self.name, "hostname": self.hostname, "pid": os.getpid(),
@@ -291,7 +227,7 @@ class Worker:
         pipes = [fd for fd in events if isinstance(fd, int)]
         if pipes or self.programs.reaping:
             for outcome in self.programs.on_ready(pipes):
-                self._apply(outcome)
+                self._task_done(outcome)
         for sock in events:
             if isinstance(sock, int):
                 continue
@@ -308,20 +244,69 @@ class Worker:
                     self._on_peer_event(event)
             if self._stop_reason is not None:
                 return
-        self._collect_outcomes()
-        self._start_tasks()
+        while self._outcomes:
+            self._task_done(self._outcomes.popleft())
         self._timers(now)
-        self._send_fetches(now)
-        self._flush_report(now)
+        self._step(now)
+
+    def _step(self, now: float) -> None:
+        """Hand this iteration's events to the state and carry out what it says, until
+        nothing more follows (tasks run inline end at once and may make others ready)."""
+        events = self._events
+        while True:
+            self._events = []
+            for instruction in self.state.handle(events, now):
+                self._carry_out(instruction, now)
+            events = self._events
+            if not events:
+                return
+
+    def _carry_out(self, instruction, now: float) -> None:
+        kind = type(instruction)
+        if kind is W.Execute:
+            spec, inputs, route = instruction.spec, instruction.inputs, instruction.route
+            if self.tracer is not None:
+                self.tracer.started(spec, route == "inline")
+            if route == "program":   # started here, watched by the poller
+                failed = self.programs.start(spec, inputs)
+                if failed is not None:
+                    self._task_done(failed)
+            elif route == "pool":
+                self.pool.submit(spec, inputs, self.run_dir, self.keep_failed_dirs)
+            elif route == "inline":
+                self._task_done(run_task(spec, inputs, self.run_dir, self.keep_failed_dirs))
+            else:
+                self.light_pool.submit(spec, inputs, self.run_dir, self.keep_failed_dirs)
+        elif kind is W.SendUpdate:
+            self._send_server(P.UPDATE, instruction.body)
+        elif kind is W.SendFetch:
+            try:
+                self.peers.send_fetch(instruction.address, instruction.req, instruction.ids)
+            except zmq.ZMQError as exc:
+                self._events.append(W.PeerGone(instruction.address, f"cannot send to peer "
+                                                                    f"{instruction.address}: {exc}"))
+        elif kind is W.Connect:
+            try:
+                self.peers.ensure(instruction.address, now)
+            except ConnectionError as exc:
+                self._events.append(W.PeerGone(instruction.address, str(exc)))
+        elif kind is W.CloseLink:
+            self.peers.close_link(instruction.address)
+
+    def _task_done(self, outcome: Outcome) -> None:
+        if self.tracer is not None:
+            self.tracer.ended(outcome.task_id, outcome, self.state.queue.running.get(outcome.task_id))
+        self._events.append(W.TaskDone(outcome))
 
     def _poll_timeout(self, now: float) -> int:
-        if self._outcomes:
+        if self._outcomes or self._events:
             return 0
         if self.programs.waiting_for_exit():   # no pidfd: look again soon
             return 1
         deadline = self._next_heartbeat
-        if self._report_since is not None:
-            deadline = min(deadline, self._report_since + REPORT_HOLD_S)
+        held = self.state.hold_deadline()
+        if held is not None:
+            deadline = min(deadline, held)
         if self._lost_since is not None:
             deadline = min(deadline, self._lost_since + self.server_lost_s)
         return max(0, min(MAX_POLL_MS, int((deadline - now) * 1000) + 1))
@@ -347,20 +332,21 @@ class Worker:
         try:
             kind, body, _ = P.decode(frames)
             if kind == P.COMPUTE:
-                self._on_compute(body)
+                rows = P.field(body, "tasks", list)
+                if self.tracer is not None and "jobs" in body:
+                    self.tracer.assigned(rows, body["jobs"])
+                self._events.append(W.Compute(rows, P.field(body, "locations", dict, {})))
             elif kind == P.TRACE:
                 self._on_trace(body)
             elif kind == P.RELEASE_DATA:
-                self._release(P.ids_from_bytes(P.field(body, "ids", bytes)).tolist())
+                self._events.append(W.ReleaseData(P.ids_from_bytes(P.field(body, "ids", bytes)).tolist()))
             elif kind == P.STOP:
                 log.info("the server asked this worker to stop")
                 self.stop("stop")
             elif kind == P.PING:
                 pass
             elif kind == P.PEER_LOST:   # fetches from a lost worker would wait for timeouts
-                address = P.field(body, "address", str)
-                if address in self.plan.addresses() or address in self.peers.links:
-                    self._give_up(address, "the server lost that worker")
+                self._events.append(W.PeerGone(P.field(body, "address", str), "the server lost that worker"))
             elif kind == P.REFUSED:   # the server no longer knows us (it removed us)
                 log.warning("the server dropped this worker (%s); stopping", body.get("reason"))
                 self.stop("server lost")
@@ -370,30 +356,6 @@ class Worker:
                 log.warning("ignored an unexpected %r message from the server", kind[:16])
         except P.ProtocolError as exc:
             log.warning("ignored a malformed message from the server: %s", exc)
-
-    def _on_compute(self, body: dict) -> None:
-        rows = P.field(body, "tasks", list)
-        locations = {}
-        for key, address in P.field(body, "locations", dict, {}).items():
-            if isinstance(key, str) and key.isdigit():
-                key = int(key)
-            if is_int(key) and isinstance(address, str):
-                locations[key] = address
-        specs = []
-        for row in rows:
-            try:
-                specs.append(TaskSpec.from_wire(row))
-            except P.ProtocolError as exc:
-                log.warning("malformed task in COMPUTE: %s", exc)
-                if isinstance(row, (list, tuple)) and row and is_int(row[0]):
-                    self._fail(row[0], f"malformed task assignment: {exc}")
-        if self.tracer is not None and "jobs" in body:
-            self.tracer.assigned(rows, body["jobs"])
-        fetch, failed = self.queue.assign(specs, self.store, locations)
-        for task_id, message in failed:
-            self._fail(task_id, message)
-        for input_id, address in fetch:
-            self.plan.want(input_id, address)
 
     def _on_trace(self, body: dict) -> None:
         """TRACE {path, job, on}: start or stop recording a traced job's tasks."""
@@ -424,24 +386,6 @@ class Worker:
                 self._lost_since = None
                 log.info("connection to the server is back")
 
-    def _flush_report(self, now: float) -> None:
-        if not self.report:
-            return
-        if self._report_since is None:
-            self._report_since = now
-        if self._may_hold() and now - self._report_since < REPORT_HOLD_S:
-            return
-        self._send_server(P.UPDATE, self.report.body())
-        self.report = Report()
-        self._report_since = None
-
-    def _may_hold(self) -> bool:
-        """Finish reports may wait (to go in one UPDATE) while the worker is busy and has
-        queued work for all its cpus: holding them delays nobody here, and the server
-        handles fewer, larger batches. Failures and the like go at once."""
-        return bool(self.queue.running) and len(self.queue.queued) >= max(1, self.cpus) \
-            and not self.report.urgent()
-
     def _timers(self, now: float) -> None:
         if self.tracer is not None:
             self.tracer.tick(now)
@@ -452,123 +396,43 @@ class Worker:
             log.error("server lost; stopping")
             self.stop("server lost")
         for address, reason in self.peers.handshakes_expired(now, self.peer_timeout_s):
-            self._give_up(address, reason)
-        for address, ids in self.plan.expired(now, self.fetch_timeout_s):
-            self._inputs_unavailable(ids, f"peer {address} did not answer within "
-                                          f"{self.fetch_timeout_s:g} s")
+            self._events.append(W.PeerGone(address, reason))
 
     def _heartbeat(self, now: float) -> None:
         cpu = time.process_time()
         wall = now - self._hb_wall
         percent = 100.0 * (cpu - self._hb_cpu) / wall if wall > 0 else 0.0
         self._hb_wall, self._hb_cpu = now, cpu
-        stats = {"n_data": len(self.store), "data_bytes": self.data_bytes, "rss": _rss(),
-                 "cpu_percent": round(percent, 1), "running": len(self.queue.running)}
+        stats = {**self.state.stats(), "rss": rss(), "cpu_percent": round(percent, 1)}
         self._send_server(P.HEARTBEAT, stats)
         if self.tracer is not None:
             self.tracer.sample(now, stats)
 
     # ------------------------------------------------------------------ data socket
     def _on_data_message(self, frames) -> None:
-        if len(frames) < 3:
-            log.warning("data socket: dropped a message with too few frames")
-            return
-        identity = frames[0]
-        try:
-            kind, body, _ = P.decode(frames[1:])
-        except P.ProtocolError as exc:
-            log.warning("data socket: dropped a malformed message: %s", exc)
-            return
-        admitted, reply = self.gate.handle(identity, kind, body)
-        if reply is not None:
-            self.data.send_multipart([identity, *reply], zmq.NOBLOCK)
-        if not admitted:
-            return
-        if kind != P.FETCH:
-            log.warning("data socket: dropped an unexpected %r message", kind[:16])
-            return
-        try:
-            req = P.field(body, "req", int)
-            ids = P.ids_from_bytes(P.field(body, "ids", bytes)).tolist()
-        except P.ProtocolError as exc:
-            log.warning("data socket: dropped a malformed FETCH: %s", exc)
-            return
-        found, missing, blobs = [], [], []
-        for i in ids:
-            obj = self.store.get(i)
-            if obj is None:
-                missing.append(i)
-                continue
+        for reply in serve_data(self.gate, self.state.objects, frames):
             try:
-                blobs.append(data.encode(obj))
-                found.append(i)
-            except data.TaskError as exc:
-                log.warning("cannot send data object %d: %s", i, exc)
-                missing.append(i)
-        reply = P.encode(P.DATA, {"req": req, "ids": P.ids_to_bytes(found),
-                                  "missing": P.ids_to_bytes(missing)}, *blobs)
-        try:
-            self.data.send_multipart([identity, *reply], zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            log.warning("could not answer a FETCH (the peer's queue is full)")
+                self.data.send_multipart(reply, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                log.warning("could not answer a peer (its queue is full)")
 
     # ------------------------------------------------------------------ peers
-    def _send_fetches(self, now: float) -> None:
-        for address in list(self.plan.pending):
-            try:
-                self.peers.ensure(address, now)
-            except ConnectionError as exc:
-                self._give_up(address, str(exc))
-        for address, req, ids in self.plan.take(now, self.peers.ready):
-            try:
-                self.peers.send_fetch(address, req, ids)
-            except zmq.ZMQError as exc:
-                self._give_up(address, f"cannot send to peer {address}: {exc}")
-
     def _on_peer_event(self, event) -> None:
         if event[0] == "lost":
-            self._give_up(event[1], event[2])
+            self._events.append(W.PeerGone(event[1], event[2]))
+        elif event[0] == "ready":
+            self._events.append(W.LinkReady(event[1]))
         elif event[0] == "data":
-            self._on_fetched(*event[1:])
-
-    def _give_up(self, address: str, reason: str) -> None:
-        self.peers.close_link(address)
-        log.warning("giving up on fetches from %s: %s", address, reason)
-        self._inputs_unavailable(self.plan.give_up(address), reason)
-
-    def _inputs_unavailable(self, ids, reason: str) -> None:
-        for task_id, message in self.queue.inputs_unavailable(ids, reason):
-            self._fail(task_id, message)
-
-    def _on_fetched(self, address: str, req: int, found: list, missing: list, blobs: list) -> None:
-        if self.tracer is not None and req in self.plan.inflight:
-            self.tracer.transfer(address, self.plan.inflight[req][2], sum(len(b) for b in blobs), found)
-        entry = self.plan.answered(req, address)
-        if entry is None:
-            log.warning("peer %s answered an unknown or expired request %d", address, req)
-            return
-        asked = entry[1]
-        if len(blobs) != len(found) or not set(found) <= set(asked):
-            log.warning("peer %s sent a malformed DATA answer", address)
-            self._inputs_unavailable(asked, f"peer {address} sent a malformed answer")
-            return
-        arrived, bad = [], []
-        for task_id, blob in zip(found, blobs):
-            try:
-                obj = data.decode(blob)
-            except (data.MalformedData, data.TaskError) as exc:
-                bad.append((task_id, str(exc)))
-                continue
-            if task_id not in self.store:
-                self._store(task_id, obj)
-                self.report.replicas.append(task_id)
-            arrived.append(task_id)
-        self.queue.inputs_arrived(arrived)
-        for task_id, why in bad:
-            self._inputs_unavailable([task_id], f"peer {address} sent it malformed: {why}")
-        absent = sorted(set(asked) - set(found))
-        if absent:
-            self._inputs_unavailable(absent, f"peer {address} does not hold it")
+            address, req, found, missing, blobs = event[1:]
+            if self.tracer is not None and req in self.state.plan.inflight:
+                self.tracer.transfer(address, self.state.plan.inflight[req][2], sum(len(b) for b in blobs), found)
+            objects = []
+            for blob in blobs:
+                try:
+                    objects.append(data.decode(blob))
+                except (data.MalformedData, data.TaskError) as exc:
+                    objects.append(str(exc))
+            self._events.append(W.Fetched(address, req, found, missing, objects))
 
     # ------------------------------------------------------------------ tasks
     def _done(self, outcome: Outcome) -> None:
@@ -580,97 +444,6 @@ class Worker:
                     self._wake_tx.send(b"", zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass   # the loop drains the deque on its next iteration anyway
-
-    def _collect_outcomes(self) -> None:
-        while self._outcomes:
-            self._apply(self._outcomes.popleft())
-
-    def _start_tasks(self) -> None:
-        while True:
-            specs = self.queue.take_startable()
-            if not specs:
-                return
-            tracer = self.tracer
-            for spec in specs:
-                if tracer is not None:   # inline: the same rule as the dispatch below
-                    tracer.started(spec, spec.light and spec.symbol != S.RUN and spec.symbol in INLINE_SYMBOLS
-                                   and not spec.checkpoint)
-                inputs = [self.store.get(i) for i in spec.inputs]
-                if any(obj is None for obj in inputs):
-                    lost = [i for i, obj in zip(spec.inputs, inputs) if obj is None]
-                    self._apply(Outcome(spec.id, error=f"input {lost[0]} was released from "
-                                                       "this worker before the task started"))
-                elif spec.symbol == S.RUN:   # started here, watched by the poller
-                    failed = self.programs.start(spec, inputs)
-                    if failed is not None:
-                        self._apply(failed)
-                elif not spec.light:
-                    self.pool.submit(spec, inputs, self.run_dir, self.keep_failed_dirs)
-                elif spec.symbol in INLINE_SYMBOLS and not spec.checkpoint:
-                    self._apply(run_task(spec, inputs, self.run_dir, self.keep_failed_dirs))
-                else:
-                    self.light_pool.submit(spec, inputs, self.run_dir, self.keep_failed_dirs)
-
-    def _apply(self, outcome: Outcome) -> None:
-        task_id = outcome.task_id
-        spec = self.queue.running.get(task_id)
-        if self.tracer is not None:
-            self.tracer.ended(task_id, outcome, spec)
-        for level, message in outcome.logs:
-            self.report.logs.append([task_id, level, message])
-        if outcome.error is not None:
-            self._fail(task_id, outcome.error, spec)
-            failed = self.queue.finished(task_id, ok=False)
-        elif outcome.redirect is not None:
-            self.report.redirects.append([task_id, outcome.redirect])
-            failed = self.queue.finished(task_id, ok=False)
-        else:
-            self._store(task_id, outcome.result, outcome.size)
-            if spec is not None and spec.inline and self.sizes[task_id] <= P.INLINE_BYTES:
-                self._send_along(task_id, outcome.result)
-            self.report.finished.append(task_id)
-            self.report.sizes.append(outcome.size)
-            self.report.lengths.append(outcome.length)
-            failed = self.queue.finished(task_id, ok=True)
-        for other, message in failed:
-            self._fail(other, message)
-
-    def _send_along(self, task_id: int, obj: data.DataObject) -> None:
-        """A small result a client waits for goes with the finish report (it stays here
-        too). Only objects whose size says what they cost to encode go: bytes, arrays of
-        them, Python numbers and strings (a dict's size does not count what it holds; a
-        file's path means something on this host only)."""
-        if not _cheap_to_encode(obj):
-            return
-        try:
-            blob = data.encode(obj)
-        except data.TaskError:
-            return
-        if len(blob) <= P.INLINE_BYTES:
-            self.report.inline.append(task_id)
-            self.report.blobs.append(blob)
-
-    def _fail(self, task_id: int, message: str, spec: TaskSpec | None = None) -> None:
-        self.report.failed.append([task_id, message])
-        what = f" ({spec.symbol}{f', {spec.label}' if spec.label else ''})" if spec else ""
-        first = message.strip().splitlines()[0] if message.strip() else "(no message)"
-        log.warning("task %d%s failed: %s", task_id, what, first)
-
-    # ------------------------------------------------------------------ store
-    def _store(self, task_id: int, obj: data.DataObject, size: int | None = None) -> None:
-        if size is None:
-            try:
-                size = obj.size()
-            except data.TaskError:
-                size = 0
-        self.data_bytes += size - self.sizes.get(task_id, 0)
-        self.store[task_id] = obj
-        self.sizes[task_id] = size
-
-    def _release(self, ids) -> None:
-        for i in ids:
-            if self.store.pop(i, None) is not None:
-                self.data_bytes -= self.sizes.pop(i, 0)
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
@@ -699,23 +472,13 @@ class Worker:
             sock.close(0)
         if self.context is not None:
             self.context.term()
-        self.store.clear()
+        self.state.store.clear()
         self._remove_run_dir()
 
     def _remove_run_dir(self) -> None:
-        run_dir = self.run_dir
-        if run_dir:
-            remove_spare_dirs(run_dir)
-        if run_dir and os.path.isdir(run_dir):
-            if self.keep_failed_dirs and os.listdir(run_dir):
-                log.info("kept the working directory %s (failed tasks' directories)", run_dir)
-            else:
-                shutil.rmtree(run_dir, ignore_errors=True)
-        if self._created_base:
-            try:
-                os.rmdir(self._created_base)
-            except OSError:
-                pass
+        if getattr(self, "programs", None) is not None:
+            self.programs.dirs.remove_spares()
+        self.workdir.close(self.keep_failed_dirs)
 
 
 def run_worker(server_address: str, secret: str | None, cpus: int, work_dir: str | None,

@@ -24,10 +24,10 @@ import time
 import zmq
 
 from loomctl.worker import data
-from loomctl.worker.executors import (ExecContext, PreparedRun, cleanup_run, finish_run,
-                                      prepare_run, start_child)
+from loomctl.worker.executors import ExecContext
+from loomctl.worker.runs import PreparedRun, RunDirs, cleanup_run, finish_run, prepare_run, start_child
 from loomctl.worker.spawn import Child
-from loomctl.worker.running import Outcome, finalize
+from loomctl.worker.outcome import Outcome, finalize
 
 READ_SIZE = 1 << 16
 
@@ -59,6 +59,7 @@ class Programs:
         self.poller = poller
         self.work_dir = work_dir
         self.keep_failed_dirs = keep_failed_dirs
+        self.dirs = RunDirs(work_dir)
         self.by_fd: dict[int, _Program] = {}
         self.reaping: list[_Program] = []
 
@@ -71,7 +72,7 @@ class Programs:
         started = time.time()
         prepared = None
         try:
-            prepared = prepare_run(spec.config, inputs, ctx)
+            prepared = prepare_run(spec.config, inputs, ctx, self.dirs)
             proc = start_child(prepared)
         except data.TaskError as exc:
             if prepared is not None:

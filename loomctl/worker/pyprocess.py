@@ -38,6 +38,7 @@ import cloudpickle
 from graphfmt import symbols as S
 from loomctl.worker import data
 from loomctl.worker.data import PyObj
+from loomctl.worker.outcome import Outcome, finalize
 
 FN_CACHE = 64
 PIPE_BYTES = 1 << 20
@@ -180,7 +181,6 @@ class PyChild:
 def run_in_child(child: PyChild, spec, inputs: list, work_dir: str):
     """An Outcome of running the task in ``child`` (never raises)."""
     from loomctl.worker.executors import task_logger
-    from loomctl.worker.running import Outcome, finalize
     out = Outcome(spec.id, started=time.time())
     try:
         (kind, value, logs), result = child.call(spec, inputs, work_dir)

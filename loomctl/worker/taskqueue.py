@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from loomctl.messages import COMPUTE_ROW_MIN, ComputeRow
 from loomctl.protocol import ProtocolError
 
 
@@ -45,14 +46,13 @@ class TaskSpec:
 
     @classmethod
     def from_wire(cls, row) -> "TaskSpec":
-        """``[id, symbol, config, [input ids], cpus, resources|None, checkpoint|None,
-        label|None, inline]``; raises ProtocolError when malformed."""
-        if not isinstance(row, (list, tuple)) or len(row) < 5:
-            raise ProtocolError("a COMPUTE task is not a list of at least 5 fields")
-        tid, symbol, config, inputs, cpus = row[:5]
-        resources = row[5] if len(row) > 5 else None
-        checkpoint = row[6] if len(row) > 6 else None
-        label = row[7] if len(row) > 7 else None
+        """A COMPUTE row (``loomctl.messages.ComputeRow``; the fields after ``cpus`` may
+        be missing, fields beyond it are ignored); raises ProtocolError when malformed."""
+        if not isinstance(row, (list, tuple)) or len(row) < COMPUTE_ROW_MIN:
+            raise ProtocolError(f"a COMPUTE task is not a list of at least {COMPUTE_ROW_MIN} fields")
+        n = len(ComputeRow._fields)
+        tid, symbol, config, inputs, cpus, resources, checkpoint, label, inline = \
+            ComputeRow(*row[:n], *[None] * (n - len(row)))
         if type(tid) is not int or tid < 0:   # (type(): a bool is no task id)
             raise ProtocolError("a COMPUTE task id is not a non-negative integer")
         if type(symbol) is not str:
@@ -76,9 +76,8 @@ class TaskSpec:
             raise ProtocolError(f"task {tid}: checkpoint is not a string")
         if label is not None and not isinstance(label, str):
             raise ProtocolError(f"task {tid}: label is not a string")
-        inline = len(row) > 8 and row[8] is True
         return cls(tid, symbol, config, list(inputs), cpus,
-                   {k: v for k, v in resources.items() if v}, checkpoint or None, label, inline)
+                   {k: v for k, v in resources.items() if v}, checkpoint or None, label, inline is True)
 
     @property
     def light(self) -> bool:

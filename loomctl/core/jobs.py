@@ -1,0 +1,327 @@
+"""Jobs: submission, failure, cancellation, a client going away, the end and retirement.
+
+Invariants:
+- A job's tasks are the ids of its segments (``job.segments``: its own range first,
+  then the segments added at run time); its counts are taken over all of them.
+- A job ends once: ``end`` sets its status (finished, failed or cancelled), tells its
+  watchers (JOB_DONE) and queues it for retirement. A job that did not finish is
+  *aborted*: its waiting and ready tasks are cancelled, its results are no longer
+  wanted, results of its tasks still running are dropped when they come in, and tasks
+  of other jobs that wait on its unfinished tasks fail (their jobs with them).
+- A job ended RETIRE_AFTER_S ago whose tasks hold no data, run nowhere, are needed by
+  nothing and are no input of a job that is not retired (lost data of that job may have
+  to be computed again from them) is *retired*: its segments and record are dropped, a
+  status row stays in ``core.history`` (the last JOB_HISTORY).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from graphfmt import symbols as S
+from graphfmt.graph import Graph
+from loomctl import messages as M
+from loomctl.core import transitions as T
+from loomctl.core.tasktable import (ALIAS, CANCELLED, FAILED, FINISHED, FLAG_EXTRA, FLAG_LOADED,
+                                    LIVE, N_STATES, READY, SKIPPED, STATE_NAMES, WAITING,
+                                    ranges)
+
+RETIRE_AFTER_S = 1.0   # an ended job is kept whole at least this long (traces, late reports)
+JOB_HISTORY = 1000     # status rows kept of retired jobs
+
+
+class SubmitError(Exception):
+    """A submission is refused; the message is for the client."""
+
+
+@dataclass
+class Job:
+    id: int
+    client: bytes | None
+    name: str
+    base: int
+    n: int
+    submitted: float
+    active: int = 0                # tasks to run: neither alias nor skipped (transitions keeps it)
+    finished: int = 0              # of them, finished (transitions keeps it)
+    results: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    status: str = "running"
+    failed: int = 0
+    error: dict | None = None
+    watchers: set = field(default_factory=set)
+    ended: float | None = None
+    trace: str | None = None
+    detached: bool = False      # kept when its client disconnects (loomctl submit)
+    appended: bool = False      # has segments added at run time (redirection, dslice/dget)
+    segments: list = field(default_factory=list)   # its segment indices (the first: its own range)
+
+
+# ---------------------------------------------------------------------- submit
+def submit(core, client: bytes | None, graph: Graph, now: float, load: bool = False, name: str = "",
+           notify: bool = True, trace: str | None = None, detached: bool = False) -> Job:
+    """Add a validated graph as a new job."""
+    local_to_global, alias = map_inputs(core, graph, None)
+    n = len(graph)
+    marked = (graph.flags & 1).astype(bool)   # the file's result flag
+    if (alias & marked).any():
+        raise SubmitError("a future cannot itself be a result of a submission")
+    if not marked.any():   # no results marked: the sinks are the results
+        consumed = np.zeros(n, dtype=bool)
+        consumed[graph.inputs] = True
+        marked = ~consumed & ~alias
+    job = Job(id=core.next_job, client=client, name=name, base=core.graph.cols.n, n=n, submitted=now, trace=trace,
+              detached=detached)
+    core.next_job += 1
+    core.jobs[job.id] = job
+    overrides, needed = (_checkpoints(graph, alias) if load else ({}, ~alias))
+    born = np.where(alias, ALIAS, np.where(needed, WAITING, SKIPPED)).astype(np.uint8)
+    results = marked & needed
+    ids = T.add_tasks(core, job, graph, local_to_global[graph.inputs], born, results, overrides)
+    if overrides:
+        core.graph.cols.flags[ids[list(overrides)]] |= FLAG_LOADED
+    job.results = ids[results]
+    if client is not None and notify:
+        job.watchers.add(client)
+    if core.workers and core.unchecked:
+        core.fail_unsatisfiable(np.concatenate(core.unchecked), now)
+    if job.active == 0 and job.status == "running":
+        end(core, job, "finished", now)
+    return job
+
+
+def map_inputs(core, graph: Graph, redirect_inputs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Global ids for the tasks of a graph about to be added, and its alias mask: a
+    FUTURE pseudo-task stands for an existing task a client holds, a TASK_INPUT (in a
+    redirection's sub-plan) for the redirecting task's input of that number."""
+    n = len(graph)
+    base = core.graph.cols.n
+    local_to_global = np.arange(base, base + n, dtype=np.int64)
+    alias = np.zeros(n, dtype=bool)
+    for symbol, targets in ((S.FUTURE, None), (S.TASK_INPUT, redirect_inputs)):
+        mask = graph.type_codes(symbol)
+        if not mask.any():
+            continue
+        if symbol == S.TASK_INPUT and targets is None:
+            raise SubmitError(f"{graph.describe(int(np.flatnonzero(mask)[0]))} is only valid inside a redirection")
+        for i in np.flatnonzero(mask):
+            ref = S.decode_u64(graph.config(int(i)))
+            if targets is not None:
+                if ref >= len(targets):
+                    raise SubmitError(f"redirection uses input {ref}, the task has {len(targets)}")
+                ref = int(targets[ref])
+            elif not _usable_future(core, ref):
+                raise SubmitError(f"{graph.describe(int(i))}: future {ref} is unknown, failed or released")
+            local_to_global[i] = ref
+            alias[i] = True
+    return local_to_global, alias
+
+
+def _usable_future(core, ref: int) -> bool:
+    c = core.graph.cols
+    if not 0 <= ref < c.n:
+        return False
+    state = c.state[ref]
+    if state == FINISHED:
+        return c.owner[ref] >= 0
+    return bool(LIVE[state]) and c.holds[ref] > 0
+
+
+def _checkpoints(graph: Graph, alias: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Tasks whose checkpoint file exists are taken from it (an override: open the
+    file); returns those overrides and the mask of tasks that must run (reachable from
+    results and sinks without crossing a loaded one)."""
+    n = len(graph)
+    loaded = np.zeros(n, dtype=bool)
+    overrides = {}
+    if graph.checkpoints is not None:
+        for i in np.flatnonzero(graph.checkpoints.lengths()):
+            path = graph.checkpoint(int(i))
+            if path and os.path.isfile(path):
+                loaded[i] = True
+                overrides[int(i)] = (S.OPEN, path.encode(), np.zeros(0, np.int64))
+    consumed = np.zeros(n, dtype=bool)
+    consumed[graph.inputs] = True
+    needed = np.zeros(n, dtype=bool)
+    frontier = np.flatnonzero((~consumed | (graph.flags & 1).astype(bool)) & ~alias)
+    while len(frontier):
+        frontier = frontier[~needed[frontier]]
+        needed[frontier] = True
+        expand = frontier[~loaded[frontier]]
+        nxt = graph.inputs[ranges(graph.input_offsets[expand], graph.input_offsets[expand + 1])]
+        frontier = np.unique(nxt[~alias[nxt]])
+    return overrides, needed & ~alias
+
+
+# ---------------------------------------------------------------------- the end of a job
+def job_ids(core, job: Job) -> np.ndarray:
+    segs = core.graph.segs.segments
+    parts = [np.arange(segs[k].base, segs[k].base + segs[k].n, dtype=np.int64) for k in job.segments]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def end(core, job: Job, status: str, now: float) -> None:
+    job.status = status
+    if status != "finished":
+        core.aborted_jobs.add(job.id)
+    job.ended = now
+    core.ended_jobs.append(job.id)
+    for client in job.watchers:
+        core.commands.append(M.JobDone(client, job.id, status, job_counts(core, job)))
+
+
+def task_failed(core, t: int, message: str, worker_name: str, now: float) -> None:
+    """Task t failed (it was live): its job fails, unless it already ended."""
+    g = core.graph
+    c = g.cols
+    T.transition(core, np.array([t], dtype=np.int64), FAILED)
+    core.stats["failed"] += 1
+    job = core.jobs.get(int(c.job[t]))
+    if job is None or job.status != "running":
+        return
+    job.failed += 1
+    job.error = {"job": job.id, "id": t, "label": g.label(t), "symbol": g.symbols[c.symbol[t]],
+                 "worker": worker_name, "message": message}
+    for client in job.watchers:
+        core.commands.append(M.TaskFailed(client, job.error))
+    abort(core, job, "failed", now)
+
+
+def abort(core, job: Job, status: str, now: float) -> None:
+    """The job ends without finishing (see the module docstring)."""
+    c = core.graph.cols
+    ids = job_ids(core, job)
+    end(core, job, status, now)
+    T.set_wanted(core, ids, False)
+    state = c.state[ids]
+    T.transition(core, ids[(state == WAITING) | (state == READY)], CANCELLED)
+    # tasks of other jobs that wait on this job's unfinished tasks can never run
+    doomed = ids[((c.flags[ids] & FLAG_EXTRA) > 0) & (c.state[ids] != FINISHED)]
+    for t in doomed.tolist():
+        for consumer in core.graph.extra_consumers.get(t, []):
+            other = core.jobs.get(int(c.job[consumer]))
+            if other is not None and other is not job and other.status == "running" \
+                    and c.state[consumer] in (WAITING, READY):
+                task_failed(core, consumer, f"input task {t} of job {job.id} did not finish ({status})", "", now)
+
+
+def cancel(core, job_id: int, now: float) -> bool:
+    job = core.jobs.get(job_id)
+    if job is None:
+        return False
+    if job.status == "running":
+        abort(core, job, "cancelled", now)
+    else:   # an ended job: drop its results
+        T.set_wanted(core, job.results, False)
+    return True
+
+
+def client_gone(core, client: bytes, now: float) -> list[int]:
+    """A client disconnected: its session jobs are cancelled (running) or their
+    results released (ended); detached jobs stay. Returns the cancelled ids."""
+    cancelled = []
+    for job in list(core.jobs.values()):
+        job.watchers.discard(client)
+        if job.client != client or job.detached:
+            continue
+        if job.status == "running":
+            abort(core, job, "cancelled", now)
+            cancelled.append(job.id)
+        T.set_wanted(core, job.results, False)
+    return cancelled
+
+
+def release(core, ids: np.ndarray) -> None:
+    """The client no longer wants these results."""
+    c = core.graph.cols
+    ids = T.small_unique(ids[(ids >= 0) & (ids < c.n)])
+    T.set_wanted(core, ids, False)
+
+
+# ---------------------------------------------------------------------- reports
+def job_counts(core, job: Job) -> dict:
+    ids = job_ids(core, job)
+    states = np.bincount(core.graph.cols.state[ids], minlength=N_STATES)
+    counts = {name: int(states[i]) for i, name in enumerate(STATE_NAMES) if states[i]}
+    counts["total"] = job.active
+    return counts
+
+
+def job_row(core, job: Job, now: float) -> dict:
+    """The job as a row of ``status``."""
+    return {"id": job.id, "name": job.name, "status": job.status, **job_counts(core, job),
+            "results": int(len(job.results)), "error": job.error,
+            "elapsed_s": round((job.ended or now) - job.submitted, 3)}
+
+
+def job_results(core, job_id: int, watcher: bytes | None = None) -> dict:
+    """Status, counts and the results still held (with their workers' addresses) of a
+    job; ``watcher`` also subscribes to its notices. KeyError for an unknown job."""
+    job = core.jobs.get(job_id)
+    if job is None:   # retired (it holds nothing any more), or unknown
+        row = next((row for row in core.history if row["id"] == job_id), None)
+        if row is None:
+            raise KeyError(f"no job {job_id}")
+        return {"job": job_id, "status": row["status"], "error": row["error"],
+                "counts": {k: v for k, v in row.items() if k in STATE_NAMES or k == "total"},
+                "ids": np.zeros(0, np.int64), "addresses": []}
+    if watcher is not None:
+        job.watchers.add(watcher)
+    c = core.graph.cols
+    held = job.results[c.owner[job.results] >= 0]
+    return {"job": job.id, "status": job.status, "error": job.error, "counts": job_counts(core, job),
+            "ids": held, "addresses": [core.workers[int(c.owner[t])].data_address for t in held.tolist()]}
+
+
+# ---------------------------------------------------------------------- retirement
+def retire_jobs(core, now: float, budget: int = 1000) -> int:
+    """Retire up to ``budget`` ended jobs that are done with (see the module docstring);
+    the others are looked at again on a later call. Returns how many were retired."""
+    retired = blocked = 0
+    for _ in range(budget):
+        if not core.ended_jobs or blocked >= len(core.ended_jobs):
+            break   # (every one left was looked at since the last retirement)
+        job = core.jobs.get(core.ended_jobs[0])
+        if job is not None and now - job.ended < RETIRE_AFTER_S:
+            break   # every later one ended later still
+        core.ended_jobs.popleft()
+        if job is None or job.status == "running":
+            continue
+        if _holds_nothing(core, job):
+            _retire(core, job, now)
+            retired += 1
+            blocked = 0   # (it may have been what held the others)
+        else:
+            core.ended_jobs.append(job.id)
+            blocked += 1
+    return retired
+
+
+def _holds_nothing(core, job: Job) -> bool:
+    g = core.graph
+    c = g.cols
+    for index in job.segments:
+        seg = g.segs.segments[index]
+        lo, hi = seg.base, seg.base + seg.n
+        if (c.owner[lo:hi] >= 0).any() or LIVE[c.state[lo:hi]].any() or (c.holds[lo:hi] > 0).any():
+            return False   # data, work, or needed by a live task
+        # the lineage of another job's tasks: lost data of theirs is computed again from it
+        for t in (lo + np.flatnonzero(c.flags[lo:hi] & FLAG_EXTRA)).tolist():
+            if any(c.job[x] != job.id and int(c.job[x]) in core.jobs for x in g.extra_consumers.get(t, ())):
+                return False
+    return True
+
+
+def _retire(core, job: Job, now: float) -> None:
+    core.history.append(job_row(core, job, now))
+    for index in job.segments:
+        seg = core.graph.segs.segments[index]
+        core.graph.forget(seg.base, seg.base + seg.n)
+        core.stranded = {t: w for t, w in core.stranded.items() if not seg.base <= t < seg.base + seg.n}
+        core.graph.segs.retire(index)
+    core.aborted_jobs.discard(job.id)
+    del core.jobs[job.id]
+    core.stats["retired_jobs"] += 1
+

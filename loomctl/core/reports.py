@@ -1,0 +1,121 @@
+"""What workers report: finished tasks, failed tasks, replicas they fetched.
+
+Invariants:
+- A report counts only for a task ASSIGNED to the reporting worker: anything else (a
+  task re-run elsewhere, an unknown id, one reported twice) changes nothing, and data
+  the worker holds for it is released there, unless the server counts that worker as a
+  holder of the task's data already.
+- A late result of a job that ended without finishing is dropped (the task is
+  CANCELLED), unless a task of another job holds it.
+- A finished task is FINISHED with its data on that worker before anything else is
+  decided, so that consumers made ready by it can be placed next to it.
+- Results of a job's watched tasks are announced (RESULTS_READY) before the job's end
+  (JOB_DONE).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from loomctl import messages as M
+from loomctl.core import jobs
+from loomctl.core import transitions as T
+from loomctl.core.tasktable import ASSIGNED, CANCELLED, FLAG_RESULT, WAITING
+
+MAX_REPORTED = 1 << 48   # bound of the sizes and lengths a worker reports (no object is 256 TiB)
+
+
+def _first_of_each(ids: np.ndarray, *columns: np.ndarray):
+    """ids without repeats (the first report of each wins), and the matching columns."""
+    if len(ids) > 1:
+        ordered = np.sort(ids)
+        if (ordered[1:] == ordered[:-1]).any():
+            keep = np.sort(np.unique(ids, return_index=True)[1])
+            return (ids[keep], *(col[keep] for col in columns))
+    return (ids, *columns)
+
+
+def tasks_finished(core, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: np.ndarray,
+                   now: float, inline: dict[int, bytes] | None = None) -> None:
+    """A worker finished ``ids`` and holds their data; ``inline`` has the encodings of
+    some (small results it was asked to send along), passed on to the watchers."""
+    c = core.graph.cols
+    worker = core.workers.get(wid)
+    valid = (ids >= 0) & (ids < c.n)
+    ids, sizes, lengths = _first_of_each(ids[valid], sizes[valid], lengths[valid])
+    # sizes are summed into statistics: a bogus one near 2**63 would overflow them
+    sizes = np.clip(sizes, 0, MAX_REPORTED)
+    lengths = np.clip(lengths, 0, MAX_REPORTED)
+    mine = (c.state[ids] == ASSIGNED) & (c.worker[ids] == wid)
+    if core.aborted_jobs:   # tasks of cancelled/failed jobs that were still running,
+        # unless a task of another job needs them
+        late = mine & np.isin(c.job[ids], list(core.aborted_jobs)) & (c.holds[ids] <= 0)
+        if late.any():
+            T.transition(core, ids[late], CANCELLED)
+            mine &= ~late
+    stale = ids[~mine]
+    if len(stale) and worker is not None:   # cancelled or re-run elsewhere: drop the copy,
+        # but not one it holds as the server knows (a report repeated)
+        stale = stale[c.owner[stale] != wid]
+        if core.replicas:
+            stale = np.array([t for t in stale.tolist() if wid not in core.replicas.get(t, ())], dtype=np.int64)
+        if len(stale):
+            core.commands.append(M.ReleaseData(worker.key, stale))
+    ids, sizes, lengths = ids[mine], sizes[mine], lengths[mine]
+    if not len(ids):
+        return
+    c.owner[ids] = wid
+    c.size[ids] = sizes
+    c.length[ids] = lengths
+    core.n_data += len(ids)
+    core.stats["finished"] += len(ids)
+    if worker is not None:
+        worker.tasks_done += len(ids)
+        worker.count_finished(int(np.count_nonzero(c.cpus[ids])), now)
+    results = ids[(c.flags[ids] & FLAG_RESULT) > 0]   # before the transition may release them
+    T.transition(core, ids, jobs.FINISHED)
+    job_of = c.job[ids]
+    if (job_of == job_of[0]).all():   # the usual case: one job
+        per_job = [int(job_of[0])]
+    else:
+        per_job = np.unique(job_of).tolist()
+    for job_id in per_job:
+        job = core.jobs.get(job_id)
+        if job is None:
+            continue
+        mine = results[c.job[results] == job_id] if len(per_job) > 1 else results
+        if len(mine) and job.watchers:
+            address = worker.data_address if worker is not None else ""
+            sent = {t: inline[t] for t in mine.tolist() if t in inline} if inline else {}
+            for client in job.watchers:
+                core.commands.append(M.ResultsReady(client, job_id, mine, [address] * len(mine), sent))
+        if job.finished >= job.active and job.status == "running":
+            jobs.end(core, job, "finished", now)
+
+
+def tasks_failed(core, wid: int, failures: list, now: float) -> None:
+    """``failures``: [(task id, message)] from worker ``wid``."""
+    g = core.graph
+    c = g.cols
+    worker = core.workers.get(wid)
+    for task_id, message in failures:
+        if not (0 <= task_id < c.n) or c.state[task_id] != ASSIGNED or c.worker[task_id] != wid:
+            continue
+        if core.stranded.pop(task_id, None) == wid:   # its input was on a lost worker
+            T.transition(core, np.array([task_id], dtype=np.int64), WAITING)
+            continue
+        jobs.task_failed(core, task_id, str(message), worker.name if worker else "?", now)
+
+
+def replicas_added(core, wid: int, ids: np.ndarray) -> None:
+    """Worker ``wid`` fetched copies of ``ids`` from its peers and keeps them."""
+    c = core.graph.cols
+    ids = ids[(ids >= 0) & (ids < c.n)]
+    core.stats["transfers"] += len(ids)
+    core.stats["transfer_bytes"] += int(c.size[ids].sum())
+    worker = core.workers.get(wid)
+    for t in ids.tolist():
+        if c.owner[t] >= 0 and c.owner[t] != wid:
+            core.replicas.setdefault(t, set()).add(wid)
+        elif c.owner[t] < 0 and worker is not None:   # already released: drop it there
+            core.commands.append(M.ReleaseData(worker.key, np.array([t], dtype=np.int64)))

@@ -1,0 +1,161 @@
+"""Typed messages between the sans-I/O parts and their process shells.
+
+The server core returns *commands* (what to send to whom) and the server's dispatch
+turns wire messages into calls; ``loomctl.protocol`` alone turns these values into
+frames and back. Nothing here imports zmq or msgpack.
+
+Invariants:
+- A command names its target by the shell's opaque handle (a zmq routing id); the core
+  never learns more about a peer than that handle.
+- Id columns are int64 numpy arrays; the protocol encodes them with ``ids_to_bytes``.
+- ``ComputeRow`` is the one definition of a COMPUTE task row, for the server that builds
+  it and the worker that reads it (``loomctl.worker.taskqueue.TaskSpec.from_wire``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+
+class ComputeRow(NamedTuple):
+    """One task of a COMPUTE message, in wire order (a NamedTuple: msgpack packs it as
+    a list, so a row costs no conversion)."""
+    id: int
+    symbol: str
+    config: bytes
+    inputs: list
+    cpus: int
+    resources: dict | None
+    checkpoint: str | None
+    label: str | None
+    inline: bool          # a client waits for it: send a small result along with the report
+
+
+COMPUTE_ROW_MIN = 5        # rows shorter than this are malformed; later fields are optional
+
+
+# ---------------------------------------------------------------- server -> worker
+@dataclass(slots=True)
+class Compute:
+    target: bytes
+    rows: list                # [ComputeRow]
+    locations: dict           # input id -> data address, for inputs the worker lacks
+    jobs: np.ndarray          # the job of each row, in the order of rows
+
+
+@dataclass(slots=True)
+class ReleaseData:
+    target: bytes
+    ids: np.ndarray
+
+
+@dataclass(slots=True)
+class PeerLost:
+    target: bytes
+    address: str
+
+
+@dataclass(slots=True)
+class Stop:
+    target: bytes
+
+
+# ---------------------------------------------------------------- server -> client
+@dataclass(slots=True)
+class ResultsReady:
+    target: bytes
+    job: int
+    ids: np.ndarray
+    addresses: list           # data address per id
+    inline: dict = field(default_factory=dict)   # id -> encoding, for some of the ids
+
+
+@dataclass(slots=True)
+class TaskFailed:
+    target: bytes
+    error: dict               # {job, id, label, symbol, worker, message}
+
+
+@dataclass(slots=True)
+class JobDone:
+    target: bytes
+    job: int
+    status: str
+    counts: dict
+
+
+WORKER_COMMANDS = (Compute, ReleaseData, PeerLost, Stop)
+CLIENT_COMMANDS = (ResultsReady, TaskFailed, JobDone)
+
+
+# ---------------------------------------------------------------- worker -> server
+@dataclass(slots=True)
+class Register:
+    name: str
+    hostname: str
+    cpus: int
+    resources: dict           # name -> amount
+    symbols: list             # task types it runs; empty: the built-ins
+    data_address: str         # tcp://host:port of its data socket
+    memory_limit: int | None = None
+
+
+@dataclass(slots=True)
+class Update:
+    """One batch of a worker's reports."""
+    finished: np.ndarray
+    sizes: np.ndarray
+    lengths: np.ndarray
+    failed: list              # [(task id, message)]
+    redirects: list           # [(task id, graph file bytes)]
+    replicas: np.ndarray      # objects it fetched from peers and now holds too
+    logs: list                # [(task id, level, message)]
+    inline: dict | None       # task id -> encoding of a small finished result
+
+
+@dataclass(slots=True)
+class Heartbeat:
+    stats: dict
+
+
+# ---------------------------------------------------------------- client -> server
+# Each carries ``req``: the number echoed in the answer, or None for a notice.
+@dataclass(slots=True)
+class Submit:
+    req: int | None
+    graph: bytes
+    load: bool = False
+    name: str = ""
+    trace: object = None      # None/False/"": untraced; True: the server's trace dir; str: a dir
+    notify: bool = True
+    detach: bool = False
+
+
+@dataclass(slots=True)
+class Release:
+    req: int | None
+    ids: np.ndarray
+
+
+@dataclass(slots=True)
+class JobRequest:
+    """CANCEL, JOB_RESULTS and WAIT_JOB: a request about one job."""
+    req: int | None
+    kind: bytes
+    job: int
+
+
+@dataclass(slots=True)
+class Query:
+    """STATS, STATUS and TERMINATE: a request without arguments."""
+    req: int | None
+    kind: bytes
+
+
+@dataclass(slots=True)
+class SetTrace:
+    req: int | None
+    path: str

@@ -1,0 +1,66 @@
+"""What became of a task, and the reports made of it (a leaf: no worker module below it).
+
+Invariants:
+- ``finalize`` writes a result with a checkpoint path there atomically before the task
+  counts as finished; a failed write raises TaskError (the task fails).
+- A Report is one UPDATE's worth: ``body()`` is the UPDATE message body.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loomctl import protocol as P
+from loomctl.worker import data
+from loomctl.worker.executors import write_atomically
+
+
+@dataclass
+class Outcome:
+    """What became of one started task."""
+    task_id: int
+    result: data.DataObject | None = None
+    size: int = 0
+    length: int = 0
+    error: str | None = None
+    redirect: bytes | None = None
+    logs: list = field(default_factory=list)
+    started: float = 0.0     # Unix times of the run (for traces); 0: not measured
+    ended: float = 0.0
+
+
+def finalize(out: Outcome, spec, result) -> None:
+    """Write the checkpoint (if any) and record the result; raises TaskError."""
+    if spec.checkpoint:
+        try:
+            write_atomically(spec.checkpoint, result)
+        except data.TaskError as exc:
+            raise data.TaskError(f"cannot write checkpoint {spec.checkpoint!r}: {exc}") from None
+    out.size, out.length = result.size(), result.length()
+    out.result = result
+
+
+class Report:
+    """One UPDATE's worth of reports."""
+
+    def __init__(self):
+        self.finished, self.sizes, self.lengths = [], [], []
+        self.failed, self.redirects, self.replicas, self.logs = [], [], [], []
+        self.inline, self.blobs = [], []   # results sent along: ids, encodings
+
+    def __bool__(self):
+        return bool(self.finished or self.failed or self.redirects or self.replicas or self.logs)
+
+    def urgent(self) -> bool:
+        """Whether the report has more than finishes and logs (it is sent at once)."""
+        return bool(self.failed or self.redirects or self.replicas)
+
+    def body(self) -> dict:
+        """The UPDATE body."""
+        body = {"finished": P.ids_to_bytes(self.finished), "sizes": P.ids_to_bytes(self.sizes),
+                "lengths": P.ids_to_bytes(self.lengths), "failed": self.failed,
+                "redirects": self.redirects, "replicas": P.ids_to_bytes(self.replicas),
+                "logs": self.logs}
+        if self.inline:
+            body["inline"], body["blobs"] = P.ids_to_bytes(self.inline), self.blobs
+        return body

@@ -1,0 +1,377 @@
+"""The worker's state machine, sans-I/O: ``handle(events, now) -> instructions``.
+
+Events are what the worker process saw since it last asked (messages from the server,
+answers of peers, links that became ready or failed, tasks that ended, the clock);
+instructions are what it must do next: start a task (``Execute``, with the route the
+task takes), send a report (``SendUpdate``), connect to a peer, send a FETCH, close a
+link. The process (``worker.process``) owns the sockets, threads, programs and clock and
+carries the instructions out; everything else about the worker is decided here, on
+plain data, so that tests drive it with lists of events.
+
+Invariants (tests check them after every step, ``check``):
+- Data is stored before it is reported: an id in an UPDATE's ``finished`` or
+  ``replicas`` is in ``store`` when the UPDATE is handed out.
+- ``data_bytes`` is the sum of ``sizes`` over ``store``; ``sizes`` has exactly the ids
+  of ``store``.
+- Every task given in a COMPUTE ends in exactly one report (finished, failed or
+  redirected), unless the server released it first; a task whose input cannot come
+  (released, peer gone, fetch timed out, malformed answer) fails with a message saying
+  which input and why.
+- An id is fetched from one peer at a time, only over a link that completed its
+  handshake; the TaskQueue keeps running tasks within the worker's cpus and resources.
+- Reports are held (for one UPDATE with more in it) only while the worker is busy and has
+  queued work for all its cpus, and never longer than REPORT_HOLD_S; failures,
+  redirects and replicas go at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from graphfmt import symbols as S
+from loomctl import protocol as P
+from loomctl.worker import data
+from loomctl.worker.fetchplan import FetchPlan
+from loomctl.worker.outcome import Outcome, Report
+from loomctl.worker.taskqueue import TaskQueue, TaskSpec, is_int
+
+log = logging.getLogger("loomctl.worker")
+
+# A busy worker sends finish reports at most this late, in one UPDATE: the server does a
+# round per message, so fewer and fuller messages leave its cpu to the tasks.
+REPORT_HOLD_S = 0.020
+
+# light built-ins cheap enough to run inline in the worker's loop
+INLINE_SYMBOLS = frozenset({S.CONST, S.MERGE, S.GET, S.SLICE, S.SIZE, S.LENGTH,
+                            S.ARRAY_MAKE, S.SPLIT, S.OPEN})
+
+_ATOMS = (int, float, complex, bool, str, bytes, type(None))
+
+
+# ---------------------------------------------------------------------- events
+@dataclass(slots=True)
+class Compute:
+    rows: list                 # COMPUTE task rows as they came
+    locations: dict            # input id -> data address
+
+
+@dataclass(slots=True)
+class ReleaseData:
+    ids: list
+
+
+@dataclass(slots=True)
+class PeerGone:
+    """Fetches from ``address`` cannot succeed (the server lost that worker, or the
+    link failed)."""
+    address: str
+    reason: str
+
+
+@dataclass(slots=True)
+class LinkReady:
+    address: str
+
+
+@dataclass(slots=True)
+class Fetched:
+    """A peer's DATA answer, its blobs decoded: ``objects`` has a DataObject or an error
+    message per id of ``found``."""
+    address: str
+    req: int
+    found: list
+    missing: list
+    objects: list
+
+
+@dataclass(slots=True)
+class TaskDone:
+    outcome: Outcome
+
+
+@dataclass(slots=True)
+class Tick:
+    """Time passed: fetches may have expired, held reports may be due."""
+
+
+# ---------------------------------------------------------------------- instructions
+@dataclass(slots=True)
+class Execute:
+    spec: TaskSpec
+    inputs: list               # the input DataObjects, in order
+    route: str                 # "inline" (in the loop), "program", "pool" (cpus), "light" (light pool)
+
+
+@dataclass(slots=True)
+class SendUpdate:
+    body: dict
+
+
+@dataclass(slots=True)
+class Connect:
+    address: str
+
+
+@dataclass(slots=True)
+class SendFetch:
+    address: str
+    req: int
+    ids: list
+
+
+@dataclass(slots=True)
+class CloseLink:
+    address: str
+
+
+def route(spec: TaskSpec) -> str:
+    """Where a started task runs (the one rule, for the process and its tracer)."""
+    if spec.symbol == S.RUN:
+        return "program"
+    if not spec.light:
+        return "pool"
+    if spec.symbol in INLINE_SYMBOLS and not spec.checkpoint:
+        return "inline"
+    return "light"
+
+
+def cheap_to_encode(obj: data.DataObject) -> bool:
+    """Objects whose size tells what they cost to encode: bytes, arrays of few such,
+    Python numbers and strings (a dict's size does not count what it holds; a file's
+    path means something on this host only)."""
+    if type(obj) is data.Plain:
+        return True
+    if type(obj) is data.PyObj:
+        return type(obj.obj) in _ATOMS
+    if type(obj) is data.Array:   # (empty items cost bytes too: few of them)
+        return len(obj.items) <= 256 and all(cheap_to_encode(item) for item in obj.items)
+    return False
+
+
+class WorkerState:
+    def __init__(self, cpus: int, resources: dict | None = None, fetch_timeout_s: float = 120.0):
+        self.cpus = max(0, int(cpus))
+        self.queue = TaskQueue(self.cpus, resources or {})
+        self.store: dict[int, data.DataObject] = {}
+        self.sizes: dict[int, int] = {}
+        self.data_bytes = 0
+        self.plan = FetchPlan()
+        self.ready_links: set[str] = set()     # peers whose link completed its handshake
+        self.connecting: set[str] = set()      # peers a Connect was given for
+        self.report = Report()
+        self.report_since: float | None = None  # when the unsent report got its first entry
+        self.fetch_timeout_s = fetch_timeout_s
+
+    # ------------------------------------------------------------------ the one entry
+    def handle(self, events: list, now: float) -> list:
+        """Apply ``events`` in order; the instructions that follow, in order."""
+        out: list = []
+        for event in events:
+            kind = type(event)
+            if kind is TaskDone:
+                self._done(event.outcome)
+            elif kind is Compute:
+                self._compute(event.rows, event.locations)
+            elif kind is ReleaseData:
+                self._release(event.ids)
+            elif kind is Fetched:
+                self._fetched(event)
+            elif kind is LinkReady:
+                self.connecting.discard(event.address)
+                self.ready_links.add(event.address)
+            elif kind is PeerGone:
+                self._peer_gone(event.address, event.reason, out)
+            elif kind is not Tick:
+                raise TypeError(f"not a worker event: {event!r}")
+        for address, ids in self.plan.expired(now, self.fetch_timeout_s):
+            self._unavailable(ids, f"peer {address} did not answer within {self.fetch_timeout_s:g} s")
+        self._start(out)
+        self._fetch(out, now)
+        self._flush(out, now)
+        return out
+
+    # ------------------------------------------------------------------ queries
+    def objects(self, ids: list) -> tuple[list, list, list]:
+        """(found ids, their objects, missing ids): what a peer's FETCH gets."""
+        found, objs, missing = [], [], []
+        for i in ids:
+            obj = self.store.get(i)
+            if obj is None:
+                missing.append(i)
+            else:
+                found.append(i)
+                objs.append(obj)
+        return found, objs, missing
+
+    def stats(self) -> dict:
+        return {"n_data": len(self.store), "data_bytes": self.data_bytes, "running": len(self.queue.running),
+                "queued": len(self.queue.queued)}
+
+    def hold_deadline(self) -> float | None:
+        """When a held report is due (the process wakes up for it)."""
+        return None if self.report_since is None else self.report_since + REPORT_HOLD_S
+
+    # ------------------------------------------------------------------ events
+    def _compute(self, rows: list, raw_locations: dict) -> None:
+        locations = {}
+        for key, address in raw_locations.items():
+            if isinstance(key, str) and key.isdigit():
+                key = int(key)
+            if is_int(key) and isinstance(address, str):
+                locations[key] = address
+        specs = []
+        for row in rows:
+            try:
+                specs.append(TaskSpec.from_wire(row))
+            except P.ProtocolError as exc:
+                log.warning("malformed task in COMPUTE: %s", exc)
+                if isinstance(row, (list, tuple)) and row and is_int(row[0]):
+                    self._fail(row[0], f"malformed task assignment: {exc}")
+        fetch, failed = self.queue.assign(specs, self.store, locations)
+        for task_id, message in failed:
+            self._fail(task_id, message)
+        for input_id, address in fetch:
+            self.plan.want(input_id, address)
+
+    def _release(self, ids) -> None:
+        for i in ids:
+            if self.store.pop(i, None) is not None:
+                self.data_bytes -= self.sizes.pop(i, 0)
+
+    def _peer_gone(self, address: str, reason: str, out: list) -> None:
+        known = address in self.ready_links or address in self.connecting or address in self.plan.addresses()
+        if not known:
+            return
+        self.ready_links.discard(address)
+        self.connecting.discard(address)
+        out.append(CloseLink(address))
+        log.warning("giving up on fetches from %s: %s", address, reason)
+        self._unavailable(self.plan.give_up(address), reason)
+
+    def _fetched(self, event: Fetched) -> None:
+        entry = self.plan.answered(event.req, event.address)
+        if entry is None:
+            log.warning("peer %s answered an unknown or expired request %d", event.address, event.req)
+            return
+        asked = entry[1]
+        if len(event.objects) != len(event.found) or not set(event.found) <= set(asked):
+            log.warning("peer %s sent a malformed DATA answer", event.address)
+            self._unavailable(asked, f"peer {event.address} sent a malformed answer")
+            return
+        arrived, bad = [], []
+        for task_id, obj in zip(event.found, event.objects):
+            if isinstance(obj, str):
+                bad.append((task_id, obj))
+                continue
+            if task_id not in self.store:
+                self._store(task_id, obj)
+                self.report.replicas.append(task_id)
+            arrived.append(task_id)
+        self.queue.inputs_arrived(arrived)
+        for task_id, why in bad:
+            self._unavailable([task_id], f"peer {event.address} sent it malformed: {why}")
+        absent = sorted(set(asked) - set(event.found))
+        if absent:
+            self._unavailable(absent, f"peer {event.address} does not hold it")
+
+    def _done(self, outcome: Outcome) -> None:
+        task_id = outcome.task_id
+        spec = self.queue.running.get(task_id)
+        for level, message in outcome.logs:
+            self.report.logs.append([task_id, level, message])
+        if outcome.error is not None:
+            self._fail(task_id, outcome.error, spec)
+            failed = self.queue.finished(task_id, ok=False)
+        elif outcome.redirect is not None:
+            self.report.redirects.append([task_id, outcome.redirect])
+            failed = self.queue.finished(task_id, ok=False)
+        else:
+            self._store(task_id, outcome.result, outcome.size)
+            if spec is not None and spec.inline and self.sizes[task_id] <= P.INLINE_BYTES:
+                self._send_along(task_id, outcome.result)
+            self.report.finished.append(task_id)
+            self.report.sizes.append(outcome.size)
+            self.report.lengths.append(outcome.length)
+            failed = self.queue.finished(task_id, ok=True)
+        for other, message in failed:
+            self._fail(other, message)
+
+    # ------------------------------------------------------------------ instructions
+    def _start(self, out: list) -> None:
+        for spec in self.queue.take_startable():
+            inputs = [self.store.get(i) for i in spec.inputs]
+            if any(obj is None for obj in inputs):
+                lost = [i for i, obj in zip(spec.inputs, inputs) if obj is None]
+                # (a failed start, as an outcome: it frees the task's cpus in the queue)
+                self._done(Outcome(spec.id, error=f"input {lost[0]} was released from this worker before "
+                                                  "the task started"))
+                continue
+            out.append(Execute(spec, inputs, route(spec)))
+
+    def _fetch(self, out: list, now: float) -> None:
+        for address in self.plan.pending:
+            if address not in self.ready_links and address not in self.connecting:
+                self.connecting.add(address)
+                out.append(Connect(address))
+        for address, req, ids in self.plan.take(now, self.ready_links.__contains__):
+            out.append(SendFetch(address, req, ids))
+
+    def _flush(self, out: list, now: float) -> None:
+        if not self.report:
+            return
+        if self.report_since is None:
+            self.report_since = now
+        if self._may_hold() and now - self.report_since < REPORT_HOLD_S:
+            return
+        out.append(SendUpdate(self.report.body()))
+        self.report = Report()
+        self.report_since = None
+
+    def _may_hold(self) -> bool:
+        """Finish reports may wait (to go in one UPDATE) while the worker is busy and has
+        queued work for all its cpus: holding them delays nobody here, and the server
+        handles fewer, larger batches. Failures and the like go at once."""
+        return bool(self.queue.running) and len(self.queue.queued) >= max(1, self.cpus) \
+            and not self.report.urgent()
+
+    # ------------------------------------------------------------------ helpers
+    def _unavailable(self, ids, reason: str) -> None:
+        for task_id, message in self.queue.inputs_unavailable(ids, reason):
+            self._fail(task_id, message)
+
+    def _fail(self, task_id: int, message: str, spec: TaskSpec | None = None) -> None:
+        self.report.failed.append([task_id, message])
+        what = f" ({spec.symbol}{f', {spec.label}' if spec.label else ''})" if spec else ""
+        first = message.strip().splitlines()[0] if message.strip() else "(no message)"
+        log.warning("task %d%s failed: %s", task_id, what, first)
+
+    def _store(self, task_id: int, obj: data.DataObject, size: int | None = None) -> None:
+        if size is None:
+            try:
+                size = obj.size()
+            except data.TaskError:
+                size = 0
+        self.data_bytes += size - self.sizes.get(task_id, 0)
+        self.store[task_id] = obj
+        self.sizes[task_id] = size
+
+    def _send_along(self, task_id: int, obj: data.DataObject) -> None:
+        """A small result a client waits for goes with the finish report (it stays here
+        too), if it is cheap to encode (see cheap_to_encode)."""
+        if not cheap_to_encode(obj):
+            return
+        try:
+            blob = data.encode(obj)
+        except data.TaskError:
+            return
+        if len(blob) <= P.INLINE_BYTES:
+            self.report.inline.append(task_id)
+            self.report.blobs.append(blob)
+
+    def check(self) -> None:
+        """The module's invariants (for tests)."""
+        self.queue.check_invariants()
+        assert set(self.sizes) == set(self.store), "sizes and store hold the same ids"
+        assert self.data_bytes == sum(self.sizes.values()), "data_bytes"
+        assert not self.ready_links & self.connecting, "a link is ready or connecting, not both"

@@ -1,0 +1,250 @@
+"""The server core under random event sequences (hypothesis), with every invariant
+recomputed from scratch after every step (core.invariants.check), and every command
+the core emits consumed by a model of the workers and clients (nothing is left over,
+nothing goes to a peer that is not there).
+
+The model workers do what a worker does: keep the tasks they were given, report some
+finished (with random sizes and lengths), some failed, some redirected to a sub-plan,
+hold the data the server did not release, and vanish. Clients submit random plans
+(const, merge, programs with cpu and named-resource requests, Python calls, dslice
+expansions, futures of earlier results), release results, cancel jobs and go away.
+
+LOOMCTL_FUZZ_EXAMPLES sets the number of sequences (default 60).
+"""
+
+import os
+
+import numpy as np
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import graphfmt
+from graphfmt import symbols as S
+from graphfmt import tasks
+from loomctl import messages as M
+from loomctl.core.server import ServerCore, SubmitError
+from loomctl.core.tasktable import ASSIGNED, FINISHED
+
+EXAMPLES = int(os.environ.get("LOOMCTL_FUZZ_EXAMPLES", "60"))
+CLIENTS = (b"client-a", b"client-b")
+
+
+class Ref:
+    def __init__(self, task_id):
+        self.task_id = task_id
+
+
+def build(results):
+    return graphfmt.build_graph(results, external=lambda f: tasks.Task(S.FUTURE, (), S.encode_u64(f.task_id)))[0]
+
+
+@st.composite
+def plans(draw, futures):
+    """A random plan: its tasks in order, and the results it marks (maybe none)."""
+    made = []
+    for _ in range(draw(st.integers(1, 10))):
+        kind = draw(st.sampled_from(["const", "const", "merge", "run", "gpu", "py", "dslice", "future"]))
+        pick = lambda: draw(st.sampled_from(made))   # noqa: E731
+        if kind == "const" or not made and kind not in ("future",):
+            made.append(tasks.const(draw(st.binary(max_size=3))))
+        elif kind == "merge":
+            made.append(tasks.merge([pick() for _ in range(draw(st.integers(0, 3)))]))
+        elif kind == "run":
+            t = tasks.run("cat", [(pick(), None)] if draw(st.booleans()) else [])
+            t.resource_request = tasks.cpus(draw(st.integers(0, 3)))
+            made.append(t)
+        elif kind == "gpu":
+            t = tasks.merge([pick()])
+            t.resource_request = tasks.ResourceRequest(0, gpu=1)
+            made.append(t)
+        elif kind == "py":
+            made.append(tasks.py_call(tasks.py_value(len), [pick()]))
+        elif kind == "dslice":
+            made.append(tasks.array_make([tasks.merge([tasks.dslice(pick())])]))
+        elif kind == "future" and futures:
+            made.append(tasks.merge([Ref(draw(st.sampled_from(futures)))]))
+        else:
+            made.append(tasks.const(b"f"))
+    marked = draw(st.lists(st.sampled_from(made), max_size=3, unique_by=id))
+    return made, marked
+
+
+class CoreMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.core = ServerCore()
+        self.now = 0.0
+        self.keys = 0
+        self.given: dict[bytes, set] = {}      # worker key -> tasks it was given (its queue)
+        self.holds: dict[bytes, set] = {}      # worker key -> data objects it holds
+        self.wid: dict[bytes, int] = {}
+        self.fetch: dict[bytes, dict] = {}     # worker key -> task -> inputs it fetches from peers
+        self.futures: list[int] = []           # results a client may still use
+
+    # ------------------------------------------------------------------ model
+    def consume(self):
+        """Every command goes to a peer that is there, and is acted on."""
+        for cmd in self.core.take_commands():
+            if isinstance(cmd, M.WORKER_COMMANDS):
+                assert cmd.target in self.given, f"{type(cmd).__name__} to a worker that is gone"
+                if isinstance(cmd, M.Compute):
+                    ids = [row.id for row in cmd.rows]
+                    assert not self.given[cmd.target] & set(ids), "a task given twice"
+                    for row in cmd.rows:
+                        for i in row.inputs:
+                            assert i in self.holds[cmd.target] or i in cmd.locations \
+                                or i in self.given[cmd.target], f"input {i} of {row.id} cannot be found"
+                    self.given[cmd.target] |= set(ids)
+                    for row in cmd.rows:
+                        self.fetch[cmd.target][row.id] = [i for i in row.inputs if i in cmd.locations]
+                elif isinstance(cmd, M.ReleaseData):
+                    self.holds[cmd.target] -= set(cmd.ids.tolist())
+            else:
+                assert isinstance(cmd, M.CLIENT_COMMANDS) and cmd.target in CLIENTS
+
+    def tick(self):
+        self.now += 0.01
+        self.consume()
+
+    def workers_with_tasks(self):
+        return sorted(k for k, given in self.given.items() if given)
+
+    # ------------------------------------------------------------------ workers
+    @rule(cpus=st.integers(0, 3), gpu=st.booleans())
+    def add_worker(self, cpus, gpu):
+        key = b"w%d" % self.keys
+        self.keys += 1
+        self.given[key], self.holds[key], self.fetch[key] = set(), set(), {}
+        reg = M.Register(key.decode(), "h", cpus, {"gpu": 1} if gpu else {}, [], f"tcp://{key.decode()}:1")
+        self.wid[key] = self.core.add_worker(key, reg, self.now)
+        self.tick()
+
+    @precondition(lambda self: self.given)
+    @rule(data=st.data())
+    def lose_worker(self, data):
+        key = data.draw(st.sampled_from(sorted(self.given)))
+        del self.given[key], self.holds[key], self.fetch[key]
+        self.core.remove_worker(self.wid.pop(key), self.now)
+        self.tick()
+
+    @rule()
+    def schedule(self):
+        self.core.schedule(self.now)
+        self.tick()
+
+    @precondition(lambda self: self.workers_with_tasks())
+    @rule(data=st.data())
+    def finish(self, data):
+        key = data.draw(st.sampled_from(self.workers_with_tasks()))
+        ids = data.draw(st.lists(st.sampled_from(sorted(self.given[key])), min_size=1, max_size=6))
+        ids.extend(data.draw(st.lists(st.integers(-2, self.core.cols.n + 2), max_size=2)))   # bogus and stale
+        self.given[key] -= set(ids)
+        n = len(ids)
+        sizes = np.array(data.draw(st.lists(st.integers(0, 3 << 20), min_size=n, max_size=n)), dtype=np.int64)
+        lengths = np.array(data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n)), dtype=np.int64)
+        self.report(key, ids, sizes, lengths)
+
+    def report(self, key, ids, sizes, lengths):
+        """An UPDATE: finished tasks, then the inputs they fetched (now held here too)."""
+        fetched = sorted({i for t in ids for i in self.fetch[key].pop(t, ())} - self.holds[key])
+        self.holds[key] |= set(ids) | set(fetched)
+        self.core.tasks_finished(self.wid[key], np.array(ids, dtype=np.int64), sizes, lengths, self.now)
+        self.core.replicas_added(self.wid[key], np.array(fetched, dtype=np.int64))
+        self.tick()
+
+    @precondition(lambda self: self.workers_with_tasks())
+    @rule(data=st.data())
+    def fail(self, data):
+        key = data.draw(st.sampled_from(self.workers_with_tasks()))
+        t = data.draw(st.sampled_from(sorted(self.given[key])))
+        self.given[key].discard(t)
+        self.core.tasks_failed(self.wid[key], [(t, "boom")], self.now)
+        self.tick()
+
+    @precondition(lambda self: self.workers_with_tasks())
+    @rule(data=st.data())
+    def redirect(self, data):
+        key = data.draw(st.sampled_from(self.workers_with_tasks()))
+        t = data.draw(st.sampled_from(sorted(self.given[key])))
+        c = self.core.cols
+        if c.state[t] != ASSIGNED or self.core.graph.symbols[c.symbol[t]] != S.PY_CALL:
+            return
+        self.given[key].discard(t)
+        sub = tasks.merge((tasks.Task(S.TASK_INPUT, (), S.encode_u64(1)), tasks.const("r")))
+        self.core.task_redirected(self.wid[key], t, build([sub]), self.now)
+        self.tick()
+
+    # ------------------------------------------------------------------ clients
+    @rule(data=st.data(), client=st.sampled_from(CLIENTS))
+    def submit(self, data, client):
+        made, marked = data.draw(plans(self.futures))
+        try:
+            job = self.core.submit(client, build(marked or made[-1:]), self.now)
+        except SubmitError:
+            return
+        self.futures.extend(job.results.tolist())
+        self.tick()
+
+    @precondition(lambda self: self.futures)
+    @rule(data=st.data())
+    def release(self, data):
+        ids = data.draw(st.lists(st.sampled_from(self.futures), min_size=1, max_size=3))
+        self.futures = [f for f in self.futures if f not in ids]
+        self.core.release(np.array(ids, dtype=np.int64))
+        self.tick()
+
+    @precondition(lambda self: self.core.jobs)
+    @rule(data=st.data())
+    def cancel(self, data):
+        self.core.cancel(data.draw(st.sampled_from(sorted(self.core.jobs))), self.now)
+        self.tick()
+
+    @rule(client=st.sampled_from(CLIENTS))
+    def client_gone(self, client):
+        self.core.client_gone(client, self.now)
+        self.tick()
+
+    @rule()
+    def retire(self):
+        self.now += 2.0
+        self.core.retire_jobs(self.now)
+        self.tick()
+
+    @rule()
+    def run_to_the_end(self):
+        """With a worker left, every job ends: finish everything given, for a while."""
+        for _ in range(200):
+            self.core.schedule(self.now)
+            self.tick()
+            busy = self.workers_with_tasks()
+            if not busy:
+                break
+            for key in busy:
+                ids = sorted(self.given[key])
+                self.given[key].clear()
+                self.report(key, ids, np.full(len(ids), 10), np.full(len(ids), 3))
+        if self.given:
+            running = [j.id for j in self.core.jobs.values() if j.status == "running"]
+            c = self.core.cols
+            assert not running, (f"jobs {running} did not end although workers are there: states "
+                                 f"{c.state[:c.n].tolist()}, remaining {c.remaining[:c.n].tolist()}, "
+                                 f"ready {self.core.ready}, workers {self.core.workers}")
+
+    # ------------------------------------------------------------------ invariants
+    @invariant()
+    def invariants_hold(self):
+        self.core.check_invariants()
+        assert not self.core.commands, "every command was taken"
+        c = self.core.cols
+        for key, wid in self.wid.items():   # the server's view agrees with the workers'
+            assigned = set(np.flatnonzero((c.state[:c.n] == ASSIGNED) & (c.worker[:c.n] == wid)).tolist())
+            assert assigned <= self.given[key], "assigned to a worker that was not told"
+            owned = set(np.flatnonzero(c.owner[:c.n] == wid).tolist())
+            assert owned <= self.holds[key], "the server thinks a worker holds what it does not"
+            assert (c.state[list(owned)] == FINISHED).all() if owned else True
+
+
+CoreMachine.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None,
+                                         suppress_health_check=list(HealthCheck))
+test_core_under_random_events = CoreMachine.TestCase

@@ -1,0 +1,143 @@
+"""The server's dispatch without sockets: frames in, frames out (the wire regressions
+that once needed a live cluster)."""
+
+import numpy as np
+
+import graphfmt
+from graphfmt import tasks
+from loomctl import protocol as P
+from loomctl.server.dispatch import Dispatch
+
+SECRET = P.new_secret()
+
+
+class Wire:
+    """A Dispatch and the peers talking to it; ``out[identity]`` collects what each got."""
+
+    def __init__(self):
+        self.d = Dispatch(SECRET, {"host": "127.0.0.1", "port": 1, "pid": 1, "started": 0.0})
+        self.now = 0.0
+        self.out: dict[bytes, list] = {}
+
+    def send(self, identity, kind, body=None, *blobs, raw=None):
+        self.d.message(identity, raw if raw is not None else P.encode(kind, body, *blobs), self.now)
+        for target, frames in self.d.flush(self.now):
+            self.out.setdefault(target, []).append(P.decode(frames))
+        return [m for m in self.out.pop(identity, [])]
+
+    def join(self, identity, role, secret=SECRET):
+        (challenge,) = self.send(identity, P.HELLO, {"role": role, "version": P.PROTOCOL_VERSION})
+        assert challenge[0] == P.CHALLENGE
+        return self.send(identity, P.AUTH, {"proof": P.proof(secret, challenge[1]["nonce"], role)})
+
+    def worker(self, identity=b"w1", cpus=1):
+        assert self.join(identity, "worker")[0][0] == P.WELCOME
+        (reply,) = self.send(identity, P.REGISTER, {"name": identity.decode(), "cpus": cpus,
+                                                      "data_address": f"tcp://127.0.0.1:{len(identity)}"})
+        assert reply[0] == P.REPLY
+        return reply[1]["worker_id"]
+
+    def client(self, identity=b"c1"):
+        assert self.join(identity, "client")[0][0] == P.WELCOME
+        return identity
+
+    def submit(self, client, results):
+        graph = graphfmt.to_bytes(graphfmt.build_graph(results)[0])
+        (reply,) = [m for m in self.send(client, P.SUBMIT, {"req": 1, "graph": graph}) if m[0] == P.REPLY]
+        return reply[1]
+
+
+def test_a_submission_reaches_the_worker_before_its_client_hears_back():
+    w = Wire()
+    w.worker()
+    c = w.client()
+    graph = graphfmt.to_bytes(graphfmt.build_graph([tasks.const("x")])[0])
+    w.d.message(c, P.encode(P.SUBMIT, {"req": 7, "graph": graph}), 0.0)
+    order = [P.decode(frames)[0] for _, frames in w.d.flush(0.0)]
+    assert order == [P.COMPUTE, P.REPLY]
+
+
+def test_strangers_get_only_the_handshake_and_change_nothing():
+    w = Wire()
+    w.worker()
+    graph = graphfmt.to_bytes(graphfmt.build_graph([tasks.const("x")])[0])
+    got = w.send(b"stranger", P.SUBMIT, {"req": 1, "graph": graph})
+    assert [k for k, _, _ in got] == [P.REFUSED]
+    assert w.join(b"liar", "client", secret=P.new_secret())[0][0] == P.REFUSED
+    got = w.send(b"liar", P.REGISTER, {"cpus": 1, "data_address": "tcp://x:1"})
+    assert [k for k, _, _ in got] == [P.REFUSED]
+    assert w.d.core.cols.n == 0 and len(w.d.core.workers) == 1 and w.d.gate.refused == 3
+
+
+def test_raw_garbage_is_counted_and_dropped():
+    w = Wire()
+    for raw in ([b"\x00\xff" * 50], [b"UPDATE", b"\xc1\xc1"], [b"X" * 40, b"\x80"], [b"HELLO", b"\x81\xa4role"]):
+        w.send(b"junk", None, raw=raw)
+    assert w.d.bad_messages == 4 and w.d.running
+
+
+def test_a_second_register_on_one_connection_is_refused():
+    w = Wire()
+    w.worker(b"w1")
+    w.send(b"w1", P.REGISTER, {"name": "again", "cpus": 8, "data_address": "tcp://127.0.0.1:9"})
+    assert len(w.d.core.workers) == 1 and w.d.bad_messages == 1
+
+
+def test_a_register_with_absurd_resources_is_refused():
+    w = Wire()
+    w.join(b"w1", "worker")
+    for resources in ({"gpu": 1 << 63}, {"gpu": -1}, {"gpu": "many"}, [1, 2]):
+        w.send(b"w1", P.REGISTER, {"cpus": 1, "data_address": "tcp://127.0.0.1:9", "resources": resources})
+    assert not w.d.core.workers and w.d.bad_messages == 4
+
+
+def test_an_id_reported_twice_counts_once_and_sizes_are_clipped():
+    w = Wire()
+    w.worker(b"w1")
+    c = w.client()
+    job = w.submit(c, [tasks.merge([tasks.const("a"), tasks.const("b")])])
+    (a, b) = job["base"], job["base"] + 1
+    w.send(b"w1", P.UPDATE, {"finished": P.ids_to_bytes([a, a, b]), "sizes": P.ids_to_bytes([1, 2, 1 << 62]),
+                             "lengths": P.ids_to_bytes([0, 0, -5])})
+    core = w.d.core
+    assert core.jobs[job["job"]].finished == 2 and core.cols.size[a] == 1
+    assert core.cols.size[b] <= 1 << 48 and core.cols.length[b] == 0
+    (stats,) = w.send(c, P.STATS, {"req": 2})
+    assert stats[1]["finished"] == 2
+    core.check_invariants()
+
+
+def test_a_redirection_is_never_read_from_a_path(tmp_path):
+    w = Wire()
+    w.worker(b"w1")
+    c = w.client()
+    path = tmp_path / "plan.loom"
+    graphfmt.write(str(path), [tasks.const("from a file")])
+    job = w.submit(c, [tasks.py_call(tasks.py_value(len), [tasks.const("x")])])
+    call = job["base"] + 2
+    w.send(b"w1", P.UPDATE, {"finished": P.ids_to_bytes([job["base"], job["base"] + 1]),
+                             "sizes": P.ids_to_bytes([1, 1]), "lengths": P.ids_to_bytes([0, 0])})
+    assert w.d.core.cols.state[call] == 2   # ASSIGNED
+    got = w.send(b"w1", P.UPDATE, {"redirects": [[call, str(path)]]})
+    failed = [m for m in w.out.pop(c, []) + got if m[0] == P.TASK_FAILED]
+    assert failed and "not graph file bytes" in failed[0][1]["message"]
+    assert w.d.core.jobs[job["job"]].status == "failed"
+
+
+def test_a_worker_that_disconnects_has_its_tasks_run_elsewhere():
+    w = Wire()
+    w.worker(b"w1")
+    w.worker(b"w2")
+    c = w.client()
+    job = w.submit(c, [tasks.run("true") for _ in range(4)])
+    core = w.d.core
+    ids = np.arange(job["base"], job["base"] + 4)
+    assert set(core.cols.worker[ids].tolist()) == {0, 1}
+    w.d.peer_gone(b"w1", 1.0)
+    told = [P.decode(frames)[0] for target, frames in w.d.flush(1.0) if target == b"w2"]
+    assert told == [P.PEER_LOST]
+    assert (core.cols.worker[ids] != 0).all() and len(core.workers) == 1   # w1's two wait for w2's cpu
+    w.send(b"w2", P.UPDATE, {"finished": P.ids_to_bytes(ids[core.cols.worker[ids] == 1]),
+                             "sizes": P.ids_to_bytes([0, 0]), "lengths": P.ids_to_bytes([0, 0])})
+    assert (core.cols.worker[ids] == 1).sum() == 2 and (core.cols.state[ids] == 3).sum() == 2
+    core.check_invariants()

@@ -1,0 +1,223 @@
+"""The worker's sans-I/O state machine driven by events, without sockets or threads.
+
+A model plays the process around it: it starts what ``Execute`` says (the tasks end
+when the test says), answers fetches from peers, and takes the reports. Random event
+sequences (hypothesis) check after every step that the state's invariants hold, that
+every task given ends in exactly one report, and that reported data is held.
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from graphfmt import symbols as S
+from loomctl import protocol as P
+from loomctl.worker import state as W
+from loomctl.worker.data import Plain
+from loomctl.worker.outcome import Outcome
+
+EXAMPLES = int(os.environ.get("LOOMCTL_FUZZ_EXAMPLES", "60"))
+PEERS = ("tcp://peer-a:1", "tcp://peer-b:1")
+
+
+def row(tid, inputs=(), cpus=0, symbol=S.MERGE, inline=False):
+    return [tid, symbol, b"", list(inputs), cpus, None, None, f"t{tid}", inline]
+
+
+def reports(instructions):
+    return [i.body for i in instructions if isinstance(i, W.SendUpdate)]
+
+
+def test_a_task_waits_for_its_fetched_input_then_runs_and_is_reported():
+    s = W.WorkerState(cpus=1)
+    out = s.handle([W.Compute([row(5, [1], cpus=1)], {1: PEERS[0]})], 0.0)
+    assert [type(i) for i in out] == [W.Connect] and out[0].address == PEERS[0]
+    out = s.handle([W.LinkReady(PEERS[0])], 0.0)
+    (fetch,) = out
+    assert isinstance(fetch, W.SendFetch) and fetch.ids == [1]
+    out = s.handle([W.Fetched(PEERS[0], fetch.req, [1], [], [Plain(b"in")])], 0.0)
+    (execute,) = [i for i in out if isinstance(i, W.Execute)]
+    assert execute.spec.id == 5 and execute.inputs == [Plain(b"in")] and execute.route == "pool"
+    (update,) = reports(out)   # the replica goes at once
+    assert P.ids_from_bytes(update["replicas"]).tolist() == [1]
+    out = s.handle([W.TaskDone(Outcome(5, Plain(b"result"), 6))], 0.01)
+    (update,) = reports(out)
+    assert P.ids_from_bytes(update["finished"]).tolist() == [5] and s.store[5] == Plain(b"result")
+    s.check()
+
+
+def test_a_busy_worker_holds_finish_reports_for_one_update():
+    s = W.WorkerState(cpus=1)
+    s.handle([W.Compute([row(t, cpus=1) for t in range(4)], {})], 0.0)   # one runs, three queued
+    out = s.handle([W.TaskDone(Outcome(0, Plain(b"x"), 1))], 0.001)
+    assert not reports(out) and s.hold_deadline() == 0.001 + W.REPORT_HOLD_S
+    out = s.handle([W.TaskDone(Outcome(1, Plain(b"y"), 1))], 0.002)
+    assert not reports(out)
+    (update,) = reports(s.handle([W.Tick()], 0.001 + W.REPORT_HOLD_S))   # due: both in one
+    assert P.ids_from_bytes(update["finished"]).tolist() == [0, 1]
+    out = s.handle([W.TaskDone(Outcome(2, error="boom"))], 0.03)           # failures go at once
+    assert reports(out)[0]["failed"] == [[2, "boom"]]
+
+
+def test_a_peer_gone_fails_the_tasks_waiting_on_it_and_closes_the_link():
+    s = W.WorkerState(cpus=2)
+    s.handle([W.Compute([row(5, [1], cpus=1), row(6, [2], cpus=1)], {1: PEERS[0], 2: PEERS[1]})], 0.0)
+    out = s.handle([W.PeerGone(PEERS[0], "the server lost that worker")], 0.0)
+    assert W.CloseLink(PEERS[0]) in out
+    (update,) = reports(out)
+    assert [t for t, _ in update["failed"]] == [5]
+    assert "input 1 is unavailable: the server lost that worker" in update["failed"][0][1]
+    assert not s.queue.is_known(5) and s.queue.is_known(6)
+    assert s.handle([W.PeerGone("tcp://never-used:1", "x")], 0.0) == []   # nothing to give up
+
+
+def test_a_fetch_that_is_not_answered_in_time_fails_its_task():
+    s = W.WorkerState(cpus=1, fetch_timeout_s=5.0)
+    s.handle([W.Compute([row(5, [1], cpus=1)], {1: PEERS[0]})], 0.0)
+    s.handle([W.LinkReady(PEERS[0])], 0.0)
+    assert not reports(s.handle([W.Tick()], 4.0))
+    (update,) = reports(s.handle([W.Tick()], 6.0))
+    assert update["failed"][0][0] == 5 and "did not answer within 5 s" in update["failed"][0][1]
+
+
+def test_an_input_released_before_its_task_started_fails_the_task():
+    s = W.WorkerState(cpus=1)
+    s.handle([W.Compute([row(1, cpus=1)], {})], 0.0)
+    s.handle([W.TaskDone(Outcome(1, Plain(b"a"), 1))], 0.0)
+    s.handle([W.Compute([row(2, cpus=1)], {})], 0.0)                    # keeps the cpu busy
+    s.handle([W.Compute([row(3, [1], cpus=1)], {})], 0.0)               # waits for the cpu
+    s.handle([W.ReleaseData([1])], 0.0)
+    out = s.handle([W.TaskDone(Outcome(2, Plain(b"b"), 1))], 0.0)
+    failed = [f for body in reports(out) for f in body["failed"]]
+    assert failed and failed[0][0] == 3 and "released" in failed[0][1]
+    s.check()
+
+
+def test_routes():
+    assert W.route(W.TaskSpec(1, S.RUN, b"", [], 1)) == "program"
+    assert W.route(W.TaskSpec(1, S.MERGE, b"", [])) == "inline"
+    assert W.route(W.TaskSpec(1, S.MERGE, b"", [], checkpoint="/x")) == "light"
+    assert W.route(W.TaskSpec(1, S.PY_CALL, b"", [], 1)) == "pool"
+    assert W.route(W.TaskSpec(1, "ext/thing", b"", [])) == "light"
+
+
+class WorkerMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.s = W.WorkerState(cpus=2, resources={"gpu": 1}, fetch_timeout_s=1.0)
+        self.now = 0.0
+        self.next_id = 100
+        self.given: set = set()          # tasks given and not released or reported
+        self.reported: set = set()
+        self.running: set = set()        # Execute'd, not ended
+        self.fetches: dict = {}          # req -> (address, ids)
+        self.remote: dict = {}           # id -> the peer that holds it
+
+    def apply(self, events, dt=0.001):
+        self.now += dt
+        for instruction in self.s.handle(events, self.now):
+            if isinstance(instruction, W.Execute):
+                assert instruction.spec.id in self.given, "started a task it was not given"
+                assert instruction.spec.id not in self.running, "started twice"
+                assert all(obj is not None for obj in instruction.inputs)
+                self.running.add(instruction.spec.id)
+            elif isinstance(instruction, W.SendFetch):
+                assert instruction.address in self.s.ready_links
+                self.fetches[instruction.req] = (instruction.address, instruction.ids)
+            elif isinstance(instruction, W.SendUpdate):
+                body = instruction.body
+                for t in P.ids_from_bytes(body["finished"]).tolist() + P.ids_from_bytes(body["replicas"]).tolist():
+                    assert t in self.s.store, "reported data is held"
+                ended = P.ids_from_bytes(body["finished"]).tolist() + [t for t, _ in body["failed"]] \
+                    + [t for t, _ in body["redirects"]]
+                for t in ended:
+                    assert t not in self.reported, f"task {t} reported twice"
+                    assert t in self.given, f"task {t} reported but never given"
+                    self.reported.add(t)
+                    self.given.discard(t)
+
+    @rule(data=st.data(), n=st.integers(1, 4))
+    def compute(self, data, n):
+        rows, locations = [], {}
+        known = sorted(set(self.s.store) | set(self.remote) | self.given)
+        for _ in range(n):
+            tid = self.next_id
+            self.next_id += 1
+            inputs = data.draw(st.lists(st.sampled_from(known), max_size=2)) if known else []
+            for i in inputs:
+                if i in self.remote and i not in self.s.store:
+                    locations[i] = self.remote[i]
+            cpus = data.draw(st.integers(0, 3))
+            gpu = data.draw(st.booleans())
+            rows.append([tid, data.draw(st.sampled_from([S.MERGE, S.RUN, S.PY_CALL])), b"", inputs, cpus,
+                         {"gpu": 1} if gpu else None, None, None, False])
+            self.given.add(tid)
+        if data.draw(st.booleans()):   # an input held by a peer
+            rid = self.next_id
+            self.next_id += 1
+            self.remote[rid] = data.draw(st.sampled_from(PEERS))
+            tid = self.next_id
+            self.next_id += 1
+            rows.append(row(tid, [rid]))
+            locations[rid] = self.remote[rid]
+            self.given.add(tid)
+        self.apply([W.Compute(rows, locations)])
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data(), how=st.sampled_from(["ok", "ok", "error", "redirect"]))
+    def end_task(self, data, how):
+        t = data.draw(st.sampled_from(sorted(self.running)))
+        self.running.discard(t)
+        outcome = Outcome(t, Plain(b"r"), 1) if how == "ok" else \
+            Outcome(t, error="boom") if how == "error" else Outcome(t, redirect=b"graph")
+        self.apply([W.TaskDone(outcome)])
+
+    @rule(address=st.sampled_from(PEERS))
+    def link_ready(self, address):
+        if address in self.s.connecting:
+            self.apply([W.LinkReady(address)])
+
+    @precondition(lambda self: self.fetches)
+    @rule(data=st.data(), answer=st.sampled_from(["all", "some", "garbage"]))
+    def answer_fetch(self, data, answer):
+        req = data.draw(st.sampled_from(sorted(self.fetches)))
+        address, ids = self.fetches.pop(req)
+        found = ids if answer != "some" else ids[:len(ids) // 2]
+        objects = [Plain(b"f") if answer != "garbage" else "malformed" for _ in found]
+        self.apply([W.Fetched(address, req, found, [i for i in ids if i not in found], objects)])
+
+    @rule(address=st.sampled_from(PEERS))
+    def peer_gone(self, address):
+        self.fetches = {r: v for r, v in self.fetches.items() if v[0] != address}
+        self.apply([W.PeerGone(address, "gone")])
+
+    def released_may_be(self):
+        """What the server may release: data it was told of (not what an unsent report has)."""
+        return sorted(set(self.s.store) - set(self.s.report.finished) - set(self.s.report.replicas))
+
+    @precondition(lambda self: self.released_may_be())
+    @rule(data=st.data())
+    def release(self, data):
+        ids = data.draw(st.lists(st.sampled_from(self.released_may_be()), min_size=1, max_size=3))
+        self.apply([W.ReleaseData(ids)])
+
+    @rule(dt=st.sampled_from([0.005, 0.05, 2.0]))
+    def tick(self, dt):
+        if dt > 1.0:
+            self.fetches.clear()   # they time out
+        self.apply([W.Tick()], dt)
+
+    @invariant()
+    def holds(self):
+        self.s.check()
+        pending = self.s.report
+        unsent = set(pending.finished) | {t for t, _ in pending.failed} | {t for t, _ in pending.redirects}
+        waiting = set(self.s.queue.queued) | set(self.s.queue.running)
+        assert self.given <= waiting | unsent, f"tasks {sorted(self.given - waiting - unsent)} were lost"
+
+
+WorkerMachine.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None,
+                                           suppress_health_check=list(HealthCheck))
+test_worker_state_under_random_events = WorkerMachine.TestCase
