@@ -290,8 +290,16 @@ def check_proof(secret: str, nonce: bytes, role: str, given) -> bool:
     return isinstance(given, bytes) and hmac.compare_digest(proof(secret, nonce, role), given)
 
 
+MAX_PENDING = 10000   # handshakes under way on one ROUTER (beyond: the oldest is dropped)
+
+
 class Gatekeeper:
     """The router side of the handshake, for one ROUTER socket (sans-I/O).
+
+    It keeps one entry per connection (its role, or its handshake under way); the owner
+    calls ``forget`` when the connection goes (``loomctl.routerpeers``), and at most
+    MAX_PENDING handshakes are under way at once (a flood of HELLOs from new connections
+    pushes out the oldest, never everyone's).
 
     ``handle(identity, kind, body)`` returns (admitted, reply): ``admitted`` is True only
     for a message of a peer that completed the handshake; ``reply`` is a message to send
@@ -336,8 +344,9 @@ class Gatekeeper:
                 self.roles[identity] = role
                 return False, encode(WELCOME, self.welcome)
             nonce = new_nonce()
-            if len(self.pending) > 10000:   # bound the memory a flood of hellos can take
-                self.pending.clear()
+            self.pending.pop(identity, None)   # (one per connection: a new HELLO replaces it)
+            if len(self.pending) >= MAX_PENDING:   # a flood of connections: the oldest goes
+                self.pending.pop(next(iter(self.pending)))
             self.pending[identity] = (nonce, role)
             return False, encode(CHALLENGE, {"nonce": nonce})
         if kind == AUTH and identity in self.pending:

@@ -138,6 +138,7 @@ class ServerCore:
                          "running": w.stats.get("running"), "tasks_done": w.tasks_done,
                          "data_objects": int(len(held)), "data_bytes": int(c.size[held].sum()),
                          "rss": w.stats.get("rss"), "cpu_percent": w.stats.get("cpu_percent"),
+                         "data_connections": w.stats.get("data_connections"), "heartbeat": w.stats.get("heartbeat"),
                          "address": w.data_address, "last_seen_s": round(now - w.last_seen, 3)})
         job_rows = [*self.history, *(self.job_row(job, now) for job in self.jobs.values())]
         lost = [{**w, "ago_s": round(now - w["at"], 1)} for w in self.lost_workers[-20:]]

@@ -219,7 +219,8 @@ class Dispatch:
             return {"n_workers": len(core.workers), "n_data_objects": core.n_data, "n_tasks": core.cols.n,
                     "n_jobs": len(core.jobs), "bytes_received": self.bytes_received,
                     "messages_received": self.messages_received, "bad_messages": self.bad_messages,
-                    "refused": self.gate.refused, **core.stats}
+                    "refused": self.gate.refused, "connections": len(self.gate.roles),
+                    "handshakes": len(self.gate.pending), **core.stats}
         if request.kind == P.STATUS:
             status = core.status(now)
             status["server"] = {**self.info, "uptime_s": round(now - self.info.get("started", now), 1),

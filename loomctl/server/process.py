@@ -2,7 +2,8 @@
 
 Loop: wait for messages -> drain every message already waiting into the Dispatch ->
 flush (schedule once, send what comes back). Timers every 0.25 s: probe peers whose
-connection closed, retire jobs, remove workers silent for ``heartbeat_timeout``.
+connection closed (``RouterPeers``), retire jobs, remove workers silent for
+``heartbeat_timeout``.
 This module keeps only sockets, the clock and signals; what a message means is decided
 in ``loomctl.server.dispatch``.
 
@@ -21,10 +22,9 @@ import signal
 import time
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
-
 from loomctl import protocol as P
 from loomctl.access import remove_access, write_access
+from loomctl.routerpeers import RouterPeers
 from loomctl.server.dispatch import Dispatch
 
 log = logging.getLogger("loomctl.server")
@@ -64,10 +64,9 @@ class Server:
             self.port = port
         self.host = bind_host
         self.secret = P.new_secret() if auth else None
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # an unroutable peer raises: see _routable
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.peers = PeerConnections()
-        self.suspects: dict[bytes, float] = {}   # identity -> probe until (monotonic time)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # an unroutable peer raises (RouterPeers probes)
+        self.peers = RouterPeers(self.sock)
+        self.monitor = self.peers.monitor
         self.server_dir = server_dir
         self.heartbeat_timeout = heartbeat_timeout
         self.dispatch = Dispatch(self.secret, {"host": self.host, "port": self.port, "pid": os.getpid(),
@@ -97,13 +96,14 @@ class Server:
             while self.running:
                 events = dict(poller.poll(100))
                 if self.monitor in events:
-                    self._on_monitor()
+                    self.peers.on_monitor(time.monotonic())
+                    self._probe_peers(time.monotonic())
                 if self.sock in events:
                     self._drain()
                 now = time.monotonic()
                 if now - last_check > 0.25:
                     last_check = now
-                    self._probe_suspects(now)
+                    self._probe_peers(now)
                     self.dispatch.tick(now, self.heartbeat_timeout)
                     self._flush(now)
         finally:
@@ -117,9 +117,7 @@ class Server:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            identity = frames[0].bytes
-            if not self.peers.known(identity):
-                self.peers.connected(identity, frames[0].get(zmq.SRCFD))
+            identity = self.peers.seen(frames[0], now)
             dispatch.message(identity, [f.bytes for f in frames[1:]], now)
         self._flush(now)   # once per drained batch of messages
 
@@ -130,85 +128,20 @@ class Server:
             except zmq.ZMQError as exc:   # the peer is gone: nothing to do
                 log.info("could not send to a peer: %s", exc)
 
-    def _on_monitor(self) -> None:
-        now = time.monotonic()
-        while True:
-            try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            except Exception:   # a malformed monitor frame: nothing to learn from it
-                break
-            if event.get("event") == zmq.EVENT_DISCONNECTED:
-                for identity in self.peers.candidates(event.get("value")):
-                    self.suspects[identity] = now + 2.0
-        self._probe_suspects(now)
-
-    def _probe_suspects(self, now: float) -> None:
-        """Peers seen on a connection that closed: gone if zmq can no longer route to
-        them; probed again for a short while otherwise (the close may still be in
-        flight inside zmq)."""
-        gone = False
-        for identity, until in list(self.suspects.items()):
-            if not self._routable(identity):
-                del self.suspects[identity]
-                self.peers.forget(identity)
-                self.dispatch.peer_gone(identity, now)
-                gone = True
-            elif now > until:
-                del self.suspects[identity]
+    def _probe_peers(self, now: float) -> None:
+        gone = self.peers.poll(now)
+        for identity in gone:
+            self.dispatch.peer_gone(identity, now)
         if gone:
             self._flush(now)
-
-    def _routable(self, identity: bytes) -> bool:
-        try:
-            self.sock.send_multipart([identity, *P.encode(P.PING)], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            return exc.errno != zmq.EHOSTUNREACH   # EAGAIN: alive, only busy
-        return True
 
     def close(self) -> None:
         self.dispatch.close()
         if self.server_dir:
             remove_access(self.server_dir)
-        try:
-            self.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(0)
+        self.peers.close()
         self.sock.close(linger=500)   # let STOP messages reach the workers
         self.ctx.term()
-
-
-class PeerConnections:
-    """Which connection (file descriptor) each peer identity was seen on, so that a
-    disconnection reported by the socket monitor (by descriptor) can be traced to peers.
-
-    A descriptor is reused after its connection closed, and messages of a closed
-    connection may still be queued, so a descriptor may list several identities; the
-    server probes each of them (a PING that zmq refuses to route to a gone peer)."""
-
-    def __init__(self):
-        self.fd_of: dict[bytes, int] = {}
-        self.on_fd: dict[int, set[bytes]] = {}
-
-    def known(self, identity: bytes) -> bool:
-        return identity in self.fd_of
-
-    def connected(self, identity: bytes, fd: int) -> None:
-        self.fd_of[identity] = fd
-        self.on_fd.setdefault(fd, set()).add(identity)
-
-    def candidates(self, fd) -> list[bytes]:
-        return sorted(self.on_fd.get(fd, ())) if isinstance(fd, int) else []
-
-    def forget(self, identity: bytes) -> None:
-        fd = self.fd_of.pop(identity, None)
-        peers = self.on_fd.get(fd)
-        if peers is not None:
-            peers.discard(identity)
-            if not peers:
-                del self.on_fd[fd]
 
 
 def run_server(**kwargs) -> None:

@@ -41,6 +41,7 @@ from zmq.utils.monitor import recv_monitor_message
 from loomctl import protocol as P
 from loomctl.worker import data
 from loomctl.worker import extensions as registry
+from loomctl.routerpeers import RouterPeers
 from loomctl.worker import state as W
 from loomctl.worker.fetch import PeerLinks, serve_data
 from loomctl.worker.outcome import Outcome
@@ -94,6 +95,7 @@ class Worker:
         self.run_dir: str | None = None
         self.state = W.WorkerState(self.cpus, self.resources, fetch_timeout_s)
         self._events: list = []                  # for the state, this iteration
+        self._heartbeats = 0
         self.context: zmq.Context | None = None
         self._sockets: list = []
         self._outcomes: deque = deque()
@@ -140,6 +142,8 @@ class Worker:
         # only handshakes and FETCH requests come in here: a peer sending more than this
         # in one message is disconnected by zmq before the bytes are held in memory
         self.data.setsockopt(zmq.MAXMSGSIZE, 64 << 20)
+        self.data.setsockopt(zmq.ROUTER_MANDATORY, 1)   # (RouterPeers probes gone peers)
+        self.data_peers = RouterPeers(self.data)
         port = self.data.bind_to_random_port(f"tcp://{bind_host}")
         self.data_address = f"tcp://{advertised}:{port}"
         self.gate = P.Gatekeeper(self.secret, log=lambda msg: log.warning("data socket: %s", msg))
@@ -155,7 +159,7 @@ class Worker:
         self._wake_tx.connect(wake_address)
 
         self.poller = zmq.Poller()
-        for sock in (self.server, self.data, self.monitor, self.wake_rx):
+        for sock in (self.server, self.data, self.monitor, self.wake_rx, self.data_peers.monitor):
             self.poller.register(sock, zmq.POLLIN)
         self.peers = PeerLinks(ctx, self.poller, self.secret)
         self._pools = [Pool(max(1, self.cpus), "loomctl-exec", self._done, python_processes=self.cpus > 1),
@@ -234,11 +238,14 @@ class Worker:
             if sock is self.server:
                 self._drain(self.server, self._on_server_message)
             elif sock is self.data:
-                self._drain(self.data, self._on_data_message)
+                self._drain(self.data, self._on_data_message, copy=False)
             elif sock is self.monitor:
                 self._on_monitor(now)
             elif sock is self.wake_rx:
                 self._drain(self.wake_rx, lambda frames: None)
+            elif sock is self.data_peers.monitor:
+                self.data_peers.on_monitor(now)
+                self._forget_data_peers(now)
             else:
                 for event in self.peers.receive(sock):
                     self._on_peer_event(event)
@@ -311,10 +318,10 @@ class Worker:
             deadline = min(deadline, self._lost_since + self.server_lost_s)
         return max(0, min(MAX_POLL_MS, int((deadline - now) * 1000) + 1))
 
-    def _drain(self, sock, handle) -> None:
+    def _drain(self, sock, handle, copy: bool = True) -> None:
         for _ in range(MAX_DRAIN):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
             except zmq.Again:
                 return
             handle(frames)
@@ -395,6 +402,8 @@ class Worker:
         if self._lost_since is not None and now - self._lost_since >= self.server_lost_s:
             log.error("server lost; stopping")
             self.stop("server lost")
+        if self.data_peers.suspects:
+            self._forget_data_peers(now)
         for address, reason in self.peers.handshakes_expired(now, self.peer_timeout_s):
             self._events.append(W.PeerGone(address, reason))
 
@@ -403,18 +412,25 @@ class Worker:
         wall = now - self._hb_wall
         percent = 100.0 * (cpu - self._hb_cpu) / wall if wall > 0 else 0.0
         self._hb_wall, self._hb_cpu = now, cpu
-        stats = {**self.state.stats(), "rss": rss(), "cpu_percent": round(percent, 1)}
+        self._heartbeats += 1
+        stats = {**self.state.stats(), "rss": rss(), "cpu_percent": round(percent, 1), "heartbeat": self._heartbeats,
+                 "data_connections": len(self.gate.roles) + len(self.gate.pending)}
         self._send_server(P.HEARTBEAT, stats)
         if self.tracer is not None:
             self.tracer.sample(now, stats)
 
     # ------------------------------------------------------------------ data socket
+    def _forget_data_peers(self, now: float) -> None:
+        for identity in self.data_peers.poll(now):
+            self.gate.forget(identity)
+
     def _on_data_message(self, frames) -> None:
-        for reply in serve_data(self.gate, self.state.objects, frames):
+        self.data_peers.seen(frames[0], time.monotonic())
+        for reply in serve_data(self.gate, self.state.objects, [frames[0].bytes, *(f.bytes for f in frames[1:])]):
             try:
                 self.data.send_multipart(reply, zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                log.warning("could not answer a peer (its queue is full)")
+            except zmq.ZMQError as exc:   # gone (EHOSTUNREACH) or not reading (EAGAIN)
+                log.info("could not answer a peer on the data socket: %s", exc)
 
     # ------------------------------------------------------------------ peers
     def _on_peer_event(self, event) -> None:
@@ -468,6 +484,8 @@ class Worker:
                 self.server.disable_monitor()
             except zmq.ZMQError:
                 pass
+        if getattr(self, "data_peers", None) is not None:
+            self.data_peers.close()
         for sock in self._sockets:
             sock.close(0)
         if self.context is not None:
