@@ -350,14 +350,14 @@ class Client:
         while True:
             if not sock.poll(self.timeout_ms, zmq.POLLIN):
                 raise LoomConnectionError(f"worker at {address} did not send the data of tasks {ids}")
-            kind, body, blobs = P.decode(sock.recv_multipart())
+            kind, body, blobs = P.decode(sock.recv_multipart(copy=False))
             if kind == P.DATA and body.get("req") == req:
                 break
         missing = P.ids_from_bytes(body.get("missing", b"")).tolist()
         if missing:
             raise LoomError(f"worker at {address} no longer holds the data of tasks {missing}")
         found = P.ids_from_bytes(body["ids"]).tolist()
-        return {t: D.to_client(D.decode(blob)) for t, blob in zip(found, blobs)}
+        return {t: D.to_client(D.decode_parts(parts)) for t, parts in zip(found, D.data_parts(blobs, body.get("parts")))}
 
     def gather(self, futures) -> list:
         futures = _as_list(futures)

@@ -101,6 +101,9 @@ class Register:
     symbols: list             # task types it runs; empty: the built-ins
     data_address: str         # tcp://host:port of its data socket
     memory_limit: int | None = None
+    held: np.ndarray | None = None          # data objects it holds already (it joins again)
+    held_sizes: np.ndarray | None = None
+    held_lengths: np.ndarray | None = None
 
 
 @dataclass(slots=True)

@@ -20,7 +20,10 @@ A router drops (and logs) every other message from a peer that is not welcome.
 Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-global):
   worker -> server
     REGISTER  {name, hostname, pid, cpus, resources: {name: amount}, symbols: [str],
-               data_address: "tcp://host:port", work_dir}      -> REPLY {worker_id}
+               data_address: "tcp://host:port", work_dir, memory_limit,
+               held, held_sizes, held_lengths: ids (data objects it still holds: a worker
+               joining again after the server dropped it, or after a server restart)}
+                                                               -> REPLY {worker_id}
     UPDATE    {finished: ids, sizes: ids, lengths: ids,          (one batch of reports)
                failed: [[id, message]], redirects: [[id, graph_file_bytes]],
                replicas: ids (objects fetched from peers, now also held here),
@@ -28,7 +31,8 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
                inline: ids, blobs: [bytes] (optional: finished results sent along, their
                        encodings in the same order; only tasks marked so in COMPUTE, each
                        <= INLINE_BYTES; in the body, as one frame per small blob costs more)}
-    HEARTBEAT {n_data, data_bytes, rss, cpu_percent, running}
+    HEARTBEAT {n_data, data_bytes, rss, cpu_percent, running, running_ids: [task id],
+               queued, heartbeat (a count), data_connections}
   server -> worker
     COMPUTE   {tasks: [[id, symbol, config, [input ids], cpus, resources|None,
                         checkpoint|None, label|None, inline: bool]],
@@ -65,8 +69,10 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
     TASK_FAILED {job, id, label, symbol, worker, message}
     JOB_DONE {job, status: finished|failed|cancelled, counts: {...}}
   peer/client -> worker data socket
-    FETCH {req, ids} -> DATA {req, ids (found), missing: ids} + one blob per found id
-                        (loomctl.worker.data.encode of the object)
+    FETCH {req, ids} -> DATA {req, ids (found), missing: ids, parts: [frames per found id]}
+                        + the frames of each found object in order (loomctl.worker.data
+                        .encode_parts: a large content is a frame of its own, sent
+                        without a copy; data.decode_parts reads them back)
 
 Invariants:
 - ``decode`` never raises anything but ProtocolError for malformed input.
@@ -84,7 +90,7 @@ import numpy as np
 
 from loomctl import messages as M
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2   # 2: DATA sends each object as its parts (frames), a REGISTER may hold data
 INLINE_BYTES = 4096   # results up to this size travel with the finish report (see UPDATE)
 MAX_MESSAGE = 1 << 30  # the server's limit on one message (a SUBMIT's graph file: ~40M tasks);
                        # zmq drops a bigger one before holding it, from strangers too
@@ -214,8 +220,14 @@ def _register(body: dict) -> M.Register:
     if not isinstance(symbols, list) or not all(isinstance(x, str) for x in symbols):
         raise ProtocolError("REGISTER symbols must be a list of strings")
     limit = body.get("memory_limit")
+    held = ids_from_bytes(field(body, "held", bytes, b""))
+    sizes = ids_from_bytes(field(body, "held_sizes", bytes, b""))
+    lengths = ids_from_bytes(field(body, "held_lengths", bytes, b""))
+    if not len(held) == len(sizes) == len(lengths):
+        raise ProtocolError("REGISTER held/held_sizes/held_lengths differ in length")
     return M.Register(str(body.get("name") or ""), str(body.get("hostname") or ""), cpus, resources, symbols,
-                      address, limit if type(limit) is int and 0 < limit < MAX_COUNT else None)
+                      address, limit if type(limit) is int and 0 < limit < MAX_COUNT else None,
+                      held, sizes, lengths)
 
 
 def _update(body: dict) -> M.Update:

@@ -128,6 +128,22 @@ class CoreMachine(RuleBasedStateMachine):
         self.core.remove_worker(self.wid.pop(key), self.now)
         self.tick()
 
+    @precondition(lambda self: self.given)
+    @rule(data=st.data())
+    def worker_joins_again(self, data):
+        """A worker the server dropped comes back with the data it still holds."""
+        key = data.draw(st.sampled_from(sorted(self.given)))
+        held = sorted(self.holds[key])
+        self.core.remove_worker(self.wid.pop(key), self.now)
+        self.given[key], self.fetch[key] = set(), {}
+        self.tick()
+        reg = M.Register(key.decode(), "h", 2, {}, [], f"tcp://{key.decode()}:1")
+        self.wid[key] = self.core.add_worker(key, reg, self.now)
+        n = len(held)
+        self.core.data_returned(self.wid[key], np.array(held, dtype=np.int64), np.full(n, 5), np.zeros(n, np.int64),
+                                self.now)
+        self.tick()
+
     @rule()
     def schedule(self):
         self.core.schedule(self.now)

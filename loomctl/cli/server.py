@@ -27,7 +27,7 @@ def start(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(9010, "--port", help="Port to listen on (0: any free port)."),
     no_auth: bool = typer.Option(False, "--no-auth", help="Accept peers without the secret (trusted networks only)."),
-    heartbeat_timeout: float = typer.Option(2.0, "--heartbeat-timeout", help="Seconds without a heartbeat (sent every 0.5 s) after which a worker counts as lost."),
+    heartbeat_timeout: float = typer.Option(30.0, "--heartbeat-timeout", min=0.5, help="Seconds a worker may be silent (no heartbeat; they are sent every 0.5 s) before it counts as lost; a closed connection counts at once. A dropped worker that comes back joins again with its data."),
     trace_dir: Optional[str] = typer.Option(None, "--trace-dir", help="Directory for traces of jobs that ask for one."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every job and worker event."),
 ):

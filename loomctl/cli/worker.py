@@ -94,6 +94,7 @@ def start(
     keep_failed: bool = typer.Option(False, "--keep-failed", help="Keep the working directory of a failed run task (its path is in the error)."),
     host: Optional[str] = typer.Option(None, "--host", help="Address to serve data on (default: the local address that reaches the server)."),
     memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Memory this worker may use, e.g. 4G (reported to the server)."),
+    server_grace: float = typer.Option(300.0, "--server-grace", min=0, help="Seconds the worker runs on without its server, waiting for it (or a restarted one) to come back; then it exits with status 4."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every task failure and connection event, not only warnings."),
 ):
     """Start a worker: register with the server, run tasks, serve data to other workers."""
@@ -107,7 +108,7 @@ def start(
     _setup_logging(verbose)
     worker = Worker(server_address, secret, cpus if cpus is not None else (os.cpu_count() or 1),
                     work_dir, resources, name, extension, keep_failed, host,
-                    memory_limit=limit)
+                    memory_limit=limit, server_grace_s=server_grace)
     try:
         try:
             worker.start()

@@ -92,6 +92,9 @@ class ServerCore:
     def replicas_added(self, wid: int, ids: np.ndarray) -> None:
         reports.replicas_added(self, wid, ids)
 
+    def data_returned(self, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: np.ndarray, now: float) -> None:
+        reports.data_returned(self, wid, ids, sizes, lengths, now)
+
     def task_redirected(self, wid: int, task_id: int, graph: Graph, now: float) -> None:
         dynamic.redirect(self, wid, task_id, graph, now)
 

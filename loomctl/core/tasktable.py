@@ -42,7 +42,8 @@ for _to, _froms in {
     WAITING: (READY,         # an input's data was lost: wait for it again
               ASSIGNED,      # its worker was lost, an input was stranded, or it redirected
               FINISHED),     # its data was lost and is needed: compute it again
-    FINISHED: (ASSIGNED,),
+    FINISHED: (ASSIGNED,
+               WAITING, READY),   # a worker that joins again still holds its data
     FAILED: (WAITING, READY, ASSIGNED),
     CANCELLED: (WAITING, READY, ASSIGNED),
     SKIPPED: (WAITING, READY),   # replaced at run time (dslice/dget expansion)

@@ -133,7 +133,10 @@ class Dispatch:
             wid = core.add_worker(identity, event, now)
             self.worker_of_key[identity] = wid
             w = core.workers[wid]
-            log.info("worker %s registered: %d cpus at %s", w.name, w.cpus, w.data_address)
+            log.info("worker %s registered: %d cpus at %s%s", w.name, w.cpus, w.data_address,
+                     f", holding {len(event.held)} data objects" if event.held is not None and len(event.held) else "")
+            if event.held is not None and len(event.held):
+                core.data_returned(wid, event.held, event.held_sizes, event.held_lengths, now)
             self._out.append((identity, P.encode(P.REPLY, {"worker_id": wid})))
             if self.tracer is not None:
                 self._out.extend(self.tracer.worker_added(w))

@@ -2,8 +2,8 @@
 
 Loop: wait for messages -> drain every message already waiting into the Dispatch ->
 flush (schedule once, send what comes back). Timers every 0.25 s: probe peers whose
-connection closed (``RouterPeers``), retire jobs, remove workers silent for
-``heartbeat_timeout``.
+connection closed (``RouterPeers``), retire jobs, remove workers whose loop has been
+silent too long (see BUSY_LOOP_FACTOR).
 This module keeps only sockets, the clock and signals; what a message means is decided
 in ``loomctl.server.dispatch``.
 
@@ -29,6 +29,13 @@ from loomctl.server.dispatch import Dispatch
 
 log = logging.getLogger("loomctl.server")
 
+# A worker is lost when its connection closes (at once) or goes silent: zmq's own
+# heartbeats, answered by zmq's I/O thread even while the worker's Python is busy, stop
+# for ``heartbeat_timeout``. A worker whose connection lives but whose loop sent nothing
+# (no heartbeat, no report) for BUSY_LOOP_FACTOR times as long is dropped too; it joins
+# again with its data when its loop comes back.
+BUSY_LOOP_FACTOR = 4
+
 
 def _tracer():
     from loomctl.trace.hooks import ServerTracer
@@ -37,7 +44,7 @@ def _tracer():
 
 class Server:
     def __init__(self, host: str = "127.0.0.1", port: int = 9010, server_dir: str | None = None,
-                 auth: bool = True, heartbeat_timeout: float = 2.0, trace_dir: str | None = None):
+                 auth: bool = True, heartbeat_timeout: float = 30.0, trace_dir: str | None = None):
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -51,10 +58,11 @@ class Server:
         # and with it that connection's authentication (a second connection with an id in
         # use is refused by zmq; a worker reconnecting after a cut gets in once the old
         # connection is dropped, 3 s at most, see the heartbeats below)
-        # zmq-level heartbeats: a peer that vanishes without closing its connection
-        # (a cut cable) is disconnected after 3 s, which the monitor below reports
+        # zmq-level heartbeats: a peer that vanishes without closing its connection (a cut
+        # cable, a stopped process) is disconnected after the same silence as a worker
+        # without heartbeats (a closed connection is seen at once, by the monitor)
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(max(1.0, heartbeat_timeout) * 1000))
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE)
         bind_host = host if host not in ("", "localhost") else "127.0.0.1"
         if port == 0:
@@ -104,7 +112,7 @@ class Server:
                 if now - last_check > 0.25:
                     last_check = now
                     self._probe_peers(now)
-                    self.dispatch.tick(now, self.heartbeat_timeout)
+                    self.dispatch.tick(now, BUSY_LOOP_FACTOR * self.heartbeat_timeout)
                     self._flush(now)
         finally:
             self.close()

@@ -191,6 +191,14 @@ class WorkerState:
         self._flush(out, now)
         return out
 
+    def forget_queued(self) -> list:
+        """The server no longer counts on the tasks queued here (it dropped this worker):
+        they are forgotten, and so is the unsent report. Running tasks run on."""
+        dropped = self.queue.drop_queued()
+        self.report = Report()
+        self.report_since = None
+        return dropped
+
     # ------------------------------------------------------------------ queries
     def objects(self, ids: list) -> tuple[list, list, list]:
         """(found ids, their objects, missing ids): what a peer's FETCH gets."""
@@ -206,7 +214,7 @@ class WorkerState:
 
     def stats(self) -> dict:
         return {"n_data": len(self.store), "data_bytes": self.data_bytes, "running": len(self.queue.running),
-                "queued": len(self.queue.queued)}
+                "running_ids": list(self.queue.running), "queued": len(self.queue.queued)}
 
     def hold_deadline(self) -> float | None:
         """When a held report is due (the process wakes up for it)."""
