@@ -12,14 +12,10 @@ from typing import Optional
 import typer
 
 from loomctl.access import server_dir as resolve_server_dir
+from loomctl.cli.common import ServerDirOption, connect
 from loomctl.cli.output import CliError, ExitCode, JsonOption, Output, QuietOption
-from loomctl.cli.connect import connect
 
 app = typer.Typer(help="Start and stop the server.", no_args_is_help=True)
-
-ServerDirOption = typer.Option(None, "--server-dir", envvar="LOOM_SERVER_DIR",
-                               help="Directory of the access file (default: $LOOM_SERVER_DIR or ~/.loomctl/server).")
-
 
 @app.command()
 def start(
