@@ -31,7 +31,7 @@ import typer
 from loomctl import __version__
 from loomctl.cli.common import (AsOption, load_graph, parse_params, run_to_end, start_server, stop_processes,
                                 stop_server)
-from loomctl.cli.output import CliError, ExitCode, JsonOption, Output, QuietOption
+from loomctl.cli.output import CliError, ExitCode, JsonOption, Output, QuietOption, note
 from loomctl.cluster import slurm
 
 app = typer.Typer(help="Run plans in Slurm allocations.", no_args_is_help=True)
@@ -179,10 +179,10 @@ def run_allocation(
     try:
         server, thread = start_server(address, server_dir, trace)
         if talk:
-            _note(f"Slurm job {alloc.job_id}: server on {alloc.node_name} at {address}:{server.port}, "
+            note(f"Slurm job {alloc.job_id}: server on {alloc.node_name} at {address}:{server.port}, "
                   f"server directory {server_dir}; starting {count} workers with srun (log: {log_path})")
             if count > 1 and slurm.is_loopback(address):
-                _note(f"the server listens on {address}, which only this host reaches; "
+                note(f"the server listens on {address}, which only this host reaches; "
                       "if the nodes are separate hosts, pass --host")
         srun_proc = None
         client = None
@@ -205,7 +205,7 @@ def run_allocation(
             if srun_proc is not None:
                 stop_processes([srun_proc])
                 if srun_proc.returncode not in (0, None) and talk:
-                    _note(f"the srun step of the workers exited with status {srun_proc.returncode} "
+                    note(f"the srun step of the workers exited with status {srun_proc.returncode} "
                           f"(log: {log_path})")
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -213,11 +213,6 @@ def run_allocation(
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def _note(message: str) -> None:
-    sys.stderr.write(f"loomctl: {message}\n")
-    sys.stderr.flush()
 
 
 def _wait_for_workers(client, count: int, srun_proc, log_path: str, timeout: float, address: str) -> None:

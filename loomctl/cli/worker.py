@@ -56,7 +56,7 @@ def resolve_server(address: str | None, server_dir: str | None) -> tuple[str, st
     """(tcp address, secret or None) from ADDRESS and/or the access file."""
     if address is None:
         try:
-            info = access.read_access(server_dir)
+            info = access.find_server(server_dir)
         except access.AccessError as exc:
             raise CliError(str(exc), ExitCode.UNAVAILABLE) from None
         return access.connect_address(info["host"], info["port"]), info.get("secret")
