@@ -235,3 +235,68 @@ def test_the_trace_reader_and_reports_do_not_load_the_cli():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------- closed stdout
+
+# Every leaf command: the arguments with which it writes to stdout (None: it never does,
+# with the reason). Run with a stdout whose reader is gone, each must end quietly with
+# 141 (128 + SIGPIPE), what a shell shows for `yes | head -1`'s yes.
+STDOUT = {
+    ("add",): ["add", "new.loom", "const", "x"],
+    ("build",): ["build", "plan.py"],
+    ("cat",): ["cat", "plan.py", "plan.py"],
+    ("inspect",): ["inspect", "plan.py"],
+    ("run",): ["run", "-n", "1", "-q", "plan.py"],
+    ("submit",): ["submit", "--wait", "plan.py"],
+    ("status",): ["status"],
+    ("job", "list"): ["job", "list"],
+    ("job", "info"): ["job", "info", "JOB"],
+    ("job", "results"): ["job", "results", "JOB"],
+    ("job", "cancel"): ["job", "cancel", "OTHER"],
+    ("server", "start"): None,          # logs to stderr only
+    ("server", "stop"): ["server", "stop"],
+    ("worker", "start"): None,          # logs to stderr only
+    ("slurm", "submit"): ["slurm", "submit", "--print", "plan.py"],
+    ("slurm", "run-allocation"): None,  # needs an allocation; writes what `run` writes
+    ("trace", "summary"): ["trace", "summary", "trace"],
+    ("trace", "timeline"): ["trace", "timeline", "trace", "-o", "-"],
+    ("trace", "export"): ["trace", "export", "trace", "-o", "-"],
+}
+
+
+def closed_stdout_run(args, cwd, env):
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-m", "loomctl", *map(str, args)], stdout=write,
+                              stderr=subprocess.PIPE, cwd=cwd, env=env, timeout=120)
+    finally:
+        os.close(write)
+
+
+def test_a_closed_stdout_ends_every_command_with_the_sigpipe_status(tree, tmp_path):
+    from cluster import Cluster
+    assert set(STDOUT) == set(leaves(tree))
+    (tmp_path / "plan.py").write_text("from graphfmt import tasks\nresults = [tasks.const('x')]\n")
+    write_small_trace(tmp_path / "trace", tasks=50)
+    (tmp_path / "cluster").mkdir()
+    cluster = Cluster(tmp_path / "cluster", workers=1, cpus=1)
+    try:
+        jobs = [int(loomctl("submit", "-q", tmp_path / "plan.py", env=cluster.env, check=0).stdout) for _ in range(2)]
+        for job in jobs:
+            loomctl("job", "results", "--wait", job, env=cluster.env, check=0)
+        calls = []
+        for path, args in STDOUT.items():
+            if args is not None:
+                args = [str(jobs[0]) if a == "JOB" else str(jobs[1]) if a == "OTHER" else a for a in args]
+                calls.append((path, args))
+        calls.sort(key=lambda c: c[0] == ("server", "stop"))   # last: it stops the cluster
+        problems = []
+        for path, args in calls:
+            proc = closed_stdout_run(args, tmp_path, cluster.env)
+            if proc.returncode != 141 or proc.stderr:
+                problems.append(f"loomctl {' '.join(args)}: status {proc.returncode}, stderr {proc.stderr[-300:]!r}")
+        assert not problems, "\n".join(problems)
+    finally:
+        cluster.stop()
