@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from clihelp import ROOT, final_error, loomctl, one_line_error
-from cluster import Cluster
+from cluster import Cluster, wait_until
 
 FAIL = ("from graphfmt import tasks\nt = tasks.run(['sh', '-c', 'echo broken >&2; exit 7'])\n"
         "t.label = 'step:one'\nresults = [t]\n")
@@ -30,16 +29,6 @@ def submit(cluster, path, *args):
     return int(loomctl("submit", "-q", path, *args, env=cluster.env, check=0).stdout)
 
 
-def wait_for(predicate, what, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def job_row(cluster, job):
     with cluster.client() as c:
         return next((j for j in c.status()["jobs"] if j["id"] == job), None)
@@ -54,12 +43,12 @@ def test_job_list_is_in_id_order(cluster, tmp_path):
     (tmp_path / "c.txt").write_text("echo hi\n")
     kept = submit(cluster, tmp_path / "c.txt")
     dropped = submit(cluster, tmp_path / "c.txt")
-    wait_for(lambda: ended(cluster, kept) and ended(cluster, dropped), "both jobs to end")
+    wait_until(lambda: ended(cluster, kept) and ended(cluster, dropped), "both jobs to end")
     before = cluster.stats()["retired_jobs"]
     loomctl("job", "cancel", dropped, env=cluster.env, check=0)
     # the job whose results were dropped is retired into the server's history, which the
     # STATUS reply lists before the live jobs
-    wait_for(lambda: cluster.stats()["retired_jobs"] > before, "the dropped job to be retired")
+    wait_until(lambda: cluster.stats()["retired_jobs"] > before, "the dropped job to be retired")
     ids = [j["id"] for j in json.loads(loomctl("job", "list", "--json", env=cluster.env, check=0).stdout)]
     assert ids == sorted(ids) and {kept, dropped} <= set(ids)
     text = loomctl("status", env=cluster.env, check=0).stdout.decode()
@@ -70,7 +59,7 @@ def test_job_list_is_in_id_order(cluster, tmp_path):
 def test_a_failed_job_reads_well(cluster, tmp_path):
     (tmp_path / "bad.py").write_text(FAIL)
     job = submit(cluster, tmp_path / "bad.py")
-    wait_for(lambda: ended(cluster, job), "the job to fail")
+    wait_until(lambda: ended(cluster, job), "the job to fail")
     info = loomctl("job", "info", job, env=cluster.env, check=0).stdout.decode()
     assert "status       failed" in info and "step:one" in info and "exited with status 7" in info, info
     assert "{" not in info and "None" not in info, info
@@ -99,7 +88,7 @@ def test_cancel_several_jobs_and_select_by_state(cluster, tmp_path):
     jobs = [submit(cluster, tmp_path / "c.txt") for _ in range(2)]
     failed = submit(cluster, tmp_path / "bad.py")
     for job in [*jobs, failed]:
-        wait_for(lambda: ended(cluster, job), f"job {job} to end")
+        wait_until(lambda: ended(cluster, job), f"job {job} to end")
     listed = loomctl("job", "list", "-q", "--state", "failed", env=cluster.env, check=0).stdout.decode().split()
     assert str(failed) in listed and not set(map(str, jobs)) & set(listed)
     assert "--state 'done'" in one_line_error(loomctl("job", "list", "--state", "done", env=cluster.env), code=2)
@@ -166,7 +155,7 @@ def test_ctrl_c_on_run_kills_its_programs_and_their_children(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                             env=dict(os.environ, PYTHONPATH=ROOT))
     try:
-        started = wait_for(lambda: len(os.listdir(pids)) == 2 and sorted(os.listdir(pids)) == ["0", "1"]
+        started = wait_until(lambda: len(os.listdir(pids)) == 2 and sorted(os.listdir(pids)) == ["0", "1"]
                            or proc.poll() is not None, "both programs to start", timeout=60)
         assert started and proc.poll() is None, proc.communicate()
         children = [int((pids / name).read_text()) for name in ("0", "1")]
@@ -179,7 +168,7 @@ def test_ctrl_c_on_run_kills_its_programs_and_their_children(tmp_path):
             proc.wait()
     assert proc.returncode == 130 and err.decode().strip().endswith("loomctl: error: interrupted"), err
     try:
-        wait_for(lambda: not any(alive(pid) for pid in children), "the programs to be gone", timeout=20)
+        wait_until(lambda: not any(alive(pid) for pid in children), "the programs to be gone", timeout=20)
     finally:
         for pid in children:
             if alive(pid):
@@ -197,7 +186,7 @@ def test_ctrl_c_on_submit_wait_says_the_job_goes_on(tmp_path):
             def running():
                 with c.client() as client:
                     return [j for j in client.status()["jobs"] if j["status"] == "running" and j.get("assigned")]
-            (row,) = wait_for(running, "the job to run")
+            (row,) = wait_until(running, "the job to run")
             os.killpg(proc.pid, signal.SIGINT)
             out, err = proc.communicate(timeout=30)
         finally:
@@ -243,9 +232,9 @@ def test_the_server_logs_its_start_and_a_normal_stop(tmp_path):
                                  "--server-dir", str(server_dir)], stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, PYTHONPATH=ROOT))
     try:
-        access = wait_for(lambda: (server_dir / "access.json").exists() and json.loads(
+        access = wait_until(lambda: (server_dir / "access.json").exists() and json.loads(
             (server_dir / "access.json").read_text()), "the access file")
-        first = wait_for(lambda: log_path.read_text(), "the first log line")
+        first = wait_until(lambda: log_path.read_text(), "the first log line")
         assert f" INFO listening on 127.0.0.1:{access['port']} (pid {proc.pid}" in first, first
         assert f"server directory {server_dir}" in first
         proc.send_signal(signal.SIGTERM)
@@ -274,7 +263,7 @@ def test_text_a_plan_controls_is_escaped_and_cut(cluster, tmp_path):
     assert "\x1b" not in err and "\x07" not in err
     assert "\\x1b]0;pwned\\x07\\x1b[2J" in err and "more characters)" in err and len(err) < 1200
     job = submit(cluster, tmp_path / "evil.py", "--name", EVIL + "name")
-    wait_for(lambda: ended(cluster, job), "the job to fail")
+    wait_until(lambda: ended(cluster, job), "the job to fail")
     for command in (["job", "list"], ["status"], ["job", "info", job]):
         out = loomctl(*command, env=cluster.env, check=0).stdout.decode()
         assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;pwned" in out, command
