@@ -228,7 +228,7 @@ def test_the_server_logs_its_start_and_a_normal_stop(tmp_path):
     server_dir = tmp_path / "server"
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "loomctl", "server", "start", "--port", "0",
+        proc = subprocess.Popen([sys.executable, "-m", "loomctl", "server", "start", "--port", "0", "--verbose",
                                  "--server-dir", str(server_dir)], stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, PYTHONPATH=ROOT))
     try:
@@ -237,6 +237,15 @@ def test_the_server_logs_its_start_and_a_normal_stop(tmp_path):
         first = wait_until(lambda: log_path.read_text(), "the first log line")
         assert f" INFO listening on 127.0.0.1:{access['port']} (pid {proc.pid}" in first, first
         assert f"server directory {server_dir}" in first
+        # a worker's name is printed escaped in the server's log (with --verbose: every event)
+        worker = subprocess.Popen([sys.executable, "-m", "loomctl", "worker", "start", "--server-dir", str(server_dir),
+                                   "--cpus", "1", "--name", EVIL + "w"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT))
+        try:
+            wait_until(lambda: "\\x1b]0;pwned" in log_path.read_text(), "the worker's registration in the log")
+        finally:
+            worker.terminate()
+            worker.wait(20)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
@@ -244,7 +253,8 @@ def test_the_server_logs_its_start_and_a_normal_stop(tmp_path):
             proc.kill()
             proc.wait()
     text = log_path.read_text()
-    assert " INFO stopped (SIGTERM)" in text and "WARNING" not in text, text
+    assert "loomctl.cli.server INFO stopped (SIGTERM)" in text and "cli.server WARNING" not in text, text
+    assert "\x1b" not in text and "\x07" not in text
     assert access["hostname"] and isinstance(access["start_time"], float)
 
 

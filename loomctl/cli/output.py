@@ -8,6 +8,8 @@ Invariants:
   cut long cells (loomctl.textfmt): text a task or plan controls cannot drive the
   terminal. JSON carries the whole text (json.dumps escapes control characters).
 - Errors never go through here: they are raised as CliError and printed by main().
+- The log lines of ``server start`` and ``worker start`` are escaped the same way
+  (SafeFormatter).
 - Files named on the command line are checked here before anything is read or
   written: an input that is not a regular file, an output file that is a directory or
   a fifo, an output directory that is a file: one line, BAD_INPUT. Files are written
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import os
 import stat
 import sys
@@ -26,7 +29,7 @@ from typing import Any, Callable
 
 import typer
 
-from loomctl.textfmt import escape, human_bytes, key_values, plural, shorten, table  # noqa: F401
+from loomctl.textfmt import LINE_LIMIT, escape, human_bytes, key_values, plural, shorten, table  # noqa: F401
 
 
 class ExitCode(enum.IntEnum):
@@ -70,6 +73,15 @@ class Output:
     @property
     def is_text(self) -> bool:
         return self.mode == "text"
+
+
+class SafeFormatter(logging.Formatter):
+    """Log lines of the server and worker commands: a message (worker names, task
+    errors: text that peers and plans choose) has its control characters escaped and
+    is cut to a length, one record a line; a traceback below it stays as it is."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return shorten(super().formatMessage(record), 4 * LINE_LIMIT)
 
 
 def note(message: str) -> None:

@@ -17,7 +17,7 @@ import typer
 
 from loomctl.access import server_dir as resolve_server_dir
 from loomctl.cli.common import ServerDirOption, connect
-from loomctl.cli.output import CliError, ExitCode, JsonOption, Output, QuietOption
+from loomctl.cli.output import CliError, ExitCode, JsonOption, Output, QuietOption, SafeFormatter
 
 app = typer.Typer(help="Start and stop the server.", no_args_is_help=True)
 log = logging.getLogger("loomctl.cli.server")
@@ -35,8 +35,9 @@ def start(
 ):
     """Run the server in the foreground (logs go to stderr)."""
     from loomctl.server.process import Server
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(SafeFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     log.setLevel(logging.INFO)   # the start and the stop are always logged
     directory = resolve_server_dir(server_dir)
     try:

@@ -21,7 +21,7 @@ from typing import List, Optional
 import typer
 
 from loomctl import access
-from loomctl.cli.output import CliError, ExitCode
+from loomctl.cli.output import CliError, ExitCode, SafeFormatter
 from loomctl.worker.extensions import ExtensionError
 
 app = typer.Typer(help="Start workers.", no_args_is_help=True)
@@ -75,7 +75,7 @@ def _setup_logging(verbose: bool) -> None:
     logger = logging.getLogger("loomctl")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(
+        handler.setFormatter(SafeFormatter(
             "%(asctime)s loomctl-worker[%(process)d] %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO if verbose else logging.WARNING)
