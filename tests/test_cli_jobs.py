@@ -119,7 +119,7 @@ def test_run_json_prints_json_and_frames_several_results(tmp_path):
     document = json.loads(loomctl("run", "-n", "1", "--json", tmp_path / "three.txt", check=0).stdout)
     assert [r["text"] for r in document["results"]] == ["one\n", "two", "three\n"]
     document = json.loads(loomctl("run", "-n", "1", "--json", tmp_path / "bytes.py", check=0).stdout)
-    assert document["results"] == [{"task": 0, "bytes": 2, "base64": "/wA="}]
+    assert document["results"] == [{"task": 0, "base64": "/wA="}]
     assert loomctl("run", "-n", "1", tmp_path / "three.txt", check=0).stdout.decode().count("==> task ") == 3
 
 
@@ -130,6 +130,24 @@ def test_a_closed_stdout_ends_run_with_the_sigpipe_status(tmp_path):
                           env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.stdout.decode().splitlines() == ["1", "2", "status 141"], proc.stderr
     assert proc.stderr == b""
+
+
+def test_status_shows_running_and_queued_tasks_apart(tmp_path):
+    (tmp_path / "cluster").mkdir()
+    c = Cluster(tmp_path / "cluster", workers=1, cpus=1)
+    try:
+        (tmp_path / "slow.txt").write_text("sleep 60\n" * 3)
+        loomctl("submit", tmp_path / "slow.txt", env=c.env, check=0)
+        def one_running():
+            (w,) = json.loads(loomctl("status", "--json", env=c.env, check=0).stdout)["workers"]
+            return w if w["running"] == 1 and w["assigned"] >= 2 else None
+        wait_until(one_running, "one task running and more queued on the 1-cpu worker")
+        text = loomctl("status", env=c.env, check=0).stdout.decode()
+        header, _, row = text.split("\n\n")[1].splitlines()
+        cells = dict(zip(header.split(), row.split()))
+        assert cells["running"] == "1" and int(cells["queued"]) >= 1, text
+    finally:
+        c.stop()
 
 
 # ---------------------------------------------------------------------------- Ctrl-C

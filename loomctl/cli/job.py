@@ -5,8 +5,9 @@ Invariants:
   0 when every task finished, TASK_FAILED (1) naming the failed task otherwise, and
   INTERRUPTED (130) on Ctrl-C, saying that the (detached) job goes on.
 - Results are written by ``common.deliver_results`` (one file per result, or stdout).
-- Jobs are listed in id order; a job is "assigned" tasks that the server gave to a
-  worker, running there or queued (the server cannot tell them apart).
+- Jobs are listed in id order. A job's "assigned" tasks are those the server gave to
+  a worker, running there or queued; a worker's are shown apart, running (as its last
+  heartbeat said) and queued.
 """
 
 from __future__ import annotations
@@ -85,10 +86,19 @@ def _render_status(d: dict) -> str:
                                   f"authentication {'on' if s['auth'] else 'off'})"),
                        ("workers", len(d["workers"])), ("data objects", d["n_data_objects"]),
                        ("tasks", d["n_tasks"])])
-    workers = table([[w["id"], w["name"], w["hostname"], w["cpus"], w["assigned"], w["tasks_done"],
+    workers = table([[w["id"], w["name"], w["hostname"], w["cpus"], *_running_queued(w), w["tasks_done"],
                       w["data_objects"], human_bytes(w["data_bytes"]), human_bytes(w["rss"])] for w in d["workers"]],
-                    ["id", "worker", "host", "cpus", "assigned", "done", "data", "bytes", "memory"])
+                    ["id", "worker", "host", "cpus", "running", "queued", "done", "data", "bytes", "memory"])
     return head + "\n\n" + workers + "\n\n" + _jobs_table(d["jobs"])
+
+
+def _running_queued(w: dict) -> tuple:
+    """(running, queued) tasks of a worker: running as its last heartbeat (every 0.5 s)
+    said, queued the rest of those the server assigned to it; '-' before a heartbeat."""
+    running = w.get("running")
+    if running is None:
+        return "-", "-"
+    return running, max(0, w["assigned"] - running)
 
 
 def _waiting(j: dict) -> int:
