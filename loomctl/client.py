@@ -278,6 +278,22 @@ class Client:
         """Status and per-state task counts of a job; also applies pending pushes."""
         return self._request(P.JOB_RESULTS, {"job": job})
 
+    def wait_notice(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a message from the server (a result notice,
+        a failed task, the end of a job) and apply it; False when none came."""
+        return self._poll(int(timeout * 1000))
+
+    def job_futures(self, job: int) -> tuple[dict, list[Future]]:
+        """The progress of any job (e.g. a detached one, submitted by another client) and
+        a future for each result it still holds, in task id order."""
+        info = self.job_progress(job)
+        futures = []
+        for task_id, address in zip(P.ids_from_bytes(info["ids"]).tolist(), info["addresses"]):
+            future = Future(self, task_id, job)
+            future.address = address
+            futures.append(future)
+        return info, futures
+
     def submit_one(self, task: Task, load: bool = False) -> Future:
         return self.submit([task], load)[0]
 

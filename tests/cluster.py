@@ -106,3 +106,15 @@ def terminate_all(procs) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def wait_until(predicate, what: str, timeout: float = 30, step: float = 0.05):
+    """The first true value of ``predicate()``, polled every ``step`` seconds;
+    AssertionError naming ``what`` when ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

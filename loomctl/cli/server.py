@@ -1,24 +1,26 @@
 """``loomctl server start | stop``: the server in the foreground, and stopping it.
 
 Invariants: ``start`` writes the access file into the server directory and removes it
-on exit; ``stop`` finds the server through that file and stops it and its workers.
+on exit, and always logs (INFO, on stderr) where it listens with its server directory
+when it starts and why it stopped when it stops normally (SIGTERM, Ctrl-C, a client's
+terminate); ``stop`` finds the server through that file and stops it and its workers.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from typing import Optional
 
 import typer
 
 from loomctl.access import server_dir as resolve_server_dir
-from loomctl.cli.output import CliError, ExitCode, JsonOption, Output, QuietOption
-from loomctl.cli.connect import connect
+from loomctl.cli.common import ServerDirOption, connect
+from loomctl.cli.output import CliError, ExitCode, JsonOption, Output, QuietOption, SafeFormatter
 
 app = typer.Typer(help="Start and stop the server.", no_args_is_help=True)
-
-ServerDirOption = typer.Option(None, "--server-dir", envvar="LOOM_SERVER_DIR",
-                               help="Directory of the access file (default: $LOOM_SERVER_DIR or ~/.loomctl/server).")
+log = logging.getLogger("loomctl.cli.server")
 
 
 @app.command()
@@ -32,16 +34,32 @@ def start(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every job and worker event."),
 ):
     """Run the server in the foreground (logs go to stderr)."""
-    from loomctl.server.process import run_server
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from loomctl.server.process import Server
+    handler = logging.StreamHandler()
+    handler.setFormatter(SafeFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+    log.setLevel(logging.INFO)   # the start and the stop are always logged
+    directory = resolve_server_dir(server_dir)
     try:
-        run_server(host=host, port=port, server_dir=resolve_server_dir(server_dir), auth=not no_auth,
-                   heartbeat_timeout=heartbeat_timeout, trace_dir=trace_dir)
-    except OSError as exc:
+        server = Server(host=host, port=port, server_dir=directory, auth=not no_auth,
+                        heartbeat_timeout=heartbeat_timeout, trace_dir=trace_dir)
+    except Exception as exc:   # OSError; zmq.ZMQError (address in use) is not one
         raise CliError(f"cannot start the server: {exc}", ExitCode.UNAVAILABLE) from None
-    except Exception as exc:  # zmq.ZMQError (address in use) is not an OSError
-        raise CliError(f"cannot start the server: {exc}", ExitCode.UNAVAILABLE) from None
+    log.info("listening on %s:%d (pid %d, authentication %s); server directory %s", server.host, server.port,
+             os.getpid(), "on" if server.secret else "OFF", directory)
+    why = []
+
+    def on_signal(signum, frame):
+        why.append(signal.Signals(signum).name)
+        server.running = False
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    try:
+        server.serve()
+    except Exception as exc:
+        log.exception("the server failed")
+        raise CliError(f"the server failed: {exc}", ExitCode.UNAVAILABLE) from None
+    log.info("stopped (%s)", why[0] if why else "a client asked it to terminate")
 
 
 @app.command()

@@ -21,7 +21,7 @@ from typing import List, Optional
 import typer
 
 from loomctl import access
-from loomctl.cli.output import CliError, ExitCode
+from loomctl.cli.output import CliError, ExitCode, SafeFormatter
 from loomctl.worker.extensions import ExtensionError
 
 app = typer.Typer(help="Start workers.", no_args_is_help=True)
@@ -56,7 +56,7 @@ def resolve_server(address: str | None, server_dir: str | None) -> tuple[str, st
     """(tcp address, secret or None) from ADDRESS and/or the access file."""
     if address is None:
         try:
-            info = access.read_access(server_dir)
+            info = access.find_server(server_dir)
         except access.AccessError as exc:
             raise CliError(str(exc), ExitCode.UNAVAILABLE) from None
         return access.connect_address(info["host"], info["port"]), info.get("secret")
@@ -75,7 +75,7 @@ def _setup_logging(verbose: bool) -> None:
     logger = logging.getLogger("loomctl")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(
+        handler.setFormatter(SafeFormatter(
             "%(asctime)s loomctl-worker[%(process)d] %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO if verbose else logging.WARNING)

@@ -198,10 +198,11 @@ class Programs:
         return out
 
     def kill_all(self) -> None:
+        """Kill every running program with its whole process group (a shell's children
+        too: they would otherwise run on as orphans), reap it and clean up."""
         programs = {id(p): p for p in [*self.by_fd.values(), *self.reaping]}
         for program in programs.values():
-            if program.proc.poll() is None:
-                program.proc.kill()
+            program.proc.kill()
             program.proc.wait()
             for fd in [*program.open_fds, *([program.pidfd] if program.pidfd is not None else [])]:
                 os.close(fd)
