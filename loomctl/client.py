@@ -14,6 +14,9 @@ Invariants:
   whenever the client reads its socket, so waiting never loses a notification.
 - An error that belongs to one task is a TaskFailed, also when the server refuses a
   submission because of that task.
+- Every blocking call raises LoomConnectionError within ``server_grace`` seconds (3 by
+  default) of the server going away (its connection closed, or silent for 3 s), and at
+  once when a server restarted on the address does not know this client.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from __future__ import annotations
 import itertools
 import os
 import socket as _socket
+import time
 from typing import Iterator
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 import graphfmt
 from graphfmt import symbols as S
@@ -34,6 +39,9 @@ from graphfmt.tasks import Task
 from loomctl import protocol as P
 from loomctl.access import AccessError, connect_address, read_access
 from loomctl.worker import data as D
+
+
+SERVER_GRACE_S = 3.0   # a blocking call raises LoomConnectionError this long after the server went
 
 
 class LoomException(Exception):
@@ -124,7 +132,8 @@ class Future:
 
 class Client:
     def __init__(self, address: str | None = None, port: int | None = None,
-                 server_dir_path: str | None = None, secret: str | None = ..., timeout: float = 30.0):
+                 server_dir_path: str | None = None, secret: str | None = ..., timeout: float = 30.0,
+                 server_grace: float = SERVER_GRACE_S):
         access = None
         try:
             access = read_access(server_dir_path)
@@ -140,7 +149,13 @@ class Client:
         self.secret = secret
         self.timeout_ms = int(timeout * 1000)
         self.ctx = zmq.Context()
+        self.server_grace = server_grace
+        self.lost_since: float | None = None   # when the connection to the server closed
         self.sock = self._connect(connect_address(address, port), "client")
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
         self.peers: dict[str, zmq.Socket] = {}
         self.req = itertools.count(1)
         self.futures: dict[int, Future] = {}
@@ -157,6 +172,8 @@ class Client:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)   # notices (RELEASE) are queued, never dropped
         sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)      # a server host that vanished without
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)  # closing the connection counts as gone
         sock.connect(address)
         try:
             P.client_handshake(sock, role, self.secret, self.timeout_ms)
@@ -179,9 +196,20 @@ class Client:
         return reply
 
     def _poll(self, timeout_ms: int) -> bool:
-        """Read every waiting message (waiting up to timeout_ms for the first)."""
-        if not self.sock.poll(timeout_ms, zmq.POLLIN):
-            return False
+        """Read every waiting message (waiting up to timeout_ms for the first).
+        LoomConnectionError once the server has been gone for ``server_grace`` seconds."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            wait = max(0, min(deadline - time.monotonic(), 0.25))
+            ready = dict(self.poller.poll(int(wait * 1000)))
+            if self.monitor in ready:
+                self._on_monitor()
+            if self.lost_since is not None and time.monotonic() - self.lost_since >= self.server_grace:
+                raise LoomConnectionError(f"the server is gone (no connection for {self.server_grace:g} s)")
+            if self.sock in ready:
+                break
+            if time.monotonic() >= deadline:
+                return False
         while True:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -190,7 +218,23 @@ class Client:
             kind, body, _ = P.decode(frames)
             self._apply(kind, body)
 
+    def _on_monitor(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            except Exception:   # a malformed monitor frame: nothing to learn from it
+                return
+            if event == zmq.EVENT_DISCONNECTED and self.lost_since is None:
+                self.lost_since = time.monotonic()
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.lost_since = None
+
     def _apply(self, kind: bytes, body: dict) -> None:
+        if kind == P.REFUSED:   # a server restarted on the address: it does not know us
+            raise LoomConnectionError(f"the server no longer knows this client ({body.get('reason')}); "
+                                      "it was restarted or dropped this connection")
         if kind in (P.REPLY, P.ERROR):
             self.replies[body.get("req")] = (kind, body)
         elif kind == P.RESULTS_READY:
@@ -418,6 +462,11 @@ class Client:
             sock.close(0)
         self.peers.clear()
         if not self.sock.closed:
+            try:
+                self.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self.monitor.close(0)
             self.sock.close(0)
         self.ctx.term()
 

@@ -168,3 +168,23 @@ def test_a_dying_server_is_noticed_by_waiting_clients(tmp_path):
         client.close()
     finally:
         c.stop()
+
+
+def test_submit_wait_ends_with_one_line_and_status_4_when_the_server_dies(tmp_path):
+    import subprocess
+    import sys
+    c = Cluster(tmp_path, workers=1, cpus=1)
+    try:
+        plan = tmp_path / "plan.txt"
+        plan.write_text("sleep 30\n")
+        proc = subprocess.Popen([sys.executable, "-m", "loomctl", "submit", "--wait", str(plan)], env=c.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with c.client() as client:
+            wait_until(lambda: any(j["status"] == "running" for j in client.status()["jobs"]), 20)
+        c.server.send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 4, (out, err)
+        lines = [line for line in err.splitlines() if line.startswith("loomctl: error:")]
+        assert len(lines) == 1 and "Traceback" not in err, err
+    finally:
+        c.stop()
