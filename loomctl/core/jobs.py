@@ -168,6 +168,8 @@ def end(core, job: Job, status: str, now: float) -> None:
         core.aborted_jobs.add(job.id)
     job.ended = now
     core.ended_jobs.append(job.id)
+    if core.record is not None:
+        core.record.append(["end", job.id, status, job.error])
     for client in job.watchers:
         core.commands.append(M.JobDone(client, job.id, status, job_counts(core, job)))
 
@@ -324,4 +326,6 @@ def _retire(core, job: Job, now: float) -> None:
     core.aborted_jobs.discard(job.id)
     del core.jobs[job.id]
     core.stats["retired_jobs"] += 1
+    if core.record is not None:
+        core.record.append(["retire", job.id])
 

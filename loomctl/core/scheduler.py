@@ -18,12 +18,18 @@ import numpy as np
 from graphfmt import symbols as S
 from loomctl import messages as M
 from loomctl.core import dynamic, jobs, placement
+from loomctl.core.workers import recompute_lost
 from loomctl.core import transitions as T
 from loomctl.core.tasktable import ASSIGNED, FLAG_CHECKPOINT, FLAG_LOADED, FLAG_RESULT, READY
 
 
 def schedule(core, now: float) -> int:
     """Place ready tasks on workers; returns how many were placed."""
+    if core.hold_until is not None:   # restored: workers that come back bring data first
+        if now < core.hold_until:
+            return 0
+        core.hold_until = None
+        recompute_lost(core)
     if not core.ready or not core.workers:
         return 0
     if core.unchecked:

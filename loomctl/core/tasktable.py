@@ -72,6 +72,12 @@ class TaskColumns:
         for name, dtype in _COLUMNS.items():
             setattr(self, name, np.zeros(capacity, dtype=dtype))
 
+    def skip_to(self, n: int) -> None:
+        """Ids below ``n`` are used (a restored server takes its jobs' ids back): rows up
+        to there exist, unused ones holding nothing."""
+        if n > self.n:
+            self.allocate(n - self.n)
+
     def allocate(self, count: int) -> int:
         """Reserve ``count`` new ids; returns the first. New rows are zero (columns are
         made with zeros and ids are never reused) except owner/worker = -1."""

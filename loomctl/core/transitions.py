@@ -71,6 +71,9 @@ def transition(core, ids: np.ndarray, to: int, worker: int | None = None) -> Non
         core.unchecked.append(ids)
     elif to == FINISHED:
         _count(core, ids, "finished", 1)
+        if core.record is not None:
+            core.record.append(["finished", ids.astype("<i8").tobytes(), c.size[ids].astype("<i8").tobytes(),
+                                c.length[ids].astype("<i8").tobytes()])
         _finished(core, ids)
     elif to == WAITING:
         was_finished = prev == FINISHED
@@ -251,6 +254,8 @@ def set_wanted(core, ids: np.ndarray, wanted: bool) -> np.ndarray:
     else:
         c.flags[ids] &= ~np.uint8(FLAG_RESULT)
         c.holds[ids] -= 1
+        if core.record is not None and len(ids):
+            core.record.append(["unwanted", ids.astype("<i8").tobytes()])
         release_unheld(core, ids)
     return ids
 
