@@ -107,7 +107,9 @@ def _restart(c: Cluster):
     """Start the server again on the same server directory (its journal), like a user."""
     c.server = c._spawn(["server", "start", "--port", "0", "--verbose", "--heartbeat-timeout", "5",
                          "--restore-wait", "2"], f"server-{len(c.logs)}")
-    return wait_access(c.server_dir, c.server, lambda: "")
+    # (the killed server's access file is still there: wait for the new server's own)
+    return wait_until(lambda: (lambda a: a if a.get("pid") == c.server.pid else None)(
+        wait_access(c.server_dir, c.server, lambda: "")), 20)
 
 
 COUNTED = r"""import os, sys
@@ -209,3 +211,21 @@ def test_a_journal_from_a_newer_loomctl_is_refused_at_start(tmp_path):
     assert out.returncode == 3
     errors = [line for line in out.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "newer" in errors[0], out.stderr
+
+
+def test_a_python_client_waits_through_a_restart_within_its_grace(tmp_path):
+    c = Cluster(tmp_path, workers=1, cpus=1)
+    try:
+        client = c.client(server_grace=60)
+        step = None
+        for i in range(6):
+            step = tasks.run(["sh", "-c", f"sleep 0.3; cat; echo {i}"], [(step, None)] if step is not None else [])
+        future = client.submit_one(step)
+        time.sleep(0.5)   # (some steps done: any moment would do)
+        c.server.send_signal(signal.SIGKILL)
+        c.server.wait()
+        c.access = _restart(c)
+        assert future.gather() == b"".join(f"{i}\n".encode() for i in range(6))
+        client.close()
+    finally:
+        c.stop()
