@@ -100,6 +100,8 @@ class CoreMachine(RuleBasedStateMachine):
                         self.fetch[cmd.target][row.id] = [i for i in row.inputs if i in cmd.locations]
                 elif isinstance(cmd, M.ReleaseData):
                     self.holds[cmd.target] -= set(cmd.ids.tolist())
+                elif isinstance(cmd, M.CancelTasks):   # the worker stops them, says nothing
+                    self.given[cmd.target] -= set(cmd.ids.tolist())
             else:
                 assert isinstance(cmd, M.CLIENT_COMMANDS) and cmd.target in CLIENTS
 

@@ -41,9 +41,7 @@ def schedule(core, now: float) -> int:
         return 0   # every worker is full: leave the ready list as it is
     g = core.graph
     c = g.cols
-    ids = np.concatenate(core.ready) if len(core.ready) > 1 else core.ready[0]
-    ids = ids[c.state[ids] == READY]
-    core.ready = []
+    ids = T.take_ready(core)
     if not len(ids):
         return 0
     core.stats["rounds"] += 1
@@ -52,13 +50,12 @@ def schedule(core, now: float) -> int:
     if is_dynamic is not None and is_dynamic.any():
         for t in ids[is_dynamic].tolist():
             dynamic.expand(core, t, now)
-        ids = np.concatenate([ids[~is_dynamic], *core.ready])   # expansions are placed now too
-        core.ready = []
+        ids = np.concatenate([ids[~is_dynamic], T.take_ready(core)])   # expansions are placed now too
         ids = ids[c.state[ids] == READY]
     workers = list(core.workers.values())
     ids, deferred = _candidates(c, ids, workers)
     if len(deferred):
-        core.ready.append(deferred)
+        T.put_ready(core, deferred)
     if not len(ids):
         return 0
     index = {w.id: k for k, w in enumerate(workers)}
@@ -86,7 +83,7 @@ def schedule(core, now: float) -> int:
             placed += len(mine)
     waiting = ids[chosen < 0]
     if len(waiting):
-        core.ready.append(waiting)
+        T.put_ready(core, waiting)
     core.stats["scheduled"] += placed
     return placed
 
@@ -154,9 +151,8 @@ def fail_unsatisfiable(core, ids: np.ndarray | None, now: float) -> None:
     c = g.cols
     core.unchecked = []
     if ids is None:
-        ids = np.concatenate(core.ready)
-        ids = ids[c.state[ids] == READY]
-        core.ready = [ids]
+        ids = T.take_ready(core)
+        T.put_ready(core, ids)
     ids = ids[c.state[ids] == READY]
     if not len(ids):
         return

@@ -56,6 +56,7 @@ FLAG_EXTRA = 2           # has consumers in extra_consumers
 FLAG_CHECKPOINT = 4      # write the result to its checkpoint path
 FLAG_LOADED = 8          # taken from its checkpoint file instead of computed
 FLAG_OVERRIDE = 16       # symbol/config/inputs replaced at run time (see overrides)
+FLAG_QUEUED = 32         # in the ready list (core.ready), once
 
 _COLUMNS = {
     "state": np.uint8, "flags": np.uint8, "remaining": np.int32, "holds": np.int32,

@@ -107,6 +107,8 @@ def remove_worker(core, wid: int, now: float, reason: str = "lost") -> None:
     running = presumed_running(worker, assigned)
     c.attempts[running] += 1
     for t in running[c.attempts[running] >= MAX_ATTEMPTS].tolist():
+        if c.state[t] != ASSIGNED:   # (cancelled with its job by a failure just before)
+            continue
         jobs.task_failed(core, t, f"task was running on a worker that was lost {MAX_ATTEMPTS} times "
                                   f"(last: {worker.name}); it may be killing its worker", worker.name, now)
     assigned = assigned[c.state[assigned] == ASSIGNED]
