@@ -237,7 +237,10 @@ class CoreMachine(RuleBasedStateMachine):
             self.tick()
             busy = self.workers_with_tasks()
             if not busy:
-                break
+                if self.core.recheck_at is None:
+                    break
+                self.now = max(self.now, self.core.recheck_at)   # (what no worker can run fails then)
+                continue
             for key in busy:
                 ids = sorted(self.given[key])
                 self.given[key].clear()

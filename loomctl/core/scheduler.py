@@ -7,8 +7,10 @@ Invariants:
   over stay in ``core.ready`` for a later round, in order.
 - A ready task that no connected worker can ever run (more cpus or named resources
   than any has, or a task type none supports) fails with a message saying so, as soon as
-  at least one worker is connected: at submit, when workers come and go, and in the
-  first round after it became READY (``core.unchecked``).
+  at least one worker is connected: at submit, when a worker joins, and in the first
+  round after it became READY (``core.unchecked``). After a worker is lost the check
+  waits REPLACE_GRACE_S (``core.recheck_at``): a replacement that joins meanwhile may
+  be the one worker that can run it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from loomctl.core import transitions as T
 from loomctl.core.tasktable import ASSIGNED, FLAG_CHECKPOINT, FLAG_LOADED, FLAG_RESULT, READY
 
 
+REPLACE_GRACE_S = 10.0
+
+
 def schedule(core, now: float) -> int:
     """Place ready tasks on workers; returns how many were placed."""
     if core.hold_until is not None:   # restored: workers that come back bring data first
@@ -30,9 +35,12 @@ def schedule(core, now: float) -> int:
             return 0
         core.hold_until = None
         recompute_lost(core)
+    if core.recheck_at is not None and now >= core.recheck_at:   # a worker left a while ago
+        core.recheck_at = None
+        fail_unsatisfiable(core, None, now)
     if not core.ready or not core.workers:
         return 0
-    if core.unchecked:
+    if core.unchecked and core.recheck_at is None:
         fail_unsatisfiable(core, np.concatenate(core.unchecked), now)
     for w in core.workers.values():
         w.settle(now)

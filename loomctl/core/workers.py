@@ -8,6 +8,8 @@ Invariants:
   count as attempts);
   its data objects survive where another worker holds a replica and are computed again
   where nothing else holds them and something still needs them (``recompute_lost``).
+- A ready task that only the lost worker could run is not failed at once: the check
+  waits REPLACE_GRACE_S for a replacement (scheduler).
 - When a worker is lost, the others are told (PEER_LOST) to stop fetching from it; a task
   ASSIGNED elsewhere that was to fetch an input from it is ``stranded``: its failure
   report from that worker ("input unavailable") makes it wait and run again, once,
@@ -119,7 +121,8 @@ def remove_worker(core, wid: int, now: float, reason: str = "lost") -> None:
     T.transition(core, assigned, WAITING)
     del core.workers[wid]
     recompute_lost(core)
-    core.fail_unsatisfiable(None, now)
+    from loomctl.core.scheduler import REPLACE_GRACE_S
+    core.recheck_at = now + REPLACE_GRACE_S   # (not at once: a replacement may be on its way)
 
 
 def presumed_running(worker: Worker, assigned: np.ndarray) -> np.ndarray:
