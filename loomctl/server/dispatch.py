@@ -246,7 +246,7 @@ class Dispatch:
                                 "auth": self.secret is not None, "bytes_received": self.bytes_received}
             return status
         # TERMINATE
-        log.warning("terminate requested: stopping workers and the server")
+        log.info("terminate requested: stopping workers and the server")
         self._out.extend(P.encode_command(M.Stop(w.key)) for w in core.workers.values())
         self._out.append((identity, P.encode(P.REPLY, {"req": request.req})))
         self.running = False
