@@ -29,6 +29,7 @@ from loomctl import protocol as P
 from loomctl.core.server import ServerCore, SubmitError
 
 log = logging.getLogger("loomctl.server")
+lifecycle = logging.getLogger("loomctl.server.lifecycle")   # always logged (cli/server.py)
 
 
 def short(exc: Exception) -> str:
@@ -246,7 +247,7 @@ class Dispatch:
                                 "auth": self.secret is not None, "bytes_received": self.bytes_received}
             return status
         # TERMINATE
-        log.info("terminate requested: stopping workers and the server")
+        lifecycle.info("terminate requested: stopping workers and the server")
         self._out.extend(P.encode_command(M.Stop(w.key)) for w in core.workers.values())
         self._out.append((identity, P.encode(P.REPLY, {"req": request.req})))
         self.running = False
