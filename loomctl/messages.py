@@ -63,6 +63,16 @@ class Stop:
     target: bytes
 
 
+@dataclass(slots=True)
+class StealTasks:
+    """Give back up to ``count`` of ``ids`` (tasks assigned to the target) that have not
+    started, those it would start last first; the answer lists them (``Update.returned``,
+    ``ServerCore.tasks_returned``). Sent only by a core with stealing on."""
+    target: bytes
+    ids: np.ndarray
+    count: int
+
+
 # ---------------------------------------------------------------- server -> client
 @dataclass(slots=True)
 class ResultsReady:

@@ -1,66 +1,99 @@
 """Placement rounds: ready tasks to workers, in batches (the policy is in placement.py).
 
 Invariants:
-- A round looks at the READY tasks of ``core.ready`` (stale entries are dropped), expands
-  ready dslice/dget tasks first (their pieces are placed in the same round), and moves
-  each placed task to ASSIGNED on its worker with one COMPUTE per worker. Tasks left
-  over stay in ``core.ready`` for a later round, in order.
+- A round moves the tasks that became READY (``core.ready``) into the ready pool
+  (``core.pool``, ordered by ``priority.keys``: user priority, then b-level), expanding
+  ready dslice/dget tasks first (their pieces are placed in the same round); it takes
+  the best tasks the workers have room for, moves each placed one to ASSIGNED on its
+  worker with one COMPUTE per worker (rows in priority order), and puts the others
+  back at the front of the pool.
 - A ready task that no connected worker can ever run (more cpus or named resources
   than any has, or a task type none supports) fails with a message saying so, as soon as
   at least one worker is connected: at submit, when workers come and go, and in the
   first round after it became READY (``core.unchecked``).
+- Cpu tasks are placed when some worker has an idle cpu, or at most every REFILL_S
+  while every cpu is assigned (a finish report will come and call the next round).
+- With ``options.steal``, a round that leaves a worker with idle cpus and no ready cpu
+  task asks loaded workers to give queued tasks back (``stealing``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from graphfmt import symbols as S
 from loomctl import messages as M
-from loomctl.core import dynamic, jobs, placement
+from loomctl.core import dynamic, jobs, placement, priority, stealing
 from loomctl.core import transitions as T
 from loomctl.core.tasktable import ASSIGNED, FLAG_CHECKPOINT, FLAG_LOADED, FLAG_RESULT, READY
 
 
+REFILL_S = 0.020   # queues of busy workers are refilled at most this often
+
+
+@dataclass
+class Options:
+    """The scheduler's policy switches (the simulator compares them, bench/README.md)."""
+    blevel: bool = True        # order ready tasks by b-level (after the user's priority)
+    steal: bool = False        # ask loaded workers to give queued tasks back (needs worker support)
+    spill: bool = True         # a task may leave its data's worker when another has an idle cpu
+
+
 def schedule(core, now: float) -> int:
     """Place ready tasks on workers; returns how many were placed."""
-    if not core.ready or not core.workers:
+    if not (core.ready or len(core.pool)) or not core.workers:
         return 0
     if core.unchecked:
         fail_unsatisfiable(core, np.concatenate(core.unchecked), now)
     for w in core.workers.values():
         w.settle(now)
-    if not any(w.assigned_light < placement.LIGHT_QUEUE or w.assigned_cpus < w.queue_factor * w.cpus
-               for w in core.workers.values()):
-        return 0   # every worker is full: leave the ready list as it is
     g = core.graph
     c = g.cols
-    ids = np.concatenate(core.ready) if len(core.ready) > 1 else core.ready[0]
-    ids = ids[c.state[ids] == READY]
-    core.ready = []
-    if not len(ids):
+    _intake(core, now)
+    workers = list(core.workers.values())
+    # a round fills queues when some worker has an idle cpu, or used up half of its queue
+    # and no round refilled queues in the last REFILL_S: rounds place batches, not one
+    # task per finish (with every cpu assigned, a finish report comes to call it again)
+    idle = any(w.assigned_cpus < w.cpus for w in workers)
+    hungry = idle or (now - core.last_refill >= REFILL_S
+                      and any(placement.wants_work(w.cpus, w.assigned_cpus, w.queue_factor) for w in workers))
+    light_room = sum(max(0, placement.LIGHT_QUEUE - w.assigned_light) for w in workers) \
+        if core.pool.has_light() else 0
+    cpu_room = sum(max(0, w.queue_factor * w.cpus - w.assigned_cpus) for w in workers) if hungry else 0
+    heavy_take = 4 * cpu_room + 16 if cpu_room else 0
+    if not light_room and not heavy_take:
+        return 0
+    if heavy_take:
+        core.last_refill = now
+    light, heavy = core.pool.take(c.state, light_room, heavy_take)
+    ranked = np.concatenate([light, heavy]) if len(light) and len(heavy) else light if len(light) else heavy
+    if not len(ranked):
+        if core.options.steal:
+            stealing.request(core, now)
         return 0
     core.stats["rounds"] += 1
-    dynamic_codes = [g.symbol_codes[s] for s in (S.DSLICE, S.DGET) if s in g.symbol_codes]
-    is_dynamic = np.isin(c.symbol[ids], dynamic_codes) if dynamic_codes else None
-    if is_dynamic is not None and is_dynamic.any():
-        for t in ids[is_dynamic].tolist():
-            dynamic.expand(core, t, now)
-        ids = np.concatenate([ids[~is_dynamic], *core.ready])   # expansions are placed now too
-        core.ready = []
-        ids = ids[c.state[ids] == READY]
-    workers = list(core.workers.values())
-    ids, deferred = _candidates(c, ids, workers)
-    if len(deferred):
-        core.ready.append(deferred)
-    if not len(ids):
-        return 0
-    index = {w.id: k for k, w in enumerate(workers)}
+    ids = np.sort(ranked)
+    order = np.searchsorted(ids, ranked)          # positions in ids, best first
+    index = np.full(core.next_worker + 1, -1, dtype=np.int64)   # worker id -> k (the last: owner -1)
+    index[[w.id for w in workers]] = np.arange(len(workers))
     inputs, consumer_of_slot = g.slots(ids)
     task_pos = np.searchsorted(ids, consumer_of_slot)
-    holder = np.array([index.get(int(w), -1) for w in c.owner[inputs]], dtype=np.int64) \
-        if len(inputs) else np.zeros(0, np.int64)
-    best, best_bytes = placement.preferences(task_pos, holder, c.size[inputs], len(ids))
+    holder = index[c.owner[inputs]]
+    sizes = c.size[inputs]
+    if core.replicas and len(inputs):   # copies count as data present on their workers
+        copied = np.fromiter(core.replicas, dtype=np.int64, count=len(core.replicas))
+        hit = np.flatnonzero(np.isin(inputs, copied))
+        extra = [(p, index[w], s) for i, p, s in zip(inputs[hit].tolist(), task_pos[hit].tolist(),
+                                                     sizes[hit].tolist())
+                 for w in core.replicas[i] if index[w] >= 0]
+        if extra:
+            more = np.array(extra, dtype=np.int64).reshape(-1, 3)
+            task_pos = np.concatenate([task_pos, more[:, 0]])
+            holder = np.concatenate([holder, more[:, 1]])
+            sizes = np.concatenate([sizes, more[:, 2]])
+    best, best_bytes = placement.preferences(task_pos, holder, sizes, len(ids))
     rooms = [placement.WorkerRoom(k, w.cpus, w.assigned_cpus, w.assigned_light, w.resources,
                                   dict(w.assigned_resources), support_mask(core, w), w.queue_factor)
              for k, w in enumerate(workers)]
@@ -70,33 +103,45 @@ def schedule(core, now: float) -> int:
         request = g.named_request(t)
         if request:
             requests[int(np.searchsorted(ids, t))] = request
-    chosen = placement.place(c.cpus[ids], c.symbol[ids], best, best_bytes, rooms, requests)
+    chosen = placement.place(c.cpus[ids], c.symbol[ids], best, best_bytes, rooms, requests, order,
+                             spill=core.options.spill)
+    chosen_ranked = chosen[order]
     placed = 0
     for k, w in enumerate(workers):
-        mine = ids[chosen == k]
+        mine = ranked[chosen_ranked == k]
         if len(mine):
-            T.transition(core, mine, ASSIGNED, w.id)
+            T.transition(core, np.sort(mine), ASSIGNED, w.id)
             core.commands.append(compute(core, w, mine))
             placed += len(mine)
-    waiting = ids[chosen < 0]
+    waiting = ranked[chosen_ranked < 0]
     if len(waiting):
-        core.ready.append(waiting)
+        core.pool.add(waiting, priority.keys(core, waiting), c.cpus[waiting] == 0, front=True)
     core.stats["scheduled"] += placed
+    if core.options.steal:
+        stealing.request(core, now)
     return placed
 
 
-def _candidates(c, ids: np.ndarray, workers: list) -> tuple[np.ndarray, np.ndarray]:
-    """The ready tasks worth considering this round (sorted), and the rest, kept in
-    order for later rounds: no more light tasks than the workers' light queues can
-    take, and a few times as many cpu tasks as there are free cpu slots."""
-    light_room = sum(max(0, placement.LIGHT_QUEUE - w.assigned_light) for w in workers)
-    cpu_room = sum(max(0, w.queue_factor * w.cpus - w.assigned_cpus) for w in workers)
-    is_light = c.cpus[ids] == 0
-    light, heavy = ids[is_light], ids[~is_light]
-    heavy_take = 4 * cpu_room + 16 if cpu_room else 0
-    taken = np.concatenate([light[:light_room], heavy[:heavy_take]])
-    rest = np.concatenate([light[light_room:], heavy[heavy_take:]])
-    return np.sort(taken), rest
+def _intake(core, now: float) -> None:
+    """Move the newly READY tasks into the pool; ready dslice/dget tasks are expanded
+    first (their pieces become READY and are taken in too)."""
+    g = core.graph
+    c = g.cols
+    dynamic_codes = [g.symbol_codes[s] for s in (S.DSLICE, S.DGET) if s in g.symbol_codes]
+    while core.ready:
+        ids = np.concatenate(core.ready) if len(core.ready) > 1 else core.ready[0]
+        core.ready = []
+        ids = ids[c.state[ids] == READY]
+        if dynamic_codes and len(ids):
+            is_dynamic = np.isin(c.symbol[ids], dynamic_codes)
+            if is_dynamic.any():
+                for t in ids[is_dynamic].tolist():
+                    if c.state[t] == READY:
+                        dynamic.expand(core, t, now)
+                ids = ids[~is_dynamic]
+                ids = ids[c.state[ids] == READY]
+        if len(ids):
+            core.pool.add(ids, priority.keys(core, ids), c.cpus[ids] == 0)
 
 
 def compute(core, worker, ids: np.ndarray) -> M.Compute:
@@ -142,14 +187,14 @@ def fail_unsatisfiable(core, ids: np.ndarray | None, now: float) -> None:
     """Fail ready tasks (all, or those of ``ids``) no connected worker can ever run
     (needs >= 1 worker). Tasks become READY into ``core.unchecked`` too, so that each is
     looked at once: the calls with ``ids`` take those."""
-    if not core.workers or not core.ready:
+    if not core.workers or not (core.ready or len(core.pool)):
         return
     g = core.graph
     c = g.cols
     core.unchecked = []
-    if ids is None:
-        ids = np.concatenate(core.ready)
-        ids = ids[c.state[ids] == READY]
+    if ids is None:   # every ready task: those in the pool go back to core.ready
+        ids = np.concatenate([*core.ready, core.pool.drain()])
+        ids = np.unique(ids[c.state[ids] == READY])
         core.ready = [ids]
     ids = ids[c.state[ids] == READY]
     if not len(ids):

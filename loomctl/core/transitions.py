@@ -20,8 +20,8 @@ counters true, so that no other module writes them:
   neither ALIAS nor SKIPPED, over all its segments.
 
 New tasks are born here too (``add_tasks``: WAITING, ALIAS or SKIPPED), and a task's
-inputs are replaced at run time here (``rewire``), so that holds and remaining stay true
-when the graph grows. ``core.invariants.check`` recomputes all of the above from scratch.
+inputs are replaced at run time here (``rewire``), so that holds, remaining counts and
+priorities (``core.priority``) stay true when the graph grows. ``core.invariants.check`` recomputes all of the above from scratch.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import numpy as np
 
 from graphfmt.graph import Graph
 from loomctl import messages as M
+from loomctl.core import priority
 from loomctl.core.tasktable import (ALIAS, ALLOWED, ASSIGNED, CANCELLED, FINISHED, FLAG_RESULT, LIVE, READY,
                                     SKIPPED, STATE_NAMES, WAITING)
 
@@ -198,6 +199,7 @@ def add_tasks(core, job, graph: Graph, global_inputs: np.ndarray, born: np.ndarr
     wanted = ids[results]
     c.flags[wanted] |= FLAG_RESULT
     c.holds[wanted] += 1
+    priority.segment_added(core, segment, getattr(graph, "priorities", None))
     live = ids[LIVE[born]]
     if len(live):
         inputs = g.inputs_of(live)
@@ -226,6 +228,7 @@ def rewire(core, t: int, symbol: str, config: bytes, inputs: np.ndarray) -> None
     c = g.cols
     inputs = np.asarray(inputs, dtype=np.int64)
     old = g.replace_inputs(t, symbol, config, inputs)
+    priority.raise_from(core, np.array([t], dtype=np.int64))
     state = c.state[t]
     if LIVE[state]:
         np.add.at(c.holds, inputs, 1)       # the new first: an input in both stays held
