@@ -11,8 +11,8 @@ Invariants:
   than any has, or a task type none supports) fails with a message saying so, as soon as
   at least one worker is connected: at submit, when workers come and go, and in the
   first round after it became READY (``core.unchecked``).
-- Cpu tasks are placed when some worker has an idle cpu, or at most every REFILL_S
-  while every cpu is assigned (a finish report will come and call the next round).
+- Cpu tasks are placed once some worker has used up half of its queue or has an idle
+  cpu (``placement.wants_work``); light tasks whenever some are ready.
 - With ``options.steal``, a round that leaves a worker with idle cpus and no ready cpu
   task asks loaded workers to give queued tasks back (``stealing``).
 """
@@ -28,9 +28,6 @@ from loomctl import messages as M
 from loomctl.core import dynamic, jobs, placement, priority, stealing
 from loomctl.core import transitions as T
 from loomctl.core.tasktable import ASSIGNED, FLAG_CHECKPOINT, FLAG_LOADED, FLAG_RESULT, READY
-
-
-REFILL_S = 0.020   # queues of busy workers are refilled at most this often
 
 
 @dataclass
@@ -53,20 +50,15 @@ def schedule(core, now: float) -> int:
     c = g.cols
     _intake(core, now)
     workers = list(core.workers.values())
-    # a round fills queues when some worker has an idle cpu, or used up half of its queue
-    # and no round refilled queues in the last REFILL_S: rounds place batches, not one
-    # task per finish (with every cpu assigned, a finish report comes to call it again)
-    idle = any(w.assigned_cpus < w.cpus for w in workers)
-    hungry = idle or (now - core.last_refill >= REFILL_S
-                      and any(placement.wants_work(w.cpus, w.assigned_cpus, w.queue_factor) for w in workers))
+    # a round fills queues once some worker used up half of its queue (or has an idle
+    # cpu): rounds place batches, not one task per finish
+    hungry = any(placement.wants_work(w.cpus, w.assigned_cpus, w.queue_factor) for w in workers)
     light_room = sum(max(0, placement.LIGHT_QUEUE - w.assigned_light) for w in workers) \
         if core.pool.has_light() else 0
     cpu_room = sum(max(0, w.queue_factor * w.cpus - w.assigned_cpus) for w in workers) if hungry else 0
     heavy_take = 4 * cpu_room + 16 if cpu_room else 0
     if not light_room and not heavy_take:
         return 0
-    if heavy_take:
-        core.last_refill = now
     light, heavy = core.pool.take(c.state, light_room, heavy_take)
     ranked = np.concatenate([light, heavy]) if len(light) and len(heavy) else light if len(light) else heavy
     if not len(ranked):

@@ -46,7 +46,6 @@ class ServerCore:
         self.pool = ReadyPool()                # the READY tasks rounds choose from, best first
         self.options = scheduler.Options()
         self.steals: dict[int, np.ndarray] = {}   # worker -> tasks a steal request asked it for
-        self.last_refill = float("-inf")          # the last round that placed cpu tasks
         self.unchecked: list[np.ndarray] = []  # READY since the last satisfiability check
         self.commands: list = []
         self.replicas: dict[int, set[int]] = {}   # task -> workers with a copy besides its owner

@@ -83,6 +83,7 @@ class Simulation:
                       "reports": 0, "computes": 0, "steal_requests": 0, "returned": 0}
         self.job = None
         self.end_time = None
+        self.failure = None          # the first task failure the core reported
 
     # ------------------------------------------------------------------ events
     def _push(self, t: float, phase: int, kind: int, a=None, b=None) -> None:
@@ -186,7 +187,9 @@ class Simulation:
             kind = type(cmd)
             if kind is M.JobDone:
                 self.end_time = done
-            elif kind in (M.ResultsReady, M.TaskFailed):
+            elif kind is M.TaskFailed:
+                self.failure = self.failure or cmd.error
+            elif kind is M.ResultsReady:
                 continue
             else:
                 w = self.by_key[cmd.target]
