@@ -199,7 +199,7 @@ def add_tasks(core, job, graph: Graph, global_inputs: np.ndarray, born: np.ndarr
     wanted = ids[results]
     c.flags[wanted] |= FLAG_RESULT
     c.holds[wanted] += 1
-    priority.segment_added(core, segment, getattr(graph, "priorities", None))
+    priority.segment_added(core, segment, graph.priorities)
     live = ids[LIVE[born]]
     if len(live):
         inputs = g.inputs_of(live)
