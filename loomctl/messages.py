@@ -97,7 +97,7 @@ class JobDone:
     counts: dict
 
 
-WORKER_COMMANDS = (Compute, ReleaseData, PeerLost, Stop)
+WORKER_COMMANDS = (Compute, ReleaseData, PeerLost, Stop, StealTasks)
 CLIENT_COMMANDS = (ResultsReady, TaskFailed, JobDone)
 
 

@@ -40,7 +40,11 @@ class Options:
 
 def schedule(core, now: float) -> int:
     """Place ready tasks on workers; returns how many were placed."""
-    if not (core.ready or len(core.pool)) or not core.workers:
+    if not core.workers:
+        return 0
+    if not (core.ready or len(core.pool)):
+        if core.options.steal:
+            stealing.request(core, now)
         return 0
     if core.unchecked:
         fail_unsatisfiable(core, np.concatenate(core.unchecked), now)
@@ -58,6 +62,8 @@ def schedule(core, now: float) -> int:
     cpu_room = sum(max(0, w.queue_factor * w.cpus - w.assigned_cpus) for w in workers) if hungry else 0
     heavy_take = 4 * cpu_room + 16 if cpu_room else 0
     if not light_room and not heavy_take:
+        if core.options.steal:
+            stealing.request(core, now)
         return 0
     light, heavy = core.pool.take(c.state, light_room, heavy_take)
     ranked = np.concatenate([light, heavy]) if len(light) and len(heavy) else light if len(light) else heavy

@@ -120,6 +120,7 @@ def _live_again(core, redo: np.ndarray) -> None:
     _count(core, redo, "finished", -1)
     np.add.at(c.holds, g.inputs_of(redo), 1)
     consumers = g.consumers_of(redo)
+    priority.raise_from(core, consumers)   # live again: ahead of its live consumers
     state = c.state[consumers]
     affected = small_unique(consumers[(state == WAITING) | (state == READY)])
     if len(affected):
