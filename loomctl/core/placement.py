@@ -65,10 +65,11 @@ def wants_work(cpus: int, assigned_cpus: int, factor: int) -> bool:
     return assigned_cpus < cpus or assigned_cpus <= cpus + (factor - 1) * cpus // 2
 
 
-def preferences(task_pos: np.ndarray, holder: np.ndarray, sizes: np.ndarray, n_tasks: int):
+def preferences(task_pos: np.ndarray, holder: np.ndarray, sizes: np.ndarray, n_tasks: int, spread: bool = True):
     """Per task: the holder index with the most input bytes and those bytes (-1, 0 when
     none). ``task_pos`` / ``holder`` / ``sizes`` describe one input slot each; holder -1
-    means the input's data is on no worker."""
+    means the input's data is on no worker. Ties: a holder spread by task (or, without
+    ``spread``, the lowest index)."""
     best = np.full(n_tasks, -1, dtype=np.int64)
     best_bytes = np.zeros(n_tasks, dtype=np.int64)
     known = holder >= 0
@@ -83,8 +84,8 @@ def preferences(task_pos: np.ndarray, holder: np.ndarray, sizes: np.ndarray, n_t
     pair_task, pair_holder = t[starts], h[starts]
     # for each task, the pair with the largest total (ties: a holder spread by task, so
     # that tasks with their data on many workers do not all pick the first one)
-    spread = (pair_holder - pair_task) % (int(h.max()) + 1)
-    order = np.lexsort((spread, -totals, pair_task))
+    tie = (pair_holder - pair_task) % (int(h.max()) + 1) if spread else pair_holder
+    order = np.lexsort((tie, -totals, pair_task))
     first = np.concatenate(([True], pair_task[order][1:] != pair_task[order][:-1]))
     chosen = order[first]
     best[pair_task[chosen]] = pair_holder[chosen]

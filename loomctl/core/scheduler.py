@@ -12,7 +12,9 @@ Invariants:
   at least one worker is connected: at submit, when workers come and go, and in the
   first round after it became READY (``core.unchecked``).
 - Cpu tasks are placed once some worker has used up half of its queue or has an idle
-  cpu (``placement.wants_work``); light tasks whenever some are ready.
+  cpu (``placement.wants_work``); light tasks whenever some are ready. A worker that a
+  round could not fill is *starved* (``core.starved``) and calls for a round again only
+  once it has an idle cpu.
 - With ``options.steal``, a round that leaves a worker with idle cpus and no ready cpu
   task asks loaded workers to give queued tasks back (``stealing``).
 """
@@ -35,7 +37,8 @@ class Options:
     """The scheduler's policy switches (the simulator compares them, bench/README.md)."""
     blevel: bool = True        # order ready tasks by b-level (after the user's priority)
     steal: bool = False        # ask loaded workers to give queued tasks back (needs worker support)
-    spill: bool = True         # a task may leave its data's worker when another has an idle cpu
+    spill: bool = True         # a task may leave its data's worker when another has an idle cpu, copies
+    #                            count as data, ties spread (off: the rule before, owners only, wait)
 
 
 def schedule(core, now: float) -> int:
@@ -48,19 +51,23 @@ def schedule(core, now: float) -> int:
         return 0
     if core.unchecked:
         fail_unsatisfiable(core, np.concatenate(core.unchecked), now)
-    for w in core.workers.values():
-        w.settle(now)
     g = core.graph
     c = g.cols
     _intake(core, now)
     workers = list(core.workers.values())
+    for w in workers:
+        w.settle(now)
     # a round fills queues once some worker used up half of its queue (or has an idle
-    # cpu): rounds place batches, not one task per finish
-    hungry = any(placement.wants_work(w.cpus, w.assigned_cpus, w.queue_factor) for w in workers)
+    # cpu): rounds place batches, not one task per finish. A worker a round could not
+    # fill (the ready tasks belong elsewhere) asks again only once it has an idle cpu.
+    starved = core.starved
+    hungry = any(w.assigned_cpus < w.cpus or (w.id not in starved and
+                                             placement.wants_work(w.cpus, w.assigned_cpus, w.queue_factor))
+                 for w in workers)
     light_room = sum(max(0, placement.LIGHT_QUEUE - w.assigned_light) for w in workers) \
         if core.pool.has_light() else 0
     cpu_room = sum(max(0, w.queue_factor * w.cpus - w.assigned_cpus) for w in workers) if hungry else 0
-    heavy_take = 4 * cpu_room + 16 if cpu_room else 0
+    heavy_take = 2 * cpu_room + 16 if cpu_room else 0
     if not light_room and not heavy_take:
         if core.options.steal:
             stealing.request(core, now)
@@ -68,6 +75,7 @@ def schedule(core, now: float) -> int:
     light, heavy = core.pool.take(c.state, light_room, heavy_take)
     ranked = np.concatenate([light, heavy]) if len(light) and len(heavy) else light if len(light) else heavy
     if not len(ranked):
+        _mark_starved(core, workers)
         if core.options.steal:
             stealing.request(core, now)
         return 0
@@ -80,7 +88,7 @@ def schedule(core, now: float) -> int:
     task_pos = np.searchsorted(ids, consumer_of_slot)
     holder = index[c.owner[inputs]]
     sizes = c.size[inputs]
-    if core.replicas and len(inputs):   # copies count as data present on their workers
+    if core.replicas and len(inputs) and core.options.spill:   # copies count as data on their workers
         copied = np.fromiter(core.replicas, dtype=np.int64, count=len(core.replicas))
         hit = np.flatnonzero(np.isin(inputs, copied))
         extra = [(p, index[w], s) for i, p, s in zip(inputs[hit].tolist(), task_pos[hit].tolist(),
@@ -91,7 +99,7 @@ def schedule(core, now: float) -> int:
             task_pos = np.concatenate([task_pos, more[:, 0]])
             holder = np.concatenate([holder, more[:, 1]])
             sizes = np.concatenate([sizes, more[:, 2]])
-    best, best_bytes = placement.preferences(task_pos, holder, sizes, len(ids))
+    best, best_bytes = placement.preferences(task_pos, holder, sizes, len(ids), spread=core.options.spill)
     rooms = [placement.WorkerRoom(k, w.cpus, w.assigned_cpus, w.assigned_light, w.resources,
                                   dict(w.assigned_resources), support_mask(core, w), w.queue_factor)
              for k, w in enumerate(workers)]
@@ -115,9 +123,17 @@ def schedule(core, now: float) -> int:
     if len(waiting):
         core.pool.add(waiting, priority.keys(core, waiting), c.cpus[waiting] == 0, front=True)
     core.stats["scheduled"] += placed
+    if heavy_take:
+        _mark_starved(core, workers)
     if core.options.steal:
         stealing.request(core, now)
     return placed
+
+
+def _mark_starved(core, workers) -> None:
+    """The workers a round left below their low-water mark, cpus all assigned."""
+    core.starved = {w.id for w in workers if w.assigned_cpus >= w.cpus
+                    and placement.wants_work(w.cpus, w.assigned_cpus, w.queue_factor)}
 
 
 def _intake(core, now: float) -> None:

@@ -46,6 +46,7 @@ class ServerCore:
         self.pool = ReadyPool()                # the READY tasks rounds choose from, best first
         self.options = scheduler.Options()
         self.steals: dict[int, np.ndarray] = {}   # worker -> tasks a steal request asked it for
+        self.starved: set[int] = set()            # workers the last round could not fill (scheduler)
         self.unchecked: list[np.ndarray] = []  # READY since the last satisfiability check
         self.commands: list = []
         self.replicas: dict[int, set[int]] = {}   # task -> workers with a copy besides its owner
