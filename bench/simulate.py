@@ -39,6 +39,7 @@ FAMILIES = {
     "montage": lambda: families.montage(1024, 1.0, 4 << 20),
     "layered": lambda: families.layered(16, 256, 3, 1.0, 1 << 20),
     "layered-wide": lambda: families.layered(8, 2048, 3, 1.0, 1 << 20),
+    "chains": lambda: families.chains(16, 100, 1500, 1.0),
 }
 
 

@@ -95,10 +95,12 @@ def preferences(task_pos: np.ndarray, holder: np.ndarray, sizes: np.ndarray, n_t
 
 def place(cpus: np.ndarray, symbols: np.ndarray, best: np.ndarray, best_bytes: np.ndarray,
           workers: list[WorkerRoom], requests: dict[int, dict] | None = None, order: np.ndarray | None = None,
-          spill: bool = True) -> np.ndarray:
+          spill: bool = True, groups: np.ndarray | None = None) -> np.ndarray:
     """Chosen worker index per task (-1: stays ready). ``requests`` maps task position to
     named resources beyond cpus; ``order`` lists the positions in the order to place
-    them (best first; default: as given). Mutates the rooms' assigned counters."""
+    them (best first; default: as given); ``groups`` (optional) names each task's largest
+    input: tasks that spill to idle cpus go there in blocks of the same input, so that
+    each worker fetches few distinct objects. Mutates the rooms' assigned counters."""
     n = len(cpus)
     chosen = np.full(n, -1, dtype=np.int64)
     if not workers or n == 0:
@@ -107,7 +109,7 @@ def place(cpus: np.ndarray, symbols: np.ndarray, best: np.ndarray, best_bytes: n
     light = (cpus == 0) & np.array([i not in requests for i in range(n)]) if requests else cpus == 0
     order = np.arange(n) if order is None else order
     _place_light(order[light[order]], symbols, best, best_bytes, workers, chosen)
-    _place_heavy(order[~light[order]], cpus, symbols, best, best_bytes, workers, requests, chosen, spill)
+    _place_heavy(order[~light[order]], cpus, symbols, best, best_bytes, workers, requests, chosen, spill, groups)
     return chosen
 
 
@@ -206,7 +208,21 @@ def _by_preference(positions, best, room: np.ndarray) -> np.ndarray:
     return rank < room[prefs]
 
 
-def _place_unit_batch(positions, best, best_bytes, workers, chosen, spill: bool) -> None:
+def _place_blocks(positions, workers, chosen) -> None:
+    """Fill the idle cpus, worker by worker (least loaded first), with ``positions`` in
+    order: neighbours in the list land on the same worker."""
+    start = 0
+    for w in sorted(workers, key=lambda w: (w.assigned_cpus / max(w.cpus, 1), w.index)):
+        free = w.cpus - w.assigned_cpus
+        if free <= 0 or start >= len(positions):
+            continue
+        take = positions[start:start + free]
+        chosen[take] = w.index
+        w.assigned_cpus += len(take)
+        start += len(take)
+
+
+def _place_unit_batch(positions, best, best_bytes, workers, chosen, spill: bool, groups=None) -> None:
     """_place_heavy's rules, vectorised, for 1-cpu tasks on uniform workers (no named
     resources): preferred worker with a free cpu; strongly local tasks to an idle cpu
     elsewhere (``spill``), else queued at their worker or waiting; the others to the
@@ -236,7 +252,11 @@ def _place_unit_batch(positions, best, best_bytes, workers, chosen, spill: bool)
     strong = rest[(best[rest] >= 0) & (best_bytes[rest] >= LOCALITY_BYTES)]
     weak = rest[~((best[rest] >= 0) & (best_bytes[rest] >= LOCALITY_BYTES))]
     if len(strong) and spill:
-        _place_unit_tasks(strong, workers, chosen, up_to_cpus=True)
+        idle = sum(max(0, w.cpus - w.assigned_cpus) for w in workers)
+        first = strong[:idle]
+        if groups is not None and len(first) > 1:
+            first = first[np.argsort(groups[first], kind="stable")]
+        _place_blocks(first, workers, chosen)
         for w in workers:
             assigned[w.index] = w.assigned_cpus
         strong = strong[chosen[strong] < 0]
@@ -258,10 +278,11 @@ def _fits(w: WorkerRoom, cpus: int, request: dict | None, limit_cpus: int) -> bo
     return True
 
 
-def _place_heavy(positions, cpus, symbols, best, best_bytes, workers, requests, chosen, spill=True) -> None:
+def _place_heavy(positions, cpus, symbols, best, best_bytes, workers, requests, chosen, spill=True,
+                 groups=None) -> None:
     if len(positions) >= 8 and not requests and all(w.supports is None for w in workers) \
             and (cpus[positions] == 1).all():
-        _place_unit_batch(positions, best, best_bytes, workers, chosen, spill)
+        _place_unit_batch(positions, best, best_bytes, workers, chosen, spill, groups)
         return
     by_index = {w.index: w for w in workers}
     open_rooms = sum(1 for w in workers if w.cpu_room() > 0)        # workers with queue room

@@ -88,6 +88,7 @@ def schedule(core, now: float) -> int:
     task_pos = np.searchsorted(ids, consumer_of_slot)
     holder = index[c.owner[inputs]]
     sizes = c.size[inputs]
+    groups = _largest_input(inputs, task_pos, sizes, len(ids)) if core.options.spill else None
     if core.replicas and len(inputs) and core.options.spill:   # copies count as data on their workers
         copied = np.fromiter(core.replicas, dtype=np.int64, count=len(core.replicas))
         hit = np.flatnonzero(np.isin(inputs, copied))
@@ -110,7 +111,7 @@ def schedule(core, now: float) -> int:
         if request:
             requests[int(np.searchsorted(ids, t))] = request
     chosen = placement.place(c.cpus[ids], c.symbol[ids], best, best_bytes, rooms, requests, order,
-                             spill=core.options.spill)
+                             spill=core.options.spill, groups=groups)
     chosen_ranked = chosen[order]
     placed = 0
     for k, w in enumerate(workers):
@@ -128,6 +129,16 @@ def schedule(core, now: float) -> int:
     if core.options.steal:
         stealing.request(core, now)
     return placed
+
+
+def _largest_input(inputs: np.ndarray, task_pos: np.ndarray, sizes: np.ndarray, n: int) -> np.ndarray:
+    """Per task position: its largest input (-1 without inputs)."""
+    out = np.full(n, -1, dtype=np.int64)
+    if len(inputs):
+        order = np.lexsort((-sizes, task_pos))
+        first = np.concatenate(([True], task_pos[order][1:] != task_pos[order][:-1]))
+        out[task_pos[order][first]] = inputs[order][first]
+    return out
 
 
 def _mark_starved(core, workers) -> None:
@@ -181,7 +192,11 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
         for i in input_list:
             holder = c.owner[i]
             if holder != worker.id and i not in locations and holder >= 0:
-                if worker.id not in core.replicas.get(i, ()):
+                copies = core.replicas.get(i, ())
+                if worker.id not in copies:
+                    if copies and core.options.spill:   # fetch from the owner or a copy, spread
+                        holders = [int(holder), *sorted(copies)]
+                        holder = holders[(worker.id + i) % len(holders)]
                     locations[i] = core.workers[int(holder)].data_address
         flags = c.flags[t]
         checkpoint = graph.checkpoint(local) if flags & FLAG_CHECKPOINT and not flags & FLAG_LOADED else None

@@ -37,6 +37,7 @@ from loomctl.sim.worker import HOLD_S, SimWorker
 END, TO_WORKER, TO_SERVER, FETCH, NET, ARRIVE, FLUSH, HOLD, NETPLAN, WAKE, FREE = range(11)
 CLIENT = b"sim-client"
 ENCODED = set(P._COMMANDS)   # the commands the real protocol sends (their encoding is server time)
+STEAL = getattr(M, "StealTasks", None)   # (absent from cores without work stealing)
 
 
 class Stalled(Exception):
@@ -214,7 +215,7 @@ class Simulation:
             self._start(w)
         elif kind is M.ReleaseData:
             w.release(cmd.ids.tolist())
-        elif kind is M.StealTasks:
+        elif kind is STEAL:
             self.stats["steal_requests"] += 1
             back = w.give_back(cmd.ids.tolist(), cmd.count)
             self.stats["returned"] += len(back)

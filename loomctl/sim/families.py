@@ -1,6 +1,7 @@
 """Generated plans for simulations and benchmarks, built as columns (a million tasks in a
 second): fork-join, merge trees, map-reduce, cross-validation (folds x parameters),
-a Montage-like workflow, random layered DAGs, and a model of the seed's pipeline.
+a Montage-like workflow, random layered DAGs, chains beside independent tasks, and a
+model of the seed's pipeline.
 
 Every family returns a ``Family``: the graph, duration rules and size rules per label
 group (the group names are the task labels). Cpu tasks are ``loom/data/merge`` tasks that
@@ -150,6 +151,18 @@ def layered(layers: int = 16, width: int = 256, fan_in: int = 3, seconds: float 
                   {"layer": Dist("lognormal", seconds, seconds)}, {"layer": size})
 
 
+def chains(chains: int = 16, length: int = 100, filler: int = 1500, seconds: float = 1.0) -> Family:
+    """Long chains of dependent tasks next to a bag of independent ones (submitted
+    first): the chains are the critical path, so which ready task starts first matters."""
+    b = Builder()
+    b.add("filler", filler)
+    level = b.add("chain", chains)
+    for _ in range(length - 1):
+        level = b.add("chain", chains, level)
+    return Family(f"chains {chains}x{length} + {filler}", b.graph(),
+                  {"filler": Dist("const", seconds), "chain": Dist("const", seconds)}, {"chain": 1 << 10})
+
+
 # ---------------------------------------------------------------------- the seed's pipeline
 PIPELINE_TASKS_PER_TARGET = 498
 
@@ -178,4 +191,4 @@ def pipeline(targets: int = 924, folds: int = 5, params: int = 45, seconds: floa
 
 
 FAMILIES = {"fork-join": fork_join, "merge-tree": merge_tree, "map-reduce": map_reduce, "crossv": crossv,
-            "montage": montage, "layered": layered, "pipeline": pipeline}
+            "montage": montage, "layered": layered, "chains": chains, "pipeline": pipeline}
