@@ -55,6 +55,15 @@ def test_every_task_runs_once_and_the_core_stays_consistent(name, variant):
     assert not sim.network.tokens, "no transfer is left in flight"
 
 
+@pytest.mark.parametrize("name", sorted(families.FAMILIES))
+def test_generated_plans_validate_and_point_to_earlier_tasks(name):
+    family = families.FAMILIES[name]() if name not in SMALL else SMALL[name]()
+    family.graph.validate()
+    owners = np.repeat(np.arange(len(family.graph)), np.diff(family.graph.input_offsets))
+    assert (family.graph.inputs < owners).all()
+    assert set(family.durations) <= set(family.graph.labels)
+
+
 def test_the_same_seed_gives_the_same_run_and_another_seed_another():
     family = SMALL["layered"]()
     first, _ = run(family, seed=3)

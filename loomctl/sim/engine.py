@@ -180,7 +180,7 @@ class Simulation:
         self.stats["reports"] += len(messages)
         done = now + cost
         if core.stats["rounds"] > rounds and self.trace:
-            self.trace.round(now, cost, placed, sum(len(r) for r in core.ready))
+            self.trace.round(now, cost, placed, sum(len(r) for r in core.ready) + len(core.pool))
         if self.check_every and self.stats["wakeups"] % self.check_every == 0:
             core.check_invariants()
         arrive = done + self.latency
