@@ -90,16 +90,7 @@ def schedule(core, now: float) -> int:
     sizes = c.size[inputs]
     groups = _largest_input(inputs, task_pos, sizes, len(ids)) if core.options.spill else None
     if core.replicas and len(inputs) and core.options.spill:   # copies count as data on their workers
-        copied = np.fromiter(core.replicas, dtype=np.int64, count=len(core.replicas))
-        hit = np.flatnonzero(np.isin(inputs, copied))
-        extra = [(p, index[w], s) for i, p, s in zip(inputs[hit].tolist(), task_pos[hit].tolist(),
-                                                     sizes[hit].tolist())
-                 for w in core.replicas[i] if index[w] >= 0]
-        if extra:
-            more = np.array(extra, dtype=np.int64).reshape(-1, 3)
-            task_pos = np.concatenate([task_pos, more[:, 0]])
-            holder = np.concatenate([holder, more[:, 1]])
-            sizes = np.concatenate([sizes, more[:, 2]])
+        task_pos, holder, sizes = _with_copies(core, index, inputs, task_pos, holder, sizes)
     best, best_bytes = placement.preferences(task_pos, holder, sizes, len(ids), spread=core.options.spill)
     rooms = [placement.WorkerRoom(k, w.cpus, w.assigned_cpus, w.assigned_light, w.resources,
                                   dict(w.assigned_resources), support_mask(core, w), w.queue_factor)
@@ -129,6 +120,26 @@ def schedule(core, now: float) -> int:
     if core.options.steal:
         stealing.request(core, now)
     return placed
+
+
+def _with_copies(core, index, inputs, task_pos, holder, sizes):
+    """The input slots, plus one per copy of a (non-empty) input held elsewhere."""
+    copied = np.fromiter(core.replicas, dtype=np.int64, count=len(core.replicas))
+    hit = np.flatnonzero(np.isin(inputs, copied) & (sizes > 0))
+    if not len(hit):
+        return task_pos, holder, sizes
+    distinct, which = np.unique(inputs[hit], return_inverse=True)
+    copies = [np.array(sorted(core.replicas[int(i)]), dtype=np.int64) for i in distinct.tolist()]
+    counts = np.array([len(x) for x in copies], dtype=np.int64)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    flat = np.concatenate(copies)
+    per_slot = counts[which]                                  # copies of each hit slot's input
+    slot = np.repeat(hit, per_slot)
+    k = np.arange(len(slot)) - np.repeat(np.cumsum(per_slot) - per_slot, per_slot)
+    workers = index[flat[np.repeat(starts[which], per_slot) + k]]
+    keep = workers >= 0
+    return (np.concatenate([task_pos, task_pos[slot][keep]]), np.concatenate([holder, workers[keep]]),
+            np.concatenate([sizes, sizes[slot][keep]]))
 
 
 def _largest_input(inputs: np.ndarray, task_pos: np.ndarray, sizes: np.ndarray, n: int) -> np.ndarray:
