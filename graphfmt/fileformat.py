@@ -419,6 +419,7 @@ class _Source:
         self.stream = stream
         self.position = 0
         self.short = 0   # bytes that the last read cut short did get
+        self.partial = b""   # the first of them
 
     def read(self, n: int, what: str | bytes) -> memoryview:
         """``what`` names the piece for the error: text, or a chunk kind (bytes)."""
@@ -428,6 +429,7 @@ class _Source:
             chunk = memoryview(_read_exact(self.stream, n))
         if len(chunk) < n:
             self.short = len(chunk)
+            self.partial = bytes(chunk[:len(MAGIC)])
             if isinstance(what, bytes):
                 what = f"{_text(what)} chunk"
             raise GraphError(f"truncated file: {what} at byte {self.position} is cut short")
@@ -619,6 +621,8 @@ def _read_header(source: _Source) -> memoryview:
     except GraphError:
         if source.position == 0 and source.short == 0:
             raise GraphError("empty file: not a graph file") from None
+        if source.position == 0 and not MAGIC.startswith(source.partial):
+            raise GraphError("not a loomctl graph file (wrong magic number)") from None
         raise
 
 

@@ -1,6 +1,9 @@
-"""Plans from files: Python plan scripts, TOML task files, and command lists.
+"""Plans from files: graph files, Python plan scripts, TOML task files, command lists.
 
 Invariants:
+- ``plan_kind`` decides what a file is: the graph file magic number first, then the
+  name (.loom graph, .py script, .toml task file, .txt command list), or the kind the
+  caller names. A file that claims to be a graph file and is not one is an error.
 - Every loader returns a Graph whose result flags mark what the user asked for, or
   raises PlanError with one line naming the file (and task) at fault.
 - A plan script runs with a global ``params`` (dict of the ``-p KEY=VALUE`` strings)
@@ -15,13 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 import traceback
 import types
 
 import cloudpickle
 
+import graphfmt
 from graphfmt import tasks
+from graphfmt.fileformat import MAGIC
 from graphfmt.graph import Graph
 from graphfmt.plan import as_task_list, build_graph
 
@@ -30,12 +36,63 @@ class PlanError(Exception):
     """A plan source could not be turned into a graph."""
 
 
-def load_plan(path: str, params: dict[str, str] | None = None) -> Graph:
-    """Any plan source, chosen by file name: ``.py`` script, ``.toml`` task file,
-    otherwise one shell command per line."""
-    if path.endswith(".py"):
+KINDS = ("graph", "script", "toml", "commands")
+EXTENSIONS = {".loom": "graph", ".py": "script", ".toml": "toml", ".txt": "commands"}
+
+
+def check_file(path: str) -> None:
+    """PlanError unless ``path`` is a regular file this process can read: a directory, a
+    fifo (which would block), a device or an unreadable file is refused at once."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise PlanError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot read: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        what = ("a directory" if stat.S_ISDIR(mode) else "a fifo" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device")
+        raise PlanError(f"{path}: is {what}, not a regular file (- reads standard input)")
+    if not os.access(path, os.R_OK):
+        raise PlanError(f"{path}: cannot read: permission denied")
+
+
+def plan_kind(path: str, kind: str | None = None, stdin_kind: str = "graph") -> str:
+    """What ``path`` holds: ``kind`` when given; for "-" (standard input) ``stdin_kind``;
+    a file that starts with the graph file magic number is a graph file whatever its
+    name; otherwise its extension says (see EXTENSIONS). A ``.loom`` file without the
+    magic number, or a name without a known extension, is a PlanError: a damaged or
+    misnamed graph file is never read (let alone run) as another kind of plan."""
+    if kind is not None and kind not in KINDS:
+        raise PlanError(f"unknown kind of plan source {kind!r}; choose one of {', '.join(KINDS)}")
+    if path == "-":
+        return kind or stdin_kind
+    check_file(path)
+    if kind is not None:
+        return kind
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC))
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot read: {exc.strerror}") from None
+    if head and MAGIC.startswith(head):   # the magic number, or a cut-short graph file
+        return "graph"
+    kind = EXTENSIONS.get(os.path.splitext(path)[1].lower())
+    if kind == "graph":
+        raise PlanError(f"{path}: not a graph file (wrong magic number)")
+    if kind is None:
+        raise PlanError(f"{path}: not a graph file, and its name does not say which plan source it is "
+                        f"(.py plan script, .toml task file, .txt command list)")
+    return kind
+
+
+def load_source(path: str, kind: str, params: dict[str, str] | None = None) -> Graph:
+    """The graph of a source whose kind ``plan_kind`` found; GraphError or PlanError."""
+    if kind == "graph":
+        return graphfmt.read(path)
+    if kind == "script":
         return load_script(path, params)
-    if path.endswith(".toml"):
+    if kind == "toml":
         return load_toml(path)
     return load_lines(path)
 
@@ -103,11 +160,18 @@ def graph_of_results(results, origin: str) -> Graph:
 def load_lines(path: str) -> Graph:
     """One ``run`` task per non-empty, non-comment line, run by ``sh -c``; every task
     is a result (its standard output)."""
+    name = "standard input" if path == "-" else path
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines() if path != "-" else sys.stdin.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PlanError(f"cannot read command list {path}: {exc}") from None
+        if path == "-":
+            text = sys.stdin.buffer.read().decode("utf-8")
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as exc:
+        raise PlanError(f"cannot read command list {name}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"command list {name} is not UTF-8 text (byte {exc.start})") from None
+    lines = text.splitlines()
     results = []
     for number, line in enumerate(lines, 1):
         command = line.strip()
@@ -117,7 +181,7 @@ def load_lines(path: str) -> Graph:
         task.label = f"line:{number}"
         results.append(task)
     if not results:
-        raise PlanError(f"command list {path} has no commands")
+        raise PlanError(f"command list {name} has no commands")
     return build_graph(results)[0]
 
 
@@ -150,6 +214,7 @@ class _TomlPlan:
         self.built: dict[str, tasks.Task] = {}
         self.building: set[str] = set()
         self.files: dict[str, tasks.Task] = {}
+        self.picks: dict[tuple[str, str], tasks.Task] = {}   # (task, output) -> its get task
 
     def fail(self, name: str, message: str):
         raise PlanError(f"task file {self.path}: task {name!r}: {message}")
@@ -157,17 +222,31 @@ class _TomlPlan:
     def graph(self) -> Graph:
         for name in self.specs:
             self.task(name)
-        consumed = {id(x) for t in self.built.values() for x in t.inputs}
+        consumed = {id(x) for t in [*self.built.values(), *self.picks.values()] for x in t.inputs}
         results = [t for name, t in self.built.items()
                    if self.specs[name].get("result", id(t) not in consumed)]
         return build_graph(results)[0]
 
     def source(self, owner: str, ref) -> tasks.Task:
-        """'@name' is another task's output; anything else is a file path."""
+        """'@name' is another task's output, '@name/file' the output ``file`` of a task
+        with several; anything else is a file path."""
         if not isinstance(ref, str) or not ref:
-            self.fail(owner, f"input {ref!r} must be '@task' or a file path")
+            self.fail(owner, f"input {ref!r} must be '@task', '@task/file' or a file path")
         if ref.startswith("@"):
-            return self.task(ref[1:], owner)
+            name, sep, output = ref[1:].partition("/")
+            task = self.task(name, owner)
+            if not sep:
+                return task
+            outputs = self.specs[name].get("outputs", [None])
+            if output not in outputs:
+                listed = ", ".join(repr(o) for o in outputs if o is not None) or "none (it gives its standard output)"
+                self.fail(owner, f"input {ref!r}: task {name!r} has no output {output!r}; its outputs: {listed}")
+            if len(outputs) == 1:
+                return task
+            key = (name, output)
+            if key not in self.picks:
+                self.picks[key] = tasks.get(task, outputs.index(output))
+            return self.picks[key]
         path = os.path.normpath(os.path.join(self.base, ref))
         if path not in self.files:
             self.files[path] = tasks.open(path)

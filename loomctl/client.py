@@ -14,6 +14,10 @@ Invariants:
   whenever the client reads its socket, so waiting never loses a notification.
 - An error that belongs to one task is a TaskFailed, also when the server refuses a
   submission because of that task.
+- Every blocking call raises LoomConnectionError within ``server_grace`` seconds (3 by
+  default) of the server going away (its connection closed, or silent for 3 s). A server
+  that comes back within that time (the same one, or one restarted from its journal) is
+  joined again and the jobs of live futures are followed again, so waits go on.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from __future__ import annotations
 import itertools
 import os
 import socket as _socket
+import time
 from typing import Iterator
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 import graphfmt
 from graphfmt import symbols as S
@@ -34,6 +40,9 @@ from graphfmt.tasks import Task
 from loomctl import protocol as P
 from loomctl.access import AccessError, connect_address, read_access
 from loomctl.worker import data as D
+
+
+SERVER_GRACE_S = 3.0   # a blocking call raises LoomConnectionError this long after the server went
 
 
 class LoomException(Exception):
@@ -124,7 +133,8 @@ class Future:
 
 class Client:
     def __init__(self, address: str | None = None, port: int | None = None,
-                 server_dir_path: str | None = None, secret: str | None = ..., timeout: float = 30.0):
+                 server_dir_path: str | None = None, secret: str | None = ..., timeout: float = 30.0,
+                 server_grace: float = SERVER_GRACE_S):
         access = None
         try:
             access = read_access(server_dir_path)
@@ -140,7 +150,14 @@ class Client:
         self.secret = secret
         self.timeout_ms = int(timeout * 1000)
         self.ctx = zmq.Context()
+        self.server_grace = server_grace
+        self.lost_since: float | None = None   # when the connection to the server closed
+        self._rejoin_pending = False
         self.sock = self._connect(connect_address(address, port), "client")
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
         self.peers: dict[str, zmq.Socket] = {}
         self.req = itertools.count(1)
         self.futures: dict[int, Future] = {}
@@ -157,6 +174,8 @@ class Client:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)   # notices (RELEASE) are queued, never dropped
         sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)      # a server host that vanished without
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)  # closing the connection counts as gone
         sock.connect(address)
         try:
             P.client_handshake(sock, role, self.secret, self.timeout_ms)
@@ -179,9 +198,22 @@ class Client:
         return reply
 
     def _poll(self, timeout_ms: int) -> bool:
-        """Read every waiting message (waiting up to timeout_ms for the first)."""
-        if not self.sock.poll(timeout_ms, zmq.POLLIN):
-            return False
+        """Read every waiting message (waiting up to timeout_ms for the first).
+        LoomConnectionError once the server has been gone for ``server_grace`` seconds."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            wait = max(0, min(deadline - time.monotonic(), 0.25))
+            ready = dict(self.poller.poll(int(wait * 1000)))
+            if self.monitor in ready:
+                self._on_monitor()
+                if self._rejoin_pending:
+                    self._rejoin()
+            if self.lost_since is not None and time.monotonic() - self.lost_since >= self.server_grace:
+                raise LoomConnectionError(f"the server is gone (no connection for {self.server_grace:g} s)")
+            if self.sock in ready:
+                break
+            if time.monotonic() >= deadline:
+                return False
         while True:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -190,7 +222,60 @@ class Client:
             kind, body, _ = P.decode(frames)
             self._apply(kind, body)
 
+    def _on_monitor(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            except Exception:   # a malformed monitor frame: nothing to learn from it
+                return
+            if event == zmq.EVENT_DISCONNECTED and self.lost_since is None:
+                self.lost_since = time.monotonic()
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self.lost_since is not None:
+                self.lost_since = None
+                self._rejoin_pending = True   # (the server may be a restarted one)
+
+    def _rejoin(self) -> None:
+        """The connection came back: prove the secret again (a restarted server does not
+        know this client) and follow the jobs of live futures again, taking what the
+        server says of them (results held, status, error)."""
+        self._rejoin_pending = False
+        self.sock.send_multipart(P.encode(P.HELLO, {"role": "client", "version": P.PROTOCOL_VERSION}))
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while True:
+            if not self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
+                raise LoomConnectionError("the server came back but did not answer this client")
+            kind, body, _ = P.decode(self.sock.recv_multipart())
+            if kind == P.CHALLENGE and self.secret is not None:
+                self.sock.send_multipart(P.encode(P.AUTH, {"proof": P.proof(self.secret, body.get("nonce", b""),
+                                                                            "client")}))
+            elif kind == P.WELCOME:
+                break
+            elif kind == P.REFUSED or kind == P.CHALLENGE:
+                raise LoomConnectionError(f"the server that came back refused this client ({body.get('reason')})")
+            elif kind != P.PING:
+                self._apply(kind, body)
+        for job in sorted({f.job for f in self.futures.values()}):
+            try:
+                reply = self._request(P.WAIT_JOB, {"job": job})
+            except LoomError as exc:   # a server without this job (no journal, or it retired it)
+                self.job_errors[job] = {"job": job, "id": -1, "label": "", "worker": "",
+                                        "message": f"the server came back without this job: {exc}"}
+                continue
+            for task_id, address in zip(P.ids_from_bytes(reply.get("ids", b"")).tolist(), reply.get("addresses", [])):
+                future = self.futures.get(task_id)
+                if future is not None:
+                    future.address = address
+            if reply.get("error"):
+                self.job_errors[job] = reply["error"]
+            if reply.get("status") and reply["status"] != "running":
+                self.job_status[job] = reply["status"]
+
     def _apply(self, kind: bytes, body: dict) -> None:
+        if kind == P.REFUSED:   # a server restarted on the address: it does not know us
+            raise LoomConnectionError(f"the server no longer knows this client ({body.get('reason')}); "
+                                      "it was restarted or dropped this connection")
         if kind in (P.REPLY, P.ERROR):
             self.replies[body.get("req")] = (kind, body)
         elif kind == P.RESULTS_READY:
@@ -278,6 +363,22 @@ class Client:
         """Status and per-state task counts of a job; also applies pending pushes."""
         return self._request(P.JOB_RESULTS, {"job": job})
 
+    def wait_notice(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a message from the server (a result notice,
+        a failed task, the end of a job) and apply it; False when none came."""
+        return self._poll(int(timeout * 1000))
+
+    def job_futures(self, job: int) -> tuple[dict, list[Future]]:
+        """The progress of any job (e.g. a detached one, submitted by another client) and
+        a future for each result it still holds, in task id order."""
+        info = self.job_progress(job)
+        futures = []
+        for task_id, address in zip(P.ids_from_bytes(info["ids"]).tolist(), info["addresses"]):
+            future = Future(self, task_id, job)
+            future.address = address
+            futures.append(future)
+        return info, futures
+
     def submit_one(self, task: Task, load: bool = False) -> Future:
         return self.submit([task], load)[0]
 
@@ -350,14 +451,14 @@ class Client:
         while True:
             if not sock.poll(self.timeout_ms, zmq.POLLIN):
                 raise LoomConnectionError(f"worker at {address} did not send the data of tasks {ids}")
-            kind, body, blobs = P.decode(sock.recv_multipart())
+            kind, body, blobs = P.decode(sock.recv_multipart(copy=False))
             if kind == P.DATA and body.get("req") == req:
                 break
         missing = P.ids_from_bytes(body.get("missing", b"")).tolist()
         if missing:
             raise LoomError(f"worker at {address} no longer holds the data of tasks {missing}")
         found = P.ids_from_bytes(body["ids"]).tolist()
-        return {t: D.to_client(D.decode(blob)) for t, blob in zip(found, blobs)}
+        return {t: D.to_client(D.decode_parts(parts)) for t, parts in zip(found, D.data_parts(blobs, body.get("parts")))}
 
     def gather(self, futures) -> list:
         futures = _as_list(futures)
@@ -402,6 +503,11 @@ class Client:
             sock.close(0)
         self.peers.clear()
         if not self.sock.closed:
+            try:
+                self.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self.monitor.close(0)
             self.sock.close(0)
         self.ctx.term()
 

@@ -53,6 +53,14 @@ class ReleaseData:
 
 
 @dataclass(slots=True)
+class CancelTasks:
+    """Stop these tasks: drop them if queued, kill a running program (its process
+    group), discard the result of a running Python task."""
+    target: bytes
+    ids: np.ndarray
+
+
+@dataclass(slots=True)
 class PeerLost:
     target: bytes
     address: str
@@ -97,7 +105,7 @@ class JobDone:
     counts: dict
 
 
-WORKER_COMMANDS = (Compute, ReleaseData, PeerLost, Stop, StealTasks)
+WORKER_COMMANDS = (Compute, ReleaseData, CancelTasks, PeerLost, Stop, StealTasks)
 CLIENT_COMMANDS = (ResultsReady, TaskFailed, JobDone)
 
 
@@ -111,6 +119,9 @@ class Register:
     symbols: list             # task types it runs; empty: the built-ins
     data_address: str         # tcp://host:port of its data socket
     memory_limit: int | None = None
+    held: np.ndarray | None = None          # data objects it holds already (it joins again)
+    held_sizes: np.ndarray | None = None
+    held_lengths: np.ndarray | None = None
 
 
 @dataclass(slots=True)

@@ -20,7 +20,10 @@ A router drops (and logs) every other message from a peer that is not welcome.
 Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-global):
   worker -> server
     REGISTER  {name, hostname, pid, cpus, resources: {name: amount}, symbols: [str],
-               data_address: "tcp://host:port", work_dir}      -> REPLY {worker_id}
+               data_address: "tcp://host:port", work_dir, memory_limit,
+               held, held_sizes, held_lengths: ids (data objects it still holds: a worker
+               joining again after the server dropped it, or after a server restart)}
+                                                               -> REPLY {worker_id}
     UPDATE    {finished: ids, sizes: ids, lengths: ids,          (one batch of reports)
                failed: [[id, message]], redirects: [[id, graph_file_bytes]],
                replicas: ids (objects fetched from peers, now also held here),
@@ -28,7 +31,8 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
                inline: ids, blobs: [bytes] (optional: finished results sent along, their
                        encodings in the same order; only tasks marked so in COMPUTE, each
                        <= INLINE_BYTES; in the body, as one frame per small blob costs more)}
-    HEARTBEAT {n_data, data_bytes, rss, cpu_percent, running}
+    HEARTBEAT {n_data, data_bytes, rss, cpu_percent, running, running_ids: [task id],
+               queued, heartbeat (a count), data_connections}
   server -> worker
     COMPUTE   {tasks: [[id, symbol, config, [input ids], cpus, resources|None,
                         checkpoint|None, label|None, inline: bool]],
@@ -39,6 +43,9 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
                jobs: ids (optional: the job of each task, in the order of tasks; present
                      only when a task of a traced job is among them)}
     RELEASE_DATA {ids}     STOP {}
+    CANCEL_TASKS {ids}     (their job ended: drop them if queued, kill a running program
+                            with its process group, discard a running Python task's result;
+                            nothing is reported of them)
     PEER_LOST {address}    (the server removed the worker with this data address: give
                             up fetching from it now; tasks left waiting for its data fail
                             with "input ... is unavailable" and the server runs them again)
@@ -65,8 +72,10 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
     TASK_FAILED {job, id, label, symbol, worker, message}
     JOB_DONE {job, status: finished|failed|cancelled, counts: {...}}
   peer/client -> worker data socket
-    FETCH {req, ids} -> DATA {req, ids (found), missing: ids} + one blob per found id
-                        (loomctl.worker.data.encode of the object)
+    FETCH {req, ids} -> DATA {req, ids (found), missing: ids, parts: [frames per found id]}
+                        + the frames of each found object in order (loomctl.worker.data
+                        .encode_parts: a large content is a frame of its own, sent
+                        without a copy; data.decode_parts reads them back)
 
 Invariants:
 - ``decode`` never raises anything but ProtocolError for malformed input.
@@ -84,7 +93,7 @@ import numpy as np
 
 from loomctl import messages as M
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2   # 2: DATA sends each object as its parts (frames), a REGISTER may hold data
 INLINE_BYTES = 4096   # results up to this size travel with the finish report (see UPDATE)
 MAX_MESSAGE = 1 << 30  # the server's limit on one message (a SUBMIT's graph file: ~40M tasks);
                        # zmq drops a bigger one before holding it, from strangers too
@@ -97,6 +106,7 @@ REGISTER, UPDATE, HEARTBEAT = b"REGISTER", b"UPDATE", b"HEARTBEAT"
 COMPUTE, RELEASE_DATA, STOP = b"COMPUTE", b"RELEASE_DATA", b"STOP"
 TRACE = b"TRACE"
 PEER_LOST = b"PEER_LOST"
+CANCEL_TASKS = b"CANCEL_TASKS"
 # client -> server (requests carry "req"; the reply echoes it)
 SUBMIT, RELEASE, STATS, STATUS, CANCEL, TERMINATE, SET_TRACE, JOB_RESULTS, WAIT_JOB = (
     b"SUBMIT", b"RELEASE", b"STATS", b"STATUS", b"CANCEL", b"TERMINATE", b"SET_TRACE",
@@ -180,6 +190,7 @@ _COMMANDS = {
     M.Compute: (COMPUTE, _compute_body),
     M.ReleaseData: (RELEASE_DATA, lambda cmd: {"ids": ids_to_bytes(cmd.ids)}),
     M.PeerLost: (PEER_LOST, lambda cmd: {"address": cmd.address}),
+    M.CancelTasks: (CANCEL_TASKS, lambda cmd: {"ids": ids_to_bytes(cmd.ids)}),
     M.Stop: (STOP, lambda cmd: {}),
     M.ResultsReady: (RESULTS_READY, _results_body),
     M.TaskFailed: (TASK_FAILED, lambda cmd: cmd.error),
@@ -214,8 +225,14 @@ def _register(body: dict) -> M.Register:
     if not isinstance(symbols, list) or not all(isinstance(x, str) for x in symbols):
         raise ProtocolError("REGISTER symbols must be a list of strings")
     limit = body.get("memory_limit")
+    held = ids_from_bytes(field(body, "held", bytes, b""))
+    sizes = ids_from_bytes(field(body, "held_sizes", bytes, b""))
+    lengths = ids_from_bytes(field(body, "held_lengths", bytes, b""))
+    if not len(held) == len(sizes) == len(lengths):
+        raise ProtocolError("REGISTER held/held_sizes/held_lengths differ in length")
     return M.Register(str(body.get("name") or ""), str(body.get("hostname") or ""), cpus, resources, symbols,
-                      address, limit if type(limit) is int and 0 < limit < MAX_COUNT else None)
+                      address, limit if type(limit) is int and 0 < limit < MAX_COUNT else None,
+                      held, sizes, lengths)
 
 
 def _update(body: dict) -> M.Update:
@@ -290,8 +307,16 @@ def check_proof(secret: str, nonce: bytes, role: str, given) -> bool:
     return isinstance(given, bytes) and hmac.compare_digest(proof(secret, nonce, role), given)
 
 
+MAX_PENDING = 10000   # handshakes under way on one ROUTER (beyond: the oldest is dropped)
+
+
 class Gatekeeper:
     """The router side of the handshake, for one ROUTER socket (sans-I/O).
+
+    It keeps one entry per connection (its role, or its handshake under way); the owner
+    calls ``forget`` when the connection goes (``loomctl.routerpeers``), and at most
+    MAX_PENDING handshakes are under way at once (a flood of HELLOs from new connections
+    pushes out the oldest, never everyone's).
 
     ``handle(identity, kind, body)`` returns (admitted, reply): ``admitted`` is True only
     for a message of a peer that completed the handshake; ``reply`` is a message to send
@@ -336,8 +361,9 @@ class Gatekeeper:
                 self.roles[identity] = role
                 return False, encode(WELCOME, self.welcome)
             nonce = new_nonce()
-            if len(self.pending) > 10000:   # bound the memory a flood of hellos can take
-                self.pending.clear()
+            self.pending.pop(identity, None)   # (one per connection: a new HELLO replaces it)
+            if len(self.pending) >= MAX_PENDING:   # a flood of connections: the oldest goes
+                self.pending.pop(next(iter(self.pending)))
             self.pending[identity] = (nonce, role)
             return False, encode(CHALLENGE, {"nonce": nonce})
         if kind == AUTH and identity in self.pending:

@@ -1,16 +1,19 @@
-"""Run the real loomctl command in a subprocess (exit codes and stderr as users see them)."""
+"""Run the real loomctl command in a subprocess (exit codes and stderr as users see them),
+and walk its --help texts to find every command and option."""
 
 import os
+import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def loomctl(*args, input=None, cwd=None, env=None, timeout=60, check=None):
+def loomctl(*args, input=None, cwd=None, env=None, timeout=60, check=None, prefix=()):
     full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "loomctl", *map(str, args)], input=input,
+    proc = subprocess.run([*prefix, sys.executable, "-m", "loomctl", *map(str, args)], input=input,
                           capture_output=True, cwd=cwd, env=full_env, timeout=timeout)
     if check is not None:
         assert proc.returncode == check, (proc.returncode, proc.stdout[-2000:], proc.stderr.decode()[-2000:])
@@ -33,3 +36,64 @@ def final_error(proc, code):
     last = err.strip().splitlines()[-1]
     assert last.startswith("loomctl: error: "), err
     return last
+
+
+PLAIN_ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb", "_TYPER_FORCE_DISABLE_TERMINAL": "1"}
+
+
+def help_text(*command: str) -> str:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **PLAIN_ENV)
+    proc = subprocess.run([sys.executable, "-m", "loomctl", *command, "--help"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, (command, proc.stderr)
+    return proc.stdout
+
+
+_BOX = str.maketrans({c: " " for c in "│╭╮╰╯─┃━┏┓┗┛"})
+
+
+def parse_help(text: str) -> tuple[set[str], list[str]]:
+    """(long options, subcommands) of one --help text, rich boxes or click's plain layout."""
+    options, commands, section = set(), [], None
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)    # colours, should a terminal be forced
+    for raw in text.splitlines():
+        stripped = raw.strip()
+        heading = re.match(r"^[╭┏]─+\s*(\w+)", stripped) or re.match(r"^(\w+):$", stripped)
+        if heading:
+            section = heading.group(1).lower()
+            continue
+        line = raw.translate(_BOX).strip()
+        if not line:
+            continue
+        if section == "options":
+            tokens = line.lstrip("* ").split()
+            for token in tokens:
+                if not token.startswith("-"):
+                    break       # the option names end where the metavar/description starts
+                options.update(re.findall(r"--[a-z][a-z0-9-]*", token))
+        elif section == "commands" and re.match(r"^[a-z][a-z0-9-]*\s{2,}\S", line):
+            commands.append(line.split()[0])
+    return options, commands
+
+
+def walk_tree() -> dict[tuple[str, ...], tuple[set[str], list[str]]]:
+    """Every command path (root included) -> (the long options its --help shows, its
+    subcommands)."""
+    found: dict[tuple[str, ...], tuple[set[str], list[str]]] = {}
+    level = [()]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        while level:
+            texts = list(pool.map(lambda path: help_text(*path), level))
+            next_level = []
+            for path, text in zip(level, texts):
+                options, commands = parse_help(text)
+                assert options, f"no options parsed from `loomctl {' '.join(path)} --help`:\n{text}"
+                found[path] = (options, commands)
+                next_level.extend(path + (c,) for c in commands)
+            level = next_level
+    return found
+
+
+def walk_commands() -> dict[tuple[str, ...], set[str]]:
+    """Every command path (root included) -> the long options its --help shows."""
+    return {path: options for path, (options, _) in walk_tree().items()}

@@ -14,13 +14,15 @@ from clihelp import ROOT
 
 
 class Cluster:
-    def __init__(self, directory, workers=2, cpus=1, auth=True, heartbeat_timeout=5.0, worker_args=()):
+    def __init__(self, directory, workers=2, cpus=1, auth=True, heartbeat_timeout=5.0, worker_args=(),
+                 shared_work_dir=False):
         self.dir = str(directory)
         self.server_dir = os.path.join(self.dir, "server")
         self.env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                         LOOM_SERVER_DIR=self.server_dir)
         self.logs = []
         self.workers = []
+        self.shared_work_dir = os.path.join(self.dir, "work") if shared_work_dir else None
         cmd = ["server", "start", "--port", "0", "--verbose", "--heartbeat-timeout", str(heartbeat_timeout)]
         if not auth:
             cmd.append("--no-auth")
@@ -42,7 +44,7 @@ class Cluster:
 
     def add_worker(self, cpus=1, name=None, extra=()):
         name = name or f"w{len(self.workers)}"
-        work_dir = os.path.join(self.dir, f"work-{name}")
+        work_dir = self.shared_work_dir or os.path.join(self.dir, f"work-{name}")
         proc = self._spawn(["worker", "start", "--cpus", str(cpus), "--name", name, "--work-dir", work_dir,
                             *extra], name)
         self.workers.append(proc)
@@ -104,3 +106,15 @@ def terminate_all(procs) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def wait_until(predicate, what: str, timeout: float = 30, step: float = 0.05):
+    """The first true value of ``predicate()``, polled every ``step`` seconds;
+    AssertionError naming ``what`` when ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

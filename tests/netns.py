@@ -97,6 +97,12 @@ class Network:
             return ["bridge", "-n", self.bridge_ns, "link", "set", "dev", f"p{k}", "state", "0"]
         return ["ip", "-n", self.nodes[k - 1], "link", "set", "eth0", "down"]
 
+    def mend_command(self, k: int) -> list[str]:
+        """The command that undoes ``cut_command(k)``."""
+        if shutil.which("bridge") is not None:
+            return ["bridge", "-n", self.bridge_ns, "link", "set", "dev", f"p{k}", "state", "3"]
+        return ["ip", "-n", self.nodes[k - 1], "link", "set", "eth0", "up"]
+
     def cut(self, k: int) -> None:
         subprocess.run(self.cut_command(k), check=True, capture_output=True, timeout=10)
 

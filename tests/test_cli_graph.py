@@ -20,7 +20,7 @@ def test_build_plan_script_with_parameters(tmp_path):
     (tmp_path / "plan.py").write_text(PLAN)
     out = tmp_path / "plan.loom"
     proc = loomctl("build", tmp_path / "plan.py", "-o", out, "-p", "n=5", check=0)
-    assert b"wrote 6 tasks (1 results)" in proc.stdout
+    assert b"wrote 6 tasks (1 result) to" in proc.stdout
     g = graphfmt.read(str(out))
     assert len(g) == 6 and g.config(5) == b","
 
@@ -90,7 +90,7 @@ def test_add_builds_a_plan_step_by_step(tmp_path):
     g = graphfmt.read(str(f))
     assert g.task_inputs(2).tolist() == [0, 1] and g.label(2) == "greet"
     assert g.result_ids().tolist() == [3]
-    assert S.decode_run(g.config(3)) == {"args": ["wc", "-c"], "map_inputs": [None], "map_outputs": [None]}
+    assert S.decode_run(g.config(3)) == {"args": ["sh", "-c", "wc -c"], "map_inputs": [None], "map_outputs": [None]}
     err = one_line_error(loomctl("add", f, "merge", "0", "17"), code=2)
     assert "task 17 does not exist" in err
     assert len(graphfmt.read(str(f))) == 4
@@ -127,3 +127,39 @@ def test_inspect_into_a_closed_pipe_prints_no_traceback(tmp_path):
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.stdout.decode().strip() == "digraph loom {"
     assert b"Traceback" not in proc.stderr and b"Error" not in proc.stderr
+
+
+def test_add_run_takes_a_shell_line_or_a_program_with_its_arguments(tmp_path):
+    f = tmp_path / "s.loom"
+    numbers = loomctl("add", f, "const", "3\n1\n2\n", check=0).stdout.decode().strip()
+    loomctl("add", f, "run", "sort -n | head -1", "--stdin", numbers, "--result", check=0)
+    loomctl("add", f, "run", "--result", "--", "printf", "%s|%s", "a b", "c", check=0)
+    g = graphfmt.read(str(f))
+    assert S.decode_run(g.config(1))["args"] == ["sh", "-c", "sort -n | head -1"]
+    assert S.decode_run(g.config(2))["args"] == ["printf", "%s|%s", "a b", "c"]
+    proc = loomctl("run", "-n", "1", "--json", f, check=0)
+    assert [r["text"] for r in json.loads(proc.stdout)["results"]] == ["1\n", "a b|c"]
+
+
+TOML_OUTPUTS = """
+[task.split]
+command = "printf 'a\\n' > a.txt; printf 'b\\nc\\n' > b.txt"
+outputs = ["a.txt", "b.txt"]
+
+[task.count]
+command = "wc -l"
+stdin = "@split/b.txt"
+
+[task.first]
+command = "cat in"
+inputs = { "in" = "@split/a.txt" }
+"""
+
+
+def test_toml_picks_one_output_of_a_task_with_several(tmp_path):
+    (tmp_path / "t.toml").write_text(TOML_OUTPUTS)
+    proc = loomctl("run", "-n", "1", "--json", tmp_path / "t.toml", check=0)
+    assert sorted(r["text"].strip() for r in json.loads(proc.stdout)["results"]) == ["2", "a"]
+    (tmp_path / "bad.toml").write_text(TOML_OUTPUTS.replace("@split/a.txt", "@split/c.txt"))
+    err = one_line_error(loomctl("build", tmp_path / "bad.toml"))
+    assert "task 'first': input '@split/c.txt': task 'split' has no output 'c.txt'; its outputs: 'a.txt', 'b.txt'" in err

@@ -449,7 +449,7 @@ def test_an_ended_job_that_holds_nothing_is_retired_and_kept_as_a_status_row():
     assert job2.status == "finished" and env.core.cols.owner[r2] >= 0
 
 
-def test_a_failed_job_is_retired_once_its_running_tasks_came_back():
+def test_a_failed_job_stops_its_running_tasks_and_is_retired():
     env = Env(1, 1)
     job, _ = env.submit([tasks.merge([tasks.run("a"), tasks.run("b")])])
     env.schedule()
@@ -457,7 +457,85 @@ def test_a_failed_job_is_retired_once_its_running_tasks_came_back():
     env.core.tasks_failed(w0, [(ids0[0], "boom")], env.now)
     env.drain()
     assert job.status == "failed"
-    assert env.core.retire_jobs(env.now + 5) == 0             # the other run is still out there
-    env.finish(w1)                                            # its late result is dropped
+    cancels = env.messages(P.CANCEL_TASKS)   # the other run is stopped on its worker
+    assert [P.ids_from_bytes(body["ids"]).tolist() for _, body in cancels] == [ids1]
+    assert env.core.cols.state[ids1[0]] == CANCELLED
     assert env.core.retire_jobs(env.now + 5) == 1 and env.core.jobs == {}
     assert env.core.retired_row(job.id)["status"] == "failed"
+    env.finish(w1)                                            # a late result is released there
+    assert env.messages(P.RELEASE_DATA)[-1][1]["ids"] == P.ids_to_bytes(ids1)
+
+
+def test_a_task_is_never_pinned_to_a_worker_that_cannot_run_it():
+    env = Env(1)
+    gpu = env.core.add_worker(b"w1", register(1, "addr-g", {"gpu": 1}), 0.0)
+    env.wids.append(gpu)
+    env.assigned[gpu] = []
+    big = tasks.const("x")
+    job, (use,) = env.submit([tasks.merge([big])])
+    env.schedule()
+    holder = next(w for w in env.wids if env.assigned[w])
+    env.finish(holder, size=5 << 20)   # 5 MiB on whichever worker made it
+    # a consumer asking for the resource that only the other worker has
+    t = tasks.merge([Ref(job.base)])
+    t.resource_request = tasks.ResourceRequest(1, gpu=1)
+    job2, (tid,) = env.submit([t])
+    env.schedule()
+    assert tid in env.assigned[gpu]   # (it used to wait for ever where its input is)
+
+
+def test_only_tasks_that_were_running_on_a_lost_worker_count_as_attempts():
+    env = Env(1)
+    job, ids = env.submit([tasks.run(f"t{i}") for i in range(8)])
+    env.schedule()
+    wid = env.wids[0]
+    given = sorted(env.assigned[wid])
+    assert len(given) == 2                         # one running, one queued (a queue as long as the cpus)
+    env.core.heartbeat(wid, {"running_ids": given[:1]}, env.now)
+    env.core.remove_worker(wid, env.now)
+    attempts = env.core.cols.attempts
+    assert attempts[given[0]] == 1 and attempts[given[1]] == 0
+    assert (attempts[job.base:job.base + 8] == 0).sum() == 7
+    env.check()
+
+
+def test_a_task_killing_its_worker_fails_its_job_and_the_rest_is_cancelled():
+    env = Env(2)
+    job, ids = env.submit([tasks.run(f"t{i}") for i in range(8)])
+    for k in range(3):
+        env.schedule()
+        wid = env.wids[-1]
+        env.core.remove_worker(wid, env.now)       # no heartbeat: its 2 oldest count
+        env.wids.append(env.core.add_worker(f"w{len(env.wids)}".encode(), register(2), env.now))
+        env.assigned[env.wids[-1]] = []
+        env.drain()
+        env.check()
+    assert job.status == "failed" and "lost 3 times" in job.error["message"]
+    assert job.error["id"] == job.base and (env.core.cols.attempts[job.base + 2:job.base + 8] == 0).all()
+
+
+def test_a_worker_that_joins_again_brings_its_data_back():
+    env = Env(1, 1)
+    a, b = tasks.const("a"), tasks.const("b")
+    top = tasks.merge((tasks.run("cat", [(a, None)]), tasks.run("cat", [(b, None)])))
+    job, (root,) = env.submit([top])
+    env.schedule()
+    env.finish(0)
+    env.finish(1)
+    held_by_1 = [t for t in range(job.base, job.base + 5) if env.core.cols.owner[t] == 1]
+    assert held_by_1
+    env.core.remove_worker(1, env.now)            # dropped (silent too long); its data is recomputed
+    env.wids.remove(1)
+    del env.assigned[1]
+    env.drain()
+    env.check()
+    back = env.core.add_worker(b"w1", register(1, "addr1"), env.now)
+    env.wids.append(back)
+    env.assigned[back] = []
+    held = np.array(held_by_1, dtype=np.int64)
+    env.core.data_returned(back, held, np.full(len(held), 10), np.zeros(len(held), np.int64), env.now)
+    env.drain()
+    env.check()
+    assert (env.core.cols.owner[held] == back).all() and (env.core.cols.state[held] == 3).all()
+    env.run_all()
+    assert job.status == "finished"

@@ -105,6 +105,8 @@ class CoreMachine(RuleBasedStateMachine):
                     assert cmd.target not in self.asked, "a second steal request before the answer"
                     assert set(cmd.ids.tolist()) <= self.given[cmd.target], "asked for tasks it was not given"
                     self.asked[cmd.target] = (cmd.ids.tolist(), cmd.count)
+                elif isinstance(cmd, M.CancelTasks):   # the worker stops them, says nothing
+                    self.given[cmd.target] -= set(cmd.ids.tolist())
             else:
                 assert isinstance(cmd, M.CLIENT_COMMANDS) and cmd.target in CLIENTS
 
@@ -150,6 +152,23 @@ class CoreMachine(RuleBasedStateMachine):
         for t in back:
             self.fetch[key].pop(t, None)
         self.core.tasks_returned(self.wid[key], np.array(back, dtype=np.int64), self.now)
+        self.tick()
+
+    @precondition(lambda self: self.given)
+    @rule(data=st.data())
+    def worker_joins_again(self, data):
+        """A worker the server dropped comes back with the data it still holds."""
+        key = data.draw(st.sampled_from(sorted(self.given)))
+        held = sorted(self.holds[key])
+        self.core.remove_worker(self.wid.pop(key), self.now)
+        self.asked.pop(key, None)
+        self.given[key], self.fetch[key] = set(), {}
+        self.tick()
+        reg = M.Register(key.decode(), "h", 2, {}, [], f"tcp://{key.decode()}:1")
+        self.wid[key] = self.core.add_worker(key, reg, self.now)
+        n = len(held)
+        self.core.data_returned(self.wid[key], np.array(held, dtype=np.int64), np.full(n, 5), np.zeros(n, np.int64),
+                                self.now)
         self.tick()
 
     @rule()
@@ -260,7 +279,10 @@ class CoreMachine(RuleBasedStateMachine):
                 self.tick()
             busy = self.workers_with_tasks()
             if not busy:
-                break
+                if self.core.recheck_at is None:
+                    break
+                self.now = max(self.now, self.core.recheck_at)   # (what no worker can run fails then)
+                continue
             for key in busy:
                 ids = sorted(self.given[key])
                 self.given[key].clear()

@@ -15,68 +15,12 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from clihelp import ROOT
+from clihelp import ROOT, parse_help, walk_commands
 
 MAN = os.path.join(ROOT, "man")
-PLAIN_ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb", "_TYPER_FORCE_DISABLE_TERMINAL": "1"}
-
-
-def help_text(*command: str) -> str:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **PLAIN_ENV)
-    proc = subprocess.run([sys.executable, "-m", "loomctl", *command, "--help"],
-                          capture_output=True, text=True, env=env, timeout=60)
-    assert proc.returncode == 0, (command, proc.stderr)
-    return proc.stdout
-
-
-_BOX = str.maketrans({c: " " for c in "│╭╮╰╯─┃━┏┓┗┛"})
-
-
-def parse_help(text: str) -> tuple[set[str], list[str]]:
-    """(long options, subcommands) of one --help text, rich boxes or click's plain layout."""
-    options, commands, section = set(), [], None
-    text = re.sub(r"\x1b\[[0-9;]*m", "", text)    # colours, should a terminal be forced
-    for raw in text.splitlines():
-        stripped = raw.strip()
-        heading = re.match(r"^[╭┏]─+\s*(\w+)", stripped) or re.match(r"^(\w+):$", stripped)
-        if heading:
-            section = heading.group(1).lower()
-            continue
-        line = raw.translate(_BOX).strip()
-        if not line:
-            continue
-        if section == "options":
-            tokens = line.lstrip("* ").split()
-            for token in tokens:
-                if not token.startswith("-"):
-                    break       # the option names end where the metavar/description starts
-                options.update(re.findall(r"--[a-z][a-z0-9-]*", token))
-        elif section == "commands" and re.match(r"^[a-z][a-z0-9-]*\s{2,}\S", line):
-            commands.append(line.split()[0])
-    return options, commands
-
-
-def walk_commands() -> dict[tuple[str, ...], set[str]]:
-    """Every command path (root included) -> the long options its --help shows."""
-    found: dict[tuple[str, ...], set[str]] = {}
-    level = [()]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        while level:
-            texts = list(pool.map(lambda path: help_text(*path), level))
-            next_level = []
-            for path, text in zip(level, texts):
-                options, commands = parse_help(text)
-                assert options, f"no options parsed from `loomctl {' '.join(path)} --help`:\n{text}"
-                found[path] = options
-                next_level.extend(path + (c,) for c in commands)
-            level = next_level
-    return found
-
-
 @pytest.fixture(scope="module")
 def commands():
     return walk_commands()

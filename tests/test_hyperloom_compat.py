@@ -335,7 +335,7 @@ def test_plan_script_tasks_call_the_scripts_own_functions_and_classes(tmp_path):
     (plans / "plan.py").write_text(PLAN)
     elsewhere = tmp_path / "elsewhere"       # the workers cannot import plan_helpers from here
     elsewhere.mkdir()
-    proc = loomctl("run", "-n", "2", plans / "plan.py", cwd=elsewhere, check=0)
+    proc = loomctl("run", "-q", "-n", "2", plans / "plan.py", cwd=elsewhere, check=0)   # -q: results bare
     assert proc.stdout == b"HELLO PLAN WORLD 9\nHELLO PLAN WORLD 9\n3\nhello plan world|hello plan world"
     assert "__plan__" not in sys.modules
 

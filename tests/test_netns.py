@@ -6,6 +6,8 @@ The client runs in the server's namespace, in a subprocess (``NetnsCluster.run_c
 it prints one JSON line that the tests check. Skipped when not root or when ``ip netns
 add`` fails."""
 
+import subprocess
+
 import pytest
 
 from netns import NetnsCluster, NetnsUnavailable, netns_inode
@@ -129,17 +131,24 @@ def test_worker_cut_off_mid_job_is_detected_and_job_completes(cluster):
     out = c.run_client(CUT_CLIENT, {"n": 12, "cut": c.net.cut_command(3)})
     # the server noticed within its heartbeat timeout (2 s; checked every 0.25 s)
     assert [w["name"] for w in out["lost"]] == ["w1"], out["lost"]
-    assert out["lost"][0]["reason"] == "missed heartbeats", out["lost"]
+    assert out["lost"][0]["reason"] in ("missed heartbeats", "disconnected"), out["lost"]   # (zmq's silence)
     assert 1.0 < out["detected"] < 3.5, out["detected"]
     # ... ran what w1 had (and recomputed what only w1 held) on w0, with the right result
     assert out["value"] == "".join(f"{i}\n+\n" for i in range(12)), out["value"]
     assert [w["name"] for w in out["workers"]] == ["w0"]
     assert out["jobs"][-1]["status"] == "finished", out["jobs"]
     assert out["stats"]["n_data_objects"] == 0
-    # the cut-off worker cannot reach its server any more: it stops by itself
-    code = victim.wait(15)
-    assert code == 4, (code, c.log("w1"))
-    assert "server lost" in c.log("w1")
+    # the cut-off worker runs on, waiting for its server; the link mended, it joins again
+    assert victim.poll() is None, c.log("w1")
+    subprocess.run(c.net.mend_command(3), check=True)
+    back = c.run_client(WAITING_CLIENT + r"""
+with Client(server_dir_path=ARGS["server_dir"]) as client:
+    names = wait_until(lambda: sorted(w["name"] for w in client.status()["workers"]) == ["w0", "w1"], 30)
+    value = client.submit_one(tasks.merge([tasks.const("a"), tasks.const("b")])).gather()
+print(json.dumps({"value": value.decode()}))
+""", {})
+    assert back["value"] == "ab"
+    assert "joined the server again" in c.log("w1", tail=None), c.log("w1")
     assert c.procs["w0"].poll() is None and c.server.poll() is None
     print(f"\ncut w1 {out['cut_after']:.2f} s into the job (data held then: {out['held_at_cut']}); "
           f"server detected the loss after {out['detected']:.2f} s; job done in {out['elapsed']:.2f} s")

@@ -332,7 +332,7 @@ def fetch(ctx, address, ids, secret=None, handshake=True):
         kind, body, blobs = P.decode(sock.recv_multipart())
         assert kind == P.DATA and body["req"] == 7
         return (P.ids_from_bytes(body["ids"]).tolist(), P.ids_from_bytes(body["missing"]).tolist(),
-                [data.decode(b) for b in blobs])
+                [data.decode_parts(parts) for parts in data.data_parts(blobs, body["parts"])])
     finally:
         sock.close(0)
 
@@ -442,7 +442,7 @@ def test_workers_fetch_from_each_other_with_authentication(tmp_path):
 
 def test_worker_stops_when_the_server_is_gone(tmp_path):
     server = FakeServer()
-    thread, box = server.start_worker(work_dir=str(tmp_path / "w"), server_lost_s=0.5)
+    thread, box = server.start_worker(work_dir=str(tmp_path / "w"), server_grace_s=0.5)
     server.wait_registered(1)
     server.sock.close(0)
     thread.join(5)

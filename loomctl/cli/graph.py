@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from typing import List, Optional
 
 import numpy as np
@@ -21,79 +20,39 @@ import graphfmt
 from graphfmt import symbols as S
 from graphfmt import tasks
 from graphfmt.graph import Graph, GraphError, VarBytes, offsets_from_lengths
-from graphfmt.sources import PlanError, load_plan
-from loomctl.cli.output import CliError, ExitCode, JsonOption, Output, QuietOption, key_values, table
+from graphfmt.sources import PlanError, check_file
+from loomctl.cli.common import AsOption, load_graph, parse_params
+from loomctl.cli.output import (CliError, ExitCode, JsonOption, Output, QuietOption, escape, key_values, plural, table,
+                                write_file)
 
 app = typer.Typer()
-
-
-def parse_params(pairs: list[str]) -> dict[str, str]:
-    params = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise CliError(f"parameter {pair!r} is not KEY=VALUE", ExitCode.USAGE)
-        params[key] = value
-    return params
-
-
-def load_graph(source: str, params: dict[str, str] | None = None) -> Graph:
-    """A graph file ("-" for stdin) or a plan source (.py, .toml, command list)."""
-    try:
-        if source != "-" and not os.path.exists(source):
-            raise CliError(f"{source}: no such file", ExitCode.BAD_INPUT)
-        if source == "-" or _is_graph_file(source):
-            return graphfmt.read(source)
-        return load_plan(source, params)
-    except (GraphError, PlanError) as exc:
-        where = "" if str(exc).startswith(("plan script", "task file", "command list")) else f"{source}: "
-        raise CliError(f"{where}{exc}") from None
-
-
-def _is_graph_file(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(len(graphfmt.fileformat.MAGIC)) == graphfmt.fileformat.MAGIC
 
 
 def write_graph(graph: Graph, dest: str) -> None:
     if dest == "-":
         if sys.stdout.isatty():
-            raise CliError("refusing to write a binary graph to a terminal; use -o FILE", ExitCode.USAGE)
+            raise CliError("refusing to write a binary graph to a terminal; use -o FILE or a pipe", ExitCode.USAGE)
         graphfmt.write("-", graph)
         return
-    directory = os.path.dirname(os.path.abspath(dest))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".loom-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            graphfmt.write(f, graph)
-        os.replace(tmp, dest)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_file(dest, lambda f: graphfmt.write(f, graph))
 
 
 @app.command()
 def build(
-    source: str = typer.Argument(..., help="Plan script (.py), TOML task file (.toml), or a text file with one shell command per line; - reads commands from stdin."),
-    output: str = typer.Option(..., "-o", "--output", help="Graph file to write; - for stdout."),
+    source: str = typer.Argument(..., help="Plan script (.py), TOML task file (.toml), command list (.txt: one shell "
+                                 "command per line), or graph file; - reads a command list from stdin."),
+    output: str = typer.Option("-", "-o", "--output", help="Graph file to write; - for stdout (the default)."),
     param: List[str] = typer.Option([], "-p", "--param", help="KEY=VALUE passed to a plan script in its 'params' dict (repeatable)."),
+    as_: Optional[str] = AsOption,
     json_mode: bool = JsonOption, quiet: bool = QuietOption,
 ):
     """Build a graph file from a plan script, a TOML task file or a command list."""
-    params = parse_params(param)
-    if source == "-":
-        from graphfmt.sources import load_lines
-        try:
-            graph = load_lines("-")
-        except PlanError as exc:
-            raise CliError(str(exc)) from None
-    else:
-        graph = load_graph(source, params)
+    graph = load_graph(source, parse_params(param), as_, stdin_kind="commands")
     write_graph(graph, output)
     if output != "-":
         data = {"output": output, "tasks": len(graph), "results": int(len(graph.result_ids()))}
         Output(json_mode, quiet).emit(
-            data, lambda d: f"wrote {d['tasks']} tasks ({d['results']} results) to {d['output']}")
+            data, lambda d: f"wrote {plural(d['tasks'], 'task')} ({plural(d['results'], 'result')}) to {d['output']}")
 
 
 ADD_KINDS = ("const", "open", "merge", "split", "save", "array", "get", "slice", "size", "length", "run")
@@ -104,11 +63,10 @@ def add(
     file: str = typer.Argument(..., help="Graph file to append to (created when missing)."),
     kind: str = typer.Argument(..., help=f"Task kind: {', '.join(ADD_KINDS)}."),
     args: List[str] = typer.Argument(None, help="const: TEXT; open: PATH; merge/array: IDS; split/size/length: ID; "
-                                     "save: ID PATH; get: ID INDEX; slice: ID START END; run: COMMAND..."),
+                                     "save: ID PATH; get: ID INDEX; slice: ID START END; run: a shell line, or -- PROGRAM ARGS..."),
     stdin: Optional[int] = typer.Option(None, "--stdin", help="run: task id whose data feeds standard input."),
     input_: List[str] = typer.Option([], "--input", "-i", help="run: ID:NAME, the data of task ID as file NAME ($NAME: a variable)."),
     output_: List[str] = typer.Option([], "--output", help="run: a file the program writes (default: its stdout); repeatable."),
-    shell: bool = typer.Option(False, "--shell", help="run: run COMMAND with sh -c."),
     delimiter: str = typer.Option("", "--delimiter", "-d", help="merge: text between inputs; split: the delimiter byte."),
     label: Optional[str] = typer.Option(None, "--label", "-l", help="Label of the task."),
     cpus: Optional[int] = typer.Option(None, "--cpus", help="Cpus the task reserves (run and save default to 1)."),
@@ -120,7 +78,7 @@ def add(
     args = list(args or [])
     refs = _Refs()
     try:
-        task = _make_task(kind, args, refs, stdin, input_, output_, shell, delimiter)
+        task = _make_task(kind, args, refs, stdin, input_, output_, delimiter)
     except (ValueError, IndexError) as exc:
         raise CliError(f"add {kind}: {exc}", ExitCode.USAGE) from None
     task.label = label
@@ -133,12 +91,16 @@ def add(
     input_ids = [S.decode_u64(x.config) for x in task.inputs]
     graph = _one_task_graph(task, input_ids, result)
     try:
+        if os.path.lexists(file):
+            check_file(file)
         existing = graphfmt.read(file, validate=False) if os.path.exists(file) and os.path.getsize(file) else None
         size = len(existing) if existing is not None else 0
         missing = [i for i in input_ids if i >= size]
         if missing:
             raise CliError(f"add {kind}: task {missing[0]} does not exist in {file} ({size} tasks)", ExitCode.USAGE)
         new_id = graphfmt.append(file, graph)
+    except PlanError as exc:
+        raise CliError(str(exc)) from None
     except GraphError as exc:
         raise CliError(f"{file}: {exc}") from None
     Output(json_mode, quiet).emit({"id": new_id}, lambda d: str(d["id"]), essential=new_id)
@@ -174,7 +136,7 @@ class _Refs:
         return self.placeholders.setdefault(task_id, tasks.Task(S.FUTURE, (), S.encode_u64(task_id)))
 
 
-def _make_task(kind, args, refs, stdin, inputs, outputs, shell, delimiter) -> tasks.Task:
+def _make_task(kind, args, refs, stdin, inputs, outputs, delimiter) -> tasks.Task:
     def need(count):
         if len(args) != count:
             raise ValueError(f"expects {count} argument(s), got {len(args)}")
@@ -205,7 +167,9 @@ def _make_task(kind, args, refs, stdin, inputs, outputs, shell, delimiter) -> ta
     if kind == "run":
         if not args:
             raise ValueError("needs a command")
-        command = ["sh", "-c", " ".join(args)] if shell else (args[0].split() if len(args) == 1 else args)
+        # one argument is a shell line (as TOML `command` and command lists); several are
+        # the program and its arguments, run without a shell
+        command = ["sh", "-c", args[0]] if len(args) == 1 else args
         pairs = []
         if stdin is not None:
             pairs.append((refs.task(str(stdin)), None))
@@ -222,10 +186,11 @@ def _make_task(kind, args, refs, stdin, inputs, outputs, shell, delimiter) -> ta
 def inspect(
     source: str = typer.Argument(..., help="Graph file, plan source, or - for a graph on stdin."),
     dot: bool = typer.Option(False, "--dot", help="Print the graph in Graphviz DOT instead of a summary."),
+    as_: Optional[str] = AsOption,
     json_mode: bool = JsonOption, quiet: bool = QuietOption,
 ):
     """Validate a graph and summarise it: task types, results, sources, depth, critical path."""
-    graph = load_graph(source)
+    graph = load_graph(source, kind=as_)
     if dot:
         sys.stdout.write(to_dot(graph))
         return
@@ -262,20 +227,21 @@ def to_dot(graph: Graph) -> str:
 
 
 def _dot_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
+    return escape(text.replace("\\", "\\\\").replace('"', '\\"'))
 
 
 @app.command()
 def cat(
-    sources: List[str] = typer.Argument(..., help="Graph files or plan sources to compose, in order."),
-    output: str = typer.Option(..., "-o", "--output", help="Graph file to write; - for stdout."),
+    sources: List[str] = typer.Argument(..., help="Graph files or plan sources to compose, in order (- for a graph on stdin)."),
+    output: str = typer.Option("-", "-o", "--output", help="Graph file to write; - for stdout (the default)."),
+    as_: Optional[str] = AsOption,
     json_mode: bool = JsonOption, quiet: bool = QuietOption,
 ):
     """Compose graphs into one file; ids of each later graph are offset so they never clash."""
-    graphs = [load_graph(s) for s in sources]
+    graphs = [load_graph(s, kind=as_) for s in sources]
     graph = Graph.concat(graphs)
     write_graph(graph, output)
     if output != "-":
         offsets = np.cumsum([0] + [len(g) for g in graphs[:-1]]).tolist()
         data = {"output": output, "tasks": len(graph), "offsets": dict(zip(sources, offsets))}
-        Output(json_mode, quiet).emit(data, lambda d: f"wrote {d['tasks']} tasks to {d['output']}")
+        Output(json_mode, quiet).emit(data, lambda d: f"wrote {plural(d['tasks'], 'task')} to {d['output']}")

@@ -13,15 +13,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-from loomctl.cli.graph import load_graph, parse_params
-from loomctl.cli.job import run_to_end
-from loomctl.cli.output import CliError, ExitCode, JsonOption, QuietOption
+from loomctl.cli.common import (AsOption, load_graph, parse_params, run_to_end, start_server, stop_processes,
+                                stop_server)
+from loomctl.cli.output import CliError, ExitCode, JsonOption, Output, QuietOption, check_output_dir
 
 root = typer.Typer()
 
@@ -32,7 +31,8 @@ def run(
     workers: int = typer.Option(2, "--workers", "-n", help="Number of local worker processes."),
     cpus: int = typer.Option(1, "--cpus", "-c", help="Cpus of each worker."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Directory for result files, or - for stdout (default)."),
-    param: list[str] = typer.Option([], "-p", "--param", help="KEY=VALUE for a plan script (repeatable)."),
+    param: List[str] = typer.Option([], "-p", "--param", help="KEY=VALUE for a plan script (repeatable)."),
+    as_: Optional[str] = AsOption,
     load_checkpoints: bool = typer.Option(False, "--load-checkpoints", help="Take existing checkpoint files as results."),
     trace: Optional[str] = typer.Option(None, "--trace", help="Write a trace of the run into this directory."),
     keep_failed: bool = typer.Option(False, "--keep-failed", help="Keep working directories of failed programs."),
@@ -41,7 +41,9 @@ def run(
     """Run a plan locally: start a server and workers, run it, print or save the results, stop."""
     if workers < 1 or cpus < 1:
         raise CliError("--workers and --cpus must be at least 1", ExitCode.USAGE)
-    graph = load_graph(source, parse_params(param))
+    graph = load_graph(source, parse_params(param), as_)
+    if output not in (None, "-"):
+        check_output_dir(output)
     from loomctl.client import Client, LoomError
     # the embedded server speaks only through run's own output and errors
     logging.getLogger("loomctl.server").setLevel(logging.ERROR)
@@ -55,35 +57,12 @@ def run(
             if trace:
                 client.set_trace(trace)
             job, futures = client.submit_graph(graph, load=load_checkpoints, name=os.path.basename(source))
-            run_to_end(client, job, futures, output, json_mode, quiet)
+            run_to_end(client, job, futures, output, Output(json_mode, quiet))
         except LoomError as exc:
             raise CliError(str(exc), ExitCode.UNAVAILABLE) from None
         finally:
             stop_server(client, server, thread)
             stop_processes(procs)
-
-
-def start_server(host: str, server_dir: str, trace_dir: str | None):
-    """A server in this process, serving from a daemon thread: (server, thread)."""
-    from loomctl.server.process import Server
-    try:
-        server = Server(host=host, port=0, server_dir=server_dir, trace_dir=trace_dir)
-    except Exception as exc:   # OSError, zmq.ZMQError (e.g. not an address of this host)
-        raise CliError(f"cannot start the server on {host}: {exc}", ExitCode.UNAVAILABLE) from None
-    thread = threading.Thread(target=server.serve, name="loomctl-server", daemon=True)
-    thread.start()
-    return server, thread
-
-
-def stop_server(client, server, thread) -> None:
-    """Stop the server (and, through it, its workers); the client is closed."""
-    if client is not None:
-        try:
-            client.terminate()
-        except Exception:
-            client.close()
-    server.running = False
-    thread.join(5)
 
 
 def _start_worker(server_dir: str, cpus: int, k: int, keep_failed: bool) -> subprocess.Popen:
@@ -118,18 +97,3 @@ def _last_line(server_dir: str, k: int) -> str:
         return lines[-1] if lines else "(no output)"
     except OSError:
         return "(no log)"
-
-
-def stop_processes(procs: list) -> None:
-    deadline = time.monotonic() + 5
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(2)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()

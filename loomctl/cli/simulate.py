@@ -29,7 +29,7 @@ def simulate(
     workers: list[str] = typer.Option([], "--workers", "-w", help="NxC: N workers of C cpus (repeatable; required)."),
     bandwidth: str = typer.Option("1G", "--bandwidth", help="Each worker's link, bytes/s each way (1G, 125M, 10Gbit, inf)."),
     latency: str = typer.Option("100us", "--latency", help="One-way latency of every message and fetch (100us, 1ms)."),
-    duration: list[str] = typer.Option([], "--duration", "-d", help="GROUP=SECONDS|uniform:A:B|normal:MEAN:SD|lognormal:MEAN:SD (repeatable)."),
+    duration: list[str] = typer.Option([], "--duration", "-d", help="GROUP=SECONDS|uniform:LOW:HIGH|normal:MEAN:SD|lognormal:MEAN:SD (repeatable)."),
     size: list[str] = typer.Option([], "--size", help="GROUP=BYTES: result size of a label group or task type (repeatable)."),
     durations_from: Optional[str] = typer.Option(None, "--durations-from", help="Trace directory of a real run: durations and sizes per label group."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random durations and sizes."),

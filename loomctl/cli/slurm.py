@@ -29,10 +29,9 @@ from typing import List, Optional
 import typer
 
 from loomctl import __version__
-from loomctl.cli.graph import load_graph, parse_params
-from loomctl.cli.job import run_to_end
-from loomctl.cli.output import CliError, ExitCode, JsonOption, Output, QuietOption
-from loomctl.cli.run import start_server, stop_processes, stop_server
+from loomctl.cli.common import (AsOption, load_graph, parse_params, run_to_end, start_server, stop_processes,
+                                stop_server)
+from loomctl.cli.output import CliError, ExitCode, JsonOption, Output, QuietOption, note
 from loomctl.cluster import slurm
 
 app = typer.Typer(help="Run plans in Slurm allocations.", no_args_is_help=True)
@@ -60,6 +59,7 @@ def submit(
     server_dir: Optional[str] = ServerDirOption,
     trace: Optional[str] = TraceOption,
     param: List[str] = ParamOption,
+    as_: Optional[str] = AsOption,
     load_checkpoints: bool = LoadOption,
     host: Optional[str] = HostOption,
     worker_arg: List[str] = WorkerArgOption,
@@ -73,8 +73,8 @@ def submit(
     if plan == "-":
         raise CliError("the plan must be a file the nodes can read, not -", ExitCode.USAGE)
     params = parse_params(param)
-    graph = load_graph(plan, params)      # a broken plan fails here, not in the queue
-    run_args = _run_args(output, server_dir, trace, param, load_checkpoints, host, worker_arg, srun_arg)
+    graph = load_graph(plan, params, as_)      # a broken plan fails here, not in the queue
+    run_args = _run_args(output, server_dir, trace, param, as_, load_checkpoints, host, worker_arg, srun_arg)
     opts = slurm.BatchOptions(plan=os.path.abspath(plan), nodes=nodes, time=time_limit, partition=partition,
                               cpus_per_node=cpus_per_node, job_name=job_name, sbatch_args=sbatch_arg,
                               run_args=run_args)
@@ -122,11 +122,11 @@ def _abs(path: str | None) -> str | None:
     return path if path in (None, "-") else os.path.abspath(path)
 
 
-def _run_args(output, server_dir, trace, params, load_checkpoints, host, worker_args, srun_args) -> list[str]:
+def _run_args(output, server_dir, trace, params, kind, load_checkpoints, host, worker_args, srun_args) -> list[str]:
     """The options of run-allocation that submit passes on, with absolute paths."""
     args: list[str] = []
     for name, value in (("--output", _abs(output)), ("--server-dir", _abs(server_dir)), ("--trace", _abs(trace)),
-                        ("--host", host)):
+                        ("--host", host), ("--as", kind)):
         if value is not None:
             args += [name, value]
     for pair in params:
@@ -145,6 +145,7 @@ def run_allocation(
     server_dir: Optional[str] = ServerDirOption,
     trace: Optional[str] = TraceOption,
     param: List[str] = ParamOption,
+    as_: Optional[str] = AsOption,
     load_checkpoints: bool = LoadOption,
     host: Optional[str] = HostOption,
     nodes: Optional[int] = typer.Option(None, "--nodes", "-N", min=1, help="Start workers on this many nodes (default: all of the allocation's)."),
@@ -165,7 +166,7 @@ def run_allocation(
     srun = shutil.which("srun")
     if srun is None:
         raise CliError("srun not found on this node", ExitCode.UNAVAILABLE)
-    graph = load_graph(plan, parse_params(param))
+    graph = load_graph(plan, parse_params(param), as_)
     server_dir = os.path.abspath(server_dir or os.path.join(alloc.job_dir, "server"))
     output = _abs(output) or os.path.join(alloc.job_dir, "results")
     os.makedirs(server_dir, mode=0o700, exist_ok=True)
@@ -178,10 +179,10 @@ def run_allocation(
     try:
         server, thread = start_server(address, server_dir, trace)
         if talk:
-            _note(f"Slurm job {alloc.job_id}: server on {alloc.node_name} at {address}:{server.port}, "
+            note(f"Slurm job {alloc.job_id}: server on {alloc.node_name} at {address}:{server.port}, "
                   f"server directory {server_dir}; starting {count} workers with srun (log: {log_path})")
             if count > 1 and slurm.is_loopback(address):
-                _note(f"the server listens on {address}, which only this host reaches; "
+                note(f"the server listens on {address}, which only this host reaches; "
                       "if the nodes are separate hosts, pass --host")
         srun_proc = None
         client = None
@@ -195,7 +196,7 @@ def run_allocation(
             if trace:
                 client.set_trace(trace)
             job, futures = client.submit_graph(graph, load=load_checkpoints, name=os.path.basename(plan))
-            run_to_end(client, job, futures, output, json_mode, quiet)
+            run_to_end(client, job, futures, output, Output(json_mode, quiet))
         except LoomError as exc:
             raise CliError(str(exc), ExitCode.UNAVAILABLE) from None
         finally:
@@ -204,7 +205,7 @@ def run_allocation(
             if srun_proc is not None:
                 stop_processes([srun_proc])
                 if srun_proc.returncode not in (0, None) and talk:
-                    _note(f"the srun step of the workers exited with status {srun_proc.returncode} "
+                    note(f"the srun step of the workers exited with status {srun_proc.returncode} "
                           f"(log: {log_path})")
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -212,11 +213,6 @@ def run_allocation(
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def _note(message: str) -> None:
-    sys.stderr.write(f"loomctl: {message}\n")
-    sys.stderr.flush()
 
 
 def _wait_for_workers(client, count: int, srun_proc, log_path: str, timeout: float, address: str) -> None:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Optional
 
 import typer
 
-from loomctl.cli.output import CliError, ExitCode, JsonOption, Output, QuietOption
+from loomctl.cli.output import (CliError, ExitCode, JsonOption, Output, QuietOption, check_output_file, note,
+                                write_file)
 
 app = typer.Typer(help="Analyse a trace directory: summary tables, a timeline picture, Chrome/Perfetto export.",
                   no_args_is_help=True)
@@ -31,26 +31,21 @@ def _read(directory: str):
         return read_trace(directory)
     except TraceError as exc:
         raise CliError(str(exc), ExitCode.BAD_INPUT) from None
+    except OSError as exc:   # e.g. a directory this user may not list
+        raise CliError(f"{directory}: cannot read: {exc.strerror}", ExitCode.BAD_INPUT) from None
 
 
 def _notes(trace) -> None:
-    for note in trace.notes:
-        sys.stderr.write(f"loomctl: note: {note}\n")
+    for text in trace.notes:
+        note(text)
 
 
-def _write(path: str, data, binary: bool = False) -> None:
-    try:
-        if path == "-":
-            if binary:
-                sys.stdout.buffer.write(data)
-            else:
-                sys.stdout.write(data)
-            sys.stdout.flush()
-            return
-        with open(path, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            f.write(data)
-    except OSError as exc:
-        raise CliError(f"cannot write {path}: {exc.strerror}", ExitCode.BAD_INPUT) from None
+def _write(path: str, text: str) -> None:
+    if path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        write_file(path, lambda f: f.write(text.encode()))
 
 
 @app.command()
@@ -77,6 +72,8 @@ def timeline(
 ):
     """Draw a Gantt chart (one row per worker cpu slot, coloured by label group) with utilisation beneath."""
     from loomctl.trace import report, timeline as tl
+    if output != "-":
+        check_output_file(output)
     kind = "svg" if output == "-" else PICTURE_FORMATS.get(os.path.splitext(output)[1].lower())
     if kind is None:
         raise CliError(f"{output}: unknown picture type (use a .html, .svg or .png file name)", ExitCode.USAGE)
@@ -102,17 +99,19 @@ def timeline(
 @app.command()
 def export(
     directory: str = DirArgument,
-    chrome: Optional[str] = typer.Option(None, "--chrome", help="Write Chrome Trace Event JSON (Perfetto, chrome://tracing) to this file, or - for stdout."),
+    output: str = typer.Option(..., "--output", "-o", "--chrome",
+                               help="File for the Chrome Trace Event JSON (Perfetto, chrome://tracing), or - for stdout; "
+                                    "--chrome is another name for it."),
     json_mode: bool = JsonOption, quiet: bool = QuietOption,
 ):
     """Export the trace for other viewers (Chrome Trace Event JSON)."""
     from loomctl.trace.chrome import chrome_events
-    if chrome is None:
-        raise CliError("say what to export: --chrome OUT.json", ExitCode.USAGE)
+    if output != "-":
+        check_output_file(output)
     trace = _read(directory)
     _notes(trace)
     document = chrome_events(trace)
-    _write(chrome, json.dumps(document, separators=(",", ":")))
-    if chrome != "-":
-        info = {"output": chrome, "events": len(document["traceEvents"])}
-        Output(json_mode, quiet).emit(info, lambda d: f"wrote {d['output']}: {d['events']} events", essential=chrome)
+    _write(output, json.dumps(document, separators=(",", ":")))
+    if output != "-":
+        info = {"output": output, "events": len(document["traceEvents"])}
+        Output(json_mode, quiet).emit(info, lambda d: f"wrote {d['output']}: {d['events']} events", essential=output)

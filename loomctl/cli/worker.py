@@ -21,7 +21,7 @@ from typing import List, Optional
 import typer
 
 from loomctl import access
-from loomctl.cli.output import CliError, ExitCode
+from loomctl.cli.output import CliError, ExitCode, SafeFormatter
 from loomctl.worker.extensions import ExtensionError
 
 app = typer.Typer(help="Start workers.", no_args_is_help=True)
@@ -56,7 +56,7 @@ def resolve_server(address: str | None, server_dir: str | None) -> tuple[str, st
     """(tcp address, secret or None) from ADDRESS and/or the access file."""
     if address is None:
         try:
-            info = access.read_access(server_dir)
+            info = access.find_server(server_dir)
         except access.AccessError as exc:
             raise CliError(str(exc), ExitCode.UNAVAILABLE) from None
         return access.connect_address(info["host"], info["port"]), info.get("secret")
@@ -75,7 +75,7 @@ def _setup_logging(verbose: bool) -> None:
     logger = logging.getLogger("loomctl")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(
+        handler.setFormatter(SafeFormatter(
             "%(asctime)s loomctl-worker[%(process)d] %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO if verbose else logging.WARNING)
@@ -94,6 +94,7 @@ def start(
     keep_failed: bool = typer.Option(False, "--keep-failed", help="Keep the working directory of a failed run task (its path is in the error)."),
     host: Optional[str] = typer.Option(None, "--host", help="Address to serve data on (default: the local address that reaches the server)."),
     memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Memory this worker may use, e.g. 4G (reported to the server)."),
+    server_grace: float = typer.Option(300.0, "--server-grace", min=0, help="Seconds the worker runs on without its server, waiting for it (or a restarted one) to come back; then it exits with status 4."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every task failure and connection event, not only warnings."),
 ):
     """Start a worker: register with the server, run tasks, serve data to other workers."""
@@ -107,7 +108,7 @@ def start(
     _setup_logging(verbose)
     worker = Worker(server_address, secret, cpus if cpus is not None else (os.cpu_count() or 1),
                     work_dir, resources, name, extension, keep_failed, host,
-                    memory_limit=limit)
+                    memory_limit=limit, server_grace_s=server_grace)
     try:
         try:
             worker.start()

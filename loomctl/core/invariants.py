@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from loomctl.core import priority, stealing
-from loomctl.core.tasktable import (ALIAS, ASSIGNED, FINISHED, FLAG_RESULT, LIVE, N_STATES, READY, SKIPPED,
+from loomctl.core.tasktable import (ALIAS, ASSIGNED, FINISHED, FLAG_QUEUED, FLAG_RESULT, LIVE, N_STATES, READY, SKIPPED,
                                     WAITING)
 
 
@@ -48,6 +48,10 @@ def check(core) -> None:
     queued = np.concatenate([*core.ready, core.pool.all()])
     ready = np.flatnonzero(state == READY)
     assert np.isin(ready, queued).all(), "every READY task is in the ready list or the pool"
+    listed = np.concatenate(core.ready) if core.ready else np.zeros(0, np.int64)
+    assert len(np.unique(listed)) == len(listed), "a task is in the ready list once"
+    flagged = np.flatnonzero(c.flags[:n] & FLAG_QUEUED)
+    assert set(flagged.tolist()) == set(listed.tolist()), "FLAG_QUEUED marks the ready list"
     priority.check(core)
     stealing.check(core)
     # workers' load

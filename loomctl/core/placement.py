@@ -16,6 +16,8 @@ Policy (HyperLoom's, computed over whole batches, tasks taken in the order given
   than moving the data). Other tasks go to the least loaded worker with room.
 - Light tasks (no request) are spread by free queue room; up to LIGHT_QUEUE of them may
   be outstanding on one worker.
+- A task is pinned to the worker holding its data only if that worker could run it at
+  all (cpus, named resources, task type): locality never makes a task wait for ever.
 
 Invariants: every returned assignment respects the worker's symbol support and, counting
 queued tasks, never exceeds queue_factor x its cpus; a task appears in at most one assignment.
@@ -278,6 +280,12 @@ def _fits(w: WorkerRoom, cpus: int, request: dict | None, limit_cpus: int) -> bo
     return True
 
 
+def _could_run(w: WorkerRoom, cpus: int, request: dict | None) -> bool:
+    """Whether the worker has the cpus and resources at all (a task is pinned to the
+    data's worker only then: otherwise it would wait there for ever)."""
+    return cpus <= w.cpus and all(w.resources.get(k, 0) >= v for k, v in (request or {}).items())
+
+
 def _place_heavy(positions, cpus, symbols, best, best_bytes, workers, requests, chosen, spill=True,
                  groups=None) -> None:
     if len(positions) >= 8 and not requests and all(w.supports is None for w in workers) \
@@ -294,7 +302,7 @@ def _place_heavy(positions, cpus, symbols, best, best_bytes, workers, requests, 
         request = requests.get(p)
         pref = by_index.get(int(best[p]))
         target = None
-        if pref is not None and _supports(pref, symbols[p]):
+        if pref is not None and _supports(pref, symbols[p]) and _could_run(pref, need, request):
             if _fits(pref, need, request, pref.cpus):
                 target = pref
             elif best_bytes[p] >= LOCALITY_BYTES:

@@ -1,4 +1,5 @@
-"""What workers report: finished tasks, failed tasks, replicas they fetched.
+"""What workers report: finished tasks, failed tasks, replicas they fetched, and the
+data a worker joining again still holds.
 
 Invariants:
 - A report counts only for a task ASSIGNED to the reporting worker: anything else (a
@@ -20,7 +21,7 @@ import numpy as np
 from loomctl import messages as M
 from loomctl.core import jobs
 from loomctl.core import transitions as T
-from loomctl.core.tasktable import ASSIGNED, CANCELLED, FLAG_RESULT, WAITING
+from loomctl.core.tasktable import ASSIGNED, CANCELLED, FLAG_RESULT, READY, WAITING
 
 MAX_REPORTED = 1 << 48   # bound of the sizes and lengths a worker reports (no object is 256 TiB)
 
@@ -53,6 +54,12 @@ def tasks_finished(core, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: 
         if late.any():
             T.transition(core, ids[late], CANCELLED)
             mine &= ~late
+    if worker is not None:   # not assigned here, but ready, wanted and not computed yet (the
+        # report of a task that ran on while its worker was away, its server restarted): taken
+        adopt = ~mine & (c.state[ids] == READY) & (c.holds[ids] > 0)
+        if adopt.any():
+            data_returned(core, wid, ids[adopt], sizes[adopt], lengths[adopt], now)
+            ids, sizes, lengths, mine = ids[~adopt], sizes[~adopt], lengths[~adopt], mine[~adopt]
     stale = ids[~mine]
     if len(stale) and worker is not None:   # cancelled or re-run elsewhere: drop the copy,
         # but not one it holds as the server knows (a report repeated)
@@ -72,8 +79,15 @@ def tasks_finished(core, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: 
     if worker is not None:
         worker.tasks_done += len(ids)
         worker.count_finished(int(np.count_nonzero(c.cpus[ids])), now)
-    results = ids[(c.flags[ids] & FLAG_RESULT) > 0]   # before the transition may release them
     T.transition(core, ids, jobs.FINISHED)
+    _announce(core, ids, worker, now, inline)
+
+
+def _announce(core, ids: np.ndarray, worker, now: float, inline: dict | None = None) -> None:
+    """Tasks of ``ids`` just finished with their data on ``worker``: their watchers hear
+    of the results among them, and the jobs they complete end."""
+    c = core.graph.cols
+    results = ids[(c.flags[ids] & FLAG_RESULT) > 0]
     job_of = c.job[ids]
     if (job_of == job_of[0]).all():   # the usual case: one job
         per_job = [int(job_of[0])]
@@ -91,6 +105,36 @@ def tasks_finished(core, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: 
                 core.commands.append(M.ResultsReady(client, job_id, mine, [address] * len(mine), sent))
         if job.finished >= job.active and job.status == "running":
             jobs.end(core, job, "finished", now)
+
+
+def data_returned(core, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: np.ndarray, now: float) -> None:
+    """Worker ``wid`` joined (again) holding the data of ``ids``: what is still needed is
+    taken as held there (a task being computed again meanwhile, or still running
+    elsewhere, counts as finished: the other run's report will be stale), a copy of data
+    another worker holds is a replica, and the rest is released there."""
+    c = core.graph.cols
+    worker = core.workers[wid]
+    valid = (ids >= 0) & (ids < c.n)
+    ids, sizes, lengths = _first_of_each(ids[valid], sizes[valid], lengths[valid])
+    state, owner, needed = c.state[ids], c.owner[ids], c.holds[ids] > 0
+    replica = (state == jobs.FINISHED) & (owner >= 0) & (owner != wid)
+    for t in ids[replica].tolist():
+        core.replicas.setdefault(t, set()).add(wid)
+    orphan = (state == jobs.FINISHED) & (owner < 0) & needed
+    redone = ((state == WAITING) | (state == READY) | (state == ASSIGNED)) & needed
+    take = orphan | redone
+    taken = ids[take]
+    c.owner[taken] = wid
+    c.size[taken] = np.clip(sizes[take], 0, MAX_REPORTED)
+    c.length[taken] = np.clip(lengths[take], 0, MAX_REPORTED)
+    core.n_data += len(taken)
+    finished = ids[redone]
+    if len(finished):
+        T.transition(core, finished, jobs.FINISHED)
+        _announce(core, finished, worker, now)
+    rest = ids[~(take | replica)]
+    if len(rest):
+        core.commands.append(M.ReleaseData(worker.key, rest))
 
 
 def tasks_failed(core, wid: int, failures: list, now: float) -> None:

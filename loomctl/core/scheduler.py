@@ -9,8 +9,10 @@ Invariants:
   back at the front of the pool.
 - A ready task that no connected worker can ever run (more cpus or named resources
   than any has, or a task type none supports) fails with a message saying so, as soon as
-  at least one worker is connected: at submit, when workers come and go, and in the
-  first round after it became READY (``core.unchecked``).
+  at least one worker is connected: at submit, when a worker joins, and in the first
+  round after it became READY (``core.unchecked``). After a worker is lost the check
+  waits REPLACE_GRACE_S (``core.recheck_at``): a replacement that joins meanwhile may
+  be the one worker that can run it.
 - Cpu tasks are placed once some worker has used up half of its queue or has an idle
   cpu (``placement.wants_work``); light tasks whenever some are ready. A worker that a
   round could not fill is *starved* (``core.starved``) and calls for a round again only
@@ -28,6 +30,7 @@ import numpy as np
 from graphfmt import symbols as S
 from loomctl import messages as M
 from loomctl.core import dynamic, jobs, placement, priority, stealing
+from loomctl.core.workers import recompute_lost
 from loomctl.core import transitions as T
 from loomctl.core.tasktable import ASSIGNED, FLAG_CHECKPOINT, FLAG_LOADED, FLAG_RESULT, READY
 
@@ -41,15 +44,26 @@ class Options:
     #                            count as data, ties spread (off: the rule before, owners only, wait)
 
 
+REPLACE_GRACE_S = 10.0
+
+
 def schedule(core, now: float) -> int:
     """Place ready tasks on workers; returns how many were placed."""
+    if core.hold_until is not None:   # restored: workers that come back bring data first
+        if now < core.hold_until:
+            return 0
+        core.hold_until = None
+        recompute_lost(core)
+    if core.recheck_at is not None and now >= core.recheck_at:   # a worker left a while ago
+        core.recheck_at = None
+        fail_unsatisfiable(core, None, now)
     if not core.workers:
         return 0
     if not (core.ready or len(core.pool)):
         if core.options.steal:
             stealing.request(core, now)
         return 0
-    if core.unchecked:
+    if core.unchecked and core.recheck_at is None:
         fail_unsatisfiable(core, np.concatenate(core.unchecked), now)
     g = core.graph
     c = g.cols
@@ -165,9 +179,7 @@ def _intake(core, now: float) -> None:
     c = g.cols
     dynamic_codes = [g.symbol_codes[s] for s in (S.DSLICE, S.DGET) if s in g.symbol_codes]
     while core.ready:
-        ids = np.concatenate(core.ready) if len(core.ready) > 1 else core.ready[0]
-        core.ready = []
-        ids = ids[c.state[ids] == READY]
+        ids = T.take_ready(core)
         if dynamic_codes and len(ids):
             is_dynamic = np.isin(c.symbol[ids], dynamic_codes)
             if is_dynamic.any():
@@ -233,9 +245,8 @@ def fail_unsatisfiable(core, ids: np.ndarray | None, now: float) -> None:
     c = g.cols
     core.unchecked = []
     if ids is None:   # every ready task: those in the pool go back to core.ready
-        ids = np.concatenate([*core.ready, core.pool.drain()])
-        ids = np.unique(ids[c.state[ids] == READY])
-        core.ready = [ids]
+        ids = np.concatenate([T.take_ready(core), core.pool.drain()])
+        T.put_ready(core, np.unique(ids[c.state[ids] == READY]))
     ids = ids[c.state[ids] == READY]
     if not len(ids):
         return

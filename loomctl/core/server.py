@@ -56,6 +56,9 @@ class ServerCore:
         self.aborted_jobs: set[int] = set()    # cancelled or failed: late results are dropped
         self.ended_jobs: deque[int] = deque()  # ended, not retired yet, in the order they ended
         self.history: deque[dict] = deque(maxlen=JOB_HISTORY)   # status rows of retired jobs
+        self.record: list | None = None        # journal records of what changed (None: no journal)
+        self.hold_until: float | None = None   # a restored server waits for its workers till then
+        self.recheck_at: float | None = None   # when to check again what no worker can run
         self.next_worker = 0
         self.next_job = 1
         self.stats = {"scheduled": 0, "finished": 0, "failed": 0, "rounds": 0, "transfers": 0,
@@ -101,6 +104,9 @@ class ServerCore:
 
     def tasks_returned(self, wid: int, ids: np.ndarray, now: float) -> None:
         stealing.tasks_returned(self, wid, ids, now)
+
+    def data_returned(self, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: np.ndarray, now: float) -> None:
+        reports.data_returned(self, wid, ids, sizes, lengths, now)
 
     def task_redirected(self, wid: int, task_id: int, graph: Graph, now: float) -> None:
         dynamic.redirect(self, wid, task_id, graph, now)
@@ -148,6 +154,7 @@ class ServerCore:
                          "running": w.stats.get("running"), "tasks_done": w.tasks_done,
                          "data_objects": int(len(held)), "data_bytes": int(c.size[held].sum()),
                          "rss": w.stats.get("rss"), "cpu_percent": w.stats.get("cpu_percent"),
+                         "data_connections": w.stats.get("data_connections"), "heartbeat": w.stats.get("heartbeat"),
                          "address": w.data_address, "last_seen_s": round(now - w.last_seen, 3)})
         job_rows = [*self.history, *(self.job_row(job, now) for job in self.jobs.values())]
         lost = [{**w, "ago_s": round(now - w["at"], 1)} for w in self.lost_workers[-20:]]

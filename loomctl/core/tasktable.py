@@ -43,7 +43,8 @@ for _to, _froms in {
               ASSIGNED,      # its worker was lost, an input was stranded, it redirected, or
                              # its worker gave it back before it started (work stealing)
               FINISHED),     # its data was lost and is needed: compute it again
-    FINISHED: (ASSIGNED,),
+    FINISHED: (ASSIGNED,
+               WAITING, READY),   # a worker that joins again still holds its data
     FAILED: (WAITING, READY, ASSIGNED),
     CANCELLED: (WAITING, READY, ASSIGNED),
     SKIPPED: (WAITING, READY),   # replaced at run time (dslice/dget expansion)
@@ -56,6 +57,7 @@ FLAG_EXTRA = 2           # has consumers in extra_consumers
 FLAG_CHECKPOINT = 4      # write the result to its checkpoint path
 FLAG_LOADED = 8          # taken from its checkpoint file instead of computed
 FLAG_OVERRIDE = 16       # symbol/config/inputs replaced at run time (see overrides)
+FLAG_QUEUED = 32         # in the ready list (core.ready), once
 
 _COLUMNS = {
     "state": np.uint8, "flags": np.uint8, "remaining": np.int32, "holds": np.int32,
@@ -71,6 +73,12 @@ class TaskColumns:
         self.capacity = capacity
         for name, dtype in _COLUMNS.items():
             setattr(self, name, np.zeros(capacity, dtype=dtype))
+
+    def skip_to(self, n: int) -> None:
+        """Ids below ``n`` are used (a restored server takes its jobs' ids back): rows up
+        to there exist, unused ones holding nothing."""
+        if n > self.n:
+            self.allocate(n - self.n)
 
     def allocate(self, count: int) -> int:
         """Reserve ``count`` new ids; returns the first. New rows are zero (columns are

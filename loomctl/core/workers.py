@@ -2,11 +2,14 @@
 
 Invariants:
 - ``core.workers`` holds the connected workers by id; ids are never reused.
-- When a worker is lost: its ASSIGNED tasks are WAITING again (a task that was on a
-  lost worker MAX_ATTEMPTS times fails instead; a task of an ended job is cancelled,
-  unless another job's task holds it);
+- When a worker is lost: its ASSIGNED tasks are WAITING again (a task of an ended job
+  is cancelled, unless another job's task holds it); a task that was *running* on a lost
+  worker MAX_ATTEMPTS times fails instead (``presumed_running``: queued tasks never
+  count as attempts);
   its data objects survive where another worker holds a replica and are computed again
   where nothing else holds them and something still needs them (``recompute_lost``).
+- A ready task that only the lost worker could run is not failed at once: the check
+  waits REPLACE_GRACE_S for a replacement (scheduler).
 - When a worker is lost, the others are told (PEER_LOST) to stop fetching from it; a task
   ASSIGNED elsewhere that was to fetch an input from it is ``stranded``: its failure
   report from that worker ("input unavailable") makes it wait and run again, once,
@@ -103,20 +106,34 @@ def remove_worker(core, wid: int, now: float, reason: str = "lost") -> None:
         else:
             c.owner[t] = -1
             core.n_data -= 1
-    ended = np.isin(c.job[assigned], list(core.aborted_jobs)) & (c.holds[assigned] <= 0) \
-        if core.aborted_jobs else None
-    if ended is not None and ended.any():
-        T.transition(core, assigned[ended], CANCELLED)
-        assigned = assigned[~ended]
-    c.attempts[assigned] += 1
-    for t in assigned[c.attempts[assigned] >= MAX_ATTEMPTS].tolist():
+    running = presumed_running(worker, assigned)
+    c.attempts[running] += 1
+    for t in running[c.attempts[running] >= MAX_ATTEMPTS].tolist():
+        if c.state[t] != ASSIGNED:   # (cancelled with its job by a failure just before)
+            continue
         jobs.task_failed(core, t, f"task was running on a worker that was lost {MAX_ATTEMPTS} times "
                                   f"(last: {worker.name}); it may be killing its worker", worker.name, now)
-    retry = assigned[c.state[assigned] == ASSIGNED]
-    T.transition(core, retry, WAITING)
+    assigned = assigned[c.state[assigned] == ASSIGNED]
+    if core.aborted_jobs:   # (a failure above may have ended a job)
+        ended = np.isin(c.job[assigned], list(core.aborted_jobs)) & (c.holds[assigned] <= 0)
+        T.transition(core, assigned[ended], CANCELLED)
+        assigned = assigned[~ended]
+    T.transition(core, assigned, WAITING)
     del core.workers[wid]
     recompute_lost(core)
-    core.fail_unsatisfiable(None, now)
+    from loomctl.core.scheduler import REPLACE_GRACE_S
+    core.recheck_at = now + REPLACE_GRACE_S   # (not at once: a replacement may be on its way)
+
+
+def presumed_running(worker: Worker, assigned: np.ndarray) -> np.ndarray:
+    """Of the tasks ASSIGNED to a lost worker, those it was (or may have been) running:
+    the ones its last heartbeat said were running, and its ``cpus`` oldest (lowest ids;
+    a worker starts its queue in order), so that a task that kills its worker as soon
+    as it starts is counted too. The rest were only queued there."""
+    reported = worker.stats.get("running_ids")
+    ids = [t for t in reported if type(t) is int] if isinstance(reported, list) else []
+    running = assigned[np.isin(assigned, ids)] if ids else assigned[:0]
+    return np.union1d(running, np.sort(assigned)[:max(1, worker.cpus)]).astype(np.int64)
 
 
 def strand(core, wid: int, address: str) -> None:

@@ -53,6 +53,7 @@ class Dispatch:
         self.bad_messages = 0
         self._out: list[tuple[bytes, list]] = []       # to send at the next flush, first
         self._answers: list[tuple[bytes, list]] = []   # answers of this batch, last
+        self._journaled_ids = 0
 
     # ------------------------------------------------------------------ events
     def message(self, identity: bytes, frames: list, now: float) -> None:
@@ -117,6 +118,17 @@ class Dispatch:
         self._answers = []
         return out
 
+    def journal_records(self) -> list:
+        """What changed since the last call, as journal records (see server/journal.py)."""
+        core = self.core
+        if core.record is None:
+            return []
+        records, core.record = core.record, []
+        if core.cols.n != self._journaled_ids:
+            self._journaled_ids = core.cols.n
+            records.append(["ids", int(core.cols.n)])
+        return records
+
     def close(self) -> None:
         if self.tracer is not None:
             self.tracer.close()
@@ -133,7 +145,10 @@ class Dispatch:
             wid = core.add_worker(identity, event, now)
             self.worker_of_key[identity] = wid
             w = core.workers[wid]
-            log.info("worker %s registered: %d cpus at %s", w.name, w.cpus, w.data_address)
+            log.info("worker %s registered: %d cpus at %s%s", w.name, w.cpus, w.data_address,
+                     f", holding {len(event.held)} data objects" if event.held is not None and len(event.held) else "")
+            if event.held is not None and len(event.held):
+                core.data_returned(wid, event.held, event.held_sizes, event.held_lengths, now)
             self._out.append((identity, P.encode(P.REPLY, {"worker_id": wid})))
             if self.tracer is not None:
                 self._out.extend(self.tracer.worker_added(w))
@@ -195,8 +210,12 @@ class Dispatch:
         if isinstance(request, M.Submit):
             graph = graphfmt.read(request.graph)
             trace_dir = self._trace_dir(request.trace)
+            mark = len(core.record) if core.record is not None else 0
             job = core.submit(identity, graph, now, load=request.load, name=request.name, notify=request.notify,
                               trace=request.trace, detached=request.detach)
+            if core.record is not None:   # (before what the submission itself recorded)
+                core.record.insert(mark, ["job", job.id, job.base, request.graph,
+                                          {"name": job.name, "load": request.load, "detached": request.detach}])
             log.info("job %d submitted: %d tasks", job.id, job.n)
             if trace_dir is not None:
                 self._trace_job(job, trace_dir)
@@ -219,7 +238,8 @@ class Dispatch:
             return {"n_workers": len(core.workers), "n_data_objects": core.n_data, "n_tasks": core.cols.n,
                     "n_jobs": len(core.jobs), "bytes_received": self.bytes_received,
                     "messages_received": self.messages_received, "bad_messages": self.bad_messages,
-                    "refused": self.gate.refused, **core.stats}
+                    "refused": self.gate.refused, "connections": len(self.gate.roles),
+                    "handshakes": len(self.gate.pending), **core.stats}
         if request.kind == P.STATUS:
             status = core.status(now)
             status["server"] = {**self.info, "uptime_s": round(now - self.info.get("started", now), 1),

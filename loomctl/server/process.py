@@ -2,7 +2,8 @@
 
 Loop: wait for messages -> drain every message already waiting into the Dispatch ->
 flush (schedule once, send what comes back). Timers every 0.25 s: probe peers whose
-connection closed, retire jobs, remove workers silent for ``heartbeat_timeout``.
+connection closed (``RouterPeers``), retire jobs, remove workers whose loop has been
+silent too long (see BUSY_LOOP_FACTOR).
 This module keeps only sockets, the clock and signals; what a message means is decided
 in ``loomctl.server.dispatch``.
 
@@ -21,13 +22,23 @@ import signal
 import time
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
-
 from loomctl import protocol as P
 from loomctl.access import remove_access, write_access
+from loomctl.core.restore import restore, snapshot
+from loomctl.routerpeers import RouterPeers
+from loomctl.server import journal as J
 from loomctl.server.dispatch import Dispatch
 
 log = logging.getLogger("loomctl.server")
+
+# A worker is lost when its connection closes (at once) or goes silent: zmq's own
+# heartbeats, answered by zmq's I/O thread even while the worker's Python is busy, stop
+# for ``heartbeat_timeout``. A worker whose connection lives but whose loop sent nothing
+# (no heartbeat, no report) for BUSY_LOOP_FACTOR times as long is dropped too; it joins
+# again with its data when its loop comes back.
+BUSY_LOOP_FACTOR = 4
+RESTORE_WAIT_S = 5.0          # a restored server waits this long for workers before computing again
+COMPACT_BYTES = 1 << 20       # the journal is rewritten once this much (and twice its live size) was added
 
 
 def _tracer():
@@ -37,7 +48,16 @@ def _tracer():
 
 class Server:
     def __init__(self, host: str = "127.0.0.1", port: int = 9010, server_dir: str | None = None,
-                 auth: bool = True, heartbeat_timeout: float = 2.0, trace_dir: str | None = None):
+                 auth: bool = True, heartbeat_timeout: float = 30.0, trace_dir: str | None = None,
+                 journal: str | None = None, restore_wait: float = RESTORE_WAIT_S):
+        """``journal``: the journal's path (None: no journal). A journal with live jobs is
+        restored: its jobs, and its port and secret (when ``port`` is 0). JournalError
+        when it cannot be used."""
+        records, records_end, dropped = J.load(journal) if journal else ([], 0, 0)
+        old = next((r[1] for r in reversed(records) if r[0] == "server" and isinstance(r[1], dict)), {})
+        live = any(r[0] == "job" for r in records)
+        if live and port == 0 and isinstance(old.get("port"), int):
+            port = old["port"]   # (workers and clients come back to the address they knew)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -51,10 +71,11 @@ class Server:
         # and with it that connection's authentication (a second connection with an id in
         # use is refused by zmq; a worker reconnecting after a cut gets in once the old
         # connection is dropped, 3 s at most, see the heartbeats below)
-        # zmq-level heartbeats: a peer that vanishes without closing its connection
-        # (a cut cable) is disconnected after 3 s, which the monitor below reports
+        # zmq-level heartbeats: a peer that vanishes without closing its connection (a cut
+        # cable, a stopped process) is disconnected after the same silence as a worker
+        # without heartbeats (a closed connection is seen at once, by the monitor)
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(max(1.0, heartbeat_timeout) * 1000))
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE)
         bind_host = host if host not in ("", "localhost") else "127.0.0.1"
         if port == 0:
@@ -64,18 +85,58 @@ class Server:
             self.port = port
         self.host = bind_host
         self.secret = P.new_secret() if auth else None
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # an unroutable peer raises: see _routable
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.peers = PeerConnections()
-        self.suspects: dict[bytes, float] = {}   # identity -> probe until (monotonic time)
+        if live and auth and isinstance(old.get("secret"), str):
+            self.secret = old["secret"]
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # an unroutable peer raises (RouterPeers probes)
+        self.peers = RouterPeers(self.sock)
+        self.monitor = self.peers.monitor
         self.server_dir = server_dir
         self.heartbeat_timeout = heartbeat_timeout
         self.dispatch = Dispatch(self.secret, {"host": self.host, "port": self.port, "pid": os.getpid(),
                                                "started": time.monotonic()},
                                  trace_dir, tracer_factory=_tracer)
         self.core = self.dispatch.core
+        self.journal = None
+        self.restored = None
+        if journal:
+            self._open_journal(journal, records, records_end, dropped, restore_wait)
         if server_dir:
             write_access(server_dir, self.host, self.port, self.secret)
+
+    # ------------------------------------------------------------------ journal
+    def _open_journal(self, path: str, records: list, records_end: int, dropped: int, wait: float) -> None:
+        now = time.monotonic()
+        if dropped:
+            log.warning("journal %s: dropped %d bytes after its last complete record (a write cut short)",
+                        path, dropped)
+        if any(r[0] == "job" for r in records):
+            summary = restore(self.core, records, now, wait)
+            self.restored = {"at": time.time(), "jobs": summary["jobs"], "journal": path,
+                             "tasks_finished": summary["tasks_finished"]}
+            self.dispatch.info["restored"] = self.restored
+            log.warning("restored %d jobs (%d tasks had finished) from the journal %s; waiting %g s for "
+                        "workers to bring their data back%s", summary["jobs"], summary["tasks_finished"], path, wait,
+                        f" ({summary['skipped']} records skipped)" if summary["skipped"] else "")
+        self.journal = J.Journal(path, records_end)
+        self._compact(now)   # the live state only, from a clean start
+        self.core.record = []
+
+    def _server_record(self) -> dict:
+        return {"host": self.host, "port": self.port, "secret": self.secret}
+
+    def _compact(self, now: float) -> None:
+        self.journal.compact(snapshot(self.core, self._server_record()), now)
+        self._compacted_size = self.journal.size
+
+    def _journal_step(self, now: float, force: bool = False) -> None:
+        records = self.dispatch.journal_records()
+        for record in records:
+            self.journal.add(record)
+        if force or self.journal.due(now):
+            self.journal.flush(now)
+        if self.journal.written_since_compaction > max(COMPACT_BYTES, 2 * self._compacted_size) \
+                and any(r[0] == "retire" for r in records):
+            self._compact(now)
 
     @property
     def running(self) -> bool:
@@ -97,14 +158,15 @@ class Server:
             while self.running:
                 events = dict(poller.poll(100))
                 if self.monitor in events:
-                    self._on_monitor()
+                    self.peers.on_monitor(time.monotonic())
+                    self._probe_peers(time.monotonic())
                 if self.sock in events:
                     self._drain()
                 now = time.monotonic()
                 if now - last_check > 0.25:
                     last_check = now
-                    self._probe_suspects(now)
-                    self.dispatch.tick(now, self.heartbeat_timeout)
+                    self._probe_peers(now)
+                    self.dispatch.tick(now, BUSY_LOOP_FACTOR * self.heartbeat_timeout)
                     self._flush(now)
         finally:
             self.close()
@@ -117,98 +179,37 @@ class Server:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            identity = frames[0].bytes
-            if not self.peers.known(identity):
-                self.peers.connected(identity, frames[0].get(zmq.SRCFD))
+            identity = self.peers.seen(frames[0], now)
             dispatch.message(identity, [f.bytes for f in frames[1:]], now)
         self._flush(now)   # once per drained batch of messages
 
     def _flush(self, now: float) -> None:
-        for identity, frames in self.dispatch.flush(now):
+        outgoing = self.dispatch.flush(now)
+        if self.journal is not None:   # (what a reply confirms is on disk within FLUSH_S)
+            self._journal_step(now)
+        for identity, frames in outgoing:
             try:
                 self.sock.send_multipart([identity, *frames], zmq.NOBLOCK)
             except zmq.ZMQError as exc:   # the peer is gone: nothing to do
                 log.info("could not send to a peer: %s", exc)
 
-    def _on_monitor(self) -> None:
-        now = time.monotonic()
-        while True:
-            try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            except Exception:   # a malformed monitor frame: nothing to learn from it
-                break
-            if event.get("event") == zmq.EVENT_DISCONNECTED:
-                for identity in self.peers.candidates(event.get("value")):
-                    self.suspects[identity] = now + 2.0
-        self._probe_suspects(now)
-
-    def _probe_suspects(self, now: float) -> None:
-        """Peers seen on a connection that closed: gone if zmq can no longer route to
-        them; probed again for a short while otherwise (the close may still be in
-        flight inside zmq)."""
-        gone = False
-        for identity, until in list(self.suspects.items()):
-            if not self._routable(identity):
-                del self.suspects[identity]
-                self.peers.forget(identity)
-                self.dispatch.peer_gone(identity, now)
-                gone = True
-            elif now > until:
-                del self.suspects[identity]
+    def _probe_peers(self, now: float) -> None:
+        gone = self.peers.poll(now)
+        for identity in gone:
+            self.dispatch.peer_gone(identity, now)
         if gone:
             self._flush(now)
 
-    def _routable(self, identity: bytes) -> bool:
-        try:
-            self.sock.send_multipart([identity, *P.encode(P.PING)], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            return exc.errno != zmq.EHOSTUNREACH   # EAGAIN: alive, only busy
-        return True
-
     def close(self) -> None:
         self.dispatch.close()
+        if self.journal is not None:
+            self._journal_step(time.monotonic(), force=True)
+            self.journal.close()
         if self.server_dir:
             remove_access(self.server_dir)
-        try:
-            self.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(0)
+        self.peers.close()
         self.sock.close(linger=500)   # let STOP messages reach the workers
         self.ctx.term()
-
-
-class PeerConnections:
-    """Which connection (file descriptor) each peer identity was seen on, so that a
-    disconnection reported by the socket monitor (by descriptor) can be traced to peers.
-
-    A descriptor is reused after its connection closed, and messages of a closed
-    connection may still be queued, so a descriptor may list several identities; the
-    server probes each of them (a PING that zmq refuses to route to a gone peer)."""
-
-    def __init__(self):
-        self.fd_of: dict[bytes, int] = {}
-        self.on_fd: dict[int, set[bytes]] = {}
-
-    def known(self, identity: bytes) -> bool:
-        return identity in self.fd_of
-
-    def connected(self, identity: bytes, fd: int) -> None:
-        self.fd_of[identity] = fd
-        self.on_fd.setdefault(fd, set()).add(identity)
-
-    def candidates(self, fd) -> list[bytes]:
-        return sorted(self.on_fd.get(fd, ())) if isinstance(fd, int) else []
-
-    def forget(self, identity: bytes) -> None:
-        fd = self.fd_of.pop(identity, None)
-        peers = self.on_fd.get(fd)
-        if peers is not None:
-            peers.discard(identity)
-            if not peers:
-                del self.on_fd[fd]
 
 
 def run_server(**kwargs) -> None:

@@ -220,7 +220,8 @@ class Simulation:
             back = w.give_back(cmd.ids.tolist(), cmd.count)
             self.stats["returned"] += len(back)
             self._want_flush(w)
-        # PeerLost and Stop do not happen: simulated workers are never lost
+        # PeerLost, Stop and CancelTasks do not happen: simulated workers are never lost,
+        # simulated tasks never fail and no job is cancelled
 
     def _start(self, w: SimWorker) -> None:
         now = self.now

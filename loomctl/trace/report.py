@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from loomctl.cli.output import human_bytes as fmt_bytes
+from loomctl.textfmt import human_bytes as fmt_bytes
+from loomctl.textfmt import key_values, shorten, table
 from loomctl.trace.reader import Trace
 
 NO_LABEL = "(no label)"
@@ -215,7 +216,6 @@ def fmt_percent(x) -> str:
 
 
 def render(data: dict, max_rows: int = 30) -> str:
-    from loomctl.cli.output import key_values, table
     out = []
     span = data["span"]
     tasks = data["tasks"]
@@ -268,10 +268,10 @@ def render(data: dict, max_rows: int = 30) -> str:
     logs = data["logs"]
     if logs["count"]:
         shown = min(max_rows, 10)
-        lines = [f"{m['level']:>8}  task {m['task']} on {m['worker']}: {m['message']}"
+        lines = [f"{m['level']:>8}  task {m['task']} on {shorten(m['worker'], 60)}: {shorten(m['message'], 200)}"
                  for m in logs["messages"][:shown]]
         more = f"\n... {logs['count'] - shown} more (--json shows all)" if logs["count"] > shown else ""
         out.append(f"Task messages ({logs['count']})\n" + "\n".join(lines) + more)
     if data["notes"]:
-        out.append("Notes\n" + "\n".join(f"- {n}" for n in data["notes"]))
+        out.append("Notes\n" + "\n".join(f"- {shorten(n)}" for n in data["notes"]))
     return "\n\n".join(out)

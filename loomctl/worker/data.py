@@ -311,6 +311,27 @@ def encode(obj: DataObject) -> bytes:
     return b"".join(encode_parts(obj))
 
 
+def decode_parts(parts: list) -> DataObject:
+    """Inverse of ``encode_parts`` (the parts as they came, e.g. zmq frames): a plain
+    object's content is copied once, from its own frame, never joined first."""
+    if len(parts) == 2 and bytes(parts[0]) == TAG_PLAIN:
+        return Plain(bytes(parts[1]))
+    return decode(parts[0] if len(parts) == 1 else b"".join(parts))
+
+
+def data_parts(blobs: list, counts) -> list:
+    """The frames of a DATA answer grouped per object (``counts``: frames per object);
+    MalformedData when they do not add up."""
+    if not isinstance(counts, list) or not all(type(n) is int and n > 0 for n in counts) \
+            or sum(counts) != len(blobs):
+        raise MalformedData("the frames of a DATA answer do not match its parts")
+    out, k = [], 0
+    for n in counts:
+        out.append(blobs[k:k + n])
+        k += n
+    return out
+
+
 def encoded_size(parts: list) -> int:
     return sum(memoryview(p).nbytes for p in parts)
 

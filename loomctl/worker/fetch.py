@@ -72,7 +72,8 @@ class PeerLinks:
 
     def receive(self, sock) -> list:
         """Drain one peer socket. Events: ("ready", address) after WELCOME, ("data",
-        address, req, found ids, missing ids, blobs) and ("lost", address, reason)."""
+        address, req, found ids, missing ids, frames per object) and ("lost", address,
+        reason)."""
         link = self.by_socket.get(sock)
         if link is None:
             return []
@@ -115,7 +116,11 @@ class PeerLinks:
         req = P.field(body, "req", int)
         found = P.ids_from_bytes(P.field(body, "ids", bytes)).tolist()
         missing = P.ids_from_bytes(P.field(body, "missing", bytes, b"")).tolist()
-        return ("data", link.address, req, found, missing, blobs)
+        try:
+            parts = data.data_parts(blobs, body.get("parts"))
+        except data.MalformedData as exc:
+            raise P.ProtocolError(str(exc)) from None
+        return ("data", link.address, req, found, missing, parts)
 
     def _lost(self, link: _Link, reason: str):
         self.close_link(link.address)
@@ -174,13 +179,16 @@ def serve_data(gate: P.Gatekeeper, objects, frames: list) -> list:
         log.warning("data socket: dropped a malformed FETCH: %s", exc)
         return replies
     held, found_objects, missing = objects(ids)
-    found, blobs = [], []
+    found, blobs, counts = [], [], []
     for i, obj in zip(held, found_objects):
         try:
-            blobs.append(data.encode(obj))
-            found.append(i)
+            parts = data.encode_parts(obj)   # (contents by reference: sent without a copy)
         except data.TaskError as exc:
             log.warning("cannot send data object %d: %s", i, exc)
             missing.append(i)
-    return [*replies, [identity, *P.encode(P.DATA, {"req": req, "ids": P.ids_to_bytes(found),
+            continue
+        found.append(i)
+        blobs += parts
+        counts.append(len(parts))
+    return [*replies, [identity, *P.encode(P.DATA, {"req": req, "ids": P.ids_to_bytes(found), "parts": counts,
                                                     "missing": P.ids_to_bytes(missing)}, *blobs)]]

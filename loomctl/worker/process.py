@@ -18,12 +18,11 @@ Invariants:
 - Every message from the network is checked; a malformed or unauthenticated one is
   logged and dropped, never raised out of the loop. A task failure is a report, never a
   crash. The secret is never logged.
-- Lost server: zmq reconnects silently, so a socket monitor on the server DEALER watches
-  for EVENT_DISCONNECTED; when the server stays gone for ``server_lost_s`` (3 s) without
-  the connection coming back, the worker logs "server lost; stopping" and exits. The
-  DEALER has a fixed routing id, so a short outage (the same server process) resumes
-  under the same identity. A *restarted* server would not know this worker; it must be
-  restarted too.
+- The server is gone for a while, or does not know this worker any more: the worker runs
+  on and joins again (``worker.serverlink``); only after ``server_grace_s``
+  (SERVER_GRACE_S by default) without its server does it stop, with "server lost".
+  Joining again forgets the tasks only queued here (the server placed them again) and
+  says which data objects the worker holds.
 """
 
 from __future__ import annotations
@@ -36,18 +35,18 @@ import time
 from collections import deque
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from loomctl import protocol as P
 from loomctl.worker import data
 from loomctl.worker import extensions as registry
+from loomctl.routerpeers import RouterPeers
 from loomctl.worker import state as W
 from loomctl.worker.fetch import PeerLinks, serve_data
 from loomctl.worker.outcome import Outcome
 from loomctl.worker.programs import Programs
 from loomctl.worker.running import Pool, run_task
+from loomctl.worker.serverlink import ServerLink
 from loomctl.worker.hostinfo import local_address_towards, rss, split_address
-from loomctl.worker.taskqueue import is_int
 from loomctl.worker.workdir import WorkDir
 
 log = logging.getLogger("loomctl.worker")
@@ -55,6 +54,7 @@ log = logging.getLogger("loomctl.worker")
 LIGHT_THREADS = 2
 MAX_DRAIN = 1000          # messages read from one socket per iteration
 MAX_POLL_MS = 250
+SERVER_GRACE_S = 300.0    # how long a worker waits for its server to come back
 
 
 class Worker:
@@ -68,7 +68,7 @@ class Worker:
                  name: str | None = None, extensions: list | tuple = (),
                  keep_failed_dirs: bool = False, host: str | None = None,
                  heartbeat_s: float = 0.5, memory_limit: int | None = None,
-                 server_lost_s: float = 3.0, connect_timeout_s: float = 10.0,
+                 server_grace_s: float = SERVER_GRACE_S, connect_timeout_s: float = 10.0,
                  peer_timeout_s: float = 10.0, fetch_timeout_s: float = 120.0):
         self.server_address = server_address if server_address.startswith("tcp://") \
             else f"tcp://{server_address}"
@@ -83,7 +83,7 @@ class Worker:
         self.host = host
         self.heartbeat_s = heartbeat_s
         self.memory_limit = memory_limit
-        self.server_lost_s = server_lost_s
+        self.server_grace_s = server_grace_s
         self.connect_timeout_s = connect_timeout_s
         self.peer_timeout_s = peer_timeout_s
         self.fetch_timeout_s = fetch_timeout_s
@@ -94,6 +94,7 @@ class Worker:
         self.run_dir: str | None = None
         self.state = W.WorkerState(self.cpus, self.resources, fetch_timeout_s)
         self._events: list = []                  # for the state, this iteration
+        self._heartbeats = 0
         self.context: zmq.Context | None = None
         self._sockets: list = []
         self._outcomes: deque = deque()
@@ -102,7 +103,6 @@ class Worker:
         self._pools: list[Pool] = []
         self._early: list = []
         self._stop_reason: str | None = None
-        self._lost_since: float | None = None
         self._closed = False
         self.tracer = None        # a WorkerTracer while a traced job runs (loomctl.trace.hooks)
 
@@ -119,17 +119,10 @@ class Worker:
         registry.load_entry_points()
         self.context = ctx = zmq.Context()
         self.server = self._socket(zmq.DEALER)
-        self.server.setsockopt(zmq.ROUTING_ID, b"w" + os.urandom(8))
-        # zmtp heartbeats: a server host that vanishes without closing the connection
-        # (power off, partition) is seen as a disconnection too
-        self.server.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        self.server.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-        self.monitor = self.server.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        self._sockets.append(self.monitor)
-        self.server.connect(self.server_address)
-        P.client_handshake(self.server, "worker", self.secret,
-                           timeout_ms=int(self.connect_timeout_s * 1000))
+        self.link = ServerLink(self.server, self.server_address, self.secret, self._register_body,
+                               self.server_grace_s)
+        self.monitor = self.link.monitor
+        self.link.connect(self.connect_timeout_s)
 
         bind_host = self.host or local_address_towards(self.server_host, self.server_port)
         advertised = bind_host
@@ -140,6 +133,8 @@ class Worker:
         # only handshakes and FETCH requests come in here: a peer sending more than this
         # in one message is disconnected by zmq before the bytes are held in memory
         self.data.setsockopt(zmq.MAXMSGSIZE, 64 << 20)
+        self.data.setsockopt(zmq.ROUTER_MANDATORY, 1)   # (RouterPeers probes gone peers)
+        self.data_peers = RouterPeers(self.data)
         port = self.data.bind_to_random_port(f"tcp://{bind_host}")
         self.data_address = f"tcp://{advertised}:{port}"
         self.gate = P.Gatekeeper(self.secret, log=lambda msg: log.warning("data socket: %s", msg))
@@ -155,7 +150,7 @@ class Worker:
         self._wake_tx.connect(wake_address)
 
         self.poller = zmq.Poller()
-        for sock in (self.server, self.data, self.monitor, self.wake_rx):
+        for sock in (self.server, self.data, self.monitor, self.wake_rx, self.data_peers.monitor):
             self.poller.register(sock, zmq.POLLIN)
         self.peers = PeerLinks(ctx, self.poller, self.secret)
         self._pools = [Pool(max(1, self.cpus), "loomctl-exec", self._done, python_processes=self.cpus > 1),
@@ -173,30 +168,27 @@ class Worker:
         self._sockets.append(sock)
         return sock
 
-    def _register(self) -> None:
+    def _register_body(self) -> dict:
+        held = sorted(self.state.store)
         body = {"name": self.name, "hostname": self.hostname, "pid": os.getpid(),
                 "cpus": self.cpus, "resources": self.resources,
                 "symbols": sorted(registry.supported_symbols()),
-                "data_address": self.data_address, "work_dir": self.run_dir}
+                "data_address": self.data_address, "work_dir": self.run_dir,
+                "held": P.ids_to_bytes(held), "held_sizes": P.ids_to_bytes([self.state.sizes[t] for t in held]),
+                "held_lengths": P.ids_to_bytes([self._length(t) for t in held])}
         if self.memory_limit is not None:
             body["memory_limit"] = int(self.memory_limit)
-        self.server.send_multipart(P.encode(P.REGISTER, body))
-        deadline = time.monotonic() + self.connect_timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.server.poll(int(remaining * 1000), zmq.POLLIN):
-                raise ConnectionError("the server did not answer the worker's registration")
-            frames = self.server.recv_multipart()
-            try:
-                kind, body, _ = P.decode(frames)
-            except P.ProtocolError as exc:
-                raise ConnectionError(f"malformed answer to the registration: {exc}") from None
-            if kind == P.REPLY and is_int(body.get("worker_id")):
-                self.worker_id = body["worker_id"]
-                break
-            if kind == P.ERROR:
-                raise ConnectionError(f"the server refused the registration: {body.get('message')}")
-            self._early.append(frames)
+        return body
+
+    def _length(self, task_id: int) -> int:
+        try:
+            return self.state.store[task_id].length()
+        except data.TaskError:
+            return 0
+
+    def _register(self) -> None:
+        self.worker_id = self.link.register(self.connect_timeout_s)
+        self._early = self.link.early
         log.info("registered as worker %d (%s, %d cpus%s) with %s; data at %s; work dir %s",
                  self.worker_id, self.name, self.cpus,
                  "".join(f", {k}={v}" for k, v in self.resources.items()),
@@ -234,11 +226,14 @@ class Worker:
             if sock is self.server:
                 self._drain(self.server, self._on_server_message)
             elif sock is self.data:
-                self._drain(self.data, self._on_data_message)
+                self._drain(self.data, self._on_data_message, copy=False)
             elif sock is self.monitor:
-                self._on_monitor(now)
+                self.link.on_monitor(now)
             elif sock is self.wake_rx:
                 self._drain(self.wake_rx, lambda frames: None)
+            elif sock is self.data_peers.monitor:
+                self.data_peers.on_monitor(now)
+                self._forget_data_peers(now)
             else:
                 for event in self.peers.receive(sock):
                     self._on_peer_event(event)
@@ -292,6 +287,8 @@ class Worker:
                 self._events.append(W.PeerGone(instruction.address, str(exc)))
         elif kind is W.CloseLink:
             self.peers.close_link(instruction.address)
+        elif kind is W.Kill:   # (a Python task runs to its end; its result is discarded)
+            self.programs.kill(instruction.task_id)
 
     def _task_done(self, outcome: Outcome) -> None:
         if self.tracer is not None:
@@ -307,14 +304,15 @@ class Worker:
         held = self.state.hold_deadline()
         if held is not None:
             deadline = min(deadline, held)
-        if self._lost_since is not None:
-            deadline = min(deadline, self._lost_since + self.server_lost_s)
+        lost = self.link.deadline()
+        if lost is not None:
+            deadline = min(deadline, lost)
         return max(0, min(MAX_POLL_MS, int((deadline - now) * 1000) + 1))
 
-    def _drain(self, sock, handle) -> None:
+    def _drain(self, sock, handle, copy: bool = True) -> None:
         for _ in range(MAX_DRAIN):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
             except zmq.Again:
                 return
             handle(frames)
@@ -323,33 +321,38 @@ class Worker:
 
     # ------------------------------------------------------------------ the server
     def _send_server(self, kind: bytes, body: dict) -> None:
-        try:
-            self.server.send_multipart(P.encode(kind, body), zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("could not send %s to the server (its queue is full)", kind.decode())
+        if self.link.joining is None:   # (while joining, what it holds goes with REGISTER)
+            self.link.send(kind, body)
 
     def _on_server_message(self, frames) -> None:
+        message = self.link.receive(frames)
+        if message is None:
+            return
+        kind, body = message
         try:
-            kind, body, _ = P.decode(frames)
-            if kind == P.COMPUTE:
+            if kind == P.PING:
+                pass
+            elif kind == P.COMPUTE:
                 rows = P.field(body, "tasks", list)
                 if self.tracer is not None and "jobs" in body:
                     self.tracer.assigned(rows, body["jobs"])
                 self._events.append(W.Compute(rows, P.field(body, "locations", dict, {})))
             elif kind == P.TRACE:
                 self._on_trace(body)
+            elif kind == P.CANCEL_TASKS:
+                self._events.append(W.CancelTasks(P.ids_from_bytes(P.field(body, "ids", bytes)).tolist()))
             elif kind == P.RELEASE_DATA:
                 self._events.append(W.ReleaseData(P.ids_from_bytes(P.field(body, "ids", bytes)).tolist()))
             elif kind == P.STOP:
                 log.info("the server asked this worker to stop")
                 self.stop("stop")
-            elif kind == P.PING:
-                pass
             elif kind == P.PEER_LOST:   # fetches from a lost worker would wait for timeouts
                 self._events.append(W.PeerGone(P.field(body, "address", str), "the server lost that worker"))
-            elif kind == P.REFUSED:   # the server no longer knows us (it removed us)
-                log.warning("the server dropped this worker (%s); stopping", body.get("reason"))
-                self.stop("server lost")
+            elif kind == P.REFUSED:   # the server no longer knows us (it dropped us, or it restarted)
+                if self.link.rejoin(str(body.get("reason"))):
+                    dropped = self.state.forget_queued()
+                    log.info("forgot %d queued tasks; joining with %d data objects", len(dropped),
+                             len(self.state.store))
             elif kind == P.ERROR:
                 log.warning("the server reported an error: %s", body.get("message"))
             else:
@@ -369,32 +372,20 @@ class Worker:
             self.tracer.close()
             self.tracer = None
 
-    def _on_monitor(self, now: float) -> None:
-        while True:
-            try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
-            except zmq.Again:
-                return
-            except Exception:   # a malformed monitor frame: nothing to learn from it
-                return
-            if event == zmq.EVENT_DISCONNECTED and self._lost_since is None:
-                self._lost_since = now
-                log.warning("connection to the server lost; waiting %g s for it to come back",
-                            self.server_lost_s)
-            elif event in (zmq.EVENT_CONNECTED, zmq.EVENT_HANDSHAKE_SUCCEEDED) \
-                    and self._lost_since is not None:
-                self._lost_since = None
-                log.info("connection to the server is back")
-
     def _timers(self, now: float) -> None:
         if self.tracer is not None:
             self.tracer.tick(now)
-        if now >= self._next_heartbeat:
+        if self.link.came_back:   # (a server that does not know this worker says so at once)
+            self.link.came_back = False
+            self._next_heartbeat = now
+        if now >= self._next_heartbeat and self.link.joining is None:
             self._heartbeat(now)
             self._next_heartbeat = now + self.heartbeat_s
-        if self._lost_since is not None and now - self._lost_since >= self.server_lost_s:
-            log.error("server lost; stopping")
-            self.stop("server lost")
+        stop = self.link.tick(now)
+        if stop:
+            self.stop(stop)
+        if self.data_peers.suspects:
+            self._forget_data_peers(now)
         for address, reason in self.peers.handshakes_expired(now, self.peer_timeout_s):
             self._events.append(W.PeerGone(address, reason))
 
@@ -403,18 +394,25 @@ class Worker:
         wall = now - self._hb_wall
         percent = 100.0 * (cpu - self._hb_cpu) / wall if wall > 0 else 0.0
         self._hb_wall, self._hb_cpu = now, cpu
-        stats = {**self.state.stats(), "rss": rss(), "cpu_percent": round(percent, 1)}
+        self._heartbeats += 1
+        stats = {**self.state.stats(), "rss": rss(), "cpu_percent": round(percent, 1), "heartbeat": self._heartbeats,
+                 "data_connections": len(self.gate.roles) + len(self.gate.pending)}
         self._send_server(P.HEARTBEAT, stats)
         if self.tracer is not None:
             self.tracer.sample(now, stats)
 
     # ------------------------------------------------------------------ data socket
+    def _forget_data_peers(self, now: float) -> None:
+        for identity in self.data_peers.poll(now):
+            self.gate.forget(identity)
+
     def _on_data_message(self, frames) -> None:
-        for reply in serve_data(self.gate, self.state.objects, frames):
+        self.data_peers.seen(frames[0], time.monotonic())
+        for reply in serve_data(self.gate, self.state.objects, [frames[0].bytes, *(f.bytes for f in frames[1:])]):
             try:
                 self.data.send_multipart(reply, zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                log.warning("could not answer a peer (its queue is full)")
+            except zmq.ZMQError as exc:   # gone (EHOSTUNREACH) or not reading (EAGAIN)
+                log.info("could not answer a peer on the data socket: %s", exc)
 
     # ------------------------------------------------------------------ peers
     def _on_peer_event(self, event) -> None:
@@ -423,13 +421,14 @@ class Worker:
         elif event[0] == "ready":
             self._events.append(W.LinkReady(event[1]))
         elif event[0] == "data":
-            address, req, found, missing, blobs = event[1:]
+            address, req, found, missing, parts = event[1:]
             if self.tracer is not None and req in self.state.plan.inflight:
-                self.tracer.transfer(address, self.state.plan.inflight[req][2], sum(len(b) for b in blobs), found)
+                self.tracer.transfer(address, self.state.plan.inflight[req][2],
+                                     sum(len(b) for p in parts for b in p), found)
             objects = []
-            for blob in blobs:
+            for frames in parts:
                 try:
-                    objects.append(data.decode(blob))
+                    objects.append(data.decode_parts(frames))
                 except (data.MalformedData, data.TaskError) as exc:
                     objects.append(str(exc))
             self._events.append(W.Fetched(address, req, found, missing, objects))
@@ -463,11 +462,10 @@ class Worker:
                 self._wake_tx = None
         if getattr(self, "peers", None) is not None:
             self.peers.close()
-        if getattr(self, "monitor", None) is not None:
-            try:
-                self.server.disable_monitor()
-            except zmq.ZMQError:
-                pass
+        if getattr(self, "link", None) is not None:
+            self.link.close()
+        if getattr(self, "data_peers", None) is not None:
+            self.data_peers.close()
         for sock in self._sockets:
             sock.close(0)
         if self.context is not None:
@@ -484,11 +482,11 @@ class Worker:
 def run_worker(server_address: str, secret: str | None, cpus: int, work_dir: str | None,
                resources: dict, name: str | None, extensions: list, keep_failed_dirs: bool,
                host: str | None, heartbeat_s: float = 0.5, memory_limit: int | None = None,
-               server_lost_s: float = 3.0) -> str:
+               server_grace_s: float = SERVER_GRACE_S) -> str:
     """Connect, register and serve until STOP or a lost server; returns why it ended.
     Raises ConnectionError (server unreachable or refusing) and ExtensionError."""
     worker = Worker(server_address, secret, cpus, work_dir, resources, name, extensions,
-                    keep_failed_dirs, host, heartbeat_s, memory_limit, server_lost_s)
+                    keep_failed_dirs, host, heartbeat_s, memory_limit, server_grace_s)
     try:
         worker.start()
         return worker.run()

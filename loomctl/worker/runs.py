@@ -142,7 +142,7 @@ def _start_popen(prepared: PreparedRun) -> subprocess.Popen:
             argv, executable=prepared.dirs.resolve(argv[0]), cwd=prepared.run_dir,
             stdin=subprocess.PIPE if prepared.stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE if None in prepared.map_outputs else subprocess.DEVNULL,
-            stderr=subprocess.PIPE)
+            stderr=subprocess.PIPE, start_new_session=True)   # its own process group, as spawn.py
     except OSError as e:
         raise TaskError(f"cannot start program {program!r}: {e.strerror or e} "
                         "(no exit status: the program did not start)") from None

@@ -6,7 +6,9 @@ short programs a second, that Python is most of the cost.
 Invariants:
 - The child gets: the given working directory, stdin/stdout/stderr as asked (a pipe, or
   /dev/null), no other descriptor of the worker (closefrom 3), default dispositions for
-  the signals Python ignores (SIGPIPE, SIGXFSZ), an empty signal mask.
+  the signals Python ignores (SIGPIPE, SIGXFSZ), an empty signal mask, and a process
+  group of its own (its pid): a Ctrl-C on the terminal reaches the worker, not its
+  programs, and ``Child.kill`` kills the program with every process it started.
 - ``spawn`` returns a Child whose pipe ends (plain fds) belong to the caller; the child
   is reaped by ``poll``/``wait`` exactly once.
 - ``available()`` is False where libc lacks one of the calls (not glibc >= 2.34, not
@@ -22,6 +24,7 @@ import signal
 _FILE_ACTIONS_SIZE = 256   # >= sizeof(posix_spawn_file_actions_t) (80 on glibc x86_64)
 _ATTR_SIZE = 1024          # >= sizeof(posix_spawnattr_t) (336)
 _SIGSET_SIZE = 128         # sizeof(sigset_t)
+_POSIX_SPAWN_SETPGROUP = 0x02
 _POSIX_SPAWN_SETSIGDEF = 0x04
 _POSIX_SPAWN_SETSIGMASK = 0x08
 
@@ -37,7 +40,7 @@ def _load():
                      "posix_spawn_file_actions_adddup2", "posix_spawn_file_actions_addopen",
                      "posix_spawn_file_actions_addchdir_np", "posix_spawn_file_actions_addclosefrom_np",
                      "posix_spawnattr_init", "posix_spawnattr_setflags", "posix_spawnattr_setsigdefault",
-                     "posix_spawnattr_setsigmask", "sigemptyset", "sigaddset"):
+                     "posix_spawnattr_setsigmask", "posix_spawnattr_setpgroup", "sigemptyset", "sigaddset"):
             getattr(libc, name)
     except (OSError, AttributeError):
         return
@@ -52,7 +55,9 @@ def _load():
         libc.sigaddset(default, int(sig))
     libc.posix_spawnattr_setsigdefault(attr, default)
     libc.posix_spawnattr_setsigmask(attr, empty)
-    libc.posix_spawnattr_setflags(attr, ctypes.c_short(_POSIX_SPAWN_SETSIGDEF | _POSIX_SPAWN_SETSIGMASK))
+    libc.posix_spawnattr_setpgroup(attr, 0)   # a new group whose id is the child's pid
+    libc.posix_spawnattr_setflags(attr, ctypes.c_short(_POSIX_SPAWN_SETPGROUP | _POSIX_SPAWN_SETSIGDEF
+                                                       | _POSIX_SPAWN_SETSIGMASK))
     _libc, _attr = libc, attr
 
 
@@ -109,9 +114,15 @@ class Child:
         return self.returncode
 
     def kill(self) -> None:
-        if self.popen is not None:
-            self.popen.kill()
-        elif self.returncode is None:
+        """SIGKILL to the program's process group: the program and what it started (a
+        shell's children). Nothing once the program was reaped (its pid, and so the
+        group id, may belong to another process by then)."""
+        reaped = self.popen.returncode if self.popen is not None else self.returncode
+        if reaped is not None:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):   # not a group leader after all
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:

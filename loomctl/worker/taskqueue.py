@@ -214,6 +214,18 @@ class TaskQueue:
         self._ready_light -= sum(1 for spec in start if spec.light)
         return start
 
+    def drop(self, tid: int) -> None:
+        """Forget a queued task (it will not run)."""
+        if tid in self.queued:
+            self._drop(tid)
+
+    def drop_queued(self) -> list:
+        """Forget every queued task (not the running ones); returns their ids."""
+        dropped = list(self.queued)
+        for tid in dropped:
+            self._drop(tid)
+        return dropped
+
     # ------------------------------------------------------------------ queries
     def never_fits(self, spec: TaskSpec) -> str | None:
         if spec.cpus > self.cpus:
