@@ -260,7 +260,7 @@ class Dispatch:
         mark, rounds = self.tracer.round_begin(), self.core.stats["rounds"]
         placed = self.core.schedule(now)
         if placed or self.core.stats["rounds"] != rounds:
-            self.tracer.round_end(mark, placed, sum(len(r) for r in self.core.ready))
+            self.tracer.round_end(mark, placed, sum(len(r) for r in self.core.ready) + len(self.core.pool))
         return placed
 
     def _trace_dir(self, requested) -> str | None:
