@@ -312,10 +312,11 @@ def encode(obj: DataObject) -> bytes:
 
 
 def decode_parts(parts: list) -> DataObject:
-    """Inverse of ``encode_parts`` (the parts as they came, e.g. zmq frames): a plain
-    object's content is copied once, from its own frame, never joined first."""
-    if len(parts) == 2 and bytes(parts[0]) == TAG_PLAIN:
-        return Plain(bytes(parts[1]))
+    """Inverse of ``encode_parts``, or of any cut of an encoding into pieces (the parts
+    as they came, e.g. zmq frames, or the chunks of a streamed file): a plain object's
+    content is copied once, from its frames, never joined first."""
+    if len(parts) > 1 and memoryview(parts[0])[:1] == TAG_PLAIN:
+        return Plain(b"".join([memoryview(parts[0])[1:], *parts[1:]]))
     return decode(parts[0] if len(parts) == 1 else b"".join(parts))
 
 
