@@ -150,6 +150,7 @@ class ServerCore:
                          "memory_limit": w.memory_limit, "paused": bool(w.stats.get("paused")),
                          "spilled_objects": _count(w.stats.get("spilled_objects")),
                          "spilled_bytes": _count(w.stats.get("spilled_bytes")),
+                         "streamed_bytes": _count(w.stats.get("streamed_bytes")),
                          "data_connections": w.stats.get("data_connections"), "heartbeat": w.stats.get("heartbeat"),
                          "address": w.data_address, "last_seen_s": round(now - w.last_seen, 3)})
         job_rows = [*self.history, *(self.job_row(job, now) for job in self.jobs.values())]

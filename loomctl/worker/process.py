@@ -167,7 +167,7 @@ class Worker:
         self._pools = [Pool(max(1, self.cpus), "loomctl-exec", self._done, python_processes=self.cpus > 1),
                        Pool(LIGHT_THREADS, "loomctl-light", self._done)]
         self.pool, self.light_pool = self._pools
-        self.programs = Programs(self.poller, self.run_dir, self.keep_failed_dirs)
+        self.programs = Programs(self.poller, self.run_dir, self.keep_failed_dirs, self.memory_limit)
 
     def _socket(self, kind):
         sock = self.context.socket(kind)
@@ -408,7 +408,8 @@ class Worker:
         self._hb_wall, self._hb_cpu = now, cpu
         self._heartbeats += 1
         stats = {**self.state.stats(), "rss": rss(), "cpu_percent": round(percent, 1), "heartbeat": self._heartbeats,
-                 "data_connections": len(self.gate.roles) + len(self.gate.pending)}
+                 "data_connections": len(self.gate.roles) + len(self.gate.pending),
+                 "streamed_bytes": self.streams.sent_bytes}
         self._send_server(P.HEARTBEAT, stats)
         if self.tracer is not None:
             self.tracer.sample(now, stats)
