@@ -224,8 +224,9 @@ class WorkerState:
             elif kind is Spilled:
                 self._io += self.store.written(event.id, event.nbytes, event.error)
             elif kind is Loaded:
+                held = event.id in self.store
                 self._io += self.store.loaded(event.id, event.obj, event.error)
-                if event.error is not None:
+                if event.error is not None and held:
                     self._load_failed(event.id, event.error)
             elif kind is MemorySample:
                 rss = event.rss
@@ -394,14 +395,18 @@ class WorkerState:
             limit = 1   # nothing runs and nothing more can leave memory: one at a time
         else:
             self._pause_noted = False
-        for spec in self.queue.take_startable(limit):
-            store.pin(spec.inputs)
-            for i in dict.fromkeys(spec.inputs):
-                self._io += store.load(i)
-            if any(store.on_disk_only(i) for i in spec.inputs):
-                self.loading[spec.id] = spec
-            else:
-                self._execute(spec, out)
+        while True:   # (again while a start that failed at once freed cpus)
+            started = self.queue.take_startable(limit)
+            for spec in started:
+                store.pin(spec.inputs)
+                for i in dict.fromkeys(spec.inputs):
+                    self._io += store.load(i)
+                if any(store.on_disk_only(i) for i in spec.inputs):
+                    self.loading[spec.id] = spec
+                else:
+                    self._execute(spec, out)
+            if not started or all(spec.id in self.queue.running for spec in started):
+                return
 
     def _execute(self, spec: TaskSpec, out: list) -> None:
         inputs = [self.store.get(i) for i in spec.inputs]
@@ -416,9 +421,14 @@ class WorkerState:
         out.append(Execute(spec, inputs, route(spec)))
 
     def _load_failed(self, input_id: int, error: str) -> None:
+        """The object of ``input_id`` is lost: the tasks loading it fail, and so does its
+        own task if its finish is not reported yet."""
+        message = f"could not be read back from its spill file: {error}"
         for spec in [s for s in self.loading.values() if input_id in s.inputs]:
-            self._done(Outcome(spec.id, error=f"input {input_id} could not be read back from its spill file: "
-                                              f"{error}"))
+            self._done(Outcome(spec.id, error=f"input {input_id} {message}"))
+        if input_id in self.report.finished:
+            self.report.drop_finished(input_id)
+            self._fail(input_id, f"its result {message}")
 
     def _fetch(self, out: list, now: float) -> None:
         for address in self.plan.pending:

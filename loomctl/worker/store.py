@@ -181,13 +181,13 @@ class DataStore:
         if i in self.memory:
             self._from_memory(i)
         self.unwritable.discard(i)
-        if i in self.writing or i in self.reading:
+        has_file = i in self.files
+        if has_file:
+            self.file_bytes -= self.files.pop(i)
+        if i in self.writing or i in self.reading:   # (removed when that ends)
             self.doomed.add(i)
             return []
-        if i in self.files:
-            self.file_bytes -= self.files.pop(i)
-            return [SpillRemove(i)]
-        return []
+        return [SpillRemove(i)] if has_file else []
 
     def clear(self) -> None:
         for i in list(self.sizes):
@@ -225,6 +225,8 @@ class DataStore:
 
     def written(self, i: int, nbytes: int, error: str | None = None) -> list:
         """The write of ``i`` ended (``error``: it failed, the file is gone)."""
+        if i not in self.writing:   # (no write of it is under way)
+            return []
         self.writing.discard(i)
         if i in self.doomed:
             self.doomed.discard(i)
@@ -248,6 +250,8 @@ class DataStore:
     def loaded(self, i: int, obj: data.DataObject | None, error: str | None = None) -> list:
         """The read of ``i`` ended: it is in memory again (its file stays, so that it can
         leave memory again without a write), or ``error`` says why not (it is lost)."""
+        if i not in self.reading:   # (no read of it is under way)
+            return []
         self.reading.discard(i)
         if i in self.doomed:
             self.doomed.discard(i)
