@@ -9,6 +9,11 @@ Invariants:
   than any has, or a task type none supports) fails with a message saying so, as soon as
   at least one worker is connected: at submit, when workers come and go, and in the
   first round after it became READY (``core.unchecked``).
+- A worker whose last heartbeat says it is near its memory limit (``memory_near``: at
+  its spill threshold, or paused) is given only tasks whose inputs are all on it, while
+  some other worker is not near its limit: tasks that would bring it data (inputs from
+  elsewhere, or new data from no input) go to the workers with room, or wait for them
+  (unless none of those could ever run them).
 """
 
 from __future__ import annotations
@@ -70,7 +75,12 @@ def schedule(core, now: float) -> int:
         request = g.named_request(t)
         if request:
             requests[int(np.searchsorted(ids, t))] = request
-    chosen = placement.place(c.cpus[ids], c.symbol[ids], best, best_bytes, rooms, requests)
+    near = [k for k, w in enumerate(workers) if w.stats.get("memory_near") is True]
+    if near and len(near) < len(workers):
+        only = _local_only(len(ids), task_pos, holder, c.size[inputs], near)
+        chosen = _place_by_memory(c.cpus[ids], c.symbol[ids], best, best_bytes, rooms, requests, near, only)
+    else:
+        chosen = placement.place(c.cpus[ids], c.symbol[ids], best, best_bytes, rooms, requests)
     placed = 0
     for k, w in enumerate(workers):
         mine = ids[chosen == k]
@@ -83,6 +93,48 @@ def schedule(core, now: float) -> int:
         core.ready.append(waiting)
     core.stats["scheduled"] += placed
     return placed
+
+
+def _local_only(n: int, task_pos: np.ndarray, holder: np.ndarray, sizes: np.ndarray, near: list) -> np.ndarray:
+    """Per task of a round: the near-limit worker that holds all its input bytes (and
+    some), or -1."""
+    total = np.zeros(n, dtype=np.int64)
+    np.add.at(total, task_pos, sizes)
+    only = np.full(n, -1, dtype=np.int64)
+    for k in near:
+        mine = holder == k
+        local = np.zeros(n, dtype=np.int64)
+        np.add.at(local, task_pos[mine], sizes[mine])
+        only[(local > 0) & (local == total)] = k
+    return only
+
+
+def _place_by_memory(cpus, symbols, best, best_bytes, rooms, requests, near, only) -> np.ndarray:
+    """``placement.place`` by groups: a task may go to the workers not near their memory
+    limit, and to the near-limit worker holding all its data (``only``), if any."""
+    chosen = np.full(len(cpus), -1, dtype=np.int64)
+    roomy = [r for r in rooms if r.index not in near]
+    for k in [-1, *near]:
+        sel = np.flatnonzero(only == k)
+        if not len(sel):
+            continue
+        subset = roomy + [rooms[k]] if k >= 0 else roomy
+        allowed = np.zeros(len(rooms), dtype=bool)
+        allowed[[r.index for r in subset]] = True
+        b = best[sel]
+        keep = b >= 0
+        keep[keep] = allowed[b[keep]]
+        b = np.where(keep, b, -1)   # (a preferred worker left out is no preference)
+        group_requests = {j: requests[p] for j, p in enumerate(sel.tolist()) if p in requests}
+        chosen[sel] = placement.place(cpus[sel], symbols[sel], b, np.where(keep, best_bytes[sel], 0), subset,
+                                      group_requests)
+    # a task that no worker with room could ever run may go anywhere (it would wait for ever)
+    stuck = np.array([p for p in np.flatnonzero(chosen < 0).tolist() if not any(
+        placement.could_run(r, int(cpus[p]), int(symbols[p]), requests.get(p)) for r in roomy)], dtype=np.int64)
+    if len(stuck):
+        chosen[stuck] = placement.place(cpus[stuck], symbols[stuck], best[stuck], best_bytes[stuck], rooms,
+                                        {j: requests[p] for j, p in enumerate(stuck.tolist()) if p in requests})
+    return chosen
 
 
 def _candidates(c, ids: np.ndarray, workers: list) -> tuple[np.ndarray, np.ndarray]:

@@ -35,6 +35,7 @@ from loomctl.worker import data
 
 DEFAULT_SPILL_AT = 0.6   # (Dask: 0.6 of managed memory "target", 0.7 of the process "spill")
 DEFAULT_PAUSE_AT = 0.8   # (Dask: 0.8 "pause")
+NEAR = 0.95              # "near its limit" (for the scheduler): at this share of the spill threshold
 
 
 # ---------------------------------------------------------------------- instructions
@@ -140,8 +141,9 @@ class DataStore:
 
     def stats(self) -> dict:
         only_files = [i for i in self.files if i not in self.memory]
+        near = self.limit is not None and self.used() >= NEAR * self.spill_at * self.limit
         return {"memory_used": self.used(), "memory_limit": self.limit, "memory_data": self.memory_bytes,
-                "paused": self.paused(), "spilled_objects": len(only_files),
+                "paused": self.paused(), "memory_near": near, "spilled_objects": len(only_files),
                 "spilled_bytes": sum(self.sizes[i] for i in only_files), "spill_file_bytes": self.file_bytes,
                 "spilled_total": list(self.spilled_total), "loaded_total": list(self.loaded_total)}
 
