@@ -15,8 +15,9 @@ Invariants:
 - An error that belongs to one task is a TaskFailed, also when the server refuses a
   submission because of that task.
 - Every blocking call raises LoomConnectionError within ``server_grace`` seconds (3 by
-  default) of the server going away (its connection closed, or silent for 3 s), and at
-  once when a server restarted on the address does not know this client.
+  default) of the server going away (its connection closed, or silent for 3 s). A server
+  that comes back within that time (the same one, or one restarted from its journal) is
+  joined again and the jobs of live futures are followed again, so waits go on.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class Client:
         self.ctx = zmq.Context()
         self.server_grace = server_grace
         self.lost_since: float | None = None   # when the connection to the server closed
+        self._rejoin_pending = False
         self.sock = self._connect(connect_address(address, port), "client")
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.poller = zmq.Poller()
@@ -205,6 +207,8 @@ class Client:
             ready = dict(self.poller.poll(int(wait * 1000)))
             if self.monitor in ready:
                 self._on_monitor()
+                if self._rejoin_pending:
+                    self._rejoin()
             if self.lost_since is not None and time.monotonic() - self.lost_since >= self.server_grace:
                 raise LoomConnectionError(f"the server is gone (no connection for {self.server_grace:g} s)")
             if self.sock in ready:
@@ -229,8 +233,45 @@ class Client:
                 return
             if event == zmq.EVENT_DISCONNECTED and self.lost_since is None:
                 self.lost_since = time.monotonic()
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self.lost_since is not None:
                 self.lost_since = None
+                self._rejoin_pending = True   # (the server may be a restarted one)
+
+    def _rejoin(self) -> None:
+        """The connection came back: prove the secret again (a restarted server does not
+        know this client) and follow the jobs of live futures again, taking what the
+        server says of them (results held, status, error)."""
+        self._rejoin_pending = False
+        self.sock.send_multipart(P.encode(P.HELLO, {"role": "client", "version": P.PROTOCOL_VERSION}))
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while True:
+            if not self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
+                raise LoomConnectionError("the server came back but did not answer this client")
+            kind, body, _ = P.decode(self.sock.recv_multipart())
+            if kind == P.CHALLENGE and self.secret is not None:
+                self.sock.send_multipart(P.encode(P.AUTH, {"proof": P.proof(self.secret, body.get("nonce", b""),
+                                                                            "client")}))
+            elif kind == P.WELCOME:
+                break
+            elif kind == P.REFUSED or kind == P.CHALLENGE:
+                raise LoomConnectionError(f"the server that came back refused this client ({body.get('reason')})")
+            elif kind != P.PING:
+                self._apply(kind, body)
+        for job in sorted({f.job for f in self.futures.values()}):
+            try:
+                reply = self._request(P.WAIT_JOB, {"job": job})
+            except LoomError as exc:   # a server without this job (no journal, or it retired it)
+                self.job_errors[job] = {"job": job, "id": -1, "label": "", "worker": "",
+                                        "message": f"the server came back without this job: {exc}"}
+                continue
+            for task_id, address in zip(P.ids_from_bytes(reply.get("ids", b"")).tolist(), reply.get("addresses", [])):
+                future = self.futures.get(task_id)
+                if future is not None:
+                    future.address = address
+            if reply.get("error"):
+                self.job_errors[job] = reply["error"]
+            if reply.get("status") and reply["status"] != "running":
+                self.job_status[job] = reply["status"]
 
     def _apply(self, kind: bytes, body: dict) -> None:
         if kind == P.REFUSED:   # a server restarted on the address: it does not know us

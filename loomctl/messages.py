@@ -53,6 +53,14 @@ class ReleaseData:
 
 
 @dataclass(slots=True)
+class CancelTasks:
+    """Stop these tasks: drop them if queued, kill a running program (its process
+    group), discard the result of a running Python task."""
+    target: bytes
+    ids: np.ndarray
+
+
+@dataclass(slots=True)
 class PeerLost:
     target: bytes
     address: str
@@ -87,7 +95,7 @@ class JobDone:
     counts: dict
 
 
-WORKER_COMMANDS = (Compute, ReleaseData, PeerLost, Stop)
+WORKER_COMMANDS = (Compute, ReleaseData, CancelTasks, PeerLost, Stop)
 CLIENT_COMMANDS = (ResultsReady, TaskFailed, JobDone)
 
 

@@ -43,6 +43,9 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
                jobs: ids (optional: the job of each task, in the order of tasks; present
                      only when a task of a traced job is among them)}
     RELEASE_DATA {ids}     STOP {}
+    CANCEL_TASKS {ids}     (their job ended: drop them if queued, kill a running program
+                            with its process group, discard a running Python task's result;
+                            nothing is reported of them)
     PEER_LOST {address}    (the server removed the worker with this data address: give
                             up fetching from it now; tasks left waiting for its data fail
                             with "input ... is unavailable" and the server runs them again)
@@ -103,6 +106,7 @@ REGISTER, UPDATE, HEARTBEAT = b"REGISTER", b"UPDATE", b"HEARTBEAT"
 COMPUTE, RELEASE_DATA, STOP = b"COMPUTE", b"RELEASE_DATA", b"STOP"
 TRACE = b"TRACE"
 PEER_LOST = b"PEER_LOST"
+CANCEL_TASKS = b"CANCEL_TASKS"
 # client -> server (requests carry "req"; the reply echoes it)
 SUBMIT, RELEASE, STATS, STATUS, CANCEL, TERMINATE, SET_TRACE, JOB_RESULTS, WAIT_JOB = (
     b"SUBMIT", b"RELEASE", b"STATS", b"STATUS", b"CANCEL", b"TERMINATE", b"SET_TRACE",
@@ -186,6 +190,7 @@ _COMMANDS = {
     M.Compute: (COMPUTE, _compute_body),
     M.ReleaseData: (RELEASE_DATA, lambda cmd: {"ids": ids_to_bytes(cmd.ids)}),
     M.PeerLost: (PEER_LOST, lambda cmd: {"address": cmd.address}),
+    M.CancelTasks: (CANCEL_TASKS, lambda cmd: {"ids": ids_to_bytes(cmd.ids)}),
     M.Stop: (STOP, lambda cmd: {}),
     M.ResultsReady: (RESULTS_READY, _results_body),
     M.TaskFailed: (TASK_FAILED, lambda cmd: cmd.error),

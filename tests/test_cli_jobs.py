@@ -205,6 +205,8 @@ def test_ctrl_c_on_submit_wait_says_the_job_goes_on(tmp_path):
                 with c.client() as client:
                     return [j for j in client.status()["jobs"] if j["status"] == "running" and j.get("assigned")]
             (row,) = wait_until(running, "the job to run")
+            first = proc.stderr.readline()   # a progress line: the command follows the job now
+            assert first.startswith(b"progress:"), first
             os.killpg(proc.pid, signal.SIGINT)
             out, err = proc.communicate(timeout=30)
         finally:

@@ -447,7 +447,7 @@ def test_an_ended_job_that_holds_nothing_is_retired_and_kept_as_a_status_row():
     assert job2.status == "finished" and env.core.cols.owner[r2] >= 0
 
 
-def test_a_failed_job_is_retired_once_its_running_tasks_came_back():
+def test_a_failed_job_stops_its_running_tasks_and_is_retired():
     env = Env(1, 1)
     job, _ = env.submit([tasks.merge([tasks.run("a"), tasks.run("b")])])
     env.schedule()
@@ -455,10 +455,13 @@ def test_a_failed_job_is_retired_once_its_running_tasks_came_back():
     env.core.tasks_failed(w0, [(ids0[0], "boom")], env.now)
     env.drain()
     assert job.status == "failed"
-    assert env.core.retire_jobs(env.now + 5) == 0             # the other run is still out there
-    env.finish(w1)                                            # its late result is dropped
+    cancels = env.messages(P.CANCEL_TASKS)   # the other run is stopped on its worker
+    assert [P.ids_from_bytes(body["ids"]).tolist() for _, body in cancels] == [ids1]
+    assert env.core.cols.state[ids1[0]] == CANCELLED
     assert env.core.retire_jobs(env.now + 5) == 1 and env.core.jobs == {}
     assert env.core.retired_row(job.id)["status"] == "failed"
+    env.finish(w1)                                            # a late result is released there
+    assert env.messages(P.RELEASE_DATA)[-1][1]["ids"] == P.ids_to_bytes(ids1)
 
 
 def test_a_task_is_never_pinned_to_a_worker_that_cannot_run_it():

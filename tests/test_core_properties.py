@@ -100,6 +100,8 @@ class CoreMachine(RuleBasedStateMachine):
                         self.fetch[cmd.target][row.id] = [i for i in row.inputs if i in cmd.locations]
                 elif isinstance(cmd, M.ReleaseData):
                     self.holds[cmd.target] -= set(cmd.ids.tolist())
+                elif isinstance(cmd, M.CancelTasks):   # the worker stops them, says nothing
+                    self.given[cmd.target] -= set(cmd.ids.tolist())
             else:
                 assert isinstance(cmd, M.CLIENT_COMMANDS) and cmd.target in CLIENTS
 
@@ -243,7 +245,10 @@ class CoreMachine(RuleBasedStateMachine):
             self.tick()
             busy = self.workers_with_tasks()
             if not busy:
-                break
+                if self.core.recheck_at is None:
+                    break
+                self.now = max(self.now, self.core.recheck_at)   # (what no worker can run fails then)
+                continue
             for key in busy:
                 ids = sorted(self.given[key])
                 self.given[key].clear()

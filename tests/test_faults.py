@@ -188,3 +188,36 @@ def test_submit_wait_ends_with_one_line_and_status_4_when_the_server_dies(tmp_pa
         assert len(lines) == 1 and "Traceback" not in err, err
     finally:
         c.stop()
+
+
+def test_a_sender_killed_mid_transfer_costs_seconds_not_minutes(tmp_path):
+    """A 200 MB object's holder is SIGKILLed while a consumer on another worker fetches
+    it; a replacement joins. The object is computed again and the consumer finishes."""
+    c = Cluster(tmp_path, workers=1, cpus=1, heartbeat_timeout=2.0, worker_args=("--resource", "big=1"))
+
+    def big(tag):
+        return tag.read() * (100 << 20)
+
+    try:
+        c.add_worker(cpus=1, name="gpu", extra=("--resource", "gpu=1"))
+        with c.client() as client:
+            wait_until(lambda: len(client.status()["workers"]) == 2, 20)
+            made = tasks.py_call(tasks.py_value(big), [tasks.const("ab")])
+            made.resource_request = tasks.ResourceRequest(1, big=1)   # made on w0 (or its replacement)
+            use = tasks.py_call(tasks.py_value(lambda x: str(len(x.read())).encode() + x.read()[-4:]), [made])
+            use.resource_request = tasks.ResourceRequest(1, gpu=1)   # only the other worker may run it
+            future = client.submit_one(use)
+
+            def holder():
+                ws = {w["name"]: w for w in client.status()["workers"]}
+                return "w0" in ws and ws["w0"]["data_bytes"] >= 200 << 20 and ws["gpu"]["assigned"] > 0
+            wait_until(holder, 60)
+            c.workers[0].send_signal(signal.SIGKILL)   # (the fetch of 200 MB is under way or about to be)
+            c.workers[0].wait()
+            c.add_worker(cpus=1, name="w2", extra=("--resource", "big=1"))
+            started = time.monotonic()
+            assert future.gather() == str(200 << 20).encode() + b"abab"
+            took = time.monotonic() - started
+        print(f"\nsender killed mid-transfer: consumer done {took:.1f} s after the kill")
+    finally:
+        c.stop()

@@ -5,7 +5,8 @@ plan from the command line, finding the server, a local server for ``run`` and
 Invariants:
 - Connecting turns every connection problem into one line with UNAVAILABLE (4); an
   access file whose server is gone is reported at once (loomctl.access.find_server).
-- A job's results go to one file per result in a directory (``result-ID``, or
+- A job's results go to one file per result in a directory (``result-ID``, ID the task's
+  id in the plan, as ``loomctl inspect`` numbers it; or
   ``result-ID.pickle`` for a Python object), or to stdout: one result as it is;
   several framed by a ``==> task ID <==`` line each (as head(1) frames several files);
   bare and concatenated with -q; as one JSON document with --json. Bytes are written
@@ -156,7 +157,9 @@ def failure(info: dict) -> str:
     e = info.get("error") or {}
     label = f" ({e.get('label')})" if e.get("label") else ""
     message = " | ".join(line.strip() for line in (e.get("message") or "").strip().splitlines() if line.strip())
-    return (f"job {info['job']} failed: task {e.get('id')}{label} [{e.get('symbol')}] on worker "
+    task = e.get("task") if "task" in e else e.get("id")   # the plan's own id; None: added at run time
+    what = f"task {task}" if task is not None else f"a task added at run time (server id {e.get('id')})"
+    return (f"job {info['job']} failed: {what}{label} [{e.get('symbol')}] on worker "
             f"{e.get('worker') or '?'}: {message}")
 
 
@@ -181,6 +184,7 @@ def wait_for_job(client, job: int, progress: bool = True) -> dict:
 def deliver_results(client, job: int, info: dict, futures: list, output: str | None, out: Output) -> None:
     """Download the results and write them as the module docstring says."""
     values = client.fetch(futures) if futures else []
+    base = info.get("base", 0)   # results are named by the plan's own task ids
     summary = {"job": job, "status": info["status"], "counts": info["counts"], "results": []}
     rows = summary["results"]
     if output not in (None, "-"):
@@ -188,20 +192,20 @@ def deliver_results(client, job: int, info: dict, futures: list, output: str | N
         try:
             os.makedirs(output, exist_ok=True)
             for f, value in zip(futures, values):
-                data, name = as_bytes(value), f"result-{f.task_id}"
+                data, name = as_bytes(value), f"result-{f.task_id - base}"
                 if data is None:
                     data, name = cloudpickle.dumps(value), name + ".pickle"
                 path = os.path.join(output, name)
                 with open(path, "wb") as fh:
                     fh.write(data)
-                rows.append({"task": f.task_id, "path": path, "bytes": len(data)})
+                rows.append({"task": f.task_id - base, "path": path, "bytes": len(data)})
         except OSError as exc:
             raise CliError(f"cannot write results into {output}: {exc.strerror}") from None
         out.emit(summary, lambda d: f"job {job} finished: wrote {plural(len(rows), 'result')} to {output}",
                  essential=job)
         return
     if out.mode == "json":
-        rows.extend({"task": f.task_id, **json_entry(v)} for f, v in zip(futures, values))
+        rows.extend({"task": f.task_id - base, **json_entry(v)} for f, v in zip(futures, values))
         out.emit(summary)
         return
     stream = sys.stdout.buffer
@@ -212,7 +216,7 @@ def deliver_results(client, job: int, info: dict, futures: list, output: str | N
         if data is None:   # a Python object: readable on a terminal, else its pickle
             data = (pprint.pformat(value) + "\n").encode() if tty else cloudpickle.dumps(value)
         if framed:
-            stream.write((b"\n" if k else b"") + f"==> task {f.task_id} <==\n".encode())
+            stream.write((b"\n" if k else b"") + f"==> task {f.task_id - base} <==\n".encode())
         stream.write(data)
         if framed and data and not data.endswith(b"\n"):
             stream.write(b"\n")

@@ -80,10 +80,17 @@ def _status(server_dir: str | None) -> dict:
     return data
 
 
+def _restored(r: dict) -> str:
+    import time
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
+    return f"at {when}: {r['jobs']} jobs from the journal {r['journal']}"
+
+
 def _render_status(d: dict) -> str:
     s = d["server"]
     head = key_values([("server", f"{s['host']}:{s['port']} (pid {s['pid']}, up {s['uptime_s']} s, "
                                   f"authentication {'on' if s['auth'] else 'off'})"),
+                       *([("restored", _restored(s["restored"]))] if s.get("restored") else []),
                        ("workers", len(d["workers"])), ("data objects", d["n_data_objects"]),
                        ("tasks", d["n_tasks"])])
     workers = table([[w["id"], w["name"], w["hostname"], w["cpus"], *_running_queued(w), w["tasks_done"],

@@ -31,6 +31,9 @@ def start(
     no_auth: bool = typer.Option(False, "--no-auth", help="Accept peers without the secret (trusted networks only)."),
     heartbeat_timeout: float = typer.Option(30.0, "--heartbeat-timeout", min=0.5, help="Seconds a worker may be silent (no heartbeat; they are sent every 0.5 s) before it counts as lost; a closed connection counts at once. A dropped worker that comes back joins again with its data."),
     trace_dir: Optional[str] = typer.Option(None, "--trace-dir", help="Directory for traces of jobs that ask for one."),
+    journal: Optional[str] = typer.Option(None, "--journal", help="The journal file (default: journal in the server directory); a journal with live jobs is restored at start."),
+    no_journal: bool = typer.Option(False, "--no-journal", help="Keep no journal: a restarted server knows no job."),
+    restore_wait: float = typer.Option(5.0, "--restore-wait", min=0, help="Seconds a restored server waits for its workers to bring their data back before computing what is missing."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every job and worker event."),
 ):
     """Run the server in the foreground (logs go to stderr)."""
@@ -40,9 +43,14 @@ def start(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     log.setLevel(logging.INFO)   # the start and the stop are always logged
     directory = resolve_server_dir(server_dir)
+    from loomctl.server.journal import JournalError
+    journal_path = None if no_journal else os.path.abspath(journal or os.path.join(directory, "journal"))
     try:
         server = Server(host=host, port=port, server_dir=directory, auth=not no_auth,
-                        heartbeat_timeout=heartbeat_timeout, trace_dir=trace_dir)
+                        heartbeat_timeout=heartbeat_timeout, trace_dir=trace_dir, journal=journal_path,
+                        restore_wait=restore_wait)
+    except JournalError as exc:
+        raise CliError(str(exc), ExitCode.BAD_INPUT) from None
     except Exception as exc:   # OSError; zmq.ZMQError (address in use) is not one
         raise CliError(f"cannot start the server: {exc}", ExitCode.UNAVAILABLE) from None
     log.info("listening on %s:%d (pid %d, authentication %s); server directory %s", server.host, server.port,

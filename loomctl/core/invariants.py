@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from loomctl.core.tasktable import (ALIAS, ASSIGNED, FINISHED, FLAG_RESULT, LIVE, N_STATES, READY, SKIPPED,
+from loomctl.core.tasktable import (ALIAS, ASSIGNED, FINISHED, FLAG_QUEUED, FLAG_RESULT, LIVE, N_STATES, READY, SKIPPED,
                                     WAITING)
 
 
@@ -47,6 +47,9 @@ def check(core) -> None:
     queued = np.concatenate(core.ready) if core.ready else np.zeros(0, np.int64)
     ready = np.flatnonzero(state == READY)
     assert np.isin(ready, queued).all(), "every READY task is in the ready list"
+    assert len(np.unique(queued)) == len(queued), "a task is in the ready list once"
+    flagged = np.flatnonzero(c.flags[:n] & FLAG_QUEUED)
+    assert set(flagged.tolist()) == set(queued.tolist()), "FLAG_QUEUED marks the ready list"
     # workers' load
     assert not np.any((c.worker[:n] >= 0) != (state == ASSIGNED)), "worker set exactly for ASSIGNED tasks"
     for w in core.workers.values():

@@ -5,9 +5,10 @@ Invariants:
   then the segments added at run time); its counts are taken over all of them.
 - A job ends once: ``end`` sets its status (finished, failed or cancelled), tells its
   watchers (JOB_DONE) and queues it for retirement. A job that did not finish is
-  *aborted*: its waiting and ready tasks are cancelled, its results are no longer
-  wanted, results of its tasks still running are dropped when they come in, and tasks
-  of other jobs that wait on its unfinished tasks fail (their jobs with them).
+  *aborted*: its waiting and ready tasks are cancelled, so are its running ones (their
+  workers are told to stop them: CANCEL_TASKS; a late result is dropped), its results
+  are no longer wanted, and tasks of other jobs that wait on its unfinished tasks fail
+  (their jobs with them). A task another job still needs is left to finish.
 - A job ended RETIRE_AFTER_S ago whose tasks hold no data, run nowhere, are needed by
   nothing and are no input of a job that is not retired (lost data of that job may have
   to be computed again from them) is *retired*: its segments and record are dropped, a
@@ -25,7 +26,7 @@ from graphfmt import symbols as S
 from graphfmt.graph import Graph
 from loomctl import messages as M
 from loomctl.core import transitions as T
-from loomctl.core.tasktable import (ALIAS, CANCELLED, FAILED, FINISHED, FLAG_EXTRA, FLAG_LOADED,
+from loomctl.core.tasktable import (ALIAS, ASSIGNED, CANCELLED, FAILED, FINISHED, FLAG_EXTRA, FLAG_LOADED,
                                     LIVE, N_STATES, READY, SKIPPED, STATE_NAMES, WAITING,
                                     ranges)
 
@@ -168,6 +169,8 @@ def end(core, job: Job, status: str, now: float) -> None:
         core.aborted_jobs.add(job.id)
     job.ended = now
     core.ended_jobs.append(job.id)
+    if core.record is not None:
+        core.record.append(["end", job.id, status, job.error])
     for client in job.watchers:
         core.commands.append(M.JobDone(client, job.id, status, job_counts(core, job)))
 
@@ -179,11 +182,12 @@ def task_failed(core, t: int, message: str, worker_name: str, now: float) -> Non
     T.transition(core, np.array([t], dtype=np.int64), FAILED)
     core.stats["failed"] += 1
     job = core.jobs.get(int(c.job[t]))
-    if job is None or job.status != "running":
+    if job is None or job.status != "running":   # (a task computed again for another job's sake)
+        _fail_dependents(core, np.array([t], dtype=np.int64), job.id if job else -1, "failed", now)
         return
     job.failed += 1
-    job.error = {"job": job.id, "id": t, "label": g.label(t), "symbol": g.symbols[c.symbol[t]],
-                 "worker": worker_name, "message": message}
+    job.error = {"job": job.id, "id": t, "task": t - job.base if job.base <= t < job.base + job.n else None,
+                 "label": g.label(t), "symbol": g.symbols[c.symbol[t]], "worker": worker_name, "message": message}
     for client in job.watchers:
         core.commands.append(M.TaskFailed(client, job.error))
     abort(core, job, "failed", now)
@@ -197,14 +201,26 @@ def abort(core, job: Job, status: str, now: float) -> None:
     T.set_wanted(core, ids, False)
     state = c.state[ids]
     T.transition(core, ids[(state == WAITING) | (state == READY)], CANCELLED)
-    # tasks of other jobs that wait on this job's unfinished tasks can never run
-    doomed = ids[((c.flags[ids] & FLAG_EXTRA) > 0) & (c.state[ids] != FINISHED)]
-    for t in doomed.tolist():
+    # running tasks are stopped (programs killed) unless another job needs them
+    running = ids[(c.state[ids] == ASSIGNED) & (c.holds[ids] <= 0)]
+    if len(running):
+        for wid in T.small_unique(c.worker[running]).tolist():
+            worker = core.workers.get(wid)
+            if worker is not None:
+                core.commands.append(M.CancelTasks(worker.key, running[c.worker[running] == wid]))
+        T.transition(core, running, CANCELLED)
+    _fail_dependents(core, ids[c.state[ids] != FINISHED], job.id, status, now)
+
+
+def _fail_dependents(core, ids: np.ndarray, job_id: int, status: str, now: float) -> None:
+    """Tasks of other jobs that wait on these unfinished tasks can never run: they fail."""
+    c = core.graph.cols
+    for t in ids[(c.flags[ids] & FLAG_EXTRA) > 0].tolist():
         for consumer in core.graph.extra_consumers.get(t, []):
             other = core.jobs.get(int(c.job[consumer]))
-            if other is not None and other is not job and other.status == "running" \
+            if other is not None and other.id != job_id and other.status == "running" \
                     and c.state[consumer] in (WAITING, READY):
-                task_failed(core, consumer, f"input task {t} of job {job.id} did not finish ({status})", "", now)
+                task_failed(core, consumer, f"input task {t} of job {job_id} did not finish ({status})", "", now)
 
 
 def cancel(core, job_id: int, now: float) -> bool:
@@ -251,7 +267,7 @@ def job_counts(core, job: Job) -> dict:
 
 def job_row(core, job: Job, now: float) -> dict:
     """The job as a row of ``status``."""
-    return {"id": job.id, "name": job.name, "status": job.status, **job_counts(core, job),
+    return {"id": job.id, "name": job.name, "base": job.base, "status": job.status, **job_counts(core, job),
             "results": int(len(job.results)), "error": job.error,
             "elapsed_s": round((job.ended or now) - job.submitted, 3)}
 
@@ -264,14 +280,14 @@ def job_results(core, job_id: int, watcher: bytes | None = None) -> dict:
         row = next((row for row in core.history if row["id"] == job_id), None)
         if row is None:
             raise KeyError(f"no job {job_id}")
-        return {"job": job_id, "status": row["status"], "error": row["error"],
+        return {"job": job_id, "base": row.get("base", 0), "status": row["status"], "error": row["error"],
                 "counts": {k: v for k, v in row.items() if k in STATE_NAMES or k == "total"},
                 "ids": np.zeros(0, np.int64), "addresses": []}
     if watcher is not None:
         job.watchers.add(watcher)
     c = core.graph.cols
     held = job.results[c.owner[job.results] >= 0]
-    return {"job": job.id, "status": job.status, "error": job.error, "counts": job_counts(core, job),
+    return {"job": job.id, "base": job.base, "status": job.status, "error": job.error, "counts": job_counts(core, job),
             "ids": held, "addresses": [core.workers[int(c.owner[t])].data_address for t in held.tolist()]}
 
 
@@ -324,4 +340,6 @@ def _retire(core, job: Job, now: float) -> None:
     core.aborted_jobs.discard(job.id)
     del core.jobs[job.id]
     core.stats["retired_jobs"] += 1
+    if core.record is not None:
+        core.record.append(["retire", job.id])
 

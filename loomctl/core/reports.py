@@ -54,6 +54,12 @@ def tasks_finished(core, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: 
         if late.any():
             T.transition(core, ids[late], CANCELLED)
             mine &= ~late
+    if worker is not None:   # not assigned here, but ready, wanted and not computed yet (the
+        # report of a task that ran on while its worker was away, its server restarted): taken
+        adopt = ~mine & (c.state[ids] == READY) & (c.holds[ids] > 0)
+        if adopt.any():
+            data_returned(core, wid, ids[adopt], sizes[adopt], lengths[adopt], now)
+            ids, sizes, lengths, mine = ids[~adopt], sizes[~adopt], lengths[~adopt], mine[~adopt]
     stale = ids[~mine]
     if len(stale) and worker is not None:   # cancelled or re-run elsewhere: drop the copy,
         # but not one it holds as the server knows (a report repeated)

@@ -7,8 +7,10 @@ Invariants:
   over stay in ``core.ready`` for a later round, in order.
 - A ready task that no connected worker can ever run (more cpus or named resources
   than any has, or a task type none supports) fails with a message saying so, as soon as
-  at least one worker is connected: at submit, when workers come and go, and in the
-  first round after it became READY (``core.unchecked``).
+  at least one worker is connected: at submit, when a worker joins, and in the first
+  round after it became READY (``core.unchecked``). After a worker is lost the check
+  waits REPLACE_GRACE_S (``core.recheck_at``): a replacement that joins meanwhile may
+  be the one worker that can run it.
 - A worker whose last heartbeat says it is near its memory limit (``memory_near``: at
   its spill threshold, or paused) is given only tasks whose inputs are all on it, while
   some other worker is not near its limit: tasks that would bring it data (inputs from
@@ -23,15 +25,27 @@ import numpy as np
 from graphfmt import symbols as S
 from loomctl import messages as M
 from loomctl.core import dynamic, jobs, placement
+from loomctl.core.workers import recompute_lost
 from loomctl.core import transitions as T
 from loomctl.core.tasktable import ASSIGNED, FLAG_CHECKPOINT, FLAG_LOADED, FLAG_RESULT, READY
 
 
+REPLACE_GRACE_S = 10.0
+
+
 def schedule(core, now: float) -> int:
     """Place ready tasks on workers; returns how many were placed."""
+    if core.hold_until is not None:   # restored: workers that come back bring data first
+        if now < core.hold_until:
+            return 0
+        core.hold_until = None
+        recompute_lost(core)
+    if core.recheck_at is not None and now >= core.recheck_at:   # a worker left a while ago
+        core.recheck_at = None
+        fail_unsatisfiable(core, None, now)
     if not core.ready or not core.workers:
         return 0
-    if core.unchecked:
+    if core.unchecked and core.recheck_at is None:
         fail_unsatisfiable(core, np.concatenate(core.unchecked), now)
     for w in core.workers.values():
         w.settle(now)
@@ -40,9 +54,7 @@ def schedule(core, now: float) -> int:
         return 0   # every worker is full: leave the ready list as it is
     g = core.graph
     c = g.cols
-    ids = np.concatenate(core.ready) if len(core.ready) > 1 else core.ready[0]
-    ids = ids[c.state[ids] == READY]
-    core.ready = []
+    ids = T.take_ready(core)
     if not len(ids):
         return 0
     core.stats["rounds"] += 1
@@ -51,13 +63,12 @@ def schedule(core, now: float) -> int:
     if is_dynamic is not None and is_dynamic.any():
         for t in ids[is_dynamic].tolist():
             dynamic.expand(core, t, now)
-        ids = np.concatenate([ids[~is_dynamic], *core.ready])   # expansions are placed now too
-        core.ready = []
+        ids = np.concatenate([ids[~is_dynamic], T.take_ready(core)])   # expansions are placed now too
         ids = ids[c.state[ids] == READY]
     workers = list(core.workers.values())
     ids, deferred = _candidates(c, ids, workers)
     if len(deferred):
-        core.ready.append(deferred)
+        T.put_ready(core, deferred)
     if not len(ids):
         return 0
     index = {w.id: k for k, w in enumerate(workers)}
@@ -90,7 +101,7 @@ def schedule(core, now: float) -> int:
             placed += len(mine)
     waiting = ids[chosen < 0]
     if len(waiting):
-        core.ready.append(waiting)
+        T.put_ready(core, waiting)
     core.stats["scheduled"] += placed
     return placed
 
@@ -200,9 +211,8 @@ def fail_unsatisfiable(core, ids: np.ndarray | None, now: float) -> None:
     c = g.cols
     core.unchecked = []
     if ids is None:
-        ids = np.concatenate(core.ready)
-        ids = ids[c.state[ids] == READY]
-        core.ready = [ids]
+        ids = T.take_ready(core)
+        T.put_ready(core, ids)
     ids = ids[c.state[ids] == READY]
     if not len(ids):
         return

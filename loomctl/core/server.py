@@ -54,6 +54,9 @@ class ServerCore:
         self.aborted_jobs: set[int] = set()    # cancelled or failed: late results are dropped
         self.ended_jobs: deque[int] = deque()  # ended, not retired yet, in the order they ended
         self.history: deque[dict] = deque(maxlen=JOB_HISTORY)   # status rows of retired jobs
+        self.record: list | None = None        # journal records of what changed (None: no journal)
+        self.hold_until: float | None = None   # a restored server waits for its workers till then
+        self.recheck_at: float | None = None   # when to check again what no worker can run
         self.next_worker = 0
         self.next_job = 1
         self.stats = {"scheduled": 0, "finished": 0, "failed": 0, "rounds": 0, "transfers": 0,

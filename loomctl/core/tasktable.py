@@ -56,6 +56,7 @@ FLAG_EXTRA = 2           # has consumers in extra_consumers
 FLAG_CHECKPOINT = 4      # write the result to its checkpoint path
 FLAG_LOADED = 8          # taken from its checkpoint file instead of computed
 FLAG_OVERRIDE = 16       # symbol/config/inputs replaced at run time (see overrides)
+FLAG_QUEUED = 32         # in the ready list (core.ready), once
 
 _COLUMNS = {
     "state": np.uint8, "flags": np.uint8, "remaining": np.int32, "holds": np.int32,
@@ -71,6 +72,12 @@ class TaskColumns:
         self.capacity = capacity
         for name, dtype in _COLUMNS.items():
             setattr(self, name, np.zeros(capacity, dtype=dtype))
+
+    def skip_to(self, n: int) -> None:
+        """Ids below ``n`` are used (a restored server takes its jobs' ids back): rows up
+        to there exist, unused ones holding nothing."""
+        if n > self.n:
+            self.allocate(n - self.n)
 
     def allocate(self, count: int) -> int:
         """Reserve ``count`` new ids; returns the first. New rows are zero (columns are

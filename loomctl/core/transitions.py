@@ -12,7 +12,8 @@ counters true, so that no other module writes them:
   whose holds reach 0 is cancelled (it was computed again for another job's sake).
 - ``remaining[t]`` = input slots of t whose producer is not FINISHED, for WAITING and
   READY tasks; a WAITING task with none left becomes READY in the same call
-  (``make_ready``), and every READY task is in ``core.ready`` (and, until the
+  (``make_ready``), and every READY task is in ``core.ready``, once (FLAG_QUEUED marks
+  the tasks in it, stale ones included; ``put_ready``/``take_ready``) (and, until the
   scheduler checked that some worker can run it, in ``core.unchecked``).
 - A worker's ``assigned_cpus``, ``assigned_light`` and ``assigned_resources`` are the
   sums over the tasks ASSIGNED to it (``c.worker``); ``c.worker`` is -1 for the others.
@@ -30,8 +31,8 @@ import numpy as np
 
 from graphfmt.graph import Graph
 from loomctl import messages as M
-from loomctl.core.tasktable import (ALIAS, ALLOWED, ASSIGNED, CANCELLED, FINISHED, FLAG_RESULT, LIVE, READY,
-                                    SKIPPED, STATE_NAMES, WAITING)
+from loomctl.core.tasktable import (ALIAS, ALLOWED, ASSIGNED, CANCELLED, FINISHED, FLAG_QUEUED, FLAG_RESULT, LIVE,
+                                    READY, SKIPPED, STATE_NAMES, WAITING)
 
 
 class TransitionError(AssertionError):
@@ -67,10 +68,13 @@ def transition(core, ids: np.ndarray, to: int, worker: int | None = None) -> Non
         _unassign(core, ids if was_assigned.all() else ids[was_assigned])
     c.state[ids] = to
     if to == READY:
-        core.ready.append(ids)
+        put_ready(core, ids)
         core.unchecked.append(ids)
     elif to == FINISHED:
         _count(core, ids, "finished", 1)
+        if core.record is not None:
+            core.record.append(["finished", ids.astype("<i8").tobytes(), c.size[ids].astype("<i8").tobytes(),
+                                c.length[ids].astype("<i8").tobytes()])
         _finished(core, ids)
     elif to == WAITING:
         was_finished = prev == FINISHED
@@ -84,6 +88,26 @@ def transition(core, ids: np.ndarray, to: int, worker: int | None = None) -> Non
         inputs = core.graph.inputs_of(ids)
         np.subtract.at(c.holds, inputs, 1)
         release_unheld(core, inputs)
+
+
+def put_ready(core, ids: np.ndarray) -> None:
+    """Into the ready list, those of ``ids`` not there already (FLAG_QUEUED)."""
+    c = core.graph.cols
+    ids = ids[(c.flags[ids] & FLAG_QUEUED) == 0]
+    if len(ids):
+        c.flags[ids] |= FLAG_QUEUED
+        core.ready.append(ids)
+
+
+def take_ready(core) -> np.ndarray:
+    """Everything in the ready list, emptied; of it, the tasks still READY."""
+    c = core.graph.cols
+    if not core.ready:
+        return np.zeros(0, np.int64)
+    ids = np.concatenate(core.ready) if len(core.ready) > 1 else core.ready[0]
+    core.ready = []
+    c.flags[ids] &= ~np.uint8(FLAG_QUEUED)
+    return ids[c.state[ids] == READY]
 
 
 def make_ready(core, ids: np.ndarray) -> np.ndarray:
@@ -251,6 +275,8 @@ def set_wanted(core, ids: np.ndarray, wanted: bool) -> np.ndarray:
     else:
         c.flags[ids] &= ~np.uint8(FLAG_RESULT)
         c.holds[ids] -= 1
+        if core.record is not None and len(ids):
+            core.record.append(["unwanted", ids.astype("<i8").tobytes()])
         release_unheld(core, ids)
     return ids
 

@@ -8,6 +8,8 @@ Invariants:
   count as attempts);
   its data objects survive where another worker holds a replica and are computed again
   where nothing else holds them and something still needs them (``recompute_lost``).
+- A ready task that only the lost worker could run is not failed at once: the check
+  waits REPLACE_GRACE_S for a replacement (scheduler).
 - When a worker is lost, the others are told (PEER_LOST) to stop fetching from it; a task
   ASSIGNED elsewhere that was to fetch an input from it is ``stranded``: its failure
   report from that worker ("input unavailable") makes it wait and run again, once,
@@ -108,6 +110,8 @@ def remove_worker(core, wid: int, now: float, reason: str = "lost") -> None:
     running = presumed_running(worker, assigned)
     c.attempts[running] += 1
     for t in running[c.attempts[running] >= MAX_ATTEMPTS].tolist():
+        if c.state[t] != ASSIGNED:   # (cancelled with its job by a failure just before)
+            continue
         jobs.task_failed(core, t, f"task was running on a worker that was lost {MAX_ATTEMPTS} times "
                                   f"(last: {worker.name}); it may be killing its worker", worker.name, now)
     assigned = assigned[c.state[assigned] == ASSIGNED]
@@ -118,7 +122,8 @@ def remove_worker(core, wid: int, now: float, reason: str = "lost") -> None:
     T.transition(core, assigned, WAITING)
     del core.workers[wid]
     recompute_lost(core)
-    core.fail_unsatisfiable(None, now)
+    from loomctl.core.scheduler import REPLACE_GRACE_S
+    core.recheck_at = now + REPLACE_GRACE_S   # (not at once: a replacement may be on its way)
 
 
 def presumed_running(worker: Worker, assigned: np.ndarray) -> np.ndarray:

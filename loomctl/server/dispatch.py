@@ -53,6 +53,7 @@ class Dispatch:
         self.bad_messages = 0
         self._out: list[tuple[bytes, list]] = []       # to send at the next flush, first
         self._answers: list[tuple[bytes, list]] = []   # answers of this batch, last
+        self._journaled_ids = 0
 
     # ------------------------------------------------------------------ events
     def message(self, identity: bytes, frames: list, now: float) -> None:
@@ -116,6 +117,17 @@ class Dispatch:
         out.extend(self._answers)
         self._answers = []
         return out
+
+    def journal_records(self) -> list:
+        """What changed since the last call, as journal records (see server/journal.py)."""
+        core = self.core
+        if core.record is None:
+            return []
+        records, core.record = core.record, []
+        if core.cols.n != self._journaled_ids:
+            self._journaled_ids = core.cols.n
+            records.append(["ids", int(core.cols.n)])
+        return records
 
     def close(self) -> None:
         if self.tracer is not None:
@@ -198,8 +210,12 @@ class Dispatch:
         if isinstance(request, M.Submit):
             graph = graphfmt.read(request.graph)
             trace_dir = self._trace_dir(request.trace)
+            mark = len(core.record) if core.record is not None else 0
             job = core.submit(identity, graph, now, load=request.load, name=request.name, notify=request.notify,
                               trace=request.trace, detached=request.detach)
+            if core.record is not None:   # (before what the submission itself recorded)
+                core.record.insert(mark, ["job", job.id, job.base, request.graph,
+                                          {"name": job.name, "load": request.load, "detached": request.detach}])
             log.info("job %d submitted: %d tasks", job.id, job.n)
             if trace_dir is not None:
                 self._trace_job(job, trace_dir)

@@ -24,7 +24,9 @@ import time
 import zmq
 from loomctl import protocol as P
 from loomctl.access import remove_access, write_access
+from loomctl.core.restore import restore, snapshot
 from loomctl.routerpeers import RouterPeers
+from loomctl.server import journal as J
 from loomctl.server.dispatch import Dispatch
 
 log = logging.getLogger("loomctl.server")
@@ -35,6 +37,8 @@ log = logging.getLogger("loomctl.server")
 # (no heartbeat, no report) for BUSY_LOOP_FACTOR times as long is dropped too; it joins
 # again with its data when its loop comes back.
 BUSY_LOOP_FACTOR = 4
+RESTORE_WAIT_S = 5.0          # a restored server waits this long for workers before computing again
+COMPACT_BYTES = 1 << 20       # the journal is rewritten once this much (and twice its live size) was added
 
 
 def _tracer():
@@ -44,7 +48,16 @@ def _tracer():
 
 class Server:
     def __init__(self, host: str = "127.0.0.1", port: int = 9010, server_dir: str | None = None,
-                 auth: bool = True, heartbeat_timeout: float = 30.0, trace_dir: str | None = None):
+                 auth: bool = True, heartbeat_timeout: float = 30.0, trace_dir: str | None = None,
+                 journal: str | None = None, restore_wait: float = RESTORE_WAIT_S):
+        """``journal``: the journal's path (None: no journal). A journal with live jobs is
+        restored: its jobs, and its port and secret (when ``port`` is 0). JournalError
+        when it cannot be used."""
+        records, records_end, dropped = J.load(journal) if journal else ([], 0, 0)
+        old = next((r[1] for r in reversed(records) if r[0] == "server" and isinstance(r[1], dict)), {})
+        live = any(r[0] == "job" for r in records)
+        if live and port == 0 and isinstance(old.get("port"), int):
+            port = old["port"]   # (workers and clients come back to the address they knew)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -72,6 +85,8 @@ class Server:
             self.port = port
         self.host = bind_host
         self.secret = P.new_secret() if auth else None
+        if live and auth and isinstance(old.get("secret"), str):
+            self.secret = old["secret"]
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # an unroutable peer raises (RouterPeers probes)
         self.peers = RouterPeers(self.sock)
         self.monitor = self.peers.monitor
@@ -81,8 +96,47 @@ class Server:
                                                "started": time.monotonic()},
                                  trace_dir, tracer_factory=_tracer)
         self.core = self.dispatch.core
+        self.journal = None
+        self.restored = None
+        if journal:
+            self._open_journal(journal, records, records_end, dropped, restore_wait)
         if server_dir:
             write_access(server_dir, self.host, self.port, self.secret)
+
+    # ------------------------------------------------------------------ journal
+    def _open_journal(self, path: str, records: list, records_end: int, dropped: int, wait: float) -> None:
+        now = time.monotonic()
+        if dropped:
+            log.warning("journal %s: dropped %d bytes after its last complete record (a write cut short)",
+                        path, dropped)
+        if any(r[0] == "job" for r in records):
+            summary = restore(self.core, records, now, wait)
+            self.restored = {"at": time.time(), "jobs": summary["jobs"], "journal": path,
+                             "tasks_finished": summary["tasks_finished"]}
+            self.dispatch.info["restored"] = self.restored
+            log.warning("restored %d jobs (%d tasks had finished) from the journal %s; waiting %g s for "
+                        "workers to bring their data back%s", summary["jobs"], summary["tasks_finished"], path, wait,
+                        f" ({summary['skipped']} records skipped)" if summary["skipped"] else "")
+        self.journal = J.Journal(path, records_end)
+        self._compact(now)   # the live state only, from a clean start
+        self.core.record = []
+
+    def _server_record(self) -> dict:
+        return {"host": self.host, "port": self.port, "secret": self.secret}
+
+    def _compact(self, now: float) -> None:
+        self.journal.compact(snapshot(self.core, self._server_record()), now)
+        self._compacted_size = self.journal.size
+
+    def _journal_step(self, now: float, force: bool = False) -> None:
+        records = self.dispatch.journal_records()
+        for record in records:
+            self.journal.add(record)
+        if force or self.journal.due(now):
+            self.journal.flush(now)
+        if self.journal.written_since_compaction > max(COMPACT_BYTES, 2 * self._compacted_size) \
+                and any(r[0] == "retire" for r in records):
+            self._compact(now)
 
     @property
     def running(self) -> bool:
@@ -130,7 +184,10 @@ class Server:
         self._flush(now)   # once per drained batch of messages
 
     def _flush(self, now: float) -> None:
-        for identity, frames in self.dispatch.flush(now):
+        outgoing = self.dispatch.flush(now)
+        if self.journal is not None:   # (what a reply confirms is on disk within FLUSH_S)
+            self._journal_step(now)
+        for identity, frames in outgoing:
             try:
                 self.sock.send_multipart([identity, *frames], zmq.NOBLOCK)
             except zmq.ZMQError as exc:   # the peer is gone: nothing to do
@@ -145,6 +202,9 @@ class Server:
 
     def close(self) -> None:
         self.dispatch.close()
+        if self.journal is not None:
+            self._journal_step(time.monotonic(), force=True)
+            self.journal.close()
         if self.server_dir:
             remove_access(self.server_dir)
         self.peers.close()

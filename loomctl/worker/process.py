@@ -303,6 +303,8 @@ class Worker:
             self.peers.close_link(instruction.address)
         elif kind in _SPILL_IO:
             self.spiller.submit(instruction)
+        elif kind is W.Kill:   # (a Python task runs to its end; its result is discarded)
+            self.programs.kill(instruction.task_id)
 
     def _task_done(self, outcome: Outcome) -> None:
         if self.tracer is not None:
@@ -353,6 +355,8 @@ class Worker:
                 self._events.append(W.Compute(rows, P.field(body, "locations", dict, {})))
             elif kind == P.TRACE:
                 self._on_trace(body)
+            elif kind == P.CANCEL_TASKS:
+                self._events.append(W.CancelTasks(P.ids_from_bytes(P.field(body, "ids", bytes)).tolist()))
             elif kind == P.RELEASE_DATA:
                 self._events.append(W.ReleaseData(P.ids_from_bytes(P.field(body, "ids", bytes)).tolist()))
             elif kind == P.STOP:

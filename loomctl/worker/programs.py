@@ -216,6 +216,13 @@ class Programs:
         out.ended = time.time()
         return out
 
+    def kill(self, task_id: int) -> None:
+        """Kill the program of a task with its process group; its outcome (an error)
+        comes as usual once its pipes close."""
+        for program in {id(p): p for p in [*self.by_fd.values(), *self.reaping]}.values():
+            if program.spec.id == task_id and program.proc.poll() is None:
+                program.proc.kill()
+
     def kill_all(self) -> None:
         """Kill every running program with its whole process group (a shell's children
         too: they would otherwise run on as orphans), reap it and clean up."""

@@ -3,8 +3,8 @@
 Events are what the worker process saw since it last asked (messages from the server,
 answers of peers, links that became ready or failed, tasks that ended, the clock);
 instructions are what it must do next: start a task (``Execute``, with the route the
-task takes), send a report (``SendUpdate``), connect to a peer, send a FETCH, close a
-link. The process (``worker.process``) owns the sockets, threads, programs and clock and
+task takes), stop one (``Kill``), send a report (``SendUpdate``), connect to a peer,
+send a FETCH, close a link. The process (``worker.process``) owns the sockets, threads, programs and clock and
 carries the instructions out; everything else about the worker is decided here, on
 plain data, so that tests drive it with lists of events.
 
@@ -25,7 +25,7 @@ Invariants (tests check them after every step, ``check``):
   when nothing runs, loads or is being written (so that a worker always makes
   progress). A result larger than the memory limit fails its task and is not kept.
 - Every task given in a COMPUTE ends in exactly one report (finished, failed or
-  redirected), unless the server released it first; a task whose input cannot come
+  redirected), unless the server cancelled it (CANCEL_TASKS: no report at all); a task whose input cannot come
   (released, peer gone, fetch timed out, malformed answer) fails with a message saying
   which input and why.
 - An id is fetched from one peer at a time, only over a link that completed its
@@ -71,6 +71,12 @@ class Compute:
 
 @dataclass(slots=True)
 class ReleaseData:
+    ids: list
+
+
+@dataclass(slots=True)
+class CancelTasks:
+    """The server gave these tasks up (their job ended)."""
     ids: list
 
 
@@ -160,6 +166,12 @@ class CloseLink:
     address: str
 
 
+@dataclass(slots=True)
+class Kill:
+    """Stop a running task (a program: kill its process group)."""
+    task_id: int
+
+
 def route(spec: TaskSpec) -> str:
     """Where a started task runs (the one rule, for the process and its tracer)."""
     if spec.symbol == S.RUN:
@@ -200,6 +212,7 @@ class WorkerState:
         self.report = Report()
         self.report_since: float | None = None  # when the unsent report got its first entry
         self.fetch_timeout_s = fetch_timeout_s
+        self.cancelled: set[int] = set()       # running tasks the server gave up
 
     # ------------------------------------------------------------------ the one entry
     def handle(self, events: list, now: float) -> list:
@@ -214,6 +227,8 @@ class WorkerState:
                 self._compute(event.rows, event.locations)
             elif kind is ReleaseData:
                 self._release(event.ids)
+            elif kind is CancelTasks:
+                self._cancel(event.ids, out)
             elif kind is Fetched:
                 self._fetched(event)
             elif kind is LinkReady:
@@ -307,6 +322,14 @@ class WorkerState:
         for input_id, address in fetch:
             self.plan.want(input_id, address)
 
+    def _cancel(self, ids, out: list) -> None:
+        for t in ids:
+            if t in self.queue.queued:
+                self.queue.drop(t)
+            elif t in self.queue.running:
+                self.cancelled.add(t)
+                out.append(Kill(t))
+
     def _release(self, ids) -> None:
         for i in ids:
             self._io += self.store.drop(i)
@@ -349,6 +372,10 @@ class WorkerState:
 
     def _done(self, outcome: Outcome) -> None:
         task_id = outcome.task_id
+        if task_id in self.cancelled:   # given up by the server: nothing of it is kept or said
+            self.cancelled.discard(task_id)
+            self.queue.finished(task_id, ok=False)
+            return
         spec = self.queue.running.get(task_id)
         if spec is not None:
             self.store.unpin(spec.inputs)

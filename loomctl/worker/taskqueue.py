@@ -217,6 +217,11 @@ class TaskQueue:
         self._ready_light -= sum(1 for spec in start if spec.light)
         return start
 
+    def drop(self, tid: int) -> None:
+        """Forget a queued task (it will not run)."""
+        if tid in self.queued:
+            self._drop(tid)
+
     def drop_queued(self) -> list:
         """Forget every queued task (not the running ones); returns their ids."""
         dropped = list(self.queued)

@@ -1,0 +1,152 @@
+"""The server's journal: what a restarted server needs to carry on its jobs.
+
+A file of records: an 8-byte magic, a format version, then records framed as
+``[u32 length][u32 crc32][msgpack payload]``. Records (lists, the first item a name):
+
+  ["server", {host, port, secret}]        the address and secret to come back on
+  ["job", job, base, graph file bytes, {name, load, trace, detached}]
+  ["ids", next id]                        ids below this may be held by workers
+  ["finished", ids, sizes, lengths]       (int64 bytes) tasks finished with these sizes
+  ["unwanted", ids]                       results no client wants any more
+  ["end", job, status, error]             a job ended (finished, failed, cancelled)
+  ["retire", job]                         a job is done with: a compaction drops it
+
+The core appends records of what changed (``core.record``, plain values); the server
+loop hands them to ``Journal.add`` and calls ``flush`` at least every FLUSH_S: one write
+and one fsync per batch, so a crash loses at most that much. When retired jobs make up
+most of the file it is rewritten (``compact``) with the live jobs only.
+
+Invariants:
+- ``load`` returns every complete record in order and stops at the first incomplete or
+  damaged one (a torn tail after a crash), saying how many bytes it dropped; the next
+  write starts where the good records end.
+- A journal of a newer format version is refused (JournalError), never misread.
+- A compaction is atomic: a new file is written, fsynced and renamed over the old one.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+
+import msgpack
+
+MAGIC = b"LOOMJRNL"
+VERSION = 1
+FLUSH_S = 0.1
+_FRAME = struct.Struct("<II")
+
+
+class JournalError(Exception):
+    """A journal that cannot be used (a one-line message for a person)."""
+
+
+def _frame(record: list) -> bytes:
+    payload = msgpack.packb(record, use_bin_type=True)
+    return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def load(path: str) -> tuple[list, int, int]:
+    """(records, offset of the end of the last complete one, bytes dropped after it)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return [], 0, 0
+    except OSError as exc:
+        raise JournalError(f"cannot read the journal {path}: {exc.strerror or exc}") from None
+    head = len(MAGIC) + 2
+    if len(data) < head:
+        return [], 0, len(data)
+    if data[:len(MAGIC)] != MAGIC:
+        raise JournalError(f"{path} is not a loomctl journal (wrong magic)")
+    version = struct.unpack_from("<H", data, len(MAGIC))[0]
+    if version > VERSION:
+        raise JournalError(f"the journal {path} is of format version {version}, newer than this "
+                           f"loomctl's ({VERSION}); use a newer loomctl, or move the journal away")
+    records, pos = [], head
+    while pos + _FRAME.size <= len(data):
+        length, crc = _FRAME.unpack_from(data, pos)
+        payload = data[pos + _FRAME.size:pos + _FRAME.size + length]
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            break
+        try:
+            record = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        except Exception:
+            break
+        if not isinstance(record, list) or not record or not isinstance(record[0], str):
+            break
+        records.append(record)
+        pos += _FRAME.size + length
+    return records, pos, len(data) - pos
+
+
+class Journal:
+    def __init__(self, path: str, records_end: int | None = None):
+        """Open ``path`` for appending after ``records_end`` (from ``load``; a torn tail
+        is cut off), or start a new journal there."""
+        self.path = path
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if records_end:
+            self.fd = os.open(path, os.O_WRONLY)
+            os.ftruncate(self.fd, records_end)
+            os.lseek(self.fd, records_end, os.SEEK_SET)
+            self.size = records_end
+        else:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.write(self.fd, MAGIC + struct.pack("<H", VERSION))
+            self.size = len(MAGIC) + 2
+        self.pending: list[bytes] = []
+        self.last_flush = 0.0
+        self.written_since_compaction = 0
+
+    def add(self, record: list) -> None:
+        self.pending.append(_frame(record))
+
+    def flush(self, now: float) -> None:
+        """Write what is pending (one write, one fsync)."""
+        self.last_flush = now
+        if not self.pending:
+            return
+        data = b"".join(self.pending)
+        self.pending = []
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        os.fsync(self.fd)
+        self.size += len(data)
+        self.written_since_compaction += len(data)
+
+    def due(self, now: float) -> bool:
+        return bool(self.pending) and now - self.last_flush >= FLUSH_S
+
+    def compact(self, records: list, now: float) -> None:
+        """Replace the journal by ``records`` (the live state), atomically."""
+        self.pending = []
+        tmp = self.path + ".new"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            data = MAGIC + struct.pack("<H", VERSION) + b"".join(_frame(r) for r in records)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, self.path)
+        os.close(self.fd)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.size = len(data)
+        self.written_since_compaction = 0
+        self.last_flush = now
+
+    def close(self, now: float = 0.0) -> None:
+        if self.fd is not None:
+            self.flush(now)
+            os.close(self.fd)
+            self.fd = None
