@@ -47,7 +47,8 @@ _DTYPE_CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 # The type code of every column of version 1.0; a reader refuses any other.
 _COLUMN_TYPES = {b"TYPE": b"u2\0\0", b"NINP": b"u4\0\0", b"INPS": b"u4\0\0", b"CLEN": b"u4\0\0",
                  b"CFGD": b"u1\0\0", b"FLAG": b"u1\0\0", b"RCOD": b"u2\0\0", b"LCOD": b"u4\0\0",
-                 b"CKPL": b"u4\0\0", b"CKPD": b"u1\0\0", b"METL": b"u4\0\0", b"METD": b"u1\0\0"}
+                 b"CKPL": b"u4\0\0", b"CKPD": b"u1\0\0", b"METL": b"u4\0\0", b"METD": b"u1\0\0",
+                 b"prio": b"u4\0\0"}   # (ancillary: user priorities, int32 stored as two's complement)
 # data column -> the column holding its per-task lengths
 _DATA_COLUMNS = {b"INPS": b"NINP", b"CFGD": b"CLEN", b"CKPD": b"CKPL", b"METD": b"METL"}
 _REQUIRED_COLUMNS = (b"TYPE", b"NINP", b"CLEN", b"FLAG")
@@ -187,6 +188,8 @@ class GraphWriter:
                 columns.append((b"RCOD", request_lut[graph.request_codes[start:end]].astype("<u2")))
             if graph.label_codes[start:end].any():
                 columns.append((b"LCOD", label_lut[graph.label_codes[start:end]].astype("<u4")))
+            if graph.priorities is not None and graph.priorities[start:end].any():
+                columns.append((b"prio", np.ascontiguousarray(graph.priorities[start:end], dtype="<i4").view("<u4")))
             for name, column in ((b"CKP", graph.checkpoints), (b"MET", graph.metadata)):
                 if column is not None and column.offsets[end] > column.offsets[start]:
                     d0, d1 = column.offsets[start], column.offsets[end]
@@ -563,6 +566,7 @@ class _PartBuilder:
             request_codes=request_codes, requests=self.tables[K_REQUESTS],
             label_codes=label_codes, labels=self.tables[K_LABELS],
             checkpoints=_optional(b, b"CKP"), metadata=_optional(b, b"MET"),
+            priorities=_cat(b, b"prio", np.uint32).view(np.int32) if any(b"prio" in blk for blk in b) else None,
         )
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from graphfmt import symbols as S
 
 FLAG_RESULT = 1
+PRIORITY_LIMIT = (1 << 31) - 1   # user priorities are int32 (the smallest value is kept free)
 
 
 class GraphError(Exception):
@@ -97,6 +98,7 @@ class Graph:
     labels: list[str] = field(default_factory=list)
     checkpoints: VarBytes | None = None     # UTF-8 absolute paths, b"" = none
     metadata: VarBytes | None = None        # msgpack values, b"" = none
+    priorities: np.ndarray | None = None    # int32 user priorities (higher first), None = all 0
 
     def __post_init__(self):
         if self.label_codes is None:
@@ -139,6 +141,8 @@ class Graph:
             label_codes=np.concatenate(lcodes), labels=labels,
             checkpoints=_concat_optional([g.checkpoints for g in graphs], n_by_graph),
             metadata=_concat_optional([g.metadata for g in graphs], n_by_graph),
+            priorities=np.concatenate([g.priorities if g.priorities is not None else np.zeros(len(g), np.int32)
+                                       for g in graphs]) if any(g.priorities is not None for g in graphs) else None,
         )
 
     def deduplicated(self) -> "Graph":
@@ -250,7 +254,8 @@ class Graph:
                 raise GraphError(f"column {name} has {len(column)} entries, expected {length}")
         if len(self.configs) != n:
             raise GraphError(f"config column has {len(self.configs)} entries, expected {n}")
-        for name, column in (("checkpoint", self.checkpoints), ("metadata", self.metadata)):
+        for name, column in (("checkpoint", self.checkpoints), ("metadata", self.metadata),
+                             ("priority", self.priorities)):
             if column is not None and len(column) != n:
                 raise GraphError(f"{name} column has {len(column)} entries, expected {n}")
         if n == 0:

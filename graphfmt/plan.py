@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import msgpack
 import numpy as np
 
-from graphfmt.graph import FLAG_RESULT, Graph, VarBytes, offsets_from_lengths
+from graphfmt.graph import FLAG_RESULT, PRIORITY_LIMIT, Graph, VarBytes, offsets_from_lengths
 from graphfmt.tasks import Task
 
 External = Callable[[object], Task]
@@ -84,6 +84,7 @@ def _columns(order: list[Task], index: dict[int, int], resolve) -> Graph:
     configs: list[bytes] = []
     checkpoints: list[bytes] | None = None
     metadata: list[bytes] | None = None
+    priorities: np.ndarray | None = None
     for i, task in enumerate(order):
         code = symbols.get(task.task_type)
         if code is None:
@@ -110,6 +111,14 @@ def _columns(order: list[Task], index: dict[int, int], resolve) -> Graph:
         if task.metadata is not None:
             metadata = metadata if metadata is not None else [b""] * n
             metadata[i] = msgpack.packb(task.metadata, use_bin_type=True)
+        priority = getattr(task, "priority", 0)
+        if priority:
+            if isinstance(priority, bool) or not isinstance(priority, int) \
+                    or not -PRIORITY_LIMIT <= priority <= PRIORITY_LIMIT:
+                raise TypeError(f"{task!r}: priority must be an integer from {-PRIORITY_LIMIT} to "
+                                f"{PRIORITY_LIMIT}, not {priority!r}")
+            priorities = priorities if priorities is not None else np.zeros(n, dtype=np.int32)
+            priorities[i] = priority
     return Graph(
         symbols=list(symbols), types=types, input_offsets=offsets_from_lengths(counts),
         inputs=np.array(flat_inputs, dtype=np.int64), configs=VarBytes.from_list(configs),
@@ -117,4 +126,5 @@ def _columns(order: list[Task], index: dict[int, int], resolve) -> Graph:
         label_codes=label_codes, labels=list(labels),
         checkpoints=VarBytes.from_list(checkpoints) if checkpoints is not None else None,
         metadata=VarBytes.from_list(metadata) if metadata is not None else None,
+        priorities=priorities,
     )

@@ -63,15 +63,17 @@ cpu1 = cpus(1)
 
 
 class Task:
-    """One node of a plan. ``task.label``, ``task.resource_request`` and
-    ``task.checkpoint_path`` may be set after construction, as in HyperLoom."""
+    """One node of a plan. ``task.label``, ``task.resource_request``,
+    ``task.checkpoint_path`` and ``task.priority`` may be set after construction, as in
+    HyperLoom. ``priority`` is an integer (-2^31 < p < 2^31): among ready tasks the
+    scheduler starts those of higher priority first (0 by default)."""
 
     __slots__ = ("task_type", "inputs", "config", "resource_request", "label",
-                 "metadata", "checkpoint_path", "__weakref__")
+                 "metadata", "checkpoint_path", "priority", "__weakref__")
 
     def __init__(self, task_type: str, inputs: Sequence["Task"] = (), config: bytes = b"",
                  resource_request: ResourceRequest | None = None, label: str | None = None,
-                 metadata: Any = None, checkpoint_path: str | None = None):
+                 metadata: Any = None, checkpoint_path: str | None = None, priority: int = 0):
         self.task_type = task_type
         self.inputs = tuple(inputs)
         self.config = config
@@ -79,6 +81,7 @@ class Task:
         self.label = label
         self.metadata = metadata
         self.checkpoint_path = checkpoint_path
+        self.priority = priority
 
     def __repr__(self):
         label = f" {self.label!r}" if self.label else ""

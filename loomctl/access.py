@@ -72,7 +72,7 @@ def find_server(directory: str | None = None) -> dict:
         return info   # an older file, or a server on another host: only a connection tells
     started = process_start(pid)
     recorded = info.get("start_time")
-    alive = _pid_exists(pid) and (started is None or not isinstance(recorded, (int, float))
+    alive = pid_exists(pid) and (started is None or not isinstance(recorded, (int, float))
                                   or abs(started - recorded) < 1.0)
     if not alive:
         path = os.path.join(server_dir(directory), ACCESS_FILE)
@@ -81,7 +81,7 @@ def find_server(directory: str | None = None) -> dict:
     return info
 
 
-def _pid_exists(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -71,6 +71,16 @@ class Stop:
     target: bytes
 
 
+@dataclass(slots=True)
+class StealTasks:
+    """Give back up to ``count`` of ``ids`` (tasks assigned to the target) that have not
+    started, those it would start last first; the answer lists them (``Update.returned``,
+    ``ServerCore.tasks_returned``). Sent only by a core with stealing on."""
+    target: bytes
+    ids: np.ndarray
+    count: int
+
+
 # ---------------------------------------------------------------- server -> client
 @dataclass(slots=True)
 class ResultsReady:
@@ -95,7 +105,7 @@ class JobDone:
     counts: dict
 
 
-WORKER_COMMANDS = (Compute, ReleaseData, CancelTasks, PeerLost, Stop)
+WORKER_COMMANDS = (Compute, ReleaseData, CancelTasks, PeerLost, Stop, StealTasks)
 CLIENT_COMMANDS = (ResultsReady, TaskFailed, JobDone)
 
 

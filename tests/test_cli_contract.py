@@ -58,6 +58,7 @@ CONTRACT = {
     ("server", "start"): (False, []),
     ("server", "stop"): (False, []),
     ("worker", "start"): (False, []),
+    ("simulate",): (True, [["FILE", "-w", "2x1"]]),
     ("slurm", "submit"): (True, [["FILE", "--print"]]),
     ("slurm", "run-allocation"): (True, []),
     ("trace", "summary"): (True, [["DIR"]]),
@@ -257,6 +258,7 @@ STDOUT = {
     ("server", "start"): None,          # logs to stderr only
     ("server", "stop"): ["server", "stop"],
     ("worker", "start"): None,          # logs to stderr only
+    ("simulate",): ["simulate", "plan.py", "-w", "2x1"],
     ("slurm", "submit"): ["slurm", "submit", "--print", "plan.py"],
     ("slurm", "run-allocation"): None,  # needs an allocation; writes what `run` writes
     ("trace", "summary"): ["trace", "summary", "trace"],

@@ -1,6 +1,5 @@
 """The server core and memory: a worker near its memory limit is given no task that
-brings it data while another has room; and the server's own memory follows its live
-work (rows of retired tasks are reused, ids are 64-bit and never reused)."""
+brings it data while another has room."""
 
 import numpy as np
 
@@ -53,7 +52,7 @@ def test_tasks_that_would_bring_data_wait_for_the_worker_with_room():
     job, ids = env.submit([tasks.run(f"true {i}") for i in range(6)])   # 1 cpu each
     env.schedule()
     assert not env.assigned[w0] and len(env.assigned[w1]) == 2   # (w1's queue: 2 x its cpus)
-    assert len(env.core.ready[0]) == 4
+    assert len(env.core.pool) == 4
     env.run_all()
     assert job.status == "finished"
 

@@ -17,7 +17,7 @@ import os
 import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import graphfmt
 from graphfmt import symbols as S
@@ -81,6 +81,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.wid: dict[bytes, int] = {}
         self.fetch: dict[bytes, dict] = {}     # worker key -> task -> inputs it fetches from peers
         self.futures: list[int] = []           # results a client may still use
+        self.asked: dict[bytes, tuple] = {}    # worker key -> (ids, count) of a steal request
 
     # ------------------------------------------------------------------ model
     def consume(self):
@@ -100,6 +101,10 @@ class CoreMachine(RuleBasedStateMachine):
                         self.fetch[cmd.target][row.id] = [i for i in row.inputs if i in cmd.locations]
                 elif isinstance(cmd, M.ReleaseData):
                     self.holds[cmd.target] -= set(cmd.ids.tolist())
+                elif isinstance(cmd, M.StealTasks):
+                    assert cmd.target not in self.asked, "a second steal request before the answer"
+                    assert set(cmd.ids.tolist()) <= self.given[cmd.target], "asked for tasks it was not given"
+                    self.asked[cmd.target] = (cmd.ids.tolist(), cmd.count)
                 elif isinstance(cmd, M.CancelTasks):   # the worker stops them, says nothing
                     self.given[cmd.target] -= set(cmd.ids.tolist())
             else:
@@ -127,7 +132,26 @@ class CoreMachine(RuleBasedStateMachine):
     def lose_worker(self, data):
         key = data.draw(st.sampled_from(sorted(self.given)))
         del self.given[key], self.holds[key], self.fetch[key]
+        self.asked.pop(key, None)
         self.core.remove_worker(self.wid.pop(key), self.now)
+        self.tick()
+
+    @initialize(steal=st.booleans())
+    def stealing(self, steal):
+        self.core.options.steal = steal
+
+    @precondition(lambda self: self.asked)
+    @rule(data=st.data())
+    def give_back(self, data):
+        """A worker answers a steal request with some of the tasks it still has (or none)."""
+        key = data.draw(st.sampled_from(sorted(self.asked)))
+        ids, count = self.asked.pop(key)
+        still = sorted(set(ids) & self.given[key])
+        back = data.draw(st.lists(st.sampled_from(still), max_size=count, unique=True)) if still else []
+        self.given[key] -= set(back)
+        for t in back:
+            self.fetch[key].pop(t, None)
+        self.core.tasks_returned(self.wid[key], np.array(back, dtype=np.int64), self.now)
         self.tick()
 
     @precondition(lambda self: self.given)
@@ -137,6 +161,7 @@ class CoreMachine(RuleBasedStateMachine):
         key = data.draw(st.sampled_from(sorted(self.given)))
         held = sorted(self.holds[key])
         self.core.remove_worker(self.wid.pop(key), self.now)
+        self.asked.pop(key, None)
         self.given[key], self.fetch[key] = set(), {}
         self.tick()
         reg = M.Register(key.decode(), "h", 2, {}, [], f"tcp://{key.decode()}:1")
@@ -204,6 +229,15 @@ class CoreMachine(RuleBasedStateMachine):
         self.futures.extend(job.results.tolist())
         self.tick()
 
+    @rule(n=st.integers(2, 8), client=st.sampled_from(CLIENTS))
+    def submit_work(self, n, client):
+        """Several 1-cpu tasks at once: queues fill, and idle workers may steal."""
+        work = [tasks.run("true") for _ in range(n)]
+        for t in work:
+            t.resource_request = tasks.cpus(1)
+        self.futures.extend(self.core.submit(client, build(work), self.now).results.tolist())
+        self.tick()
+
     @precondition(lambda self: self.futures)
     @rule(data=st.data())
     def release(self, data):
@@ -243,6 +277,14 @@ class CoreMachine(RuleBasedStateMachine):
         for _ in range(200):
             self.core.schedule(self.now)
             self.tick()
+            for key in sorted(self.asked):   # steal requests: give back what they ask
+                ids, count = self.asked.pop(key)
+                back = sorted(set(ids) & self.given[key])[-count:] if count else []
+                self.given[key] -= set(back)
+                for t in back:
+                    self.fetch[key].pop(t, None)
+                self.core.tasks_returned(self.wid[key], np.array(back, dtype=np.int64), self.now)
+                self.tick()
             busy = self.workers_with_tasks()
             if not busy:
                 if self.core.recheck_at is None:

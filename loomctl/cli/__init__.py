@@ -22,7 +22,7 @@ except ImportError:   # pragma: no cover (older typer on click)
     from click.exceptions import NoArgsIsHelpError  # click >= 8.2
 
 from loomctl import __version__
-from loomctl.cli import graph, job, run, server, slurm, trace, worker
+from loomctl.cli import graph, job, run, server, simulate, slurm, trace, worker
 from graphfmt.graph import GraphError
 from graphfmt.sources import PlanError
 from loomctl.cli.output import CliError, ExitCode
@@ -39,6 +39,7 @@ app = typer.Typer(
 app.registered_commands.extend(graph.app.registered_commands)
 app.registered_commands.extend(job.root.registered_commands)
 app.registered_commands.extend(run.root.registered_commands)
+app.registered_commands.extend(simulate.root.registered_commands)
 app.add_typer(server.app, name="server")
 app.add_typer(worker.app, name="worker")
 app.add_typer(job.app, name="job")

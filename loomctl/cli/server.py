@@ -42,6 +42,7 @@ def start(
     handler.setFormatter(SafeFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     log.setLevel(logging.INFO)   # the start and the stop are always logged
+    logging.getLogger("loomctl.server.lifecycle").setLevel(logging.INFO)
     directory = resolve_server_dir(server_dir)
     from loomctl.server.journal import JournalError
     journal_path = None if no_journal else os.path.abspath(journal or os.path.join(directory, "journal"))

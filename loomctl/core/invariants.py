@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from loomctl.core import priority, stealing
 from loomctl.core.tasktable import (ALIAS, ASSIGNED, FINISHED, FLAG_QUEUED, FLAG_RESULT, LIVE, N_STATES, READY, SKIPPED,
                                     WAITING)
 
@@ -44,12 +45,15 @@ def check(core) -> None:
         stuck = waiting[(state[waiting] == WAITING) & (c.remaining[waiting] == 0)]
         assert not len(stuck), f"tasks {stuck[:5].tolist()} wait for nothing"
         assert not np.any((state[waiting] == READY) & (c.remaining[waiting] != 0)), "READY with inputs missing"
-    queued = np.concatenate(core.ready) if core.ready else np.zeros(0, np.int64)
+    queued = np.concatenate([*core.ready, core.pool.all()])
     ready = np.flatnonzero(state == READY)
-    assert np.isin(ready, queued).all(), "every READY task is in the ready list"
-    assert len(np.unique(queued)) == len(queued), "a task is in the ready list once"
+    assert np.isin(ready, queued).all(), "every READY task is in the ready list or the pool"
+    listed = np.concatenate(core.ready) if core.ready else np.zeros(0, np.int64)
+    assert len(np.unique(listed)) == len(listed), "a task is in the ready list once"
     flagged = np.flatnonzero(c.flags[:n] & FLAG_QUEUED)
-    assert set(flagged.tolist()) == set(queued.tolist()), "FLAG_QUEUED marks the ready list"
+    assert set(flagged.tolist()) == set(listed.tolist()), "FLAG_QUEUED marks the ready list"
+    priority.check(core)
+    stealing.check(core)
     # workers' load
     assert not np.any((c.worker[:n] >= 0) != (state == ASSIGNED)), "worker set exactly for ASSIGNED tasks"
     for w in core.workers.values():

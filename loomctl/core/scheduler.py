@@ -1,10 +1,12 @@
 """Placement rounds: ready tasks to workers, in batches (the policy is in placement.py).
 
 Invariants:
-- A round looks at the READY tasks of ``core.ready`` (stale entries are dropped), expands
-  ready dslice/dget tasks first (their pieces are placed in the same round), and moves
-  each placed task to ASSIGNED on its worker with one COMPUTE per worker. Tasks left
-  over stay in ``core.ready`` for a later round, in order.
+- A round moves the tasks that became READY (``core.ready``) into the ready pool
+  (``core.pool``, ordered by ``priority.keys``: user priority, then b-level), expanding
+  ready dslice/dget tasks first (their pieces are placed in the same round); it takes
+  the best tasks the workers have room for, moves each placed one to ASSIGNED on its
+  worker with one COMPUTE per worker (rows in priority order), and puts the others
+  back at the front of the pool.
 - A ready task that no connected worker can ever run (more cpus or named resources
   than any has, or a task type none supports) fails with a message saying so, as soon as
   at least one worker is connected: at submit, when a worker joins, and in the first
@@ -16,18 +18,35 @@ Invariants:
   some other worker is not near its limit: tasks that would bring it data (inputs from
   elsewhere, or new data from no input) go to the workers with room, or wait for them
   (unless none of those could ever run them).
+- Cpu tasks are placed once some worker has used up half of its queue or has an idle
+  cpu (``placement.wants_work``); light tasks whenever some are ready. A worker that a
+  round could not fill is *starved* (``core.starved``) and calls for a round again only
+  once it has an idle cpu.
+- With ``options.steal``, a round that leaves a worker with idle cpus and no ready cpu
+  task asks loaded workers to give queued tasks back (``stealing``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from graphfmt import symbols as S
 from loomctl import messages as M
-from loomctl.core import dynamic, jobs, placement
+from loomctl.core import dynamic, jobs, placement, priority, stealing
 from loomctl.core.workers import recompute_lost
 from loomctl.core import transitions as T
 from loomctl.core.tasktable import ASSIGNED, FLAG_CHECKPOINT, FLAG_LOADED, FLAG_RESULT, READY
+
+
+@dataclass
+class Options:
+    """The scheduler's policy switches (the simulator compares them, bench/README.md)."""
+    blevel: bool = True        # order ready tasks by b-level (after the user's priority)
+    steal: bool = False        # ask loaded workers to give queued tasks back (needs worker support)
+    spill: bool = True         # a task may leave its data's worker when another has an idle cpu, copies
+    #                            count as data, ties spread (off: the rule before, owners only, wait)
 
 
 REPLACE_GRACE_S = 10.0
@@ -43,40 +62,56 @@ def schedule(core, now: float) -> int:
     if core.recheck_at is not None and now >= core.recheck_at:   # a worker left a while ago
         core.recheck_at = None
         fail_unsatisfiable(core, None, now)
-    if not core.ready or not core.workers:
+    if not core.workers:
+        return 0
+    if not (core.ready or len(core.pool)):
+        if core.options.steal:
+            stealing.request(core, now)
         return 0
     if core.unchecked and core.recheck_at is None:
         fail_unsatisfiable(core, np.concatenate(core.unchecked), now)
-    for w in core.workers.values():
-        w.settle(now)
-    if not any(w.assigned_light < placement.LIGHT_QUEUE or w.assigned_cpus < w.queue_factor * w.cpus
-               for w in core.workers.values()):
-        return 0   # every worker is full: leave the ready list as it is
     g = core.graph
     c = g.cols
-    ids = T.take_ready(core)
-    if not len(ids):
+    _intake(core, now)
+    workers = list(core.workers.values())
+    for w in workers:
+        w.settle(now)
+    # a round fills queues once some worker used up half of its queue (or has an idle
+    # cpu): rounds place batches, not one task per finish. A worker a round could not
+    # fill (the ready tasks belong elsewhere) asks again only once it has an idle cpu.
+    starved = core.starved
+    hungry = any(w.assigned_cpus < w.cpus or (w.id not in starved and
+                                             placement.wants_work(w.cpus, w.assigned_cpus, w.queue_factor))
+                 for w in workers)
+    light_room = sum(max(0, placement.LIGHT_QUEUE - w.assigned_light) for w in workers) \
+        if core.pool.has_light() else 0
+    cpu_room = sum(max(0, w.queue_factor * w.cpus - w.assigned_cpus) for w in workers) if hungry else 0
+    heavy_take = 2 * cpu_room + 16 if cpu_room else 0
+    if not light_room and not heavy_take:
+        if core.options.steal:
+            stealing.request(core, now)
+        return 0
+    light, heavy = core.pool.take(c.state, light_room, heavy_take)
+    ranked = np.concatenate([light, heavy]) if len(light) and len(heavy) else light if len(light) else heavy
+    if not len(ranked):
+        _mark_starved(core, workers)
+        if core.options.steal:
+            stealing.request(core, now)
         return 0
     core.stats["rounds"] += 1
-    dynamic_codes = [g.symbol_codes[s] for s in (S.DSLICE, S.DGET) if s in g.symbol_codes]
-    is_dynamic = np.isin(c.symbol[ids], dynamic_codes) if dynamic_codes else None
-    if is_dynamic is not None and is_dynamic.any():
-        for t in ids[is_dynamic].tolist():
-            dynamic.expand(core, t, now)
-        ids = np.concatenate([ids[~is_dynamic], T.take_ready(core)])   # expansions are placed now too
-        ids = ids[c.state[ids] == READY]
-    workers = list(core.workers.values())
-    ids, deferred = _candidates(c, ids, workers)
-    if len(deferred):
-        T.put_ready(core, deferred)
-    if not len(ids):
-        return 0
-    index = {w.id: k for k, w in enumerate(workers)}
+    ids = np.sort(ranked)
+    order = np.searchsorted(ids, ranked)          # positions in ids, best first
+    index = np.full(core.next_worker + 1, -1, dtype=np.int64)   # worker id -> k (the last: owner -1)
+    index[[w.id for w in workers]] = np.arange(len(workers))
     inputs, consumer_of_slot = g.slots(ids)
     task_pos = np.searchsorted(ids, consumer_of_slot)
-    holder = np.array([index.get(int(w), -1) for w in c.owner[inputs]], dtype=np.int64) \
-        if len(inputs) else np.zeros(0, np.int64)
-    best, best_bytes = placement.preferences(task_pos, holder, c.size[inputs], len(ids))
+    holder = index[c.owner[inputs]]
+    sizes = c.size[inputs]
+    groups = _largest_input(inputs, task_pos, sizes, len(ids)) if core.options.spill else None
+    owned = (task_pos, holder, sizes)   # the owners' copies only
+    if core.replicas and len(inputs) and core.options.spill:   # copies count as data on their workers
+        task_pos, holder, sizes = _with_copies(core, index, inputs, task_pos, holder, sizes)
+    best, best_bytes = placement.preferences(task_pos, holder, sizes, len(ids), spread=core.options.spill)
     rooms = [placement.WorkerRoom(k, w.cpus, w.assigned_cpus, w.assigned_light, w.resources,
                                   dict(w.assigned_resources), support_mask(core, w), w.queue_factor)
              for k, w in enumerate(workers)]
@@ -88,21 +123,28 @@ def schedule(core, now: float) -> int:
             requests[int(np.searchsorted(ids, t))] = request
     near = [k for k, w in enumerate(workers) if w.stats.get("memory_near") is True]
     if near and len(near) < len(workers):
-        only = _local_only(len(ids), task_pos, holder, c.size[inputs], near)
-        chosen = _place_by_memory(c.cpus[ids], c.symbol[ids], best, best_bytes, rooms, requests, near, only)
+        only = _local_only(len(ids), *owned, near)
+        chosen = _place_by_memory(c.cpus[ids], c.symbol[ids], best, best_bytes, rooms, requests, order, near, only,
+                                  core.options.spill, groups)
     else:
-        chosen = placement.place(c.cpus[ids], c.symbol[ids], best, best_bytes, rooms, requests)
+        chosen = placement.place(c.cpus[ids], c.symbol[ids], best, best_bytes, rooms, requests, order,
+                                 spill=core.options.spill, groups=groups)
+    chosen_ranked = chosen[order]
     placed = 0
     for k, w in enumerate(workers):
-        mine = ids[chosen == k]
+        mine = ranked[chosen_ranked == k]
         if len(mine):
-            T.transition(core, mine, ASSIGNED, w.id)
+            T.transition(core, np.sort(mine), ASSIGNED, w.id)
             core.commands.append(compute(core, w, mine))
             placed += len(mine)
-    waiting = ids[chosen < 0]
+    waiting = ranked[chosen_ranked < 0]
     if len(waiting):
-        T.put_ready(core, waiting)
+        core.pool.add(waiting, priority.keys(core, waiting), c.cpus[waiting] == 0, front=True)
     core.stats["scheduled"] += placed
+    if heavy_take:
+        _mark_starved(core, workers)
+    if core.options.steal:
+        stealing.request(core, now)
     return placed
 
 
@@ -120,10 +162,21 @@ def _local_only(n: int, task_pos: np.ndarray, holder: np.ndarray, sizes: np.ndar
     return only
 
 
-def _place_by_memory(cpus, symbols, best, best_bytes, rooms, requests, near, only) -> np.ndarray:
+def _place_by_memory(cpus, symbols, best, best_bytes, rooms, requests, order, near, only, spill,
+                     groups) -> np.ndarray:
     """``placement.place`` by groups: a task may go to the workers not near their memory
-    limit, and to the near-limit worker holding all its data (``only``), if any."""
+    limit, and to the near-limit worker holding all its data (``only``), if any; each
+    group in the round's order (``order``: positions, best first)."""
     chosen = np.full(len(cpus), -1, dtype=np.int64)
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+
+    def place(sel, b, b_bytes, subset):
+        group_requests = {j: requests[p] for j, p in enumerate(sel.tolist()) if p in requests}
+        return placement.place(cpus[sel], symbols[sel], b, b_bytes, subset, group_requests,
+                               np.argsort(rank[sel], kind="stable"), spill,
+                               None if groups is None else groups[sel])
+
     roomy = [r for r in rooms if r.index not in near]
     for k in [-1, *near]:
         sel = np.flatnonzero(only == k)
@@ -136,30 +189,69 @@ def _place_by_memory(cpus, symbols, best, best_bytes, rooms, requests, near, onl
         keep = b >= 0
         keep[keep] = allowed[b[keep]]
         b = np.where(keep, b, -1)   # (a preferred worker left out is no preference)
-        group_requests = {j: requests[p] for j, p in enumerate(sel.tolist()) if p in requests}
-        chosen[sel] = placement.place(cpus[sel], symbols[sel], b, np.where(keep, best_bytes[sel], 0), subset,
-                                      group_requests)
+        chosen[sel] = place(sel, b, np.where(keep, best_bytes[sel], 0), subset)
     # a task that no worker with room could ever run may go anywhere (it would wait for ever)
     stuck = np.array([p for p in np.flatnonzero(chosen < 0).tolist() if not any(
         placement.could_run(r, int(cpus[p]), int(symbols[p]), requests.get(p)) for r in roomy)], dtype=np.int64)
     if len(stuck):
-        chosen[stuck] = placement.place(cpus[stuck], symbols[stuck], best[stuck], best_bytes[stuck], rooms,
-                                        {j: requests[p] for j, p in enumerate(stuck.tolist()) if p in requests})
+        chosen[stuck] = place(stuck, best[stuck], best_bytes[stuck], rooms)
     return chosen
 
 
-def _candidates(c, ids: np.ndarray, workers: list) -> tuple[np.ndarray, np.ndarray]:
-    """The ready tasks worth considering this round (sorted), and the rest, kept in
-    order for later rounds: no more light tasks than the workers' light queues can
-    take, and a few times as many cpu tasks as there are free cpu slots."""
-    light_room = sum(max(0, placement.LIGHT_QUEUE - w.assigned_light) for w in workers)
-    cpu_room = sum(max(0, w.queue_factor * w.cpus - w.assigned_cpus) for w in workers)
-    is_light = c.cpus[ids] == 0
-    light, heavy = ids[is_light], ids[~is_light]
-    heavy_take = 4 * cpu_room + 16 if cpu_room else 0
-    taken = np.concatenate([light[:light_room], heavy[:heavy_take]])
-    rest = np.concatenate([light[light_room:], heavy[heavy_take:]])
-    return np.sort(taken), rest
+def _with_copies(core, index, inputs, task_pos, holder, sizes):
+    """The input slots, plus one per copy of a (non-empty) input held elsewhere."""
+    copied = np.fromiter(core.replicas, dtype=np.int64, count=len(core.replicas))
+    hit = np.flatnonzero(np.isin(inputs, copied) & (sizes > 0))
+    if not len(hit):
+        return task_pos, holder, sizes
+    distinct, which = np.unique(inputs[hit], return_inverse=True)
+    copies = [np.array(sorted(core.replicas[int(i)]), dtype=np.int64) for i in distinct.tolist()]
+    counts = np.array([len(x) for x in copies], dtype=np.int64)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    flat = np.concatenate(copies)
+    per_slot = counts[which]                                  # copies of each hit slot's input
+    slot = np.repeat(hit, per_slot)
+    k = np.arange(len(slot)) - np.repeat(np.cumsum(per_slot) - per_slot, per_slot)
+    workers = index[flat[np.repeat(starts[which], per_slot) + k]]
+    keep = workers >= 0
+    return (np.concatenate([task_pos, task_pos[slot][keep]]), np.concatenate([holder, workers[keep]]),
+            np.concatenate([sizes, sizes[slot][keep]]))
+
+
+def _largest_input(inputs: np.ndarray, task_pos: np.ndarray, sizes: np.ndarray, n: int) -> np.ndarray:
+    """Per task position: its largest input (-1 without inputs)."""
+    out = np.full(n, -1, dtype=np.int64)
+    if len(inputs):
+        order = np.lexsort((-sizes, task_pos))
+        first = np.concatenate(([True], task_pos[order][1:] != task_pos[order][:-1]))
+        out[task_pos[order][first]] = inputs[order][first]
+    return out
+
+
+def _mark_starved(core, workers) -> None:
+    """The workers a round left below their low-water mark, cpus all assigned."""
+    core.starved = {w.id for w in workers if w.assigned_cpus >= w.cpus
+                    and placement.wants_work(w.cpus, w.assigned_cpus, w.queue_factor)}
+
+
+def _intake(core, now: float) -> None:
+    """Move the newly READY tasks into the pool; ready dslice/dget tasks are expanded
+    first (their pieces become READY and are taken in too)."""
+    g = core.graph
+    c = g.cols
+    dynamic_codes = [g.symbol_codes[s] for s in (S.DSLICE, S.DGET) if s in g.symbol_codes]
+    while core.ready:
+        ids = T.take_ready(core)
+        if dynamic_codes and len(ids):
+            is_dynamic = np.isin(c.symbol[ids], dynamic_codes)
+            if is_dynamic.any():
+                for t in ids[is_dynamic].tolist():
+                    if c.state[t] == READY:
+                        dynamic.expand(core, t, now)
+                ids = ids[~is_dynamic]
+                ids = ids[c.state[ids] == READY]
+        if len(ids):
+            core.pool.add(ids, priority.keys(core, ids), c.cpus[ids] == 0)
 
 
 def compute(core, worker, ids: np.ndarray) -> M.Compute:
@@ -185,7 +277,11 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
         for i in input_list:
             holder = c.owner[i]
             if holder != worker.id and i not in locations and holder >= 0:
-                if worker.id not in core.replicas.get(i, ()):
+                copies = core.replicas.get(i, ())
+                if worker.id not in copies:
+                    if copies and core.options.spill:   # fetch from the owner or a copy, spread
+                        holders = [int(holder), *sorted(copies)]
+                        holder = holders[(worker.id + i) % len(holders)]
                     locations[i] = core.workers[int(holder)].data_address
         flags = c.flags[t]
         checkpoint = graph.checkpoint(local) if flags & FLAG_CHECKPOINT and not flags & FLAG_LOADED else None
@@ -205,14 +301,14 @@ def fail_unsatisfiable(core, ids: np.ndarray | None, now: float) -> None:
     """Fail ready tasks (all, or those of ``ids``) no connected worker can ever run
     (needs >= 1 worker). Tasks become READY into ``core.unchecked`` too, so that each is
     looked at once: the calls with ``ids`` take those."""
-    if not core.workers or not core.ready:
+    if not core.workers or not (core.ready or len(core.pool)):
         return
     g = core.graph
     c = g.cols
     core.unchecked = []
-    if ids is None:
-        ids = T.take_ready(core)
-        T.put_ready(core, ids)
+    if ids is None:   # every ready task: those in the pool go back to core.ready
+        ids = np.concatenate([T.take_ready(core), core.pool.drain()])
+        T.put_ready(core, np.unique(ids[c.state[ids] == READY]))
     ids = ids[c.state[ids] == READY]
     if not len(ids):
         return

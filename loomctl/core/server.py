@@ -10,7 +10,9 @@ modules cut along the seams of the state machine:
   workers      a worker joining, its liveness, its loss and what that costs
   reports      finished and failed tasks, replicas
   dynamic      redirection and dslice/dget expansion
-  scheduler    placement rounds (policy: placement)
+  scheduler    placement rounds (policy: placement; options: scheduler.Options)
+  readypool    the ready tasks, best first; priority: user priorities and b-levels
+  stealing     queued tasks given back by loaded workers to idle ones (off by default)
 
 Each event appends typed commands (``loomctl.messages``) to ``commands``, which the
 process shell drains (``take_commands``), encodes (``loomctl.protocol``) and sends.
@@ -26,9 +28,10 @@ import numpy as np
 
 from graphfmt.graph import Graph
 from loomctl import messages
-from loomctl.core import dynamic, invariants, jobs, reports, scheduler, workers
+from loomctl.core import dynamic, invariants, jobs, reports, scheduler, stealing, workers
 from loomctl.core.graphstate import TaskGraph
 from loomctl.core.jobs import JOB_HISTORY, Job, SubmitError
+from loomctl.core.readypool import ReadyPool
 from loomctl.core.tasktable import ASSIGNED
 
 __all__ = ["ServerCore", "SubmitError", "Job"]
@@ -44,7 +47,11 @@ class ServerCore:
         self.graph = TaskGraph()
         self.workers: dict[int, workers.Worker] = {}
         self.jobs: dict[int, Job] = {}
-        self.ready: list[np.ndarray] = []      # READY tasks (with stale entries, dropped by rounds)
+        self.ready: list[np.ndarray] = []      # tasks made READY since the last round (stale entries too)
+        self.pool = ReadyPool()                # the READY tasks rounds choose from, best first
+        self.options = scheduler.Options()
+        self.steals: dict[int, np.ndarray] = {}   # worker -> tasks a steal request asked it for
+        self.starved: set[int] = set()            # workers the last round could not fill (scheduler)
         self.unchecked: list[np.ndarray] = []  # READY since the last satisfiability check
         self.commands: list = []
         self.replicas: dict[int, set[int]] = {}   # task -> workers with a copy besides its owner
@@ -99,6 +106,9 @@ class ServerCore:
 
     def replicas_added(self, wid: int, ids: np.ndarray) -> None:
         reports.replicas_added(self, wid, ids)
+
+    def tasks_returned(self, wid: int, ids: np.ndarray, now: float) -> None:
+        stealing.tasks_returned(self, wid, ids, now)
 
     def data_returned(self, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: np.ndarray, now: float) -> None:
         reports.data_returned(self, wid, ids, sizes, lengths, now)

@@ -40,7 +40,8 @@ for _to, _froms in {
     READY: (WAITING,),
     ASSIGNED: (READY,),
     WAITING: (READY,         # an input's data was lost: wait for it again
-              ASSIGNED,      # its worker was lost, an input was stranded, or it redirected
+              ASSIGNED,      # its worker was lost, an input was stranded, it redirected, or
+                             # its worker gave it back before it started (work stealing)
               FINISHED),     # its data was lost and is needed: compute it again
     FINISHED: (ASSIGNED,
                WAITING, READY),   # a worker that joins again still holds its data
@@ -62,7 +63,7 @@ _COLUMNS = {
     "state": np.uint8, "flags": np.uint8, "remaining": np.int32, "holds": np.int32,
     "owner": np.int32, "worker": np.int32, "size": np.int64, "length": np.int64,
     "cpus": np.int32, "job": np.int32, "segment": np.int32, "symbol": np.int32,
-    "attempts": np.int8,
+    "attempts": np.int8, "blevel": np.int32, "priority": np.int32,   # (the last two: core.priority)
 }
 
 

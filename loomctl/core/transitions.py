@@ -12,8 +12,9 @@ counters true, so that no other module writes them:
   whose holds reach 0 is cancelled (it was computed again for another job's sake).
 - ``remaining[t]`` = input slots of t whose producer is not FINISHED, for WAITING and
   READY tasks; a WAITING task with none left becomes READY in the same call
-  (``make_ready``), and every READY task is in ``core.ready``, once (FLAG_QUEUED marks
-  the tasks in it, stale ones included; ``put_ready``/``take_ready``) (and, until the
+  (``make_ready``), and every READY task is in ``core.ready`` once (FLAG_QUEUED marks
+  the tasks in it, stale ones included; ``put_ready``/``take_ready``) or in the ready
+  pool the scheduler moved it to (``core.pool``) (and, until the
   scheduler checked that some worker can run it, in ``core.unchecked``).
 - A worker's ``assigned_cpus``, ``assigned_light`` and ``assigned_resources`` are the
   sums over the tasks ASSIGNED to it (``c.worker``); ``c.worker`` is -1 for the others.
@@ -21,8 +22,8 @@ counters true, so that no other module writes them:
   neither ALIAS nor SKIPPED, over all its segments.
 
 New tasks are born here too (``add_tasks``: WAITING, ALIAS or SKIPPED), and a task's
-inputs are replaced at run time here (``rewire``), so that holds and remaining stay true
-when the graph grows. ``core.invariants.check`` recomputes all of the above from scratch.
+inputs are replaced at run time here (``rewire``), so that holds, remaining counts and
+priorities (``core.priority``) stay true when the graph grows. ``core.invariants.check`` recomputes all of the above from scratch.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 
 from graphfmt.graph import Graph
 from loomctl import messages as M
+from loomctl.core import priority
 from loomctl.core.tasktable import (ALIAS, ALLOWED, ASSIGNED, CANCELLED, FINISHED, FLAG_QUEUED, FLAG_RESULT, LIVE,
                                     READY, SKIPPED, STATE_NAMES, WAITING)
 
@@ -143,6 +145,7 @@ def _live_again(core, redo: np.ndarray) -> None:
     _count(core, redo, "finished", -1)
     np.add.at(c.holds, g.inputs_of(redo), 1)
     consumers = g.consumers_of(redo)
+    priority.raise_from(core, consumers)   # live again: ahead of its live consumers
     state = c.state[consumers]
     affected = small_unique(consumers[(state == WAITING) | (state == READY)])
     if len(affected):
@@ -222,6 +225,7 @@ def add_tasks(core, job, graph: Graph, global_inputs: np.ndarray, born: np.ndarr
     wanted = ids[results]
     c.flags[wanted] |= FLAG_RESULT
     c.holds[wanted] += 1
+    priority.segment_added(core, segment, graph.priorities)
     live = ids[LIVE[born]]
     if len(live):
         inputs = g.inputs_of(live)
@@ -250,6 +254,7 @@ def rewire(core, t: int, symbol: str, config: bytes, inputs: np.ndarray) -> None
     c = g.cols
     inputs = np.asarray(inputs, dtype=np.int64)
     old = g.replace_inputs(t, symbol, config, inputs)
+    priority.raise_from(core, np.array([t], dtype=np.int64))
     state = c.state[t]
     if LIVE[state]:
         np.add.at(c.holds, inputs, 1)       # the new first: an input in both stays held

@@ -29,6 +29,7 @@ from loomctl import protocol as P
 from loomctl.core.server import ServerCore, SubmitError
 
 log = logging.getLogger("loomctl.server")
+lifecycle = logging.getLogger("loomctl.server.lifecycle")   # always logged (cli/server.py)
 
 
 def short(exc: Exception) -> str:
@@ -246,7 +247,7 @@ class Dispatch:
                                 "auth": self.secret is not None, "bytes_received": self.bytes_received}
             return status
         # TERMINATE
-        log.warning("terminate requested: stopping workers and the server")
+        lifecycle.info("terminate requested: stopping workers and the server")
         self._out.extend(P.encode_command(M.Stop(w.key)) for w in core.workers.values())
         self._out.append((identity, P.encode(P.REPLY, {"req": request.req})))
         self.running = False
@@ -259,7 +260,7 @@ class Dispatch:
         mark, rounds = self.tracer.round_begin(), self.core.stats["rounds"]
         placed = self.core.schedule(now)
         if placed or self.core.stats["rounds"] != rounds:
-            self.tracer.round_end(mark, placed, sum(len(r) for r in self.core.ready))
+            self.tracer.round_end(mark, placed, sum(len(r) for r in self.core.ready) + len(self.core.pool))
         return placed
 
     def _trace_dir(self, requested) -> str | None:

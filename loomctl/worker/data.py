@@ -17,6 +17,8 @@ Invariants:
   A Plain travels as a one-byte tag followed by its bytes; containers (array, index) are a
   tag, a 4-byte header length, a msgpack header and the concatenated encodings of their
   parts, so ``encode_parts`` can hand large contents to a socket without copying them.
+- ``cheap_to_encode`` is true only for objects whose size tells their encoding cost
+  (the worker sends those along with its report).
 """
 
 from __future__ import annotations
@@ -453,3 +455,19 @@ def _split_header(body: memoryview) -> tuple[Any, memoryview]:
     if end > len(body):
         raise MalformedData("truncated container header")
     return msgpack.unpackb(body[_HEADER_LEN.size:end]), body[end:]
+
+
+_ATOMS = (int, float, complex, bool, str, bytes, type(None))
+
+
+def cheap_to_encode(obj: DataObject) -> bool:
+    """Objects whose size tells what they cost to encode: bytes, arrays of few such,
+    Python numbers and strings (a dict's size does not count what it holds; a file's
+    path means something on this host only)."""
+    if type(obj) is Plain:
+        return True
+    if type(obj) is PyObj:
+        return type(obj.obj) in _ATOMS
+    if type(obj) is Array:   # (empty items cost bytes too: few of them)
+        return len(obj.items) <= 256 and all(cheap_to_encode(item) for item in obj.items)
+    return False

@@ -59,8 +59,6 @@ REPORT_HOLD_S = 0.020
 INLINE_SYMBOLS = frozenset({S.CONST, S.MERGE, S.GET, S.SLICE, S.SIZE, S.LENGTH,
                             S.ARRAY_MAKE, S.SPLIT, S.OPEN})
 
-_ATOMS = (int, float, complex, bool, str, bytes, type(None))
-
 
 # ---------------------------------------------------------------------- events
 @dataclass(slots=True)
@@ -181,19 +179,6 @@ def route(spec: TaskSpec) -> str:
     if spec.symbol in INLINE_SYMBOLS and not spec.checkpoint:
         return "inline"
     return "light"
-
-
-def cheap_to_encode(obj: data.DataObject) -> bool:
-    """Objects whose size tells what they cost to encode: bytes, arrays of few such,
-    Python numbers and strings (a dict's size does not count what it holds; a file's
-    path means something on this host only)."""
-    if type(obj) is data.Plain:
-        return True
-    if type(obj) is data.PyObj:
-        return type(obj.obj) in _ATOMS
-    if type(obj) is data.Array:   # (empty items cost bytes too: few of them)
-        return len(obj.items) <= 256 and all(cheap_to_encode(item) for item in obj.items)
-    return False
 
 
 class WorkerState:
@@ -508,8 +493,8 @@ class WorkerState:
 
     def _send_along(self, task_id: int, obj: data.DataObject) -> None:
         """A small result a client waits for goes with the finish report (it stays here
-        too), if it is cheap to encode (see cheap_to_encode)."""
-        if not cheap_to_encode(obj):
+        too), if it is cheap to encode (see data.cheap_to_encode)."""
+        if not data.cheap_to_encode(obj):
             return
         try:
             blob = data.encode(obj)

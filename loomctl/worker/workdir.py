@@ -24,6 +24,8 @@ import os
 import shutil
 import tempfile
 
+from loomctl.access import pid_exists
+
 log = logging.getLogger("loomctl.worker")
 
 LOCK = ".lock"
@@ -41,16 +43,6 @@ def _take_lock(path: str) -> int | None:
         os.close(fd)
         return None
     return fd
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class WorkDir:
@@ -94,7 +86,7 @@ class WorkDir:
                     continue   # its worker lives
             else:   # made by a version without locks: its pid is in its name
                 pid = entry.name.split("-")[1]
-                if not pid.isdigit() or _pid_alive(int(pid)):
+                if not pid.isdigit() or pid_exists(int(pid)):
                     continue
                 fd = None
             shutil.rmtree(entry.path, ignore_errors=True)

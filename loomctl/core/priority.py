@@ -1,0 +1,114 @@
+"""Task priorities: the user's (``task.priority``, higher first) and the b-level.
+
+The order among ready tasks is (user priority, b-level), higher first, then arrival.
+- ``blevel[t]`` is the number of tasks on the longest path from t to a sink, t included
+  (durations are unknown to the server: every task counts 1), capped at MAX_LEVEL.
+- ``priority[t]`` is the user's priority of t, raised to that of the tasks that need
+  it: a producer is never behind its consumers (a high-priority task does not wait on a
+  low-priority input).
+Both are computed over the columns when a segment is added (``segment_added``: one
+sweep per level, from the sinks), and raised when the graph grows at run time
+(``raise_from``: the inputs of a task that got new consumers, and theirs, recursively,
+live tasks only).
+
+Invariants (``check``): for every live task t with a live consumer c, ``blevel[t] >=
+min(blevel[c] + 1, MAX_LEVEL)`` and ``priority[t] >= priority[c]``; ``blevel >= 1``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from loomctl.core.tasktable import LIVE, ranges
+
+MAX_LEVEL = 1 << 20     # b-levels beyond this count as equal (bounds the sweeps at submit)
+SWEEPS = 4096           # level sweeps at submit; tasks further from a sink get MAX_LEVEL
+PRIORITY_LIMIT = (1 << 31) - 1
+
+
+def segment_added(core, segment, user: np.ndarray | None) -> None:
+    """Levels and priorities of a new segment's tasks, from its own consumer edges; then
+    the tasks it consumes (earlier segments) are raised for it."""
+    c = core.graph.cols
+    n = segment.n
+    base = segment.base
+    ids = np.arange(base, base + n, dtype=np.int64)
+    prio = np.zeros(n, np.int64) if user is None else np.clip(np.asarray(user, np.int64),
+                                                             -PRIORITY_LIMIT, PRIORITY_LIMIT)
+    level = np.full(n, MAX_LEVEL, np.int64)
+    offsets, consumers = segment.consumer_offsets, segment.consumers
+    if len(consumers):
+        counts = np.diff(offsets)
+        owner = np.repeat(np.arange(n), counts)                  # producer (local) of each edge
+        valid = consumers >= 0
+        owner, target = owner[valid], consumers[valid] - base    # consumer (local) of each edge
+        left = np.bincount(owner, minlength=n)                   # consumers not levelled yet
+        # edges grouped by consumer, to find the producers of a levelled frontier
+        by_consumer = np.argsort(target, kind="stable")
+        starts = np.searchsorted(target[by_consumer], np.arange(n + 1))
+        frontier = np.flatnonzero(left == 0)
+        depth = 1
+        while len(frontier) and depth <= SWEEPS:
+            level[frontier] = depth
+            edges = by_consumer[ranges(starts[frontier], starts[frontier + 1])]
+            producers = owner[edges]
+            np.maximum.at(prio, producers, prio[target[edges]])
+            np.subtract.at(left, producers, 1)
+            producers = np.unique(producers)
+            frontier = producers[left[producers] == 0]
+            depth += 1
+    else:
+        level[:] = 1
+    c.blevel[ids] = np.minimum(level, MAX_LEVEL)
+    c.priority[ids] = prio
+    raise_from(core, ids)
+
+
+def raise_from(core, consumers: np.ndarray) -> None:
+    """The inputs of ``consumers`` (and theirs, recursively) are raised to stay ahead of
+    them; only live tasks are looked at."""
+    g = core.graph
+    c = g.cols
+    frontier = np.asarray(consumers, np.int64)
+    for _ in range(SWEEPS):
+        frontier = frontier[LIVE[c.state[frontier]]]
+        if not len(frontier):
+            return
+        inputs, owner = g.slots(np.unique(frontier))
+        if not len(inputs):
+            return
+        live = LIVE[c.state[inputs]]
+        inputs, owner = inputs[live], owner[live]
+        want_level = np.minimum(c.blevel[owner].astype(np.int64) + 1, MAX_LEVEL)
+        want_prio = c.priority[owner].astype(np.int64)
+        low = (c.blevel[inputs] < want_level) | (c.priority[inputs] < want_prio)
+        if not low.any():
+            return
+        inputs, want_level, want_prio = inputs[low], want_level[low], want_prio[low]
+        np.maximum.at(c.blevel, inputs, want_level.astype(c.blevel.dtype))
+        np.maximum.at(c.priority, inputs, want_prio.astype(c.priority.dtype))
+        frontier = np.unique(inputs)
+
+
+def keys(core, ids: np.ndarray) -> np.ndarray:
+    """The order of ready tasks as one int64 per task (higher first; < 2^62)."""
+    c = core.graph.cols
+    key = (c.priority[ids].astype(np.int64) + (1 << 31)) << 30
+    if core.options.blevel:
+        key |= c.blevel[ids].astype(np.int64)
+    return key
+
+
+def check(core) -> None:
+    g = core.graph
+    c = g.cols
+    held = g.held_ids()
+    live = held[LIVE[c.state[held]]]
+    if not len(live):
+        return
+    assert (c.blevel[live] >= 1).all(), "b-levels start at 1"
+    inputs, owner = g.slots(np.sort(live))
+    ok = LIVE[c.state[inputs]]
+    inputs, owner = inputs[ok], owner[ok]
+    assert (c.blevel[inputs] >= np.minimum(c.blevel[owner] + 1, MAX_LEVEL)).all(), "an input is behind its consumer"
+    assert (c.priority[inputs] >= c.priority[owner]).all(), "an input has a lower priority than its consumer"

@@ -1,0 +1,79 @@
+"""Work stealing: queued tasks that have not started move from a loaded worker to an
+idle one.
+
+The server does not know which of a worker's assigned tasks have started, so it asks:
+when a round leaves some worker with cpus nobody is assigned to and no ready cpu task
+is waiting, every worker assigned more cpus than it has (its queue) gets a
+``StealTasks`` with its assigned cpu tasks and how many to give back (its surplus, at
+most the idle cpus). The worker gives back that many that have not started, those it
+would start last first, and always answers (``tasks_returned``, maybe with none). The
+tasks given back wait again (ASSIGNED -> WAITING, then READY at once: their inputs are
+finished), and the next round places them with the usual locality rule, where the idle
+cpus are.
+
+Invariants:
+- At most one request is outstanding per worker (``core.steals``: worker id -> the
+  ids asked for, never none); a request names only tasks ASSIGNED to that worker when
+  it is sent. Requests to a worker that was lost are dropped by the next round.
+- An answer counts only for tasks still ASSIGNED to the answering worker and asked of
+  it: a task it finished meanwhile, or one never asked for, changes nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from loomctl import messages as M
+from loomctl.core import transitions as T
+from loomctl.core.tasktable import ASSIGNED, WAITING
+
+
+def request(core, now: float) -> int:
+    """Ask loaded workers for queued tasks if some cpus idle; returns the requests sent."""
+    for wid in [w for w in core.steals if w not in core.workers]:
+        del core.steals[wid]
+    workers = list(core.workers.values())
+    idle = sum(w.cpus - w.assigned_cpus for w in workers if w.assigned_cpus < w.cpus)
+    if idle <= 0 or core.pool.has_heavy():
+        return 0
+    victims = sorted((w for w in workers if w.assigned_cpus > w.cpus and w.id not in core.steals),
+                     key=lambda w: (w.cpus - w.assigned_cpus, w.id))
+    if not victims:
+        return 0
+    c = core.graph.cols
+    n = c.n
+    assigned = np.flatnonzero((c.state[:n] == ASSIGNED) & (c.cpus[:n] > 0))
+    owners = c.worker[assigned]
+    sent = 0
+    for w in victims:
+        if idle <= 0:
+            break
+        count = min(w.assigned_cpus - w.cpus, idle)
+        ids = assigned[owners == w.id]
+        if not len(ids):
+            continue
+        core.steals[w.id] = ids
+        core.commands.append(M.StealTasks(w.key, ids, int(count)))
+        idle -= count
+        sent += 1
+    core.stats["steal_requests"] = core.stats.get("steal_requests", 0) + sent
+    return sent
+
+
+def tasks_returned(core, wid: int, ids: np.ndarray, now: float) -> None:
+    """Worker ``wid`` answers its steal request: ``ids`` are back, not started."""
+    asked = core.steals.pop(wid, None)
+    if asked is None or not len(ids):
+        return
+    c = core.graph.cols
+    ids = np.unique(ids[(ids >= 0) & (ids < c.n)])
+    ids = ids[np.isin(ids, asked) & (c.state[ids] == ASSIGNED) & (c.worker[ids] == wid)]
+    if len(ids):
+        core.stats["stolen"] = core.stats.get("stolen", 0) + len(ids)
+        T.transition(core, ids, WAITING)   # READY at once: their inputs are finished
+
+
+def check(core) -> None:
+    for wid, ids in core.steals.items():
+        if wid in core.workers:
+            assert len(ids), f"an empty steal request to worker {wid}"
