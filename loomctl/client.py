@@ -40,6 +40,7 @@ from graphfmt.tasks import Task
 from loomctl import protocol as P
 from loomctl.access import AccessError, connect_address, read_access
 from loomctl.worker import data as D
+from loomctl.worker.stream import CHUNK, Assembly
 
 
 SERVER_GRACE_S = 3.0   # a blocking call raises LoomConnectionError this long after the server went
@@ -448,17 +449,21 @@ class Client:
             sock = self.peers[address] = self._connect(address, "client")
         req = next(self.req)
         sock.send_multipart(P.encode(P.FETCH, {"req": req, "ids": P.ids_to_bytes(ids)}))
-        while True:
+        assembly = Assembly()   # (objects a worker holds in spill files come in chunks)
+        answer = None
+        while answer is None:
             if not sock.poll(self.timeout_ms, zmq.POLLIN):
                 raise LoomConnectionError(f"worker at {address} did not send the data of tasks {ids}")
             kind, body, blobs = P.decode(sock.recv_multipart(copy=False))
-            if kind == P.DATA and body.get("req") == req:
-                break
-        missing = P.ids_from_bytes(body.get("missing", b"")).tolist()
+            if body.get("req") == req and kind in (P.DATA, CHUNK):
+                answer = (assembly.data if kind == P.DATA else assembly.chunk)(body, blobs)
+        _, found, missing, parts = answer
         if missing:
             raise LoomError(f"worker at {address} no longer holds the data of tasks {missing}")
-        found = P.ids_from_bytes(body["ids"]).tolist()
-        return {t: D.to_client(D.decode_parts(parts)) for t, parts in zip(found, D.data_parts(blobs, body.get("parts")))}
+        failed = [(t, p) for t, p in zip(found, parts) if isinstance(p, str)]
+        if failed:
+            raise LoomError(f"worker at {address} could not send the data of task {failed[0][0]}: {failed[0][1]}")
+        return {t: D.to_client(D.decode_parts(p)) for t, p in zip(found, parts)}
 
     def gather(self, futures) -> list:
         futures = _as_list(futures)

@@ -257,6 +257,14 @@ class CoreMachine(RuleBasedStateMachine):
         self.core.client_gone(client, self.now)
         self.tick()
 
+    @precondition(lambda self: self.wid)
+    @rule(data=st.data(), near=st.booleans())
+    def memory_pressure(self, data, near):
+        """A worker's heartbeat says it is near its memory limit (or no longer is)."""
+        key = data.draw(st.sampled_from(sorted(self.wid)))
+        self.core.heartbeat(self.wid[key], {"memory_near": near}, self.now)
+        self.tick()
+
     @rule()
     def retire(self):
         self.now += 2.0

@@ -270,4 +270,4 @@ def test_shell_completion_of_commands_and_options():
 
     assert complete("loomctl wor") == ["worker"]
     assert "start" in complete("loomctl server ")
-    assert complete("loomctl worker start --mem") == ["--memory-limit"]
+    assert complete("loomctl worker start --memory-l") == ["--memory-limit"]

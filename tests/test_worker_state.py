@@ -118,25 +118,29 @@ class WorkerMachine(RuleBasedStateMachine):
     def apply(self, events, dt=0.001):
         self.now += dt
         for instruction in self.s.handle(events, self.now):
-            if isinstance(instruction, W.Execute):
-                assert instruction.spec.id in self.given, "started a task it was not given"
-                assert instruction.spec.id not in self.running, "started twice"
-                assert all(obj is not None for obj in instruction.inputs)
-                self.running.add(instruction.spec.id)
-            elif isinstance(instruction, W.SendFetch):
-                assert instruction.address in self.s.ready_links
-                self.fetches[instruction.req] = (instruction.address, instruction.ids)
-            elif isinstance(instruction, W.SendUpdate):
-                body = instruction.body
-                for t in P.ids_from_bytes(body["finished"]).tolist() + P.ids_from_bytes(body["replicas"]).tolist():
-                    assert t in self.s.store, "reported data is held"
-                ended = P.ids_from_bytes(body["finished"]).tolist() + [t for t, _ in body["failed"]] \
-                    + [t for t, _ in body["redirects"]]
-                for t in ended:
-                    assert t not in self.reported, f"task {t} reported twice"
-                    assert t in self.given, f"task {t} reported but never given"
-                    self.reported.add(t)
-                    self.given.discard(t)
+            self.carry(instruction)
+
+    def carry(self, instruction):
+        """Play the process for one instruction."""
+        if isinstance(instruction, W.Execute):
+            assert instruction.spec.id in self.given, "started a task it was not given"
+            assert instruction.spec.id not in self.running, "started twice"
+            assert all(obj is not None for obj in instruction.inputs)
+            self.running.add(instruction.spec.id)
+        elif isinstance(instruction, W.SendFetch):
+            assert instruction.address in self.s.ready_links
+            self.fetches[instruction.req] = (instruction.address, instruction.ids)
+        elif isinstance(instruction, W.SendUpdate):
+            body = instruction.body
+            for t in P.ids_from_bytes(body["finished"]).tolist() + P.ids_from_bytes(body["replicas"]).tolist():
+                assert t in self.s.store, "reported data is held"
+            ended = P.ids_from_bytes(body["finished"]).tolist() + [t for t, _ in body["failed"]] \
+                + [t for t, _ in body["redirects"]]
+            for t in ended:
+                assert t not in self.reported, f"task {t} reported twice"
+                assert t in self.given, f"task {t} reported but never given"
+                self.reported.add(t)
+                self.given.discard(t)
 
     @rule(data=st.data(), n=st.integers(1, 4))
     def compute(self, data, n):

@@ -94,9 +94,20 @@ def _render_status(d: dict) -> str:
                        ("workers", len(d["workers"])), ("data objects", d["n_data_objects"]),
                        ("tasks", d["n_tasks"])])
     workers = table([[w["id"], w["name"], w["hostname"], w["cpus"], *_running_queued(w), w["tasks_done"],
-                      w["data_objects"], human_bytes(w["data_bytes"]), human_bytes(w["rss"])] for w in d["workers"]],
-                    ["id", "worker", "host", "cpus", "running", "queued", "done", "data", "bytes", "memory"])
+                      w["data_objects"], human_bytes(w["data_bytes"]), *_memory(w)] for w in d["workers"]],
+                    ["id", "worker", "host", "cpus", "running", "queued", "done", "data", "bytes", "memory",
+                     "limit", "spilled"])
     return head + "\n\n" + workers + "\n\n" + _jobs_table(d["jobs"])
+
+
+def _memory(w: dict) -> tuple:
+    """(memory used, its limit, objects spilled to disk (their bytes)) of a worker; a
+    paused worker (above its pause threshold: it starts no task) says so."""
+    used = human_bytes(w.get("memory_used", w.get("rss")))
+    limit = human_bytes(w["memory_limit"]) if w.get("memory_limit") else "-"
+    spilled = f"{w.get('spilled_objects', 0)} ({human_bytes(w.get('spilled_bytes', 0))})" \
+        if w.get("spilled_objects") else "0"
+    return used + (" paused" if w.get("paused") else ""), limit, spilled
 
 
 def _running_queued(w: dict) -> tuple:

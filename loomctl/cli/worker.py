@@ -29,13 +29,32 @@ app = typer.Typer(help="Start workers.", no_args_is_help=True)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-def parse_size(text: str) -> int:
-    """"4G", "512M", "1.5g", "4GiB", "1000" (bytes) -> bytes."""
+def parse_size(text: str, host_memory=None) -> int | None:
+    """"4G", "512M", "1.5g", "4GiB", "1000" (bytes) -> bytes; "25%" of ``host_memory()``;
+    "none" -> None (no limit)."""
+    if text.strip().lower() == "none":
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", text)
+    if m and host_memory is not None and 0 < float(m.group(1)) <= 100:
+        total = host_memory()
+        if not total:
+            raise CliError("--memory-limit: the memory of this host is not known; give a size", ExitCode.USAGE)
+        return int(total * float(m.group(1)) / 100)
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", text)
-    if not m:
-        raise CliError(f"--memory-limit {text!r} is not a size such as 4G, 512M or 1000000",
+    if not m or float(m.group(1)) * _UNITS[m.group(2).lower()] < 1:
+        raise CliError(f"--memory-limit {text!r} is not a size such as 4G, 512M, 1000000 or 25%, nor none",
                        ExitCode.USAGE)
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_fraction(option: str, text: str) -> float:
+    """"0.6" or "60%" -> 0.6, within (0, 1]."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%?)\s*", text)
+    value = (float(m.group(1)) / (100 if m.group(2) else 1)) if m else -1.0
+    if not 0 < value <= 1:
+        raise CliError(f"{option} {text!r} is not a fraction of the memory limit such as 0.6 or 60%",
+                       ExitCode.USAGE)
+    return value
 
 
 def parse_resources(pairs: list[str]) -> dict[str, int]:
@@ -93,7 +112,9 @@ def start(
     extension: List[str] = typer.Option([], "--extension", "-e", help="Python module that registers task types (repeatable)."),
     keep_failed: bool = typer.Option(False, "--keep-failed", help="Keep the working directory of a failed run task (its path is in the error)."),
     host: Optional[str] = typer.Option(None, "--host", help="Address to serve data on (default: the local address that reaches the server)."),
-    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Memory this worker may use, e.g. 4G (reported to the server)."),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Memory this worker may use: a size (4G, 512M), a share of this host's (25%), or none (default: the host's memory, or its cgroup limit, times the share of the host's cpus the worker offers)."),
+    memory_spill: str = typer.Option("0.6", "--memory-spill", help="Spill data to disk, least recently used first, above this fraction of the memory limit."),
+    memory_pause: str = typer.Option("0.8", "--memory-pause", help="Start no new task above this fraction of the memory limit."),
     server_grace: float = typer.Option(300.0, "--server-grace", min=0, help="Seconds the worker runs on without its server, waiting for it (or a restarted one) to come back; then it exits with status 4."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every task failure and connection event, not only warnings."),
 ):
@@ -102,13 +123,18 @@ def start(
 
     from loomctl.worker.process import Worker
 
-    limit = parse_size(memory_limit) if memory_limit is not None else None
+    from loomctl.worker.hostinfo import default_memory_limit, host_memory
+    n_cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    limit = parse_size(memory_limit, host_memory) if memory_limit is not None else default_memory_limit(n_cpus)
+    spill_at, pause_at = parse_fraction("--memory-spill", memory_spill), parse_fraction("--memory-pause", memory_pause)
+    if spill_at > pause_at:
+        raise CliError(f"--memory-spill ({memory_spill}) must not be above --memory-pause ({memory_pause})",
+                       ExitCode.USAGE)
     resources = parse_resources(resource)
     server_address, secret = resolve_server(address, server_dir)
     _setup_logging(verbose)
-    worker = Worker(server_address, secret, cpus if cpus is not None else (os.cpu_count() or 1),
-                    work_dir, resources, name, extension, keep_failed, host,
-                    memory_limit=limit, server_grace_s=server_grace)
+    worker = Worker(server_address, secret, n_cpus, work_dir, resources, name, extension, keep_failed, host,
+                    memory_limit=limit, server_grace_s=server_grace, spill_at=spill_at, pause_at=pause_at)
     try:
         try:
             worker.start()

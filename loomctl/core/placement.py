@@ -286,6 +286,11 @@ def _could_run(w: WorkerRoom, cpus: int, request: dict | None) -> bool:
     return cpus <= w.cpus and all(w.resources.get(k, 0) >= v for k, v in (request or {}).items())
 
 
+def could_run(w: WorkerRoom, cpus: int, symbol: int, request: dict | None) -> bool:
+    """Whether the worker could run the task at all (cpus, named resources, type)."""
+    return _supports(w, symbol) and _could_run(w, cpus, request)
+
+
 def _place_heavy(positions, cpus, symbols, best, best_bytes, workers, requests, chosen, spill=True,
                  groups=None) -> None:
     if len(positions) >= 8 and not requests and all(w.supports is None for w in workers) \

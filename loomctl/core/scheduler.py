@@ -13,6 +13,11 @@ Invariants:
   round after it became READY (``core.unchecked``). After a worker is lost the check
   waits REPLACE_GRACE_S (``core.recheck_at``): a replacement that joins meanwhile may
   be the one worker that can run it.
+- A worker whose last heartbeat says it is near its memory limit (``memory_near``: at
+  its spill threshold, or paused) is given only tasks whose inputs are all on it, while
+  some other worker is not near its limit: tasks that would bring it data (inputs from
+  elsewhere, or new data from no input) go to the workers with room, or wait for them
+  (unless none of those could ever run them).
 - Cpu tasks are placed once some worker has used up half of its queue or has an idle
   cpu (``placement.wants_work``); light tasks whenever some are ready. A worker that a
   round could not fill is *starved* (``core.starved``) and calls for a round again only
@@ -103,6 +108,7 @@ def schedule(core, now: float) -> int:
     holder = index[c.owner[inputs]]
     sizes = c.size[inputs]
     groups = _largest_input(inputs, task_pos, sizes, len(ids)) if core.options.spill else None
+    owned = (task_pos, holder, sizes)   # the owners' copies only
     if core.replicas and len(inputs) and core.options.spill:   # copies count as data on their workers
         task_pos, holder, sizes = _with_copies(core, index, inputs, task_pos, holder, sizes)
     best, best_bytes = placement.preferences(task_pos, holder, sizes, len(ids), spread=core.options.spill)
@@ -115,8 +121,14 @@ def schedule(core, now: float) -> int:
         request = g.named_request(t)
         if request:
             requests[int(np.searchsorted(ids, t))] = request
-    chosen = placement.place(c.cpus[ids], c.symbol[ids], best, best_bytes, rooms, requests, order,
-                             spill=core.options.spill, groups=groups)
+    near = [k for k, w in enumerate(workers) if w.stats.get("memory_near") is True]
+    if near and len(near) < len(workers):
+        only = _local_only(len(ids), *owned, near)
+        chosen = _place_by_memory(c.cpus[ids], c.symbol[ids], best, best_bytes, rooms, requests, order, near, only,
+                                  core.options.spill, groups)
+    else:
+        chosen = placement.place(c.cpus[ids], c.symbol[ids], best, best_bytes, rooms, requests, order,
+                                 spill=core.options.spill, groups=groups)
     chosen_ranked = chosen[order]
     placed = 0
     for k, w in enumerate(workers):
@@ -134,6 +146,56 @@ def schedule(core, now: float) -> int:
     if core.options.steal:
         stealing.request(core, now)
     return placed
+
+
+def _local_only(n: int, task_pos: np.ndarray, holder: np.ndarray, sizes: np.ndarray, near: list) -> np.ndarray:
+    """Per task of a round: the near-limit worker that holds all its input bytes (and
+    some), or -1."""
+    total = np.zeros(n, dtype=np.int64)
+    np.add.at(total, task_pos, sizes)
+    only = np.full(n, -1, dtype=np.int64)
+    for k in near:
+        mine = holder == k
+        local = np.zeros(n, dtype=np.int64)
+        np.add.at(local, task_pos[mine], sizes[mine])
+        only[(local > 0) & (local == total)] = k
+    return only
+
+
+def _place_by_memory(cpus, symbols, best, best_bytes, rooms, requests, order, near, only, spill,
+                     groups) -> np.ndarray:
+    """``placement.place`` by groups: a task may go to the workers not near their memory
+    limit, and to the near-limit worker holding all its data (``only``), if any; each
+    group in the round's order (``order``: positions, best first)."""
+    chosen = np.full(len(cpus), -1, dtype=np.int64)
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+
+    def place(sel, b, b_bytes, subset):
+        group_requests = {j: requests[p] for j, p in enumerate(sel.tolist()) if p in requests}
+        return placement.place(cpus[sel], symbols[sel], b, b_bytes, subset, group_requests,
+                               np.argsort(rank[sel], kind="stable"), spill,
+                               None if groups is None else groups[sel])
+
+    roomy = [r for r in rooms if r.index not in near]
+    for k in [-1, *near]:
+        sel = np.flatnonzero(only == k)
+        if not len(sel):
+            continue
+        subset = roomy + [rooms[k]] if k >= 0 else roomy
+        allowed = np.zeros(len(rooms), dtype=bool)
+        allowed[[r.index for r in subset]] = True
+        b = best[sel]
+        keep = b >= 0
+        keep[keep] = allowed[b[keep]]
+        b = np.where(keep, b, -1)   # (a preferred worker left out is no preference)
+        chosen[sel] = place(sel, b, np.where(keep, best_bytes[sel], 0), subset)
+    # a task that no worker with room could ever run may go anywhere (it would wait for ever)
+    stuck = np.array([p for p in np.flatnonzero(chosen < 0).tolist() if not any(
+        placement.could_run(r, int(cpus[p]), int(symbols[p]), requests.get(p)) for r in roomy)], dtype=np.int64)
+    if len(stuck):
+        chosen[stuck] = place(stuck, best[stuck], best_bytes[stuck], rooms)
+    return chosen
 
 
 def _with_copies(core, index, inputs, task_pos, holder, sizes):

@@ -37,6 +37,11 @@ from loomctl.core.tasktable import ASSIGNED
 __all__ = ["ServerCore", "SubmitError", "Job"]
 
 
+def _count(value) -> int:
+    """A count a worker reported (0 for anything but a non-negative int)."""
+    return value if type(value) is int and value >= 0 else 0
+
+
 class ServerCore:
     def __init__(self):
         self.graph = TaskGraph()
@@ -154,6 +159,11 @@ class ServerCore:
                          "running": w.stats.get("running"), "tasks_done": w.tasks_done,
                          "data_objects": int(len(held)), "data_bytes": int(c.size[held].sum()),
                          "rss": w.stats.get("rss"), "cpu_percent": w.stats.get("cpu_percent"),
+                         "memory_used": w.stats.get("memory_used", w.stats.get("rss")),
+                         "memory_limit": w.memory_limit, "paused": bool(w.stats.get("paused")),
+                         "spilled_objects": _count(w.stats.get("spilled_objects")),
+                         "spilled_bytes": _count(w.stats.get("spilled_bytes")),
+                         "streamed_bytes": _count(w.stats.get("streamed_bytes")),
                          "data_connections": w.stats.get("data_connections"), "heartbeat": w.stats.get("heartbeat"),
                          "address": w.data_address, "last_seen_s": round(now - w.last_seen, 3)})
         job_rows = [*self.history, *(self.job_row(job, now) for job in self.jobs.values())]

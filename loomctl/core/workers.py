@@ -47,6 +47,7 @@ class Worker:
     stats: dict = field(default_factory=dict)
     tasks_done: int = 0
     support_mask: np.ndarray | None = None   # cache of scheduler.support_mask
+    memory_limit: int | None = None          # bytes it may use (REGISTER), None: not said
     queue_factor: int = placement.QUEUE_FACTOR   # from the rate of cpu tasks it finishes
     rate_since: float | None = None          # start of the window counting them
     rate_count: int = 0
@@ -76,7 +77,7 @@ def add_worker(core, key: bytes, info: M.Register, now: float) -> int:
     core.workers[wid] = Worker(
         id=wid, key=key, name=info.name or f"worker-{wid}", hostname=info.hostname, cpus=max(0, info.cpus),
         resources={str(k): int(v) for k, v in info.resources.items()}, symbols=set(info.symbols),
-        data_address=info.data_address, last_seen=now)
+        data_address=info.data_address, last_seen=now, memory_limit=info.memory_limit)
     core.fail_unsatisfiable(None, now)
     return wid
 

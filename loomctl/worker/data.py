@@ -17,6 +17,8 @@ Invariants:
   A Plain travels as a one-byte tag followed by its bytes; containers (array, index) are a
   tag, a 4-byte header length, a msgpack header and the concatenated encodings of their
   parts, so ``encode_parts`` can hand large contents to a socket without copying them.
+- ``cheap_to_encode`` is true only for objects whose size tells their encoding cost
+  (the worker sends those along with its report).
 """
 
 from __future__ import annotations
@@ -312,10 +314,11 @@ def encode(obj: DataObject) -> bytes:
 
 
 def decode_parts(parts: list) -> DataObject:
-    """Inverse of ``encode_parts`` (the parts as they came, e.g. zmq frames): a plain
-    object's content is copied once, from its own frame, never joined first."""
-    if len(parts) == 2 and bytes(parts[0]) == TAG_PLAIN:
-        return Plain(bytes(parts[1]))
+    """Inverse of ``encode_parts``, or of any cut of an encoding into pieces (the parts
+    as they came, e.g. zmq frames, or the chunks of a streamed file): a plain object's
+    content is copied once, from its frames, never joined first."""
+    if len(parts) > 1 and memoryview(parts[0])[:1] == TAG_PLAIN:
+        return Plain(b"".join([memoryview(parts[0])[1:], *parts[1:]]))
     return decode(parts[0] if len(parts) == 1 else b"".join(parts))
 
 
@@ -452,3 +455,19 @@ def _split_header(body: memoryview) -> tuple[Any, memoryview]:
     if end > len(body):
         raise MalformedData("truncated container header")
     return msgpack.unpackb(body[_HEADER_LEN.size:end]), body[end:]
+
+
+_ATOMS = (int, float, complex, bool, str, bytes, type(None))
+
+
+def cheap_to_encode(obj: DataObject) -> bool:
+    """Objects whose size tells what they cost to encode: bytes, arrays of few such,
+    Python numbers and strings (a dict's size does not count what it holds; a file's
+    path means something on this host only)."""
+    if type(obj) is Plain:
+        return True
+    if type(obj) is PyObj:
+        return type(obj.obj) in _ATOMS
+    if type(obj) is Array:   # (empty items cost bytes too: few of them)
+        return len(obj.items) <= 256 and all(cheap_to_encode(item) for item in obj.items)
+    return False

@@ -9,7 +9,9 @@ or dead peer never blocks the loop.
 Invariants:
 - A peer link is "ready" only after WELCOME; FETCH is never sent before. A link that
   was refused or timed out is closed and forgotten (a later request makes a new one).
-- ``serve_data`` answers only peers that completed the handshake, and only FETCH.
+- ``serve_data`` answers only peers that completed the handshake, and only FETCH; an
+  object only in a spill file is announced in the answer and streamed from its file
+  (``worker.stream``), as the answers a link receives are put together from its chunks.
 - Nothing a peer sends can raise out of ``PeerLinks.receive`` or ``serve_data``: garbage is logged and
   dropped (or fails the request it claims to answer).
 """
@@ -22,18 +24,21 @@ import zmq
 
 from loomctl import protocol as P
 from loomctl.worker import data
+from loomctl.worker.store import SpillRef
+from loomctl.worker.stream import CHUNK, Assembly
 
 log = logging.getLogger("loomctl.worker")
 
 
 class _Link:
-    __slots__ = ("address", "sock", "state", "since")
+    __slots__ = ("address", "sock", "state", "since", "assembly")
 
     def __init__(self, address, sock, since):
         self.address = address
         self.sock = sock
         self.state = "hello"     # hello -> (auth) -> ready
         self.since = since
+        self.assembly = Assembly()
 
 
 class PeerLinks:
@@ -111,16 +116,13 @@ class PeerLinks:
             if kind == P.REFUSED:
                 return self._lost(link, f"the peer refused the connection: {body.get('reason')}")
             raise P.ProtocolError(f"unexpected {kind!r} during the handshake")
-        if kind != P.DATA:
+        if kind == P.DATA:
+            answer = link.assembly.data(body, blobs)
+        elif kind == CHUNK:
+            answer = link.assembly.chunk(body, blobs)
+        else:
             raise P.ProtocolError(f"unexpected {kind!r} on a data link")
-        req = P.field(body, "req", int)
-        found = P.ids_from_bytes(P.field(body, "ids", bytes)).tolist()
-        missing = P.ids_from_bytes(P.field(body, "missing", bytes, b"")).tolist()
-        try:
-            parts = data.data_parts(blobs, body.get("parts"))
-        except data.MalformedData as exc:
-            raise P.ProtocolError(str(exc)) from None
-        return ("data", link.address, req, found, missing, parts)
+        return None if answer is None else ("data", link.address, *answer)
 
     def _lost(self, link: _Link, reason: str):
         self.close_link(link.address)
@@ -152,35 +154,53 @@ class PeerLinks:
             self.close_link(address)
 
 
-def serve_data(gate: P.Gatekeeper, objects, frames: list) -> list:
+def decode_objects(parts: list) -> list:
+    """The data object of each object's parts of an answer, or a message saying why not."""
+    objects = []
+    for frames in parts:
+        if isinstance(frames, str):   # (the peer could not send it)
+            objects.append(frames)
+            continue
+        try:
+            objects.append(data.decode_parts(frames))
+        except (data.MalformedData, data.TaskError) as exc:
+            objects.append(str(exc))
+    return objects
+
+
+def serve_data(gate: P.Gatekeeper, objects, frames: list) -> tuple[list, list]:
     """The replies (with the routing id) to one message on the data socket: the
     handshake's, or the DATA answer of a FETCH (``objects(ids)`` -> found ids, their
-    objects, missing ids)."""
+    objects, missing ids); and the streams to send after it: [(routing id, req, id,
+    bytes)] of the objects only in spill files."""
     if len(frames) < 3:
         log.warning("data socket: dropped a message with too few frames")
-        return []
+        return [], []
     identity = frames[0]
     try:
         kind, body, _ = P.decode(frames[1:])
     except P.ProtocolError as exc:
         log.warning("data socket: dropped a malformed message: %s", exc)
-        return []
+        return [], []
     admitted, reply = gate.handle(identity, kind, body)
     replies = [[identity, *reply]] if reply is not None else []
     if not admitted:
-        return replies
+        return replies, []
     if kind != P.FETCH:
         log.warning("data socket: dropped an unexpected %r message", kind[:16])
-        return replies
+        return replies, []
     try:
         req = P.field(body, "req", int)
         ids = P.ids_from_bytes(P.field(body, "ids", bytes)).tolist()
     except P.ProtocolError as exc:
         log.warning("data socket: dropped a malformed FETCH: %s", exc)
-        return replies
+        return replies, []
     held, found_objects, missing = objects(ids)
-    found, blobs, counts = [], [], []
+    found, blobs, counts, streams = [], [], [], []
     for i, obj in zip(held, found_objects):
+        if type(obj) is SpillRef:
+            streams.append([i, obj.nbytes])
+            continue
         try:
             parts = data.encode_parts(obj)   # (contents by reference: sent without a copy)
         except data.TaskError as exc:
@@ -190,5 +210,7 @@ def serve_data(gate: P.Gatekeeper, objects, frames: list) -> list:
         found.append(i)
         blobs += parts
         counts.append(len(parts))
-    return [*replies, [identity, *P.encode(P.DATA, {"req": req, "ids": P.ids_to_bytes(found), "parts": counts,
-                                                    "missing": P.ids_to_bytes(missing)}, *blobs)]]
+    body = {"req": req, "ids": P.ids_to_bytes(found), "parts": counts, "missing": P.ids_to_bytes(missing)}
+    if streams:
+        body["streams"] = streams
+    return [*replies, [identity, *P.encode(P.DATA, body, *blobs)]], [(identity, req, i, n) for i, n in streams]

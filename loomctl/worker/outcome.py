@@ -51,6 +51,14 @@ class Report:
     def __bool__(self):
         return bool(self.finished or self.failed or self.redirects or self.replicas or self.logs)
 
+    def drop_finished(self, task_id: int) -> None:
+        """Take a finish back (its data was lost before the report went)."""
+        k = self.finished.index(task_id)
+        del self.finished[k], self.sizes[k], self.lengths[k]
+        if task_id in self.inline:
+            k = self.inline.index(task_id)
+            del self.inline[k], self.blobs[k]
+
     def urgent(self) -> bool:
         """Whether the report has more than finishes and logs (it is sent at once)."""
         return bool(self.failed or self.redirects or self.replicas)

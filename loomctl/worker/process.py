@@ -7,14 +7,17 @@ Each iteration turns what is readable into events (messages, peer answers, ended
 programs and tasks, the clock), hands them to ``WorkerState.handle`` in one batch and
 carries out the instructions that come back: start tasks (inline built-ins in the loop,
 programs watched by the poller, cpu tasks in a pool of ``max(1, cpus)`` threads, other
-light tasks in a small pool), send the UPDATE, connect to peers and send FETCHes. What
-the worker decides is in ``worker.state``; this module keeps the sockets, threads,
-programs and the clock.
+light tasks in a small pool), send the UPDATE, connect to peers and send FETCHes, and
+the spill files' I/O (a thread, ``worker.spill``; objects only in files are streamed to
+peers from them, ``worker.stream``). What the worker decides is in ``worker.state``;
+this module keeps the sockets, threads, programs, files and the clock.
 
 Invariants:
-- The loop never waits on a task, and only the loop thread touches sockets and the
-  WorkerState. Executor threads only compute; they hand an ``Outcome`` back through a
-  deque and wake the loop through the PAIR (sends serialised by a lock).
+- The loop never waits on a task or a spill file, and only the loop thread touches
+  sockets and the WorkerState. Executor and spill threads hand an ``Outcome`` or a
+  spill answer back through a deque and wake the loop through the PAIR (sends
+  serialised by a lock). With a memory limit the state gets the RSS at least every
+  MEMORY_SAMPLE_S while the loop runs.
 - Every message from the network is checked; a malformed or unauthenticated one is
   logged and dropped, never raised out of the loop. A task failure is a report, never a
   crash. The secret is never logged.
@@ -37,16 +40,17 @@ from collections import deque
 import zmq
 
 from loomctl import protocol as P
-from loomctl.worker import data
 from loomctl.worker import extensions as registry
 from loomctl.routerpeers import RouterPeers
 from loomctl.worker import state as W
-from loomctl.worker.fetch import PeerLinks, serve_data
+from loomctl.worker.fetch import PeerLinks, decode_objects, serve_data
 from loomctl.worker.outcome import Outcome
 from loomctl.worker.programs import Programs
 from loomctl.worker.running import Pool, run_task
 from loomctl.worker.serverlink import ServerLink
 from loomctl.worker.hostinfo import local_address_towards, rss, split_address
+from loomctl.worker.spill import SpillFiles, SpillThread
+from loomctl.worker.stream import Streams
 from loomctl.worker.workdir import WorkDir
 
 log = logging.getLogger("loomctl.worker")
@@ -55,6 +59,8 @@ LIGHT_THREADS = 2
 MAX_DRAIN = 1000          # messages read from one socket per iteration
 MAX_POLL_MS = 250
 SERVER_GRACE_S = 300.0    # how long a worker waits for its server to come back
+MEMORY_SAMPLE_S = 0.01
+_SPILL_IO = (W.SpillWrite, W.SpillRead, W.SpillRemove)
 
 
 class Worker:
@@ -69,7 +75,8 @@ class Worker:
                  keep_failed_dirs: bool = False, host: str | None = None,
                  heartbeat_s: float = 0.5, memory_limit: int | None = None,
                  server_grace_s: float = SERVER_GRACE_S, connect_timeout_s: float = 10.0,
-                 peer_timeout_s: float = 10.0, fetch_timeout_s: float = 120.0):
+                 peer_timeout_s: float = 10.0, fetch_timeout_s: float = 120.0,
+                 spill_at: float = W.DEFAULT_SPILL_AT, pause_at: float = W.DEFAULT_PAUSE_AT):
         self.server_address = server_address if server_address.startswith("tcp://") \
             else f"tcp://{server_address}"
         self.server_host, self.server_port = split_address(self.server_address)
@@ -92,7 +99,8 @@ class Worker:
         self.worker_id: int | None = None
         self.data_address: str | None = None
         self.run_dir: str | None = None
-        self.state = W.WorkerState(self.cpus, self.resources, fetch_timeout_s)
+        self.state = W.WorkerState(self.cpus, self.resources, fetch_timeout_s, memory_limit, spill_at, pause_at)
+        self._sampled = 0.0
         self._events: list = []                  # for the state, this iteration
         self._heartbeats = 0
         self.context: zmq.Context | None = None
@@ -140,6 +148,9 @@ class Worker:
         self.gate = P.Gatekeeper(self.secret, log=lambda msg: log.warning("data socket: %s", msg))
 
         self.run_dir = self.workdir.open()
+        self.spill_files = SpillFiles(os.path.join(self.run_dir, "spill"))
+        self.spiller = SpillThread(self.spill_files, self._done)
+        self.streams = Streams(self.data, self.spill_files.open)
         self._register()
 
         self.wake_rx = self._socket(zmq.PAIR)
@@ -156,7 +167,7 @@ class Worker:
         self._pools = [Pool(max(1, self.cpus), "loomctl-exec", self._done, python_processes=self.cpus > 1),
                        Pool(LIGHT_THREADS, "loomctl-light", self._done)]
         self.pool, self.light_pool = self._pools
-        self.programs = Programs(self.poller, self.run_dir, self.keep_failed_dirs)
+        self.programs = Programs(self.poller, self.run_dir, self.keep_failed_dirs, self.memory_limit)
 
     def _socket(self, kind):
         sock = self.context.socket(kind)
@@ -175,16 +186,10 @@ class Worker:
                 "symbols": sorted(registry.supported_symbols()),
                 "data_address": self.data_address, "work_dir": self.run_dir,
                 "held": P.ids_to_bytes(held), "held_sizes": P.ids_to_bytes([self.state.sizes[t] for t in held]),
-                "held_lengths": P.ids_to_bytes([self._length(t) for t in held])}
+                "held_lengths": P.ids_to_bytes([self.state.store.lengths[t] for t in held])}
         if self.memory_limit is not None:
             body["memory_limit"] = int(self.memory_limit)
         return body
-
-    def _length(self, task_id: int) -> int:
-        try:
-            return self.state.store[task_id].length()
-        except data.TaskError:
-            return 0
 
     def _register(self) -> None:
         self.worker_id = self.link.register(self.connect_timeout_s)
@@ -240,9 +245,18 @@ class Worker:
             if self._stop_reason is not None:
                 return
         while self._outcomes:
-            self._task_done(self._outcomes.popleft())
+            item = self._outcomes.popleft()
+            if type(item) is Outcome:
+                self._task_done(item)
+            else:   # a spill thread's answer
+                self._events.append(item)
         self._timers(now)
+        if self.memory_limit is not None and now - self._sampled >= MEMORY_SAMPLE_S:
+            self._sampled = now
+            self._events.append(W.MemorySample(rss()))
         self._step(now)
+        if self.streams:
+            self.streams.pump()
 
     def _step(self, now: float) -> None:
         """Hand this iteration's events to the state and carry out what it says, until
@@ -287,6 +301,8 @@ class Worker:
                 self._events.append(W.PeerGone(instruction.address, str(exc)))
         elif kind is W.CloseLink:
             self.peers.close_link(instruction.address)
+        elif kind in _SPILL_IO:
+            self.spiller.submit(instruction)
         elif kind is W.Kill:   # (a Python task runs to its end; its result is discarded)
             self.programs.kill(instruction.task_id)
 
@@ -298,7 +314,7 @@ class Worker:
     def _poll_timeout(self, now: float) -> int:
         if self._outcomes or self._events:
             return 0
-        if self.programs.waiting_for_exit():   # no pidfd: look again soon
+        if self.programs.waiting_for_exit() or self.streams:   # no pidfd, or a stream to pace: soon
             return 1
         deadline = self._next_heartbeat
         held = self.state.hold_deadline()
@@ -396,7 +412,8 @@ class Worker:
         self._hb_wall, self._hb_cpu = now, cpu
         self._heartbeats += 1
         stats = {**self.state.stats(), "rss": rss(), "cpu_percent": round(percent, 1), "heartbeat": self._heartbeats,
-                 "data_connections": len(self.gate.roles) + len(self.gate.pending)}
+                 "data_connections": len(self.gate.roles) + len(self.gate.pending),
+                 "streamed_bytes": self.streams.sent_bytes}
         self._send_server(P.HEARTBEAT, stats)
         if self.tracer is not None:
             self.tracer.sample(now, stats)
@@ -408,11 +425,16 @@ class Worker:
 
     def _on_data_message(self, frames) -> None:
         self.data_peers.seen(frames[0], time.monotonic())
-        for reply in serve_data(self.gate, self.state.objects, [frames[0].bytes, *(f.bytes for f in frames[1:])]):
+        replies, streams = serve_data(self.gate, self.state.objects,
+                                      [frames[0].bytes, *(f.bytes for f in frames[1:])])
+        for reply in replies:
             try:
                 self.data.send_multipart(reply, zmq.NOBLOCK, copy=False)
             except zmq.ZMQError as exc:   # gone (EHOSTUNREACH) or not reading (EAGAIN)
                 log.info("could not answer a peer on the data socket: %s", exc)
+                return
+        for stream in streams:
+            self.streams.start(*stream)
 
     # ------------------------------------------------------------------ peers
     def _on_peer_event(self, event) -> None:
@@ -425,17 +447,11 @@ class Worker:
             if self.tracer is not None and req in self.state.plan.inflight:
                 self.tracer.transfer(address, self.state.plan.inflight[req][2],
                                      sum(len(b) for p in parts for b in p), found)
-            objects = []
-            for frames in parts:
-                try:
-                    objects.append(data.decode_parts(frames))
-                except (data.MalformedData, data.TaskError) as exc:
-                    objects.append(str(exc))
-            self._events.append(W.Fetched(address, req, found, missing, objects))
+            self._events.append(W.Fetched(address, req, found, missing, decode_objects(parts)))
 
     # ------------------------------------------------------------------ tasks
-    def _done(self, outcome: Outcome) -> None:
-        """Called in executor threads."""
+    def _done(self, outcome) -> None:
+        """Called in executor and spill threads: an Outcome, or a spill event."""
         self._outcomes.append(outcome)
         with self._wake_lock:
             if self._wake_tx is not None:
@@ -454,6 +470,9 @@ class Worker:
             self.tracer = None
         for pool in self._pools:
             pool.close()
+        if getattr(self, "spiller", None) is not None:
+            self.spiller.close()
+            self.streams.close()
         if getattr(self, "programs", None) is not None:
             self.programs.kill_all()
         with self._wake_lock:

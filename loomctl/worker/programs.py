@@ -13,6 +13,8 @@ Invariants:
 - Nothing here blocks: reads and writes are non-blocking, waits use WNOHANG.
 - Every started program ends in exactly one Outcome (result or error), and its
   working directory is removed unless it failed and the worker keeps failed dirs.
+- A program's standard output is never held beyond ``max_output`` bytes (the worker's
+  memory limit): past it the program is killed and fails, its output dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 
 import zmq
 
+from loomctl.textfmt import human_bytes
 from loomctl.worker import data
 from loomctl.worker.executors import ExecContext
 from loomctl.worker.runs import PreparedRun, RunDirs, cleanup_run, finish_run, prepare_run, start_child
@@ -33,7 +36,8 @@ READ_SIZE = 1 << 16
 
 
 class _Program:
-    __slots__ = ("spec", "prepared", "proc", "out", "err", "stdin_view", "open_fds", "fds", "started", "pidfd")
+    __slots__ = ("spec", "prepared", "proc", "out", "err", "stdin_view", "open_fds", "fds", "started", "pidfd",
+                 "out_bytes", "too_big")
 
     def __init__(self, spec, prepared: PreparedRun, proc: Child, started: float = 0.0):
         self.spec, self.prepared, self.proc = spec, prepared, proc
@@ -45,6 +49,8 @@ class _Program:
         self.stdin_view = memoryview(prepared.stdin) if prepared.stdin else None
         self.open_fds: set[int] = set()
         self.pidfd: int | None = None   # open until the process exited
+        self.out_bytes = 0
+        self.too_big = False            # its standard output passed max_output: killed
 
 
 def _pidfd(pid: int) -> int | None:
@@ -55,8 +61,9 @@ def _pidfd(pid: int) -> int | None:
 
 
 class Programs:
-    def __init__(self, poller: zmq.Poller, work_dir: str, keep_failed_dirs: bool):
+    def __init__(self, poller: zmq.Poller, work_dir: str, keep_failed_dirs: bool, max_output: int | None = None):
         self.poller = poller
+        self.max_output = max_output   # a program whose outputs pass this fails (the memory limit)
         self.work_dir = work_dir
         self.keep_failed_dirs = keep_failed_dirs
         self.dirs = RunDirs(work_dir)
@@ -130,6 +137,14 @@ class Programs:
                 self._close(program, fd)
                 self._read_siblings(program)
                 return
+            if sink is program.out:
+                program.out_bytes += len(chunk)
+                if self.max_output is not None and program.out_bytes > self.max_output:
+                    if not program.too_big:
+                        program.too_big = True
+                        program.proc.kill()
+                    program.out.clear()
+                    continue
             sink.append(chunk)
 
     def _read_siblings(self, program: _Program) -> None:
@@ -185,9 +200,13 @@ class Programs:
         spec, prepared = program.spec, program.prepared
         out = Outcome(spec.id, started=program.started)
         try:
+            if program.too_big:
+                raise data.TaskError(f"the standard output of program {os.fsdecode(prepared.argv[0])!r} passed "
+                                     f"this worker's memory limit ({human_bytes(self.max_output)}, "
+                                     "--memory-limit): the program was killed")
             result = finish_run(prepared, program.proc.returncode,
                                 b"".join(program.out) if program.proc.stdout is not None else None,
-                                b"".join(program.err))
+                                b"".join(program.err), self.max_output)
             prepared.failed = False
             finalize(out, spec, result)
         except data.TaskError as exc:

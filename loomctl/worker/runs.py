@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from graphfmt import symbols as S
 from loomctl.worker import spawn
+from loomctl.textfmt import human_bytes
 from loomctl.worker.data import Array, DataObject, FileObj, Plain, TaskError, content
 
 STDERR_TAIL_LINES = 20
@@ -162,10 +163,12 @@ def start_child(prepared: PreparedRun) -> spawn.Child:
                         "(no exit status: the program did not start)") from None
 
 
-def finish_run(prepared: PreparedRun, status: int, stdout: bytes | None, stderr: bytes | None):
-    """The task's result from a program that exited; raises TaskError on failure."""
+def finish_run(prepared: PreparedRun, status: int, stdout: bytes | None, stderr: bytes | None,
+               max_output: int | None = None):
+    """The task's result from a program that exited; raises TaskError on failure (also
+    for output files of more than ``max_output`` bytes together: they are not read)."""
     try:
-        return _collect_outputs(prepared, status, stdout, stderr)
+        return _collect_outputs(prepared, status, stdout, stderr, max_output)
     except TaskError as e:
         if prepared.keep_failed_dirs:
             raise TaskError(f"{e}\n(working directory kept: {prepared.run_dir})") from None
@@ -235,12 +238,22 @@ def substitute_variables(args: list, variables: dict[str, bytes]) -> list:
     return out
 
 
-def _collect_outputs(prepared: PreparedRun, status: int, stdout, stderr):
+def _collect_outputs(prepared: PreparedRun, status: int, stdout, stderr, max_output: int | None = None):
     program = os.fsdecode(prepared.argv[0])
     run_dir, map_outputs = prepared.run_dir, prepared.map_outputs
     if status != 0:
         raise TaskError(f"program {program!r} {_describe_status(status)}"
                         f"{_stderr_tail(stderr)}")
+    if max_output is not None:
+        total = len(stdout or b"")
+        for name in map_outputs:
+            try:
+                total += os.path.getsize(os.path.join(run_dir, os.fsdecode(name))) if name is not None else 0
+            except OSError:
+                pass   # (reading it says why)
+        if total > max_output:
+            raise TaskError(f"the outputs of program {program!r} ({human_bytes(total)}) are larger than this "
+                            f"worker's memory limit ({human_bytes(max_output)}, --memory-limit)")
     results = []
     for name in map_outputs:
         if name is None:

@@ -8,11 +8,22 @@ send a FETCH, close a link. The process (``worker.process``) owns the sockets, t
 carries the instructions out; everything else about the worker is decided here, on
 plain data, so that tests drive it with lists of events.
 
+The data objects are in a ``DataStore`` (``worker.store``): in memory or spilled to
+files, under the worker's memory limit. Its file I/O is instructions too (SpillWrite,
+SpillRead, SpillRemove), answered by the events Spilled and Loaded; the process samples
+its RSS into MemorySample events.
+
 Invariants (tests check them after every step, ``check``):
 - Data is stored before it is reported: an id in an UPDATE's ``finished`` or
   ``replicas`` is in ``store`` when the UPDATE is handed out.
 - ``data_bytes`` is the sum of ``sizes`` over ``store``; ``sizes`` has exactly the ids
   of ``store``.
+- A task starts (``Execute``) only with all its inputs in memory; one whose inputs are
+  in files holds its cpus in ``loading`` while they are read back. Inputs of started
+  and loading tasks are pinned in memory until the task ends.
+- While memory use is above the pause threshold, no task starts, except one at a time
+  when nothing runs, loads or is being written (so that a worker always makes
+  progress). A result larger than the memory limit fails its task and is not kept.
 - Every task given in a COMPUTE ends in exactly one report (finished, failed or
   redirected), unless the server cancelled it (CANCEL_TASKS: no report at all); a task whose input cannot come
   (released, peer gone, fetch timed out, malformed answer) fails with a message saying
@@ -33,6 +44,8 @@ from graphfmt import symbols as S
 from loomctl import protocol as P
 from loomctl.worker import data
 from loomctl.worker.fetchplan import FetchPlan
+from loomctl.worker.store import (DEFAULT_PAUSE_AT, DEFAULT_SPILL_AT, DataStore, SpillRead, SpillRef,  # noqa: F401
+                                  SpillRemove, SpillWrite, human)
 from loomctl.worker.outcome import Outcome, Report
 from loomctl.worker.taskqueue import TaskQueue, TaskSpec, is_int
 
@@ -45,8 +58,6 @@ REPORT_HOLD_S = 0.020
 # light built-ins cheap enough to run inline in the worker's loop
 INLINE_SYMBOLS = frozenset({S.CONST, S.MERGE, S.GET, S.SLICE, S.SIZE, S.LENGTH,
                             S.ARRAY_MAKE, S.SPLIT, S.OPEN})
-
-_ATOMS = (int, float, complex, bool, str, bytes, type(None))
 
 
 # ---------------------------------------------------------------------- events
@@ -101,6 +112,28 @@ class Tick:
     """Time passed: fetches may have expired, held reports may be due."""
 
 
+@dataclass(slots=True)
+class Spilled:
+    """A SpillWrite ended (``error``: it failed)."""
+    id: int
+    nbytes: int
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Loaded:
+    """A SpillRead ended: the object, or why it could not be read."""
+    id: int
+    obj: data.DataObject | None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class MemorySample:
+    """The worker process's resident memory (bytes) now."""
+    rss: int
+
+
 # ---------------------------------------------------------------------- instructions
 @dataclass(slots=True)
 class Execute:
@@ -148,26 +181,16 @@ def route(spec: TaskSpec) -> str:
     return "light"
 
 
-def cheap_to_encode(obj: data.DataObject) -> bool:
-    """Objects whose size tells what they cost to encode: bytes, arrays of few such,
-    Python numbers and strings (a dict's size does not count what it holds; a file's
-    path means something on this host only)."""
-    if type(obj) is data.Plain:
-        return True
-    if type(obj) is data.PyObj:
-        return type(obj.obj) in _ATOMS
-    if type(obj) is data.Array:   # (empty items cost bytes too: few of them)
-        return len(obj.items) <= 256 and all(cheap_to_encode(item) for item in obj.items)
-    return False
-
-
 class WorkerState:
-    def __init__(self, cpus: int, resources: dict | None = None, fetch_timeout_s: float = 120.0):
+    def __init__(self, cpus: int, resources: dict | None = None, fetch_timeout_s: float = 120.0,
+                 memory_limit: int | None = None, spill_at: float = DEFAULT_SPILL_AT,
+                 pause_at: float = DEFAULT_PAUSE_AT):
         self.cpus = max(0, int(cpus))
         self.queue = TaskQueue(self.cpus, resources or {})
-        self.store: dict[int, data.DataObject] = {}
-        self.sizes: dict[int, int] = {}
-        self.data_bytes = 0
+        self.store = DataStore(memory_limit, spill_at, pause_at)
+        self.loading: dict[int, TaskSpec] = {}   # started tasks whose inputs are read back
+        self._io: list = []                      # the store's instructions, for this step
+        self._pause_noted = False
         self.plan = FetchPlan()
         self.ready_links: set[str] = set()     # peers whose link completed its handshake
         self.connecting: set[str] = set()      # peers a Connect was given for
@@ -180,6 +203,7 @@ class WorkerState:
     def handle(self, events: list, now: float) -> list:
         """Apply ``events`` in order; the instructions that follow, in order."""
         out: list = []
+        rss = None
         for event in events:
             kind = type(event)
             if kind is TaskDone:
@@ -197,12 +221,26 @@ class WorkerState:
                 self.ready_links.add(event.address)
             elif kind is PeerGone:
                 self._peer_gone(event.address, event.reason, out)
+            elif kind is Spilled:
+                self._io += self.store.written(event.id, event.nbytes, event.error)
+            elif kind is Loaded:
+                held = event.id in self.store
+                self._io += self.store.loaded(event.id, event.obj, event.error)
+                if event.error is not None and held:
+                    self._load_failed(event.id, event.error)
+            elif kind is MemorySample:
+                rss = event.rss
             elif kind is not Tick:
                 raise TypeError(f"not a worker event: {event!r}")
+        if rss is not None:   # (after the batch: the objects it stored count as data)
+            self.store.sample(rss)
         for address, ids in self.plan.expired(now, self.fetch_timeout_s):
             self._unavailable(ids, f"peer {address} did not answer within {self.fetch_timeout_s:g} s")
         self._start(out)
         self._fetch(out, now)
+        self._io += self.store.balance()
+        out += self._io
+        self._io = []
         self._flush(out, now)
         return out
 
@@ -215,21 +253,33 @@ class WorkerState:
         return dropped
 
     # ------------------------------------------------------------------ queries
+    @property
+    def sizes(self) -> dict:
+        return self.store.sizes
+
+    @property
+    def data_bytes(self) -> int:
+        return self.store.data_bytes
+
     def objects(self, ids: list) -> tuple[list, list, list]:
-        """(found ids, their objects, missing ids): what a peer's FETCH gets."""
+        """(found ids, their objects, missing ids): what a peer's FETCH gets; an object
+        only in a file is a SpillRef (the process streams the file)."""
         found, objs, missing = [], [], []
+        store = self.store
         for i in ids:
-            obj = self.store.get(i)
+            obj = store.get(i)
             if obj is None:
-                missing.append(i)
-            else:
-                found.append(i)
-                objs.append(obj)
+                if i not in store:
+                    missing.append(i)
+                    continue
+                obj = SpillRef(i, store.files[i])
+            found.append(i)
+            objs.append(obj)
         return found, objs, missing
 
     def stats(self) -> dict:
         return {"n_data": len(self.store), "data_bytes": self.data_bytes, "running": len(self.queue.running),
-                "running_ids": list(self.queue.running), "queued": len(self.queue.queued)}
+                "running_ids": list(self.queue.running), "queued": len(self.queue.queued), **self.store.stats()}
 
     def hold_deadline(self) -> float | None:
         """When a held report is due (the process wakes up for it)."""
@@ -267,8 +317,7 @@ class WorkerState:
 
     def _release(self, ids) -> None:
         for i in ids:
-            if self.store.pop(i, None) is not None:
-                self.data_bytes -= self.sizes.pop(i, 0)
+            self._io += self.store.drop(i)
 
     def _peer_gone(self, address: str, reason: str, out: list) -> None:
         known = address in self.ready_links or address in self.connecting or address in self.plan.addresses()
@@ -313,8 +362,15 @@ class WorkerState:
             self.queue.finished(task_id, ok=False)
             return
         spec = self.queue.running.get(task_id)
+        if spec is not None:
+            self.store.unpin(spec.inputs)
+            self.loading.pop(task_id, None)
         for level, message in outcome.logs:
             self.report.logs.append([task_id, level, message])
+        if outcome.error is None and outcome.redirect is None:
+            too_big = self.store.too_big(task_id, outcome.size)
+            if too_big:
+                outcome.error, outcome.result = too_big, None
         if outcome.error is not None:
             self._fail(task_id, outcome.error, spec)
             failed = self.queue.finished(task_id, ok=False)
@@ -322,7 +378,7 @@ class WorkerState:
             self.report.redirects.append([task_id, outcome.redirect])
             failed = self.queue.finished(task_id, ok=False)
         else:
-            self._store(task_id, outcome.result, outcome.size)
+            self._store(task_id, outcome.result, outcome.size, outcome.length)
             if spec is not None and spec.inline and self.sizes[task_id] <= P.INLINE_BYTES:
                 self._send_along(task_id, outcome.result)
             self.report.finished.append(task_id)
@@ -334,15 +390,57 @@ class WorkerState:
 
     # ------------------------------------------------------------------ instructions
     def _start(self, out: list) -> None:
-        for spec in self.queue.take_startable():
-            inputs = [self.store.get(i) for i in spec.inputs]
-            if any(obj is None for obj in inputs):
-                lost = [i for i, obj in zip(spec.inputs, inputs) if obj is None]
-                # (a failed start, as an outcome: it frees the task's cpus in the queue)
-                self._done(Outcome(spec.id, error=f"input {lost[0]} was released from this worker before "
-                                                  "the task started"))
-                continue
-            out.append(Execute(spec, inputs, route(spec)))
+        store = self.store
+        for spec in [s for s in self.loading.values() if all(i in store.memory for i in s.inputs)
+                     or not all(i in store for i in s.inputs)]:
+            del self.loading[spec.id]
+            self._execute(spec, out)
+        limit = None
+        if store.paused():
+            self._io += store.balance()   # (what can leave memory goes first)
+            if self.queue.running or store.writing:
+                if not self._pause_noted:
+                    self._pause_noted = True
+                    log.info("memory use %s is above %.0f%% of the limit %s: no new task starts",
+                             human(store.used()), 100 * store.pause_at, human(store.limit))
+                return
+            limit = 1   # nothing runs and nothing more can leave memory: one at a time
+        else:
+            self._pause_noted = False
+        while True:   # (again while a start that failed at once freed cpus)
+            started = self.queue.take_startable(limit)
+            for spec in started:
+                store.pin(spec.inputs)
+                for i in dict.fromkeys(spec.inputs):
+                    self._io += store.load(i)
+                if any(store.on_disk_only(i) for i in spec.inputs):
+                    self.loading[spec.id] = spec
+                else:
+                    self._execute(spec, out)
+            if not started or all(spec.id in self.queue.running for spec in started):
+                return
+
+    def _execute(self, spec: TaskSpec, out: list) -> None:
+        inputs = [self.store.get(i) for i in spec.inputs]
+        if any(obj is None for obj in inputs):
+            lost = [i for i, obj in zip(spec.inputs, inputs) if obj is None]
+            # (a failed start, as an outcome: it frees the task's cpus in the queue)
+            self._done(Outcome(spec.id, error=f"input {lost[0]} was released from this worker before "
+                                              "the task started"))
+            return
+        for i in spec.inputs:
+            self.store.touch(i)
+        out.append(Execute(spec, inputs, route(spec)))
+
+    def _load_failed(self, input_id: int, error: str) -> None:
+        """The object of ``input_id`` is lost: the tasks loading it fail, and so does its
+        own task if its finish is not reported yet."""
+        message = f"could not be read back from its spill file: {error}"
+        for spec in [s for s in self.loading.values() if input_id in s.inputs]:
+            self._done(Outcome(spec.id, error=f"input {input_id} {message}"))
+        if input_id in self.report.finished:
+            self.report.drop_finished(input_id)
+            self._fail(input_id, f"its result {message}")
 
     def _fetch(self, out: list, now: float) -> None:
         for address in self.plan.pending:
@@ -381,20 +479,22 @@ class WorkerState:
         first = message.strip().splitlines()[0] if message.strip() else "(no message)"
         log.warning("task %d%s failed: %s", task_id, what, first)
 
-    def _store(self, task_id: int, obj: data.DataObject, size: int | None = None) -> None:
-        if size is None:
-            try:
-                size = obj.size()
-            except data.TaskError:
-                size = 0
-        self.data_bytes += size - self.sizes.get(task_id, 0)
-        self.store[task_id] = obj
-        self.sizes[task_id] = size
+    def _store(self, task_id: int, obj: data.DataObject, size: int | None = None,
+               length: int | None = None) -> None:
+        try:
+            size = obj.size() if size is None else size
+        except data.TaskError:
+            size = 0
+        try:
+            length = obj.length() if length is None else length
+        except data.TaskError:
+            length = 0
+        self._io += self.store.put(task_id, obj, size, length)
 
     def _send_along(self, task_id: int, obj: data.DataObject) -> None:
         """A small result a client waits for goes with the finish report (it stays here
-        too), if it is cheap to encode (see cheap_to_encode)."""
-        if not cheap_to_encode(obj):
+        too), if it is cheap to encode (see data.cheap_to_encode)."""
+        if not data.cheap_to_encode(obj):
             return
         try:
             blob = data.encode(obj)
@@ -407,6 +507,12 @@ class WorkerState:
     def check(self) -> None:
         """The module's invariants (for tests)."""
         self.queue.check_invariants()
-        assert set(self.sizes) == set(self.store), "sizes and store hold the same ids"
-        assert self.data_bytes == sum(self.sizes.values()), "data_bytes"
+        self.store.check()
+        assert set(self.loading) <= set(self.queue.running), "loading tasks hold their cpus"
+        pinned: dict = {}
+        for spec in self.queue.running.values():
+            for i in spec.inputs:
+                pinned[i] = pinned.get(i, 0) + 1
+        assert {i: n for i, n in pinned.items() if i in self.store} == \
+            {i: n for i, n in self.store.pins.items() if i in self.store}, "inputs of started tasks are pinned"
         assert not self.ready_links & self.connecting, "a link is ready or connecting, not both"

@@ -186,14 +186,17 @@ class TaskQueue:
             return []
         return self.inputs_unavailable([task_id], f"task {task_id} did not produce it here")
 
-    def take_startable(self) -> list:
-        """Ready tasks that fit now, in arrival order (first fit); their cpus and
-        resources are reserved and they count as running."""
+    def take_startable(self, limit: int | None = None) -> list:
+        """Ready tasks that fit now (at most ``limit``), in arrival order (first fit);
+        their cpus and resources are reserved and they count as running."""
         if not self._ready or (self.free_cpus == 0 and not self._ready_light):
             return []   # (a full worker with a long queue: this is called every loop)
         start: list[TaskSpec] = []
         keep: list[tuple[int, int]] = []
         for pos, item in enumerate(self._ready):
+            if limit is not None and len(start) >= limit:
+                keep.extend(self._ready[pos:])
+                break
             spec = self.queued[item[1]]
             if spec.cpus > self.free_cpus or not self._resources_free(spec):
                 keep.append(item)
@@ -201,7 +204,7 @@ class TaskQueue:
                     # only light tasks can start from here on: skip to them cheaply
                     for rest in self._ready[pos + 1:]:
                         other = self.queued[rest[1]]
-                        if other.light and self._resources_free(other):
+                        if other.light and self._resources_free(other) and (limit is None or len(start) < limit):
                             self._reserve(other)
                             start.append(other)
                         else:
