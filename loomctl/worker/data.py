@@ -316,7 +316,11 @@ def encode(obj: DataObject) -> bytes:
 def decode_parts(parts: list) -> DataObject:
     """Inverse of ``encode_parts``, or of any cut of an encoding into pieces (the parts
     as they came, e.g. zmq frames, or the chunks of a streamed file): a plain object's
-    content is copied once, from its frames, never joined first."""
+    content is copied once, from its frames, never joined first; when it is a whole
+    ``bytes`` already (``[TAG_PLAIN, content]``, as ``stream.Assembly`` fills it) it is
+    taken as it is."""
+    if len(parts) == 2 and type(parts[1]) is bytes and parts[0] == TAG_PLAIN:
+        return Plain(parts[1])
     if len(parts) > 1 and memoryview(parts[0])[:1] == TAG_PLAIN:
         return Plain(b"".join([memoryview(parts[0])[1:], *parts[1:]]))
     return decode(parts[0] if len(parts) == 1 else b"".join(parts))
@@ -471,3 +475,41 @@ def cheap_to_encode(obj: DataObject) -> bool:
     if type(obj) is Array:   # (empty items cost bytes too: few of them)
         return len(obj.items) <= 256 and all(cheap_to_encode(item) for item in obj.items)
     return False
+
+
+def new_bytes(n: int) -> tuple[bytes, memoryview]:
+    """A ``bytes`` object of n bytes not filled yet, and a writable view of its content,
+    so that a large object received in chunks is written into its final place (one
+    copy of it in memory, not the chunks and then their join). The caller fills the
+    view before the object is used anywhere (CPython's bytes layout; elsewhere, or if
+    that is not available, a bytearray that is copied once at the end: see
+    ``filled_bytes``)."""
+    try:
+        import ctypes
+        b = _PyBytes_FromStringAndSize(None, n)
+        view = memoryview((ctypes.c_char * n).from_address(id(b) + bytes.__basicsize__ - 1)).cast("B")
+        return b, view
+    except Exception:   # pragma: no cover (not CPython)
+        buf = bytearray(n)
+        return buf, memoryview(buf)
+
+
+def filled_bytes(target) -> bytes:
+    """The object ``new_bytes`` returned, once its view is filled: bytes."""
+    return target if type(target) is bytes else bytes(target)
+
+
+def _bytes_constructor():
+    try:
+        import ctypes
+        if bytes.__basicsize__ != 33 or not hasattr(ctypes, "pythonapi"):
+            return None
+        f = ctypes.pythonapi.PyBytes_FromStringAndSize
+        f.restype = ctypes.py_object
+        f.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+        return f
+    except Exception:   # pragma: no cover
+        return None
+
+
+_PyBytes_FromStringAndSize = _bytes_constructor()

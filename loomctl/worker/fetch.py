@@ -25,7 +25,7 @@ import zmq
 from loomctl import protocol as P
 from loomctl.worker import data
 from loomctl.worker.store import SpillRef
-from loomctl.worker.stream import CHUNK, Assembly
+from loomctl.worker.stream import CHUNK, STREAM_ABOVE, Assembly
 
 log = logging.getLogger("loomctl.worker")
 
@@ -172,7 +172,8 @@ def serve_data(gate: P.Gatekeeper, objects, frames: list) -> tuple[list, list]:
     """The replies (with the routing id) to one message on the data socket: the
     handshake's, or the DATA answer of a FETCH (``objects(ids)`` -> found ids, their
     objects, missing ids); and the streams to send after it: [(routing id, req, id,
-    bytes)] of the objects only in spill files."""
+    bytes, parts)] of the objects only in spill files (parts None) and of those in
+    memory larger than STREAM_ABOVE (their encoded parts)."""
     if len(frames) < 3:
         log.warning("data socket: dropped a message with too few frames")
         return [], []
@@ -197,6 +198,7 @@ def serve_data(gate: P.Gatekeeper, objects, frames: list) -> tuple[list, list]:
         return replies, []
     held, found_objects, missing = objects(ids)
     found, blobs, counts, streams = [], [], [], []
+    sources = {}
     for i, obj in zip(held, found_objects):
         if type(obj) is SpillRef:
             streams.append([i, obj.nbytes])
@@ -207,10 +209,16 @@ def serve_data(gate: P.Gatekeeper, objects, frames: list) -> tuple[list, list]:
             log.warning("cannot send data object %d: %s", i, exc)
             missing.append(i)
             continue
+        size = data.encoded_size(parts)
+        if size > STREAM_ABOVE:   # in chunks from memory: the receiver sees progress
+            streams.append([i, size])
+            sources[i] = parts
+            continue
         found.append(i)
         blobs += parts
         counts.append(len(parts))
     body = {"req": req, "ids": P.ids_to_bytes(found), "parts": counts, "missing": P.ids_to_bytes(missing)}
     if streams:
         body["streams"] = streams
-    return [*replies, [identity, *P.encode(P.DATA, body, *blobs)]], [(identity, req, i, n) for i, n in streams]
+    return [*replies, [identity, *P.encode(P.DATA, body, *blobs)]], \
+        [(identity, req, i, n, sources.get(i)) for i, n in streams]

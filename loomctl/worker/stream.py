@@ -1,11 +1,12 @@
-"""Objects that are sent from their spill files in chunks, and DATA answers put together
-again from those chunks.
+"""Objects that are sent in chunks (from their spill files, or from memory when larger
+than STREAM_ABOVE), and DATA answers put together again from those chunks.
 
-A FETCH of an object that is only in a spill file is answered by ``DATA`` listing it in
-``streams: [[id, nbytes]]``, then one ``CHUNK {req, id, offset}`` message per piece of
-the file (at most CHUNK_BYTES each, in order), or a ``CHUNK {req, id, error}`` when the
-file cannot be read. The file's bytes are the object's wire encoding, so the chunks
-decode like any parts (``data.decode_parts``).
+A FETCH of such an object is answered by ``DATA`` listing it in ``streams: [[id,
+nbytes]]``, then one ``CHUNK {req, id, offset}`` message per piece of its wire encoding
+(at most CHUNK_BYTES read from a file, or MEMORY_CHUNK_BYTES sliced from one part in
+memory, in order), or a ``CHUNK {req, id, error}`` when the file cannot be read. The
+chunks decode like any parts (``data.decode_parts``). Progress is visible: a receiver
+waits for the next chunk, not for one message of gigabytes.
 
 Invariants:
 - The sender (``Streams``, in the worker's loop) never reads a file whole: at most
@@ -13,6 +14,8 @@ Invariants:
   the streams to one peer go one after another. A gone peer ends its streams.
 - The receiver (``Assembly``) returns an answer once every object of it arrived
   whole, with the parts of each object (or an error message for an object that failed);
+  a plain object larger than STREAM_ABOVE is written into its final ``bytes`` as its
+  chunks arrive (``data.new_bytes``), so it is in memory once, not as chunks plus a join;
   a chunk that does not follow the one before, or more bytes than announced, fails
   that object. Nothing a peer sends raises out of it but ProtocolError.
 """
@@ -31,18 +34,40 @@ from loomctl.worker import data
 log = logging.getLogger("loomctl.worker")
 
 CHUNK = b"CHUNK"
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 20           # a chunk read from a spill file
+MEMORY_CHUNK_BYTES = 16 << 20   # a chunk of an object in memory (a slice: no copy)
+STREAM_ABOVE = 64 << 20         # objects in memory larger than this are streamed too
 WINDOW = 8
 MAX_STREAM = 1 << 44   # a declared size beyond this is malformed
 
 
 class _Stream:
-    __slots__ = ("identity", "req", "id", "size", "fd", "offset", "inflight")
+    __slots__ = ("identity", "req", "id", "size", "fd", "parts", "offset", "inflight")
 
-    def __init__(self, identity, req, task_id, size, fd):
+    def __init__(self, identity, req, task_id, size, fd, parts=None):
         self.identity, self.req, self.id, self.size, self.fd = identity, req, task_id, size, fd
+        self.parts = parts                   # an object in memory: its encoded parts
         self.offset = 0
         self.inflight: deque = deque()
+
+    def open(self) -> bool:
+        return self.fd is not None or self.parts is not None
+
+    def read(self, offset: int) -> memoryview | bytes:
+        """The next chunk from ``offset``: from the file, or a slice of one part in
+        memory (no copy; a chunk never spans two parts)."""
+        if self.parts is None:
+            n = min(CHUNK_BYTES, self.size - offset)
+            chunk = os.pread(self.fd, n, offset) if n else b""
+            if len(chunk) != n:
+                raise OSError(0, "the file is shorter than announced")
+            return chunk
+        start = 0
+        for part in self.parts:
+            if offset < start + len(part):
+                return part[offset - start:min(len(part), offset - start + MEMORY_CHUNK_BYTES)]
+            start += len(part)
+        return b""
 
 
 class Streams:
@@ -57,13 +82,18 @@ class Streams:
     def __bool__(self) -> bool:
         return bool(self.queues)
 
-    def start(self, identity: bytes, req: int, task_id: int, size: int) -> None:
-        try:
-            fd = self.open_file(task_id)
-        except OSError as exc:
-            self._send_error(identity, req, task_id, f"cannot open its spill file: {exc.strerror}")
-            return
-        self.queues.setdefault(identity, deque()).append(_Stream(identity, req, task_id, size, fd))
+    def start(self, identity: bytes, req: int, task_id: int, size: int, parts: list | None = None) -> None:
+        """Stream an object: from its spill file, or from its encoded ``parts`` in memory."""
+        fd = None
+        if parts is None:
+            try:
+                fd = self.open_file(task_id)
+            except OSError as exc:
+                self._send_error(identity, req, task_id, f"cannot open its spill file: {exc.strerror}")
+                return
+        else:
+            parts = [memoryview(p).cast("B") for p in parts if len(p)]
+        self.queues.setdefault(identity, deque()).append(_Stream(identity, req, task_id, size, fd, parts))
 
     def pump(self) -> None:
         for identity in list(self.queues):
@@ -77,12 +107,10 @@ class Streams:
         """Send what the window allows; True when the stream is done with."""
         while s.inflight and s.inflight[0].done:
             s.inflight.popleft()
-        while s.fd is not None and len(s.inflight) < WINDOW:
-            n = min(CHUNK_BYTES, s.size - s.offset)
+        while s.open() and len(s.inflight) < WINDOW:
             try:
-                chunk = os.pread(s.fd, n, s.offset) if n else b""
-                if len(chunk) != n:
-                    raise OSError(0, "the file is shorter than announced")
+                chunk = s.read(s.offset)
+                n = len(chunk)
             except OSError as exc:
                 self._close(s)
                 self._send_error(s.identity, s.req, s.id, f"cannot read its spill file: {exc.strerror}")
@@ -100,9 +128,9 @@ class Streams:
             s.inflight.append(tracker)
             s.offset += n
             self.sent_bytes += n
-            if s.offset >= s.size:
+            if s.offset >= s.size or not n:
                 self._close(s)
-        return s.fd is None
+        return not s.open()
 
     def _send_error(self, identity, req, task_id, message) -> None:
         try:
@@ -116,12 +144,36 @@ class Streams:
         if s.fd is not None:
             os.close(s.fd)
             s.fd = None
+        s.parts = None
 
     def close(self) -> None:
         for queue in self.queues.values():
             for s in queue:
                 self._close(s)
         self.queues.clear()
+
+
+class _Target:
+    """A plain object's content written in place as its chunks arrive (``data.new_bytes``)."""
+    __slots__ = ("target", "view")
+
+    def __init__(self, size: int):
+        self.target, self.view = data.new_bytes(size)
+
+
+def _take_chunk(entry: list, chunk: memoryview) -> None:
+    """entry = [size, chunks or _Target, bytes so far]: a large plain object goes into
+    its final bytes (one copy in memory), anything else is kept as chunks."""
+    size, offset = entry[0], entry[2]
+    if offset == 0 and size > STREAM_ABOVE and len(chunk) and chunk[:1] == data.TAG_PLAIN:
+        entry[1] = _Target(size - 1)
+    if isinstance(entry[1], _Target):
+        skip = 1 if offset == 0 else 0        # (the tag byte)
+        start = offset + skip - 1             # where the chunk's content goes
+        entry[1].view[start:start + len(chunk) - skip] = chunk[skip:]
+    else:
+        entry[1].append(chunk)
+    entry[2] += len(chunk)
 
 
 class _Answer:
@@ -172,10 +224,11 @@ class Assembly:
         elif body.get("offset") != entry[2] or len(blobs) != 1 or entry[2] + len(blobs[0]) > entry[0]:
             entry[1] = "its chunks arrived malformed"
         else:
-            entry[1].append(blobs[0])
-            entry[2] += len(blobs[0])
+            _take_chunk(entry, memoryview(blobs[0]).cast("B"))
             if entry[2] < entry[0]:
                 return None
+            if isinstance(entry[1], _Target):
+                entry[1] = [data.TAG_PLAIN, data.filled_bytes(entry[1].target)]
         answer.waiting.discard(task_id)
         if answer.waiting:
             return None
