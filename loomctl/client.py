@@ -40,7 +40,7 @@ from graphfmt.tasks import Task
 from loomctl import protocol as P
 from loomctl.access import AccessError, connect_address, read_access
 from loomctl.worker import data as D
-from loomctl.worker.stream import CHUNK, Assembly
+from loomctl.worker.stream import CHUNK, DATA_RCVHWM, Assembly
 
 
 SERVER_GRACE_S = 3.0   # a blocking call raises LoomConnectionError this long after the server went
@@ -170,11 +170,12 @@ class Client:
         self.early_addresses: dict[int, tuple[str, bytes | None]] = {}
         self.trace_path: str | None = None
 
-    def _connect(self, address: str, role: str) -> zmq.Socket:
+    def _connect(self, address: str, role: str, data: bool = False) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)   # notices (RELEASE) are queued, never dropped
-        sock.setsockopt(zmq.RCVHWM, 0)
+        # a worker's chunks wait in its own queue (TCP holds them back), not in ours
+        sock.setsockopt(zmq.RCVHWM, DATA_RCVHWM if data else 0)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)      # a server host that vanished without
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)  # closing the connection counts as gone
         sock.connect(address)
@@ -446,7 +447,7 @@ class Client:
     def _download(self, address: str, ids: list[int]) -> dict:
         sock = self.peers.get(address)
         if sock is None:
-            sock = self.peers[address] = self._connect(address, "client")
+            sock = self.peers[address] = self._connect(address, "client", data=True)
         req = next(self.req)
         sock.send_multipart(P.encode(P.FETCH, {"req": req, "ids": P.ids_to_bytes(ids)}))
         assembly = Assembly()   # (objects a worker holds in spill files come in chunks)

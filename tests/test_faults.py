@@ -95,10 +95,9 @@ def peak_rss(pid) -> int:
 def test_a_huge_result_is_moved_and_downloaded_in_one_copy_per_process(tmp_path):
     """A result of BIG_GIB GiB (1 here; LOOMCTL_BIG_GIB=4 for the issue's 4 GiB) is made on
     one worker, used by a task that only the other can run (so it moves between them) and
-    downloaded by the client: right bytes, both workers stay registered, the maker holds
-    one copy (peak RSS below 1.5 x the object) and a receiver at most two for a moment
-    (its frames are copied into one bytes object as they are decoded; the issue asks for
-    one: not yet). ``b"x" * n`` holds the GIL
+    downloaded by the client: right bytes, both workers stay registered, and no process
+    held a second copy (peak RSS below 1.25 x the object + 300 MB: the receivers write
+    the chunks into the object's final bytes, and queue only a few of them). ``b"x" * n`` holds the GIL
     while it fills the object, so the maker's loop is silent that long (zmq's heartbeats
     go on in its I/O thread): the server allows a busy loop BUSY_LOOP_FACTOR x the
     heartbeat timeout, 20 s per GiB here, enough on a loaded machine."""
@@ -134,9 +133,8 @@ def test_a_huge_result_is_moved_and_downloaded_in_one_copy_per_process(tmp_path)
             assert client.get_stats()["transfer_bytes"] >= size   # it did move between the workers
         peaks = {"maker": peak_rss(maker.pid), "user": peak_rss(user.pid), "client": client_peak}
         print(f"peak RSS MiB for {size >> 20} MiB:", {k: v >> 20 for k, v in peaks.items()})
-        copies = {"maker": 1.5, "user": 1.5, "client": 1.5}
         for name, peak in peaks.items():
-            assert peak < copies[name] * size + (300 << 20), f"{name}: peak RSS {peak >> 20} MiB for {size >> 20} MiB"
+            assert peak < 1.25 * size + (300 << 20), f"{name}: peak RSS {peak >> 20} MiB for {size >> 20} MiB"
     finally:
         c.stop()
 

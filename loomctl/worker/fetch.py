@@ -25,7 +25,7 @@ import zmq
 from loomctl import protocol as P
 from loomctl.worker import data
 from loomctl.worker.store import SpillRef
-from loomctl.worker.stream import CHUNK, STREAM_ABOVE, Assembly
+from loomctl.worker.stream import CHUNK, DATA_RCVHWM, STREAM_ABOVE, Assembly
 
 log = logging.getLogger("loomctl.worker")
 
@@ -56,6 +56,7 @@ class PeerLinks:
             return
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, DATA_RCVHWM)   # chunks wait at the sender (TCP holds them back)
         try:
             sock.connect(address)
         except zmq.ZMQError as exc:

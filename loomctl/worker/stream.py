@@ -12,6 +12,9 @@ Invariants:
 - The sender (``Streams``, in the worker's loop) never reads a file whole: at most
   WINDOW chunks of one stream are read and not yet taken by zmq (MessageTrackers);
   the streams to one peer go one after another. A gone peer ends its streams.
+- A receiving socket queues at most DATA_RCVHWM messages (then TCP holds the sender
+  back, whose WINDOW then stops reading): a stream costs the receiver the object plus a
+  few chunks, not the object twice.
 - The receiver (``Assembly``) returns an answer once every object of it arrived
   whole, with the parts of each object (or an error message for an object that failed);
   a plain object larger than STREAM_ABOVE is written into its final ``bytes`` as its
@@ -37,6 +40,7 @@ CHUNK = b"CHUNK"
 CHUNK_BYTES = 1 << 20           # a chunk read from a spill file
 MEMORY_CHUNK_BYTES = 16 << 20   # a chunk of an object in memory (a slice: no copy)
 STREAM_ABOVE = 64 << 20         # objects in memory larger than this are streamed too
+DATA_RCVHWM = 8                 # messages a receiver's socket queues before TCP pushes back
 WINDOW = 8
 MAX_STREAM = 1 << 44   # a declared size beyond this is malformed
 
