@@ -45,8 +45,8 @@ def tasks_finished(core, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: 
     valid = (ids >= 0) & (ids < c.n)
     ids, sizes, lengths = _first_of_each(ids[valid], sizes[valid], lengths[valid])
     # sizes are summed into statistics: a bogus one near 2**63 would overflow them
-    sizes = np.clip(sizes, 0, MAX_REPORTED)
-    lengths = np.clip(lengths, 0, MAX_REPORTED)
+    sizes = np.minimum(np.maximum(sizes, 0), MAX_REPORTED)   # (np.clip, without its Python layers)
+    lengths = np.minimum(np.maximum(lengths, 0), MAX_REPORTED)
     mine = (c.state[ids] == ASSIGNED) & (c.worker[ids] == wid)
     if core.aborted_jobs:   # tasks of cancelled/failed jobs that were still running,
         # unless a task of another job needs them
