@@ -335,7 +335,8 @@ def _retire(core, job: Job, now: float) -> None:
     for index in job.segments:
         seg = core.graph.segs.segments[index]
         core.graph.forget(seg.base, seg.base + seg.n)
-        core.stranded = {t: w for t, w in core.stranded.items() if not seg.base <= t < seg.base + seg.n}
+        if core.stranded:
+            core.stranded = {t: w for t, w in core.stranded.items() if not seg.base <= t < seg.base + seg.n}
         core.graph.segs.retire(index)
     core.aborted_jobs.discard(job.id)
     del core.jobs[job.id]
