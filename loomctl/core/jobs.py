@@ -102,6 +102,8 @@ def map_inputs(core, graph: Graph, redirect_inputs: np.ndarray | None) -> tuple[
     local_to_global = np.arange(base, base + n, dtype=np.int64)
     alias = np.zeros(n, dtype=bool)
     for symbol, targets in ((S.FUTURE, None), (S.TASK_INPUT, redirect_inputs)):
+        if symbol not in graph.symbols:   # (no such task: no mask to build)
+            continue
         mask = graph.type_codes(symbol)
         if not mask.any():
             continue
