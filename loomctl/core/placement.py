@@ -300,6 +300,8 @@ def could_run(w: WorkerRoom, cpus: int, symbol: int, request: dict | None) -> bo
 
 def _place_heavy(positions, cpus, symbols, best, best_bytes, workers, requests, chosen, spill=True,
                  groups=None) -> None:
+    if not len(positions):
+        return
     if len(positions) >= 8 and not requests and all(w.supports is None for w in workers) \
             and (cpus[positions] == 1).all():
         _place_unit_batch(positions, best, best_bytes, workers, chosen, spill, groups)

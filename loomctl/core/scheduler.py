@@ -247,7 +247,10 @@ def _intake(core, now: float) -> None:
     while core.ready:
         ids = T.take_ready(core)
         if dynamic_codes and len(ids):
-            is_dynamic = np.isin(c.symbol[ids], dynamic_codes)
+            symbols = c.symbol[ids]
+            is_dynamic = symbols == dynamic_codes[0]   # (np.isin's set machinery, for one or two codes)
+            for code in dynamic_codes[1:]:
+                is_dynamic |= symbols == code
             if is_dynamic.any():
                 for t in ids[is_dynamic].tolist():
                     if c.state[t] == READY:
