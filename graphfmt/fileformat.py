@@ -30,6 +30,7 @@ import numpy as np
 
 from graphfmt.graph import Graph, GraphError, VarBytes, table_key, offsets_from_lengths
 from graphfmt.smallread import read_small
+from graphfmt.smallwrite import to_bytes_small
 
 MAGIC = b"\x89LOOMGF\n"
 VERSION = (1, 0)
@@ -251,6 +252,9 @@ def write(dest, graph_or_results, block_tasks: int = BLOCK_TASKS) -> Graph:
 
 
 def to_bytes(graph: Graph) -> bytes:
+    data = to_bytes_small(graph)   # (a few tasks: the same bytes without the per-column numpy work)
+    if data is not None:
+        return data
     buffer = io.BytesIO()
     write(buffer, graph)
     return buffer.getvalue()

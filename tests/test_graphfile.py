@@ -629,3 +629,25 @@ def test_the_small_file_fast_path_reads_exactly_what_the_general_reader_reads():
         _same_graph(fast, general.deduplicated())
         taken += 1
     assert taken > 100   # the fast path is taken for most valid files
+
+
+def test_the_small_graph_fast_writer_writes_exactly_the_general_writers_bytes():
+    from graphfmt.smallwrite import to_bytes_small
+    rng = np.random.default_rng(1818)
+    taken = 0
+    for _ in range(400):
+        graph = graphfmt.build_graph(_random_plan(rng))[0]
+        general = io.BytesIO()
+        graphfmt.write(general, graph)
+        fast = to_bytes_small(graph)
+        assert fast is None or fast == general.getvalue()
+        taken += fast is not None
+    assert taken == 400
+    # a value the general writer refuses: the fast path declines and the error is the writer's
+    bad = graphfmt.build_graph([tasks.merge([tasks.const("a")])])[0]
+    bad.types[:] = 7
+    assert to_bytes_small(bad) is None
+    with pytest.raises(GraphError, match="symbol code"):
+        graphfmt.to_bytes(bad)
+    big = graphfmt.build_graph([tasks.merge([tasks.const(str(i)) for i in range(100)])])[0]
+    assert to_bytes_small(big) is None and graphfmt.read(graphfmt.to_bytes(big)).symbols == big.symbols
