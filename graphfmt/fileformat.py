@@ -29,6 +29,8 @@ import msgpack
 import numpy as np
 
 from graphfmt.graph import Graph, GraphError, VarBytes, table_key, offsets_from_lengths
+from graphfmt.smallread import read_small
+from graphfmt.smallwrite import to_bytes_small
 
 MAGIC = b"\x89LOOMGF\n"
 VERSION = (1, 0)
@@ -250,6 +252,9 @@ def write(dest, graph_or_results, block_tasks: int = BLOCK_TASKS) -> Graph:
 
 
 def to_bytes(graph: Graph) -> bytes:
+    data = to_bytes_small(graph)   # (a few tasks: the same bytes without the per-column numpy work)
+    if data is not None:
+        return data
     buffer = io.BytesIO()
     write(buffer, graph)
     return buffer.getvalue()
@@ -650,6 +655,10 @@ class _Prepend:
 def read(src, validate: bool = True) -> Graph:
     """Read a whole graph file: ``src`` is a path, "-" (standard input), bytes, or a
     binary file object. Raises GraphError (one line) for any malformed input."""
+    if validate and isinstance(src, (bytes, bytearray, memoryview)):
+        graph = read_small(src)   # (a few tasks: the same Graph without the per-column numpy work)
+        if graph is not None:
+            return graph
     source = _as_source(src)
     try:
         graph = Graph.concat(list(iter_parts(source)))

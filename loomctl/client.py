@@ -76,6 +76,9 @@ class TaskFailed(LoomException):
 JOB_RECORDS = 1000   # job statuses/errors kept beyond those of live futures (see Client._prune)
 
 
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
 def _graph_bytes(graph) -> bytes:
     data = graphfmt.to_bytes(graph)
     if len(data) > P.MAX_MESSAGE - (1 << 16):   # the server drops bigger messages unread
@@ -216,13 +219,15 @@ class Client:
                 break
             if time.monotonic() >= deadline:
                 return False
-        while True:
+        sock = self.sock
+        while sock.getsockopt(_EVENTS) & _POLLIN:   # (asking is cheaper than a zmq.Again)
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return True
             kind, body, _ = P.decode(frames)
             self._apply(kind, body)
+        return True
 
     def _on_monitor(self) -> None:
         while True:

@@ -538,3 +538,116 @@ def test_malformed_request_tables(requests):
     payload = msgpack.packb(requests, use_bin_type=True, strict_types=False)
     with pytest.raises(GraphError, match="malformed RREQ chunk"):
         graphfmt.read(data[:16] + chunk(b"RREQ", payload) + data[16:])
+
+
+# ---------------------------------------------------------------- the small-file fast path
+def _random_plan(rng):
+    """A random small plan: every kind of column (labels, requests, checkpoints,
+    metadata, priorities) now and then, raw Task objects with odd configs too."""
+    made = []
+    for _ in range(int(rng.integers(1, 12))):
+        kind = int(rng.integers(0, 7))
+        pick = [made[int(i)] for i in rng.integers(0, len(made), size=int(rng.integers(1, 4)))] if made else []
+        if kind == 0 or not made:
+            t = tasks.const(bytes(rng.integers(0, 256, size=int(rng.integers(0, 5))).astype(np.uint8)))
+        elif kind == 1:
+            t = tasks.merge(pick, delimiter=",")
+        elif kind == 2:
+            t = tasks.run("wc -c", [(pick[0], None)])
+        elif kind == 3:
+            t = tasks.get(tasks.split(pick[0]), int(rng.integers(0, 3)))
+        elif kind == 4:   # a config the checks may refuse (a wrong length, an arity)
+            t = tasks.Task(S.GET, pick[:int(rng.integers(0, 3))], bytes(int(rng.integers(0, 10))))
+        elif kind == 5:
+            t = tasks.Task(["my/ext", "loom/nope", S.MERGE][int(rng.integers(0, 3))], pick)
+        else:
+            t = tasks.py_value(int(rng.integers(0, 100)))
+        if rng.random() < 0.3:
+            t.label = f"l{int(rng.integers(0, 3))}"
+        if rng.random() < 0.2:
+            t.resource_request = tasks.cpus(int(rng.integers(1, 3)))
+        if rng.random() < 0.15:
+            t.checkpoint_path = ["/tmp/ck", "relative", "/x/\u00e9"][int(rng.integers(0, 3))]
+        if rng.random() < 0.15:
+            t.metadata = {"k": int(rng.integers(0, 5))}
+        if rng.random() < 0.15:
+            t.priority = int(rng.integers(-5, 5))
+        made.append(t)
+    return [made[-1]] + [made[int(i)] for i in rng.integers(0, len(made), size=int(rng.integers(0, 3)))]
+
+
+def _general(data):
+    from graphfmt import fileformat as F
+    try:
+        return F.Graph.concat(list(F.iter_parts(F._as_source(data)))), None
+    except Exception as exc:   # noqa: BLE001 (compared below)
+        return None, exc
+
+
+def _same_graph(a, b):
+    assert a.symbols == b.symbols and a.labels == b.labels and a.requests == b.requests
+    for name in ("types", "input_offsets", "inputs", "flags", "request_codes", "label_codes", "priorities"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.dtype == y.dtype and np.array_equal(x, y), name
+    for name in ("configs", "checkpoints", "metadata"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.offsets.dtype == y.offsets.dtype and np.array_equal(x.offsets, y.offsets), name
+            assert bytes(x.data) == bytes(y.data), name
+
+
+def test_the_small_file_fast_path_reads_exactly_what_the_general_reader_reads():
+    from graphfmt.smallread import read_small
+    rng = np.random.default_rng(18)
+    taken = 0
+    for case in range(600):
+        data = graphfmt.to_bytes(graphfmt.build_graph(_random_plan(rng))[0])
+        if case % 3 == 1:   # a corrupt byte somewhere (header, tables, columns, END)
+            raw = bytearray(data)
+            raw[int(rng.integers(0, len(raw)))] ^= 1 << int(rng.integers(0, 8))
+            data = bytes(raw)
+        elif case % 3 == 2:   # cut short, or a second part
+            data = data[:int(rng.integers(0, len(data)))] if rng.random() < 0.5 else data + data
+        fast = read_small(data)
+        general, error = _general(data)
+        if general is not None:
+            try:
+                general.validate()
+            except GraphError as exc:
+                general, error = None, exc
+        if fast is None:
+            if general is not None:   # declined: the general reader gives the same graph
+                _same_graph(graphfmt.read(data), general)
+            else:
+                with pytest.raises(GraphError):
+                    graphfmt.read(data)
+            continue
+        assert general is not None, f"case {case}: the fast path took what the general reader refuses: {error}"
+        _same_graph(fast, general.deduplicated())
+        taken += 1
+    assert taken > 100   # the fast path is taken for most valid files
+
+
+def test_the_small_graph_fast_writer_writes_exactly_the_general_writers_bytes():
+    from graphfmt.smallwrite import to_bytes_small
+    rng = np.random.default_rng(1818)
+    taken = 0
+    for _ in range(400):
+        graph = graphfmt.build_graph(_random_plan(rng))[0]
+        general = io.BytesIO()
+        graphfmt.write(general, graph)
+        fast = to_bytes_small(graph)
+        assert fast is None or fast == general.getvalue()
+        taken += fast is not None
+    assert taken == 400
+    # a value the general writer refuses: the fast path declines and the error is the writer's
+    bad = graphfmt.build_graph([tasks.merge([tasks.const("a")])])[0]
+    bad.types[:] = 7
+    assert to_bytes_small(bad) is None
+    with pytest.raises(GraphError, match="symbol code"):
+        graphfmt.to_bytes(bad)
+    big = graphfmt.build_graph([tasks.merge([tasks.const(str(i)) for i in range(100)])])[0]
+    assert to_bytes_small(big) is None and graphfmt.read(graphfmt.to_bytes(big)).symbols == big.symbols

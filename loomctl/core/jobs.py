@@ -102,6 +102,8 @@ def map_inputs(core, graph: Graph, redirect_inputs: np.ndarray | None) -> tuple[
     local_to_global = np.arange(base, base + n, dtype=np.int64)
     alias = np.zeros(n, dtype=bool)
     for symbol, targets in ((S.FUTURE, None), (S.TASK_INPUT, redirect_inputs)):
+        if symbol not in graph.symbols:   # (no such task: no mask to build)
+            continue
         mask = graph.type_codes(symbol)
         if not mask.any():
             continue
@@ -335,7 +337,8 @@ def _retire(core, job: Job, now: float) -> None:
     for index in job.segments:
         seg = core.graph.segs.segments[index]
         core.graph.forget(seg.base, seg.base + seg.n)
-        core.stranded = {t: w for t, w in core.stranded.items() if not seg.base <= t < seg.base + seg.n}
+        if core.stranded:
+            core.stranded = {t: w for t, w in core.stranded.items() if not seg.base <= t < seg.base + seg.n}
         core.graph.segs.retire(index)
     core.aborted_jobs.discard(job.id)
     del core.jobs[job.id]

@@ -124,15 +124,22 @@ def _place_light(positions, symbols, best, best_bytes, workers, chosen) -> None:
         return
     uniform = all(w.supports is None for w in workers)
     # 1. tasks go to their preferred worker while it has room
-    rest = []
-    for w in workers:
-        mine = positions[best[positions] == w.index]
-        if not uniform:
-            mine = np.array([p for p in mine if _supports(w, symbols[p])], dtype=np.int64)
-        take = mine[:max(0, w.light_room())]
-        chosen[take] = w.index
-        w.assigned_light += len(take)
-    rest = positions[chosen[positions] < 0]
+    prefs = best[positions]
+    if (prefs >= 0).any():   # (none: a round of tasks without inputs on any worker)
+        for w in workers:
+            mine = positions[prefs == w.index]
+            if not uniform and w.supports is not None and len(mine):
+                code = symbols[mine]
+                inside = code < len(w.supports)
+                ok = np.zeros(len(mine), dtype=bool)
+                ok[inside] = w.supports[code[inside]]
+                mine = mine[ok]
+            take = mine[:max(0, w.light_room())]
+            chosen[take] = w.index
+            w.assigned_light += len(take)
+        rest = positions[chosen[positions] < 0]
+    else:
+        rest = positions
     # strongly local tasks whose worker is full wait for it
     pinned = (best[rest] >= 0) & (best_bytes[rest] >= LOCALITY_BYTES)   # best is a worker's index or -1
     rest = rest[~pinned]
@@ -293,6 +300,8 @@ def could_run(w: WorkerRoom, cpus: int, symbol: int, request: dict | None) -> bo
 
 def _place_heavy(positions, cpus, symbols, best, best_bytes, workers, requests, chosen, spill=True,
                  groups=None) -> None:
+    if not len(positions):
+        return
     if len(positions) >= 8 and not requests and all(w.supports is None for w in workers) \
             and (cpus[positions] == 1).all():
         _place_unit_batch(positions, best, best_bytes, workers, chosen, spill, groups)

@@ -32,6 +32,11 @@ def segment_added(core, segment, user: np.ndarray | None) -> None:
     c = core.graph.cols
     n = segment.n
     base = segment.base
+    if not len(segment.inputs) and not core.graph.overrides:   # sources only: every task is a sink
+        c.blevel[base:base + n] = 1
+        c.priority[base:base + n] = 0 if user is None else np.clip(np.asarray(user, np.int64),
+                                                                   -PRIORITY_LIMIT, PRIORITY_LIMIT)
+        return   # (and nothing to raise: no task has an input)
     ids = np.arange(base, base + n, dtype=np.int64)
     prio = np.zeros(n, np.int64) if user is None else np.clip(np.asarray(user, np.int64),
                                                              -PRIORITY_LIMIT, PRIORITY_LIMIT)

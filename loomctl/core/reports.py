@@ -45,8 +45,8 @@ def tasks_finished(core, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: 
     valid = (ids >= 0) & (ids < c.n)
     ids, sizes, lengths = _first_of_each(ids[valid], sizes[valid], lengths[valid])
     # sizes are summed into statistics: a bogus one near 2**63 would overflow them
-    sizes = np.clip(sizes, 0, MAX_REPORTED)
-    lengths = np.clip(lengths, 0, MAX_REPORTED)
+    sizes = np.minimum(np.maximum(sizes, 0), MAX_REPORTED)   # (np.clip, without its Python layers)
+    lengths = np.minimum(np.maximum(lengths, 0), MAX_REPORTED)
     mine = (c.state[ids] == ASSIGNED) & (c.worker[ids] == wid)
     if core.aborted_jobs:   # tasks of cancelled/failed jobs that were still running,
         # unless a task of another job needs them
@@ -54,13 +54,15 @@ def tasks_finished(core, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: 
         if late.any():
             T.transition(core, ids[late], CANCELLED)
             mine &= ~late
-    if worker is not None:   # not assigned here, but ready, wanted and not computed yet (the
-        # report of a task that ran on while its worker was away, its server restarted): taken
+    everything_mine = mine.all()   # (the usual report: nothing to adopt, nothing stale)
+    if worker is not None and not everything_mine:   # not assigned here, but ready, wanted and not
+        # computed yet (the report of a task that ran on while its worker was away, its server
+        # restarted): taken
         adopt = ~mine & (c.state[ids] == READY) & (c.holds[ids] > 0)
         if adopt.any():
             data_returned(core, wid, ids[adopt], sizes[adopt], lengths[adopt], now)
             ids, sizes, lengths, mine = ids[~adopt], sizes[~adopt], lengths[~adopt], mine[~adopt]
-    stale = ids[~mine]
+    stale = ids[:0] if everything_mine else ids[~mine]
     if len(stale) and worker is not None:   # cancelled or re-run elsewhere: drop the copy,
         # but not one it holds as the server knows (a report repeated)
         stale = stale[c.owner[stale] != wid]
@@ -68,7 +70,8 @@ def tasks_finished(core, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: 
             stale = np.array([t for t in stale.tolist() if wid not in core.replicas.get(t, ())], dtype=np.int64)
         if len(stale):
             core.commands.append(M.ReleaseData(worker.key, stale))
-    ids, sizes, lengths = ids[mine], sizes[mine], lengths[mine]
+    if not everything_mine:
+        ids, sizes, lengths = ids[mine], sizes[mine], lengths[mine]
     if not len(ids):
         return
     c.owner[ids] = wid

@@ -107,11 +107,15 @@ def schedule(core, now: float) -> int:
     task_pos = np.searchsorted(ids, consumer_of_slot)
     holder = index[c.owner[inputs]]
     sizes = c.size[inputs]
-    groups = _largest_input(inputs, task_pos, sizes, len(ids)) if core.options.spill else None
     owned = (task_pos, holder, sizes)   # the owners' copies only
-    if core.replicas and len(inputs) and core.options.spill:   # copies count as data on their workers
-        task_pos, holder, sizes = _with_copies(core, index, inputs, task_pos, holder, sizes)
-    best, best_bytes = placement.preferences(task_pos, holder, sizes, len(ids), spread=core.options.spill)
+    if not len(inputs):   # (a round of sources: no preferences, no groups)
+        best, best_bytes = np.full(len(ids), -1, dtype=np.int64), np.zeros(len(ids), dtype=np.int64)
+        groups = best.copy() if core.options.spill else None
+    else:
+        groups = _largest_input(inputs, task_pos, sizes, len(ids)) if core.options.spill else None
+        if core.replicas and core.options.spill:   # copies count as data on their workers
+            task_pos, holder, sizes = _with_copies(core, index, inputs, task_pos, holder, sizes)
+        best, best_bytes = placement.preferences(task_pos, holder, sizes, len(ids), spread=core.options.spill)
     rooms = [placement.WorkerRoom(k, w.cpus, w.assigned_cpus, w.assigned_light, w.resources,
                                   dict(w.assigned_resources), support_mask(core, w), w.queue_factor)
              for k, w in enumerate(workers)]
@@ -243,7 +247,10 @@ def _intake(core, now: float) -> None:
     while core.ready:
         ids = T.take_ready(core)
         if dynamic_codes and len(ids):
-            is_dynamic = np.isin(c.symbol[ids], dynamic_codes)
+            symbols = c.symbol[ids]
+            is_dynamic = symbols == dynamic_codes[0]   # (np.isin's set machinery, for one or two codes)
+            for code in dynamic_codes[1:]:
+                is_dynamic |= symbols == code
             if is_dynamic.any():
                 for t in ids[is_dynamic].tolist():
                     if c.state[t] == READY:

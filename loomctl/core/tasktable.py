@@ -186,6 +186,8 @@ class SegmentIndex:
         if len(ids) == 0:
             empty = np.zeros(0, dtype=np.int64)
             return (empty, empty) if per_slot else empty
+        if len(ids) == 1:   # (most reports and rounds of small jobs: no vector work)
+            return self._gather_one(ids, offsets_name, values_name, per_slot)
         seg_ids = self.of(ids)
         first = seg_ids[0]
         present = (first,) if (seg_ids == first).all() else np.unique(seg_ids)
@@ -206,6 +208,18 @@ class SegmentIndex:
         if not per_slot:
             return values
         return values, owners[0] if len(owners) == 1 else np.concatenate(owners) if owners else empty
+
+    def _gather_one(self, ids: np.ndarray, offsets_name: str, values_name: str, per_slot: bool):
+        t = int(ids[0])
+        seg = self.segments[int(self.bases.searchsorted(t, side="right")) - 1]
+        values = getattr(seg, values_name)
+        if not len(values):   # e.g. a segment of sources has no inputs
+            empty = np.zeros(0, dtype=np.int64)
+            return (empty, empty) if per_slot else empty
+        offsets = getattr(seg, offsets_name)
+        lo, hi = int(offsets[t - seg.base]), int(offsets[t - seg.base + 1])
+        values = values[lo:hi].copy()
+        return (values, np.repeat(ids, hi - lo)) if per_slot else values
 
     def inputs_of(self, ids: np.ndarray, per_slot: bool = False):
         """Input ids (one per slot) of ``ids``; with per_slot also the consumer of each."""

@@ -1,0 +1,134 @@
+"""The server's CPU per one-task job without sockets: a Dispatch (the server's sans-I/O
+half, journal records included) fed the messages of the latency shape, as a real client
+and worker send them: SUBMIT of one const, the worker's UPDATE with the result inline,
+the client's RELEASE; timers every 0.25 s of simulated time (4 jobs per ms).
+
+    python bench/core_latency.py                    # us per job, best of 5 x 2000 jobs
+    python bench/core_latency.py --profile 20       # cProfile, top 20 by own time
+    python bench/core_latency.py --client           # also the client's side (build, encode, decode)
+
+What it leaves out: zmq recv/send (~15-20% of a live server's main thread) and the
+journal file writes; bench/profile_server.py measures a live server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import graphfmt                                      # noqa: E402
+from graphfmt import tasks                           # noqa: E402
+from loomctl import protocol as P                    # noqa: E402
+from loomctl.server.dispatch import Dispatch         # noqa: E402
+from loomctl.worker.extensions import supported_symbols   # noqa: E402
+
+SECRET = P.new_secret()
+
+
+class Rig:
+    def __init__(self, journal: bool = True):
+        self.d = Dispatch(SECRET, {"host": "127.0.0.1", "port": 1, "pid": 1, "started": 0.0})
+        if journal:
+            self.d.core.record = []
+        self.now = 0.0
+        self.last_tick = 0.0
+        self.workers = {}
+        for name in (b"w1", b"w2"):
+            self._join(name, "worker")
+            self._send(name, P.REGISTER, {"name": name.decode(), "cpus": 1, "symbols": sorted(supported_symbols()),
+                                          "data_address": f"tcp://127.0.0.1:{len(self.workers) + 5000}"})
+            self.workers[name] = True
+        self._join(b"c1", "client")
+        self.graph = graphfmt.to_bytes(graphfmt.build_graph([tasks.const(b"x")])[0])
+        self.req = 0
+
+    def _send(self, identity, kind, body):
+        self.d.message(identity, P.encode(kind, body), self.now)
+        return self._flush()
+
+    def _flush(self):
+        out = self.d.flush(self.now)
+        self.d.journal_records()
+        return out
+
+    def _join(self, identity, role):
+        (_, frames), = self._send(identity, P.HELLO, {"role": role, "version": P.PROTOCOL_VERSION})
+        nonce = P.decode(frames)[1]["nonce"]
+        self._send(identity, P.AUTH, {"proof": P.proof(SECRET, nonce, role)})
+
+    def job(self, graph: bytes | None = None) -> None:
+        self.req += 1
+        out = self._send(b"c1", P.SUBMIT, {"graph": graph or self.graph, "load": False, "notify": True,
+                                           "trace": None, "req": self.req})
+        for target, frames in out:
+            if frames[0] == P.COMPUTE:
+                body = P.decode(frames)[1]
+                t = body["tasks"][0][0]
+                ids = P.ids_to_bytes([t])
+                self._send(target, P.UPDATE, {"finished": ids, "sizes": P.ids_to_bytes([1]),
+                                              "lengths": P.ids_to_bytes([1]), "failed": [], "redirects": [],
+                                              "replicas": b"", "logs": [], "inline": ids, "blobs": [b"\x00x"]})
+                self._send(b"c1", P.RELEASE, {"ids": ids})
+        self.now += 0.00025
+        if self.now - self.last_tick > 0.25:
+            self.last_tick = self.now
+            self.d.tick(self.now, 120.0)
+            self._flush()
+
+
+def client_side(n: int) -> float:
+    """us per job of the client's own work: build + encode the graph, decode 4 replies."""
+    from loomctl.client import _graph_bytes
+    from graphfmt.plan import build_graph
+    reply = P.encode(P.REPLY, {"req": 1, "job": 1, "base": 5, "n": 1, "results": P.ids_to_bytes([5])})
+    t0 = time.perf_counter()
+    for _ in range(n):
+        graph, _ = build_graph([tasks.const(b"x")])
+        _graph_bytes(graph)
+        P.decode(reply)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--profile", type=int, default=0, metavar="TOP")
+    ap.add_argument("--no-journal", action="store_true")
+    ap.add_argument("--client", action="store_true")
+    args = ap.parse_args()
+    rig = Rig(journal=not args.no_journal)
+    for _ in range(200):
+        rig.job()
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.jobs):
+            rig.job()
+        prof.disable()
+        stats = pstats.Stats(prof)
+        print(f"calls per job: {stats.total_calls / args.jobs:.0f}")
+        stats.sort_stats("tottime").print_stats(args.profile)
+        return
+    best = min(_timed(rig, args.jobs) for _ in range(args.repeat))
+    print(f"server dispatch+core: {best:.1f} us per one-const job (best of {args.repeat} x {args.jobs}; "
+          f"{len(rig.d.core.jobs)} jobs live)")
+    if args.client:
+        print(f"client build+encode+decode: {min(client_side(args.jobs) for _ in range(3)):.1f} us per job")
+
+
+def _timed(rig: Rig, n: int) -> float:
+    t0 = time.process_time()
+    for _ in range(n):
+        rig.job()
+    return (time.process_time() - t0) / n * 1e6
+
+
+if __name__ == "__main__":
+    main()
