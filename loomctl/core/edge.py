@@ -42,19 +42,7 @@ def to_global(core, commands: list) -> None:
     for k, cmd in enumerate(commands):
         kind = type(cmd)
         if kind is M.Compute:
-            flat = [i for row in cmd.rows for i in row.inputs]
-            inputs = ids_of(np.array(flat, dtype=np.int64)).tolist() if flat else []
-            ids = ids_of(np.array([row.id for row in cmd.rows], dtype=np.int64)).tolist()
-            out, at = [], 0
-            for row, t in zip(cmd.rows, ids):
-                m = len(row.inputs)
-                out.append(row._replace(id=t, inputs=inputs[at:at + m]))
-                at += m
-            locations = cmd.locations
-            if locations:
-                keys = ids_of(np.fromiter(locations, dtype=np.int64, count=len(locations))).tolist()
-                locations = dict(zip(keys, locations.values()))
-            commands[k] = M.Compute(cmd.target, out, locations, cmd.jobs)
+            commands[k] = _compute(ids_of, cmd)
         elif kind in (M.ReleaseData, M.CancelTasks):
             commands[k] = kind(cmd.target, ids_of(cmd.ids))
         elif kind is M.StealTasks:
@@ -66,3 +54,20 @@ def to_global(core, commands: list) -> None:
                 where = dict(zip(np.asarray(cmd.ids).tolist(), ids.tolist()))
                 inline = {where[r]: v for r, v in inline.items()}
             commands[k] = M.ResultsReady(cmd.target, cmd.job, ids, cmd.addresses, inline)
+
+
+def _compute(ids_of, cmd: M.Compute) -> M.Compute:
+    rows = cmd.rows
+    ids = ids_of(np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))).tolist()
+    counts = [len(row[3]) for row in rows]
+    flat = [i for row in rows for i in row[3]]
+    inputs = ids_of(np.array(flat, dtype=np.int64)).tolist() if flat else []
+    new, make, out, at = tuple.__new__, M.ComputeRow, [], 0
+    for row, t, m in zip(rows, ids, counts):   # (a ComputeRow as the tuple it is: fast)
+        out.append(new(make, (t, row[1], row[2], inputs[at:at + m], *row[4:])))
+        at += m
+    locations = cmd.locations
+    if locations:
+        keys = ids_of(np.fromiter(locations, dtype=np.int64, count=len(locations))).tolist()
+        locations = dict(zip(keys, locations.values()))
+    return M.Compute(cmd.target, out, locations, cmd.jobs)

@@ -223,6 +223,16 @@ class SegmentIndex:
             return (EMPTY, EMPTY) if per_slot else EMPTY
         seg_ids = self.of(ids)
         first = seg_ids[0]
+        seg = self.segments[first]
+        if len(ids) == seg.n and ids[0] == seg.base and ids[-1] == seg.base + seg.n - 1 and \
+                (seg_ids == first).all() and (ids[1:] > ids[:-1]).all():
+            values = getattr(seg, values_name)   # a whole segment (as at submit): its CSR itself
+            if values.dtype != np.int64:
+                values = values.astype(np.int64)
+            if not per_slot:
+                return values
+            offsets = getattr(seg, offsets_name)
+            return values, np.repeat(ids, np.diff(offsets))
         present = (first,) if (seg_ids == first).all() else np.unique(seg_ids)
         values, owners = [], []
         for s in present:
