@@ -194,3 +194,27 @@ def test_a_live_old_job_keeps_its_rows_while_later_ones_come_and_go():
     assert core.job_results(old.id)["ids"].tolist() == [old_root]
     later, ids = run_job(env, [tasks.merge([Ref(old_root), tasks.const("?")])])
     assert core.ids_of(rows(env, ids)).tolist() == ids and ids[0] > old_root
+
+
+def test_the_graph_a_snapshot_writes_is_the_one_submitted_futures_included():
+    import graphfmt
+    from graphfmt import symbols as S
+    from test_core import merge_tree
+    env = Env(1)
+    first, (x,) = run_job(env, [tasks.const("x")])
+    retire_all(env, [])                                           # (rows and ids differ from here on)
+    env.core.graph.segs.skip_to(1 << 33)
+    t = tasks.merge([Ref(x), merge_tree(4), Ref(x)])
+    t.label = "top"
+    graph, _ = graphfmt.build_graph([t], external=lambda f: tasks.Task(S.FUTURE, (), S.encode_u64(f.task_id)))
+    job = env.core.submit(b"c", graph, env.now)
+    seg = env.core.graph.segs.segments[job.segments[0]]
+    again = env.core.graph.submitted_graph(seg)
+    assert [again.symbol(i) for i in range(len(graph))] == [graph.symbol(i) for i in range(len(graph))]
+    assert again.input_offsets.tolist() == graph.input_offsets.tolist()
+    def resolved(g):   # an input that is a FUTURE task stands for the id it names
+        return [("future", g.config(i)) if g.symbol(i) == S.FUTURE else i for i in g.inputs.tolist()]
+    assert resolved(again) == resolved(graph)
+    assert [again.config(i) for i in range(len(graph))] == [graph.config(i) for i in range(len(graph))]
+    assert again.flags.tolist() == graph.flags.tolist() and again.label(len(graph) - 1) == "top"
+    assert resolved(graphfmt.read(graphfmt.to_bytes(again))) == resolved(graph)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphfmt.graph import Graph, VarBytes, offsets_from_lengths
-from loomctl.core.segments import Segment, SegmentIndex
+from loomctl.core.segments import Segment, SegmentIndex, SegmentInfo
 from loomctl.core.tasktable import FLAG_CHECKPOINT, FLAG_EXTRA, FLAG_OVERRIDE, TaskColumns
 
 MAX_SYMBOLS = 1 << 16   # task types a server knows in its life (the symbol column is uint16)
@@ -82,8 +82,8 @@ class TaskGraph:
         c = self.cols
         lut = np.array([self.code(s) for s in graph.symbols] or [0], dtype=np.uint16)
         base = c.allocate(n)
-        segment = Segment.build(self.segs.new_slot(), base, self.segs.next_gid, job_id, graph, global_inputs,
-                                graph.input_offsets)
+        segment = Segment.build(self.segs.new_slot(), base, self.segs.next_gid, job_id, SegmentInfo(graph),
+                                global_inputs, graph.input_offsets)
         self.segs.add(segment)
         self.any_named_requests |= segment.has_named_requests
         c.symbol[base:base + n] = lut[graph.types] if n else 0
@@ -224,6 +224,11 @@ class TaskGraph:
         counts = np.zeros(len(ids), dtype=np.int32)
         np.add.at(counts, order[np.searchsorted(ids, pending, sorter=order)], 1)
         return counts
+
+    def submitted_graph(self, segment: Segment) -> Graph:
+        """The graph of a segment as it was added (journal snapshots)."""
+        return segment.graph.graph(segment, self.symbols, self.cols.symbol[segment.base:segment.base + segment.n],
+                                   self.rows_of)
 
     # ------------------------------------------------------------------ checks
     def held_ids(self) -> np.ndarray:

@@ -135,7 +135,7 @@ def snapshot(core, server: dict) -> list:
     out = [["server", server], ["ids", int(core.graph.segs.next_gid)]]
     for job in sorted(core.jobs.values(), key=lambda j: j.base):
         seg = core.graph.segs.segments[job.segments[0]]
-        out.append(["job", job.id, job.base, graphfmt.to_bytes(seg.graph),
+        out.append(["job", job.id, job.base, graphfmt.to_bytes(core.graph.submitted_graph(seg)),
                      {"name": job.name, "detached": True}])
         lo, hi = seg.base, seg.base + seg.n   # (rows)
         done = lo + np.flatnonzero(c.state[lo:hi] == FINISHED)

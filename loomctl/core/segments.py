@@ -19,6 +19,10 @@ Invariants:
   returned.
 - ``_gid``/``_row``/``_n``/``_slot`` list the live segments in increasing global id
   (retired ones with n 0 until they are compacted away).
+- A segment keeps of its graph what tasks need when they are sent and what a journal
+  snapshot needs (``SegmentInfo``: configs, flags, labels, requests, checkpoints); task
+  types are the ``symbol`` column, inputs the segment's CSR (``SegmentInfo.graph``
+  rebuilds the graph from them).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphfmt.graph import Graph, offsets_from_lengths
+from graphfmt import symbols as S
+from graphfmt.graph import Graph, VarBytes, offsets_from_lengths
 
 EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -49,13 +54,71 @@ def narrow(values: np.ndarray) -> np.ndarray:
     return values.astype(np.int32) if -1 <= values.min() and values.max() < (1 << 31) else values
 
 
+class SegmentInfo:
+    """What the server keeps of a segment's graph after it was added: per task its
+    config, label, request, checkpoint path, flags and priority (``Graph``'s accessors)."""
+
+    __slots__ = ("configs", "flags", "label_codes", "labels", "request_codes", "requests", "checkpoints",
+                 "metadata", "priorities")
+
+    def __init__(self, graph: Graph):
+        self.configs = VarBytes(narrow(graph.configs.offsets), graph.configs.data)
+        self.flags = graph.flags if graph.flags.any() else None
+        codes = graph.label_codes
+        self.label_codes = codes if codes is not None and len(codes) and codes.any() else None
+        self.labels = graph.labels
+        codes = graph.request_codes
+        self.request_codes = codes if len(codes) and codes.any() else None
+        self.requests = graph.requests
+        self.checkpoints = graph.checkpoints
+        self.metadata = graph.metadata
+        self.priorities = graph.priorities
+
+    def label(self, i: int) -> str | None:
+        code = 0 if self.label_codes is None else int(self.label_codes[i])
+        return self.labels[code - 1] if code else None
+
+    def request(self, i: int) -> dict | None:
+        code = 0 if self.request_codes is None else int(self.request_codes[i])
+        return self.requests[code - 1] if code else None
+
+    def checkpoint(self, i: int) -> str | None:
+        if self.checkpoints is None:
+            return None
+        return self.checkpoints[i].decode() or None
+
+    def nbytes(self) -> int:
+        return self.configs.offsets.nbytes + len(self.configs.data) + sum(
+            x.nbytes for x in (self.flags, self.label_codes, self.request_codes, self.priorities) if x is not None)
+
+    def graph(self, seg: "Segment", symbols: list[str], symbol_codes: np.ndarray, rows_of) -> Graph:
+        """The segment's graph as it was submitted (for a journal snapshot): types from
+        the ``symbol`` column (``symbol_codes``: its segment's part), inputs from the
+        CSR; an input in another segment is the FUTURE task (of this segment) naming it."""
+        n = seg.n
+        codes, types = np.unique(symbol_codes, return_inverse=True)
+        names = [symbols[k] for k in codes.tolist()]
+        inputs = seg.inputs.astype(np.int64) - seg.base
+        outside = np.flatnonzero((inputs < 0) | (inputs >= n))
+        if len(outside):
+            futures = np.flatnonzero(types == names.index(S.FUTURE)) if S.FUTURE in names else np.zeros(0, np.int64)
+            targets = rows_of(np.array([S.decode_u64(self.configs[int(i)]) for i in futures], dtype=np.int64))
+            alias = dict(zip(targets.tolist()[::-1], futures.tolist()[::-1]))   # (the first, if several)
+            inputs[outside] = [alias[r] for r in (inputs[outside] + seg.base).tolist()]
+        return Graph(names, types.astype(np.uint16), seg.input_offsets.astype(np.int64), inputs,
+                     VarBytes(self.configs.offsets.astype(np.int64), self.configs.data),
+                     self.flags if self.flags is not None else np.zeros(n, np.uint8),
+                     self.request_codes if self.request_codes is not None else np.zeros(n, np.uint16),
+                     self.requests, self.label_codes, self.labels, self.checkpoints, self.metadata, self.priorities)
+
+
 @dataclass(eq=False)
 class Segment:
     index: int                 # its slot in SegmentIndex.segments
     base: int                  # its first row
     gid: int                   # the global id of its first task
     job: int
-    graph: Graph               # configs, labels, checkpoints, requests (local ids)
+    graph: SegmentInfo         # configs, labels, checkpoints, requests (local ids)
     input_offsets: np.ndarray  # local CSR, n+1
     inputs: np.ndarray         # rows
     consumer_offsets: np.ndarray
@@ -83,10 +146,11 @@ class Segment:
         return len(self.input_offsets) - 1
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.input_offsets, self.inputs, self.consumer_offsets, self.consumers))
+        return sum(a.nbytes for a in (self.input_offsets, self.inputs, self.consumer_offsets, self.consumers)) \
+            + self.graph.nbytes()
 
     @classmethod
-    def build(cls, index: int, base: int, gid: int, job: int, graph: Graph, rows: np.ndarray,
+    def build(cls, index: int, base: int, gid: int, job: int, graph: SegmentInfo, rows: np.ndarray,
               input_offsets: np.ndarray) -> "Segment":
         """``rows``: the input rows, one per slot; ``input_offsets``: local CSR."""
         n = len(input_offsets) - 1
