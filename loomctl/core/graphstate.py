@@ -213,6 +213,13 @@ class TaskGraph:
 
     def unfinished_inputs(self, ids: np.ndarray, finished_state: int) -> np.ndarray:
         """Per task of ``ids``: how many input slots wait for an unfinished producer."""
+        seg = self.segs.whole(ids)
+        if seg is not None and not ((self.cols.flags[ids] & FLAG_OVERRIDE) > 0).any():   # (at submit)
+            if not len(seg.inputs):
+                return np.zeros(len(ids), dtype=np.int32)
+            pending = np.zeros(len(seg.inputs) + 1, dtype=np.int32)
+            np.cumsum(self.cols.state[seg.inputs] != finished_state, out=pending[1:])
+            return pending[seg.input_offsets[1:]] - pending[seg.input_offsets[:-1]]
         inputs, consumer = self.slots(ids)
         if not len(inputs):
             return np.zeros(len(ids), dtype=np.int32)

@@ -38,15 +38,16 @@ def segment_added(core, segment, user: np.ndarray | None) -> None:
     level = np.full(n, MAX_LEVEL, np.int32)
     # the segment's own edges, grouped by consumer: its input CSR (rows -> local ids), less
     # the slots that point elsewhere and those of tasks whose inputs were replaced
-    offsets = segment.input_offsets.astype(np.int64)
+    offsets = segment.input_offsets
+    counts = np.diff(offsets)
     local = segment.inputs - segment.inputs.dtype.type(base) if len(segment.inputs) else segment.inputs
     inside = (local >= 0) & (local < n)
     replaced = (c.flags[base:base + n] & FLAG_OVERRIDE) > 0
     if replaced.any():
-        inside &= ~np.repeat(replaced, np.diff(offsets))
+        inside &= ~np.repeat(replaced, counts)
     finished_sweeps = True
     if inside.any():
-        left = np.bincount(local[inside], minlength=n).astype(np.int32)   # consumers not levelled yet
+        left = np.bincount(local[inside], minlength=n)   # consumers not levelled yet
         frontier = np.flatnonzero(left == 0)
         depth = 1
         while len(frontier):
@@ -57,12 +58,12 @@ def segment_added(core, segment, user: np.ndarray | None) -> None:
             slots = ranges(offsets[frontier], offsets[frontier + 1])
             keep = inside[slots]
             producers = local[slots[keep]].astype(np.int64)
-            np.maximum.at(prio, producers, np.repeat(prio[frontier], np.diff(offsets)[frontier])[keep])
+            np.maximum.at(prio, producers, np.repeat(prio[frontier], counts[frontier])[keep])
             np.subtract.at(left, producers, 1)
             producers = np.unique(producers)
             frontier = producers[left[producers] == 0]
             depth += 1
-        del left, local, inside
+        del left, local, inside, counts
     else:
         level[:] = 1
     c.blevel[ids] = level

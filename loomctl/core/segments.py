@@ -285,18 +285,15 @@ class SegmentIndex:
     def _gather(self, ids: np.ndarray, offsets_name: str, values_name: str, per_slot: bool):
         if len(ids) == 0:
             return (EMPTY, EMPTY) if per_slot else EMPTY
-        seg_ids = self.of(ids)
-        first = seg_ids[0]
-        seg = self.segments[first]
-        if len(ids) == seg.n and ids[0] == seg.base and ids[-1] == seg.base + seg.n - 1 and \
-                (seg_ids == first).all() and (ids[1:] > ids[:-1]).all():
-            values = getattr(seg, values_name)   # a whole segment (as at submit): its CSR itself
-            if values.dtype != np.int64:
-                values = values.astype(np.int64)
+        seg = self.whole(ids)
+        if seg is not None:   # a whole segment (as at submit): its CSR itself, read-only
+            values = getattr(seg, values_name).view()
+            values.flags.writeable = False
             if not per_slot:
                 return values
-            offsets = getattr(seg, offsets_name)
-            return values, np.repeat(ids, np.diff(offsets))
+            return values, np.repeat(ids, np.diff(getattr(seg, offsets_name)))
+        seg_ids = self.of(ids)
+        first = seg_ids[0]
         present = (first,) if (seg_ids == first).all() else np.unique(seg_ids)
         values, owners = [], []
         for s in present:
@@ -314,6 +311,15 @@ class SegmentIndex:
         if not per_slot:
             return values
         return values, owners[0] if len(owners) == 1 else np.concatenate(owners) if owners else EMPTY
+
+    def whole(self, ids: np.ndarray) -> Segment | None:
+        """The segment whose rows ``ids`` are, all of them in order; else None."""
+        if not len(ids):
+            return None
+        seg = self.segments[self.cols.segment[ids[0]]]
+        if seg is None or len(ids) != seg.n or ids[0] != seg.base or ids[-1] != seg.base + seg.n - 1:
+            return None
+        return seg if len(ids) < 3 or (ids[1:] > ids[:-1]).all() else None
 
     def inputs_of(self, ids: np.ndarray, per_slot: bool = False):
         """Input rows (one per slot) of ``ids``; with per_slot also the consumer of each."""
