@@ -55,6 +55,7 @@ class Server:
         """``journal``: the journal's path (None: no journal). A journal with live jobs is
         restored: its jobs, and its port and secret (when ``port`` is 0). JournalError
         when it cannot be used."""
+        return_freed_memory()
         records, records_end, dropped = J.load(journal) if journal else ([], 0, 0)
         old = next((r[1] for r in reversed(records) if r[0] == "server" and isinstance(r[1], dict)), {})
         live = any(r[0] == "job" for r in records)
@@ -226,7 +227,6 @@ def return_freed_memory() -> None:
 
 
 def run_server(**kwargs) -> None:
-    return_freed_memory()
     server = Server(**kwargs)
 
     def stop(signum, frame):
