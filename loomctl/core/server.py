@@ -213,7 +213,8 @@ class ServerCore:
                          "address": w.data_address, "last_seen_s": round(now - w.last_seen, 3)})
         job_rows = [*self.history, *(self.job_row(job, now) for job in self.jobs.values())]
         lost = [{**w, "ago_s": round(now - w["at"], 1)} for w in self.lost_workers[-20:]]
-        return {"workers": rows, "lost_workers": lost, "jobs": job_rows, "n_tasks": int(c.used),
+        return {"workers": rows, "lost_workers": lost, "jobs": job_rows, "n_tasks": int(self.segs.next_gid),
+                "live_tasks": int(c.used),
                 "n_data_objects": self.n_data, "stats": dict(self.stats)}
 
     def check_invariants(self) -> None:

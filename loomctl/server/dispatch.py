@@ -236,7 +236,8 @@ class Dispatch:
             self.trace_dir = request.path
             return {}
         if request.kind == P.STATS:
-            return {"n_workers": len(core.workers), "n_data_objects": core.n_data, "n_tasks": core.cols.used,
+            return {"n_workers": len(core.workers), "n_data_objects": core.n_data, "n_tasks": core.segs.next_gid,
+                    "live_tasks": core.cols.used,
                     "n_jobs": len(core.jobs), "bytes_received": self.bytes_received,
                     "messages_received": self.messages_received, "bad_messages": self.bad_messages,
                     "refused": self.gate.refused, "connections": len(self.gate.roles),
