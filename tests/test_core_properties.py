@@ -8,6 +8,8 @@ finished (with random sizes and lengths), some failed, some redirected to a sub-
 hold the data the server did not release, and vanish. Clients submit random plans
 (const, merge, programs with cpu and named-resource requests, Python calls, dslice
 expansions, futures of earlier results), release results, cancel jobs and go away.
+Jobs are retired often, so rows are reused; the global id counter may start beyond
+2^31. The model knows global ids only (as workers and clients do).
 
 LOOMCTL_FUZZ_EXAMPLES sets the number of sequences (default 60).
 """
@@ -91,6 +93,8 @@ class CoreMachine(RuleBasedStateMachine):
                 assert cmd.target in self.given, f"{type(cmd).__name__} to a worker that is gone"
                 if isinstance(cmd, M.Compute):
                     ids = [row.id for row in cmd.rows]
+                    every = ids + [i for row in cmd.rows for i in row.inputs] + list(cmd.locations)
+                    assert (self.core.graph.rows_of(every) >= 0).all(), "a COMPUTE names an id of no live task"
                     assert not self.given[cmd.target] & set(ids), "a task given twice"
                     for row in cmd.rows:
                         for i in row.inputs:
@@ -136,9 +140,10 @@ class CoreMachine(RuleBasedStateMachine):
         self.core.remove_worker(self.wid.pop(key), self.now)
         self.tick()
 
-    @initialize(steal=st.booleans())
-    def stealing(self, steal):
+    @initialize(steal=st.booleans(), first_id=st.sampled_from([0, 0, (1 << 31) - 3, 1 << 40]))
+    def stealing(self, steal, first_id):
         self.core.options.steal = steal
+        self.core.graph.segs.skip_to(first_id)   # (ids beyond 2^31: rows and ids differ from the start)
 
     @precondition(lambda self: self.asked)
     @rule(data=st.data())
@@ -181,7 +186,8 @@ class CoreMachine(RuleBasedStateMachine):
     def finish(self, data):
         key = data.draw(st.sampled_from(self.workers_with_tasks()))
         ids = data.draw(st.lists(st.sampled_from(sorted(self.given[key])), min_size=1, max_size=6))
-        ids.extend(data.draw(st.lists(st.integers(-2, self.core.cols.n + 2), max_size=2)))   # bogus and stale
+        top = self.core.segs.next_gid
+        ids.extend(data.draw(st.lists(st.integers(-2, top + 2) | st.integers(max(0, top - 40), top + 2), max_size=2)))
         self.given[key] -= set(ids)
         n = len(ids)
         sizes = np.array(data.draw(st.lists(st.integers(0, 3 << 20), min_size=n, max_size=n)), dtype=np.int64)
@@ -211,7 +217,8 @@ class CoreMachine(RuleBasedStateMachine):
         key = data.draw(st.sampled_from(self.workers_with_tasks()))
         t = data.draw(st.sampled_from(sorted(self.given[key])))
         c = self.core.cols
-        if c.state[t] != ASSIGNED or self.core.graph.symbols[c.symbol[t]] != S.PY_CALL:
+        row = self.core.graph.segs.row_of(t)
+        if row < 0 or c.state[row] != ASSIGNED or self.core.graph.symbols[c.symbol[row]] != S.PY_CALL:
             return
         self.given[key].discard(t)
         sub = tasks.merge((tasks.Task(S.TASK_INPUT, (), S.encode_u64(1)), tasks.const("r")))
@@ -226,7 +233,7 @@ class CoreMachine(RuleBasedStateMachine):
             job = self.core.submit(client, build(marked or made[-1:]), self.now)
         except SubmitError:
             return
-        self.futures.extend(job.results.tolist())
+        self.futures.extend(self.core.ids_of(job.results).tolist())   # (the client knows global ids)
         self.tick()
 
     @rule(n=st.integers(2, 8), client=st.sampled_from(CLIENTS))
@@ -235,7 +242,7 @@ class CoreMachine(RuleBasedStateMachine):
         work = [tasks.run("true") for _ in range(n)]
         for t in work:
             t.resource_request = tasks.cpus(1)
-        self.futures.extend(self.core.submit(client, build(work), self.now).results.tolist())
+        self.futures.extend(self.core.ids_of(self.core.submit(client, build(work), self.now).results).tolist())
         self.tick()
 
     @precondition(lambda self: self.futures)
@@ -270,6 +277,17 @@ class CoreMachine(RuleBasedStateMachine):
         self.now += 2.0
         self.core.retire_jobs(self.now)
         self.tick()
+
+    @rule(data=st.data())
+    def release_and_retire(self, data):
+        """Clients let go of most results and ended jobs retire: their rows are free for
+        the next submissions (a late report naming them must not reach the new tasks)."""
+        keep = data.draw(st.lists(st.sampled_from(self.futures), max_size=2)) if self.futures else []
+        gone = [f for f in self.futures if f not in keep]
+        self.futures = [f for f in self.futures if f in keep]
+        self.core.release(np.array(gone, dtype=np.int64))
+        self.tick()
+        self.retire()
 
     @rule()
     def run_to_the_end(self):
@@ -308,12 +326,13 @@ class CoreMachine(RuleBasedStateMachine):
         self.core.check_invariants()
         assert not self.core.commands, "every command was taken"
         c = self.core.cols
+        ids_of = self.core.ids_of
         for key, wid in self.wid.items():   # the server's view agrees with the workers'
-            assigned = set(np.flatnonzero((c.state[:c.n] == ASSIGNED) & (c.worker[:c.n] == wid)).tolist())
-            assert assigned <= self.given[key], "assigned to a worker that was not told"
-            owned = set(np.flatnonzero(c.owner[:c.n] == wid).tolist())
-            assert owned <= self.holds[key], "the server thinks a worker holds what it does not"
-            assert (c.state[list(owned)] == FINISHED).all() if owned else True
+            assigned = np.flatnonzero((c.state[:c.n] == ASSIGNED) & (c.worker[:c.n] == wid))
+            assert set(ids_of(assigned).tolist()) <= self.given[key], "assigned to a worker that was not told"
+            owned = np.flatnonzero(c.owner[:c.n] == wid)
+            assert set(ids_of(owned).tolist()) <= self.holds[key], "the server thinks a worker holds what it does not"
+            assert (c.state[owned] == FINISHED).all()
 
 
 CoreMachine.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None,

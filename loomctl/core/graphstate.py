@@ -1,5 +1,6 @@
 """The server's task graph: columns, segments, run-time overrides and the edges between
-tasks. Structure only: task states, holds and remaining counts are kept by
+tasks, all by row (``ids_of``/``rows_of`` map rows to the global ids the world knows and
+back, see core.segments). Structure only: task states, holds and remaining counts are kept by
 ``core.transitions``, the one module that writes them.
 
 Invariants (``check`` verifies them; the core's tests call it after every step):
@@ -11,6 +12,9 @@ Invariants (``check`` verifies them; the core's tests call it after every step):
   ``replace_inputs`` removes the old edges (the CSR entry becomes -1, or the entry of
   ``extra_consumers``) and adds the new ones to ``extra_consumers``.
 - FLAG_EXTRA is set exactly on the tasks that have an ``extra_consumers`` entry.
+- No edge and no side table names a free row: a retired segment's edges from other
+  segments go (``detach``) and its side tables with it (``forget``) before its rows are
+  given back.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from __future__ import annotations
 import numpy as np
 
 from graphfmt.graph import Graph, VarBytes, offsets_from_lengths
-from loomctl.core.tasktable import (FLAG_CHECKPOINT, FLAG_EXTRA, FLAG_OVERRIDE, Segment, SegmentIndex,
-                                    TaskColumns)
+from loomctl.core.segments import Segment, SegmentIndex, SegmentInfo
+from loomctl.core.tasktable import FLAG_CHECKPOINT, FLAG_EXTRA, FLAG_OVERRIDE, TaskColumns
+
+MAX_SYMBOLS = 1 << 16   # task types a server knows in its life (the symbol column is uint16)
 
 EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -36,7 +42,7 @@ def one_task_graph(symbol: str, config: bytes, n_inputs: int, request: dict | No
 class TaskGraph:
     def __init__(self):
         self.cols = TaskColumns()
-        self.segs = SegmentIndex()
+        self.segs = SegmentIndex(self.cols)
         self.symbols: list[str] = []
         self.symbol_codes: dict[str, int] = {}
         self.extra_consumers: dict[int, list[int]] = {}
@@ -46,33 +52,47 @@ class TaskGraph:
     def code(self, symbol: str) -> int:
         code = self.symbol_codes.get(symbol)
         if code is None:
+            if len(self.symbols) >= MAX_SYMBOLS:
+                raise ValueError(f"this server knows {MAX_SYMBOLS} task types already; restart it for more")
             code = self.symbol_codes[symbol] = len(self.symbols)
             self.symbols.append(symbol)
         return code
 
+    # ------------------------------------------------------------------ global ids
+    def ids_of(self, rows) -> np.ndarray:
+        return self.segs.ids_of(rows)
+
+    def rows_of(self, ids) -> np.ndarray:
+        return self.segs.rows_of(ids)
+
+    def next_rows(self, n: int) -> int:
+        """The first row the next ``add_segment`` of n tasks gets."""
+        return self.cols.peek(n)
+
     # ------------------------------------------------------------------ growth
     def add_segment(self, graph: Graph, global_inputs: np.ndarray, job_id: int,
                     overrides: dict | None = None) -> Segment:
-        """New ids for the tasks of ``graph`` (inputs already mapped to global ids), as
-        one segment of ``job_id``; ``overrides`` maps local ids to (symbol, config,
-        inputs) that replace theirs from the start (checkpoint loads). Edges from older
-        tasks are recorded in ``extra_consumers``. States, holds and remaining counts are
-        the caller's (core.transitions.add_tasks)."""
+        """New rows and global ids for the tasks of ``graph`` (inputs already mapped to
+        rows: its own from ``next_rows``), as one segment of ``job_id``; ``overrides`` maps
+        local ids to (symbol, config, inputs) that replace theirs from the start
+        (checkpoint loads). Edges from other segments are recorded in
+        ``extra_consumers``. States, holds and remaining counts are the caller's
+        (core.transitions.add_tasks)."""
         n = len(graph)
         c = self.cols
+        lut = np.array([self.code(s) for s in graph.symbols] or [0], dtype=np.uint16)
         base = c.allocate(n)
-        segment = Segment.build(len(self.segs.segments), base, graph, global_inputs, graph.input_offsets)
+        segment = Segment.build(self.segs.new_slot(), base, self.segs.next_gid, job_id, SegmentInfo(graph),
+                                global_inputs, graph.input_offsets)
         self.segs.add(segment)
         self.any_named_requests |= segment.has_named_requests
-        lut = np.array([self.code(s) for s in graph.symbols] or [0], dtype=np.int32)
         c.symbol[base:base + n] = lut[graph.types] if n else 0
-        c.job[base:base + n] = job_id
         c.segment[base:base + n] = segment.index
         if len(graph.requests):
             c.cpus[base:base + n] = [int((graph.request(i) or {}).get("cpus", 0)) for i in range(n)]
         if graph.checkpoints is not None:
             c.flags[base:base + n] |= np.where(graph.checkpoints.lengths() > 0, FLAG_CHECKPOINT, 0).astype(np.uint8)
-        external = global_inputs < base
+        external = (global_inputs < base) | (global_inputs >= base + n)
         if external.any():
             consumer_of_slot = np.repeat(np.arange(base, base + n, dtype=np.int64), np.diff(graph.input_offsets))
             for producer, consumer in zip(global_inputs[external].tolist(), consumer_of_slot[external].tolist()):
@@ -106,8 +126,23 @@ class TaskGraph:
         self.extra_consumers.setdefault(producer, []).append(consumer)
         self.cols.flags[producer] |= FLAG_EXTRA
 
+    def detach(self, lo: int, hi: int) -> None:
+        """The edges from tasks outside rows lo <= row < hi to tasks inside go (the inside
+        is retired: its rows will be other tasks')."""
+        if not self.extra_consumers:
+            return
+        inputs, consumers = self.slots(np.arange(lo, hi, dtype=np.int64))
+        outside = (inputs < lo) | (inputs >= hi)
+        for p, t in zip(inputs[outside].tolist(), consumers[outside].tolist()):
+            extra = self.extra_consumers.get(p)
+            if extra and t in extra:
+                extra.remove(t)
+                if not extra:
+                    del self.extra_consumers[p]
+                    self.cols.flags[p] &= ~np.uint8(FLAG_EXTRA)
+
     def forget(self, lo: int, hi: int) -> None:
-        """Drop the side tables of the ids lo <= id < hi (their segment is retired)."""
+        """Drop the side tables of the rows lo <= row < hi (their segment is retired)."""
         for table in (self.overrides, self.extra_consumers):
             if not table:
                 continue
@@ -178,6 +213,13 @@ class TaskGraph:
 
     def unfinished_inputs(self, ids: np.ndarray, finished_state: int) -> np.ndarray:
         """Per task of ``ids``: how many input slots wait for an unfinished producer."""
+        seg = self.segs.whole(ids)
+        if seg is not None and not ((self.cols.flags[ids] & FLAG_OVERRIDE) > 0).any():   # (at submit)
+            if not len(seg.inputs):
+                return np.zeros(len(ids), dtype=np.int32)
+            pending = np.zeros(len(seg.inputs) + 1, dtype=np.int32)
+            np.cumsum(self.cols.state[seg.inputs] != finished_state, out=pending[1:])
+            return pending[seg.input_offsets[1:]] - pending[seg.input_offsets[:-1]]
         inputs, consumer = self.slots(ids)
         if not len(inputs):
             return np.zeros(len(ids), dtype=np.int32)
@@ -190,10 +232,15 @@ class TaskGraph:
         np.add.at(counts, order[np.searchsorted(ids, pending, sorter=order)], 1)
         return counts
 
+    def submitted_graph(self, segment: Segment) -> Graph:
+        """The graph of a segment as it was added (journal snapshots)."""
+        return segment.graph.graph(segment, self.symbols, self.cols.symbol[segment.base:segment.base + segment.n],
+                                   self.rows_of)
+
     # ------------------------------------------------------------------ checks
     def held_ids(self) -> np.ndarray:
-        """The ids of the segments not retired."""
-        parts = [np.arange(seg.base, seg.base + seg.n) for seg in self.segs.segments if seg is not None]
+        """The rows of the segments not retired."""
+        parts = [np.arange(seg.base, seg.base + seg.n) for seg in self.segs.live()]
         return np.concatenate(parts).astype(np.int64) if parts else EMPTY
 
     def check(self) -> None:
@@ -214,3 +261,24 @@ class TaskGraph:
         assert edges == listed, "edges and consumer lists differ"
         flagged = set(held[(c.flags[held] & FLAG_EXTRA) > 0].tolist())
         assert flagged == {p for p in self.extra_consumers if alive[p]}, "FLAG_EXTRA"
+        assert all(alive[p] for p in self.extra_consumers) and all(alive[t] for t in self.overrides), \
+            "side tables name free rows"
+        assert all(alive[t] for ts in self.extra_consumers.values() for t in ts), "an edge to a free row"
+        for seg in self.segs.live():
+            assert (c.segment[seg.base:seg.base + seg.n] == seg.index).all(), "segment column"
+            rows = np.arange(seg.base, seg.base + seg.n)
+            assert (self.rows_of(self.ids_of(rows)) == rows).all(), "rows and ids map both ways"
+            assert seg.gid + seg.n <= self.segs.next_gid, "global ids handed out"
+        assert c.used == len(held), "rows in use are the live segments'"
+        assert c.used + sum(length for _, length in c.free) == c.n, "a row is in use or free"
+        assert all(a + m < b for (a, m), (b, _) in zip(c.free, c.free[1:])), "free ranges apart, in order"
+        assert not c.free or c.free[-1][0] + c.free[-1][1] < c.n, "no free range at the end"
+        free = np.ones(c.n, dtype=bool)
+        free[held] = False
+        assert not (c.flags[:c.n][free].any() or c.holds[:c.n][free].any() or (c.owner[:c.n][free] >= 0).any()
+                    or (c.worker[:c.n][free] >= 0).any()), "a free row holds nothing"
+
+    def nbytes(self) -> int:
+        """Bytes the graph keeps (columns, segments' CSR, side tables), roughly."""
+        return self.cols.nbytes() + sum(seg.nbytes() for seg in self.segs.live()) \
+            + 100 * (len(self.extra_consumers) + len(self.overrides))

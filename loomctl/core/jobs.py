@@ -11,8 +11,11 @@ Invariants:
   (their jobs with them). A task another job still needs is left to finish.
 - A job ended RETIRE_AFTER_S ago whose tasks hold no data, run nowhere, are needed by
   nothing and are no input of a job that is not retired (lost data of that job may have
-  to be computed again from them) is *retired*: its segments and record are dropped, a
-  status row stays in ``core.history`` (the last JOB_HISTORY).
+  to be computed again from them) is *retired*: its segments and record are dropped and
+  their rows go back to the task table (commands naming them are mapped to global ids
+  first, ready lists forget them), a status row stays in ``core.history`` (the last
+  JOB_HISTORY). ``job.base`` and the ids clients give and get are global ids; every
+  other id here is a row.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from graphfmt import symbols as S
 from graphfmt.graph import Graph
 from loomctl import messages as M
 from loomctl.core import transitions as T
-from loomctl.core.tasktable import (ALIAS, ASSIGNED, CANCELLED, FAILED, FINISHED, FLAG_EXTRA, FLAG_LOADED,
+from loomctl.core.tasktable import (ALIAS, ASSIGNED, CANCELLED, FAILED, FINISHED, FLAG_EXTRA, FLAG_LOADED, FLAG_QUEUED,
                                     LIVE, N_STATES, READY, SKIPPED, STATE_NAMES, WAITING,
                                     ranges)
 
@@ -73,7 +76,7 @@ def submit(core, client: bytes | None, graph: Graph, now: float, load: bool = Fa
         consumed = np.zeros(n, dtype=bool)
         consumed[graph.inputs] = True
         marked = ~consumed & ~alias
-    job = Job(id=core.next_job, client=client, name=name, base=core.graph.cols.n, n=n, submitted=now, trace=trace,
+    job = Job(id=core.next_job, client=client, name=name, base=core.graph.segs.next_gid, n=n, submitted=now, trace=trace,
               detached=detached)
     core.next_job += 1
     core.jobs[job.id] = job
@@ -94,11 +97,12 @@ def submit(core, client: bytes | None, graph: Graph, now: float, load: bool = Fa
 
 
 def map_inputs(core, graph: Graph, redirect_inputs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Global ids for the tasks of a graph about to be added, and its alias mask: a
-    FUTURE pseudo-task stands for an existing task a client holds, a TASK_INPUT (in a
-    redirection's sub-plan) for the redirecting task's input of that number."""
+    """Rows for the tasks of a graph about to be added, and its alias mask: a FUTURE
+    pseudo-task stands for an existing task a client holds (by its global id), a
+    TASK_INPUT (in a redirection's sub-plan) for the redirecting task's input of that
+    number (``redirect_inputs``: rows)."""
     n = len(graph)
-    base = core.graph.cols.n
+    base = core.graph.next_rows(n)
     local_to_global = np.arange(base, base + n, dtype=np.int64)
     alias = np.zeros(n, dtype=bool)
     for symbol, targets in ((S.FUTURE, None), (S.TASK_INPUT, redirect_inputs)):
@@ -115,8 +119,11 @@ def map_inputs(core, graph: Graph, redirect_inputs: np.ndarray | None) -> tuple[
                 if ref >= len(targets):
                     raise SubmitError(f"redirection uses input {ref}, the task has {len(targets)}")
                 ref = int(targets[ref])
-            elif not _usable_future(core, ref):
-                raise SubmitError(f"{graph.describe(int(i))}: future {ref} is unknown, failed or released")
+            else:
+                row = core.graph.segs.row_of(ref)
+                if not _usable_future(core, row):
+                    raise SubmitError(f"{graph.describe(int(i))}: future {ref} is unknown, failed or released")
+                ref = row
             local_to_global[i] = ref
             alias[i] = True
     return local_to_global, alias
@@ -188,7 +195,8 @@ def task_failed(core, t: int, message: str, worker_name: str, now: float) -> Non
         _fail_dependents(core, np.array([t], dtype=np.int64), job.id if job else -1, "failed", now)
         return
     job.failed += 1
-    job.error = {"job": job.id, "id": t, "task": t - job.base if job.base <= t < job.base + job.n else None,
+    gid = g.segs.id_of(t)
+    job.error = {"job": job.id, "id": gid, "task": gid - job.base if job.base <= gid < job.base + job.n else None,
                  "label": g.label(t), "symbol": g.symbols[c.symbol[t]], "worker": worker_name, "message": message}
     for client in job.watchers:
         core.commands.append(M.TaskFailed(client, job.error))
@@ -222,7 +230,8 @@ def _fail_dependents(core, ids: np.ndarray, job_id: int, status: str, now: float
             other = core.jobs.get(int(c.job[consumer]))
             if other is not None and other.id != job_id and other.status == "running" \
                     and c.state[consumer] in (WAITING, READY):
-                task_failed(core, consumer, f"input task {t} of job {job_id} did not finish ({status})", "", now)
+                task_failed(core, consumer, f"input task {core.graph.segs.id_of(t)} of job {job_id} did not finish "
+                                            f"({status})", "", now)
 
 
 def cancel(core, job_id: int, now: float) -> bool:
@@ -252,7 +261,7 @@ def client_gone(core, client: bytes, now: float) -> list[int]:
 
 
 def release(core, ids: np.ndarray) -> None:
-    """The client no longer wants these results."""
+    """The client no longer wants these results (rows)."""
     c = core.graph.cols
     ids = T.small_unique(ids[(ids >= 0) & (ids < c.n)])
     T.set_wanted(core, ids, False)
@@ -317,6 +326,19 @@ def retire_jobs(core, now: float, budget: int = 1000) -> int:
     return retired
 
 
+def _forget_ready(core, spans: list) -> None:
+    """The ready lists and the pool drop their (stale) entries of rows about to be freed."""
+    queued = [lo + np.flatnonzero(core.graph.cols.flags[lo:hi] & FLAG_QUEUED) for lo, hi in spans]
+    if not any(len(q) for q in queued) and not core.pool and not core.unchecked:
+        return
+    dead = np.zeros(core.graph.cols.n + 1, dtype=bool)
+    for lo, hi in spans:
+        dead[lo:hi] = True
+    core.ready = [a[~dead[a]] for a in core.ready]
+    core.unchecked = [a[~dead[a]] for a in core.unchecked]
+    core.pool.forget(dead)
+
+
 def _holds_nothing(core, job: Job) -> bool:
     g = core.graph
     c = g.cols
@@ -334,12 +356,18 @@ def _holds_nothing(core, job: Job) -> bool:
 
 def _retire(core, job: Job, now: float) -> None:
     core.history.append(job_row(core, job, now))
-    for index in job.segments:
-        seg = core.graph.segs.segments[index]
-        core.graph.forget(seg.base, seg.base + seg.n)
+    core.seal()   # (commands naming its rows name its global ids from here on)
+    g = core.graph
+    spans = [(seg.base, seg.base + seg.n) for seg in (g.segs.segments[index] for index in job.segments)]
+    for lo, hi in spans:
+        g.detach(lo, hi)
+    for lo, hi in spans:
+        g.forget(lo, hi)
         if core.stranded:
-            core.stranded = {t: w for t, w in core.stranded.items() if not seg.base <= t < seg.base + seg.n}
-        core.graph.segs.retire(index)
+            core.stranded = {t: w for t, w in core.stranded.items() if not lo <= t < hi}
+    _forget_ready(core, spans)
+    for index in job.segments:
+        g.segs.retire(index)   # (its rows are free now)
     core.aborted_jobs.discard(job.id)
     del core.jobs[job.id]
     core.stats["retired_jobs"] += 1

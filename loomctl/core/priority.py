@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from loomctl.core.tasktable import LIVE, ranges
+from loomctl.core.tasktable import FLAG_OVERRIDE, LIVE, ranges
 
 MAX_LEVEL = 1 << 20     # b-levels beyond this count as equal (bounds the sweeps at submit)
 SWEEPS = 4096           # level sweeps at submit; tasks further from a sink get MAX_LEVEL
@@ -38,35 +38,47 @@ def segment_added(core, segment, user: np.ndarray | None) -> None:
                                                                    -PRIORITY_LIMIT, PRIORITY_LIMIT)
         return   # (and nothing to raise: no task has an input)
     ids = np.arange(base, base + n, dtype=np.int64)
-    prio = np.zeros(n, np.int64) if user is None else np.clip(np.asarray(user, np.int64),
-                                                             -PRIORITY_LIMIT, PRIORITY_LIMIT)
-    level = np.full(n, MAX_LEVEL, np.int64)
-    offsets, consumers = segment.consumer_offsets, segment.consumers
-    if len(consumers):
-        counts = np.diff(offsets)
-        owner = np.repeat(np.arange(n), counts)                  # producer (local) of each edge
-        valid = consumers >= 0
-        owner, target = owner[valid], consumers[valid] - base    # consumer (local) of each edge
-        left = np.bincount(owner, minlength=n)                   # consumers not levelled yet
-        # edges grouped by consumer, to find the producers of a levelled frontier
-        by_consumer = np.argsort(target, kind="stable")
-        starts = np.searchsorted(target[by_consumer], np.arange(n + 1))
+    prio = np.zeros(n, np.int32) if user is None else np.clip(np.asarray(user, np.int64),
+                                                             -PRIORITY_LIMIT, PRIORITY_LIMIT).astype(np.int32)
+    level = np.full(n, MAX_LEVEL, np.int32)
+    # the segment's own edges, grouped by consumer: its input CSR (rows -> local ids), less
+    # the slots that point elsewhere and those of tasks whose inputs were replaced
+    offsets = segment.input_offsets
+    counts = np.diff(offsets)
+    local = segment.inputs - segment.inputs.dtype.type(base) if len(segment.inputs) else segment.inputs
+    inside = (local >= 0) & (local < n)
+    replaced = (c.flags[base:base + n] & FLAG_OVERRIDE) > 0
+    if replaced.any():
+        inside &= ~np.repeat(replaced, counts)
+    finished_sweeps = True
+    if inside.any():
+        left = np.bincount(local[inside], minlength=n)   # consumers not levelled yet
         frontier = np.flatnonzero(left == 0)
         depth = 1
-        while len(frontier) and depth <= SWEEPS:
+        while len(frontier):
+            if depth > SWEEPS:
+                finished_sweeps = False
+                break
             level[frontier] = depth
-            edges = by_consumer[ranges(starts[frontier], starts[frontier + 1])]
-            producers = owner[edges]
-            np.maximum.at(prio, producers, prio[target[edges]])
+            slots = ranges(offsets[frontier], offsets[frontier + 1])
+            keep = inside[slots]
+            producers = local[slots[keep]].astype(np.int64)
+            np.maximum.at(prio, producers, np.repeat(prio[frontier], counts[frontier])[keep])
             np.subtract.at(left, producers, 1)
             producers = np.unique(producers)
             frontier = producers[left[producers] == 0]
             depth += 1
+        del left, local, inside, counts
     else:
         level[:] = 1
-    c.blevel[ids] = np.minimum(level, MAX_LEVEL)
+    c.blevel[ids] = level
     c.priority[ids] = prio
-    raise_from(core, ids)
+    del level, prio
+    if finished_sweeps:   # only the edges from other segments may need raising
+        outside = np.flatnonzero((segment.inputs < base) | (segment.inputs >= base + n))
+        raise_from(core, base + np.searchsorted(offsets, outside, side="right") - 1 if len(outside) else ids[:0])
+    else:
+        raise_from(core, ids)
 
 
 def raise_from(core, consumers: np.ndarray) -> None:

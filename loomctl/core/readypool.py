@@ -112,6 +112,19 @@ class ReadyPool:
         self.entries = 0
         return ids
 
+    def forget(self, dead: np.ndarray) -> None:
+        """Drop the entries of the rows where ``dead`` is true (rows given back: a stale
+        entry must not stand for the task that takes the row next)."""
+        for key in list(self.buckets):
+            bucket = self.buckets[key]
+            kept = [ids[~dead[ids]] for ids in bucket]
+            self.entries -= sum(len(ids) for ids in bucket) - sum(len(ids) for ids in kept)
+            bucket.clear()
+            bucket.extend(ids for ids in kept if len(ids))
+            if not bucket:
+                del self.buckets[key]
+        self.order = [k for k in self.order if self.buckets.get((k, True)) or self.buckets.get((k, False))]
+
     def has_light(self) -> bool:
         """Some light-task entry is waiting (maybe stale)."""
         return any(light and bucket for (_, light), bucket in self.buckets.items())

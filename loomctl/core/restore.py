@@ -11,8 +11,9 @@ then what is still missing and needed is computed again (``recompute_lost``).
 compaction.
 
 Invariants:
-- Restored jobs keep their ids and task ids; ids handed out later never collide with
-  ids a worker may still hold (``cols.n`` is at least the journal's last "ids").
+- Restored jobs keep their ids and task ids (global ids; the journal names no rows);
+  ids handed out later never collide with ids a worker may still hold
+  (``segs.next_gid`` is at least the journal's last "ids").
 - Restored jobs are detached: they complete whatever became of their clients.
 - The core's invariants hold after ``restore`` (tests check them).
 """
@@ -71,6 +72,7 @@ def restore(core, records: list, now: float, hold_s: float) -> dict:
         except (ValueError, TypeError, KeyError, IndexError):
             skipped += 1
     c = core.graph.cols
+    segs = core.graph.segs
     restored = finished_count = 0
     f_ids, f_sizes, f_lengths = (np.concatenate([f[k] for f in finished]) if finished else np.zeros(0, np.int64)
                                  for k in range(3))
@@ -78,7 +80,7 @@ def restore(core, records: list, now: float, hold_s: float) -> dict:
     f_ids, f_sizes, f_lengths = f_ids[order], f_sizes[order], f_lengths[order]
     u_ids = np.sort(np.concatenate(unwanted)) if unwanted else np.zeros(0, np.int64)
     for job_id, entry in sorted(live.items(), key=lambda kv: kv[1]["base"]):
-        if entry["base"] < c.n:
+        if entry["base"] < segs.next_gid:
             skipped += 1
             continue
         try:
@@ -86,7 +88,7 @@ def restore(core, records: list, now: float, hold_s: float) -> dict:
         except GraphError:
             skipped += 1
             continue
-        c.skip_to(entry["base"])
+        segs.skip_to(entry["base"])
         core.next_job = job_id
         options = entry["options"]
         try:
@@ -101,7 +103,7 @@ def restore(core, records: list, now: float, hold_s: float) -> dict:
         if b > a:
             ids, sizes, lengths = f_ids[a:b], f_sizes[a:b], f_lengths[a:b]
             last = np.concatenate([ids[1:] != ids[:-1], [True]])   # each id once, its last record
-            ids, sizes, lengths = ids[last], sizes[last], lengths[last]
+            ids, sizes, lengths = core.graph.rows_of(ids[last]), sizes[last], lengths[last]
             state = c.state[ids]
             pending = (state == WAITING) | (state == READY)
             ids, sizes, lengths = ids[pending], sizes[pending], lengths[pending]
@@ -110,7 +112,7 @@ def restore(core, records: list, now: float, hold_s: float) -> dict:
             finished_count += len(ids)
         a, b = np.searchsorted(u_ids, [lo, hi])
         if b > a:
-            T.set_wanted(core, np.unique(u_ids[a:b]), False)
+            T.set_wanted(core, core.graph.rows_of(np.unique(u_ids[a:b])), False)
         if entry["end"] is not None:
             status, error = entry["end"]
             if job.status == "running":
@@ -122,7 +124,7 @@ def restore(core, records: list, now: float, hold_s: float) -> dict:
         elif job.status == "running" and job.finished >= job.active:
             jobs.end(core, job, "finished", now)
         core.next_job = max(core.next_job, job_id + 1)
-    c.skip_to(next_id)
+    segs.skip_to(next_id)
     core.hold_until = now + hold_s
     return {"server": server, "jobs": restored, "tasks_finished": finished_count, "skipped": skipped}
 
@@ -130,19 +132,19 @@ def restore(core, records: list, now: float, hold_s: float) -> dict:
 def snapshot(core, server: dict) -> list:
     """The journal records of the live state (jobs not retired)."""
     c = core.graph.cols
-    out = [["server", server], ["ids", int(c.n)]]
+    out = [["server", server], ["ids", int(core.graph.segs.next_gid)]]
     for job in sorted(core.jobs.values(), key=lambda j: j.base):
         seg = core.graph.segs.segments[job.segments[0]]
-        out.append(["job", job.id, job.base, graphfmt.to_bytes(seg.graph),
+        out.append(["job", job.id, job.base, graphfmt.to_bytes(core.graph.submitted_graph(seg)),
                      {"name": job.name, "detached": True}])
-        lo, hi = job.base, job.base + job.n
+        lo, hi = seg.base, seg.base + seg.n   # (rows)
         done = lo + np.flatnonzero(c.state[lo:hi] == FINISHED)
         if len(done):
-            out.append(["finished", done.astype("<i8").tobytes(), c.size[done].astype("<i8").tobytes(),
+            out.append(["finished", core.graph.ids_of(done).astype("<i8").tobytes(), c.size[done].astype("<i8").tobytes(),
                         c.length[done].astype("<i8").tobytes()])
         unwanted = job.results[(c.flags[job.results] & FLAG_RESULT) == 0] if len(job.results) else job.results
         if len(unwanted):
-            out.append(["unwanted", unwanted.astype("<i8").tobytes()])
+            out.append(["unwanted", core.graph.ids_of(unwanted).astype("<i8").tobytes()])
         if job.status != "running":
             out.append(["end", job.id, job.status, job.error])
     return out

@@ -5,7 +5,10 @@
 modules cut along the seams of the state machine:
 
   transitions  the one place where task states, holds and remaining counts change
+  tasktable    the per-row columns, free row ranges, the allowed state changes
+  segments     a submission's rows and 64-bit ids, its input/consumer CSR
   graphstate   the task graph: columns, segments, overrides, edges (structure only)
+  edge         global ids <-> rows for events in and commands out
   jobs         submit, fail, cancel, a client gone, the end and retirement of jobs
   workers      a worker joining, its liveness, its loss and what that costs
   reports      finished and failed tasks, replicas
@@ -13,6 +16,11 @@ modules cut along the seams of the state machine:
   scheduler    placement rounds (policy: placement; options: scheduler.Options)
   readypool    the ready tasks, best first; priority: user priorities and b-levels
   stealing     queued tasks given back by loaded workers to idle ones (off by default)
+
+Inside the core a task is its row in the task table; outside it is its global id (64-bit,
+never reused). This facade is the edge (``core.edge``): the ids of every event are mapped
+to rows here (an id of no live task, a retired one's included, is left out), and the
+commands are mapped to global ids when they are taken. ``job.base`` is a global id.
 
 Each event appends typed commands (``loomctl.messages``) to ``commands``, which the
 process shell drains (``take_commands``), encodes (``loomctl.protocol``) and sends.
@@ -28,7 +36,7 @@ import numpy as np
 
 from graphfmt.graph import Graph
 from loomctl import messages
-from loomctl.core import dynamic, invariants, jobs, reports, scheduler, stealing, workers
+from loomctl.core import dynamic, edge, invariants, jobs, reports, scheduler, stealing, workers
 from loomctl.core.graphstate import TaskGraph
 from loomctl.core.jobs import JOB_HISTORY, Job, SubmitError
 from loomctl.core.readypool import ReadyPool
@@ -54,6 +62,7 @@ class ServerCore:
         self.starved: set[int] = set()            # workers the last round could not fill (scheduler)
         self.unchecked: list[np.ndarray] = []  # READY since the last satisfiability check
         self.commands: list = []
+        self.sealed = 0                        # commands[:sealed] name global ids already (core.edge)
         self.replicas: dict[int, set[int]] = {}   # task -> workers with a copy besides its owner
         self.n_data = 0                        # tasks whose data some worker holds (owner >= 0)
         self.lost_workers: list[dict] = []
@@ -78,8 +87,34 @@ class ServerCore:
         return self.graph.segs
 
     def take_commands(self) -> list:
-        out, self.commands = self.commands, []
+        self.seal()
+        out, self.commands, self.sealed = self.commands, [], 0
         return out
+
+    def seal(self) -> None:
+        """Map the commands made so far to global ids (before rows are given back)."""
+        if self.sealed < len(self.commands):
+            tail = self.commands[self.sealed:]
+            edge.to_global(self, tail)
+            self.commands[self.sealed:] = tail
+            self.sealed = len(self.commands)
+
+    def _release_unknown(self, wid: int, ids, rows: np.ndarray) -> None:
+        """Data a worker holds for ids of no live task (retired meanwhile, or never known)
+        is released there."""
+        unknown = rows < 0
+        if unknown.any() and wid in self.workers:
+            ids = np.asarray(ids)[unknown]
+            if ids.dtype.kind in "iu":
+                ids = ids[(ids >= 0) & (ids <= edge.MAX_ID)].astype(np.int64)
+                if len(ids):
+                    self._command(messages.ReleaseData(self.workers[wid].key, ids))
+
+    def _command(self, command) -> None:
+        """A command that names global ids already."""
+        self.seal()
+        self.commands.append(command)
+        self.sealed = len(self.commands)
 
     # ------------------------------------------------------------------ events
     def add_worker(self, key: bytes, info: messages.Register, now: float) -> int:
@@ -99,25 +134,33 @@ class ServerCore:
 
     def tasks_finished(self, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: np.ndarray,
                        now: float, inline: dict | None = None) -> None:
-        reports.tasks_finished(self, wid, ids, sizes, lengths, now, inline)
+        rows = edge.rows(self, ids)
+        self._release_unknown(wid, ids, rows)
+        if inline:
+            given = np.asarray(ids).tolist()
+            inline = {r: inline[t] for t, r in zip(given, rows.tolist()) if r >= 0 and t in inline}
+        reports.tasks_finished(self, wid, rows, sizes, lengths, now, inline)
 
     def tasks_failed(self, wid: int, failures: list, now: float) -> None:
-        reports.tasks_failed(self, wid, failures, now)
+        rows = edge.rows(self, [t for t, _ in failures]).tolist() if failures else []
+        reports.tasks_failed(self, wid, [(r, m) for r, (_, m) in zip(rows, failures) if r >= 0], now)
 
     def replicas_added(self, wid: int, ids: np.ndarray) -> None:
-        reports.replicas_added(self, wid, ids)
+        reports.replicas_added(self, wid, edge.rows(self, ids))
 
     def tasks_returned(self, wid: int, ids: np.ndarray, now: float) -> None:
-        stealing.tasks_returned(self, wid, ids, now)
+        stealing.tasks_returned(self, wid, edge.rows(self, ids), now)
 
     def data_returned(self, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: np.ndarray, now: float) -> None:
-        reports.data_returned(self, wid, ids, sizes, lengths, now)
+        rows = edge.rows(self, ids)
+        self._release_unknown(wid, ids, rows)
+        reports.data_returned(self, wid, rows, sizes, lengths, now)
 
     def task_redirected(self, wid: int, task_id: int, graph: Graph, now: float) -> None:
-        dynamic.redirect(self, wid, task_id, graph, now)
+        dynamic.redirect(self, wid, int(edge.rows(self, [task_id])[0]), graph, now)
 
     def release(self, ids: np.ndarray) -> None:
-        jobs.release(self, ids)
+        jobs.release(self, edge.rows(self, ids))
 
     def cancel(self, job_id: int, now: float) -> bool:
         return jobs.cancel(self, job_id, now)
@@ -142,7 +185,12 @@ class ServerCore:
         return jobs.job_row(self, job, now)
 
     def job_results(self, job_id: int, watcher: bytes | None = None) -> dict:
-        return jobs.job_results(self, job_id, watcher)
+        answer = jobs.job_results(self, job_id, watcher)
+        return {**answer, "ids": self.graph.ids_of(answer["ids"])}
+
+    def ids_of(self, rows) -> np.ndarray:
+        """The global ids of rows (``job.results``, say)."""
+        return self.graph.ids_of(rows)
 
     def retired_row(self, job_id: int) -> dict | None:
         return next((row for row in self.history if row["id"] == job_id), None)
@@ -168,7 +216,8 @@ class ServerCore:
                          "address": w.data_address, "last_seen_s": round(now - w.last_seen, 3)})
         job_rows = [*self.history, *(self.job_row(job, now) for job in self.jobs.values())]
         lost = [{**w, "ago_s": round(now - w["at"], 1)} for w in self.lost_workers[-20:]]
-        return {"workers": rows, "lost_workers": lost, "jobs": job_rows, "n_tasks": int(n),
+        return {"workers": rows, "lost_workers": lost, "jobs": job_rows, "n_tasks": int(self.segs.next_gid),
+                "live_tasks": int(c.used),
                 "n_data_objects": self.n_data, "stats": dict(self.stats)}
 
     def check_invariants(self) -> None:

@@ -1,29 +1,28 @@
-"""The server's task table: numpy columns indexed by global task id, plus segments, and
-the table of allowed state changes.
+"""The server's task table: numpy columns indexed by *row*, and the table of allowed
+state changes (the segments that own the rows are in ``core.segments``, re-exported).
+
+Inside the core a task is its row; the world outside knows it by its global id (64-bit,
+never reused; ``core.segments`` maps one to the other, ``core.server`` at the edge).
 
 Invariants:
-- Global ids are handed out in increasing order and never reused; each submission (or
-  run-time expansion) appends one Segment covering ids ``base .. base+n-1``.
-- A segment stores its inputs and consumers in CSR form with *global* ids. Consumers
-  from a later segment (a future used by a later job, an expansion) are kept in
-  ``extra_consumers``; tasks that have some carry FLAG_EXTRA. A consumer edge that was
-  removed at run time (its consumer's inputs were replaced) is -1 in the CSR and is
-  never returned by ``consumers_of``.
-- Per-task columns grow by doubling; ``cols.n`` is the number of ids in use. No Python
-  object exists per task.
-- A retired segment (its job is done with, see core.jobs.retire) is None in
-  ``segments``; its base stays, and none of its ids is looked up again.
+- A segment holds the rows ``base .. base+n-1`` (contiguous); every row in use belongs
+  to one live segment (``segment`` column); the other rows below ``n`` are free
+  (``free``: [start, length] ranges in order, none touching another or the end).
+- A row is handed out with every column zeroed (``owner`` and ``worker`` -1); a freed
+  row keeps only its (final) state: it holds nothing, runs nowhere, is flagged nothing,
+  so scans over ``0 .. n-1`` find nothing in it.
+- Per-task columns grow by doubling and shrink when most rows are free; no Python
+  object exists per task (``length``, 0 for all but arrays, is a dict of the others;
+  ``job`` is read through the segment).
 - ``state`` changes only through ``core.transitions.transition``, which checks every
   move against ``ALLOWED`` (tests check that nothing else writes the column).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from graphfmt.graph import Graph, offsets_from_lengths
+from loomctl.core.segments import Segment, SegmentIndex, ranges  # noqa: F401  (they live there)
 
 # task states
 WAITING, READY, ASSIGNED, FINISHED, FAILED, CANCELLED, ALIAS, SKIPPED = range(8)
@@ -60,191 +59,133 @@ FLAG_OVERRIDE = 16       # symbol/config/inputs replaced at run time (see overri
 FLAG_QUEUED = 32         # in the ready list (core.ready), once
 
 _COLUMNS = {
-    "state": np.uint8, "flags": np.uint8, "remaining": np.int32, "holds": np.int32,
-    "owner": np.int32, "worker": np.int32, "size": np.int64, "length": np.int64,
-    "cpus": np.int32, "job": np.int32, "segment": np.int32, "symbol": np.int32,
-    "attempts": np.int8, "blevel": np.int32, "priority": np.int32,   # (the last two: core.priority)
+    "state": np.uint8, "flags": np.uint8, "attempts": np.int8, "remaining": np.int32, "holds": np.int32,
+    "owner": np.int32, "worker": np.int32, "size": np.int64, "cpus": np.int32, "segment": np.int32,
+    "symbol": np.uint16, "blevel": np.int32, "priority": np.int32,   # (the last two: core.priority)
 }
+MIN_CAPACITY = 1024
+
+
+class SparseColumn:
+    """An int64 column that is 0 for most rows: ``col[rows]``, ``col[rows] = values``."""
+
+    def __init__(self):
+        self.values: dict[int, int] = {}
+
+    def __getitem__(self, rows):
+        if np.ndim(rows) == 0:
+            return self.values.get(int(rows), 0)
+        rows = np.asarray(rows)
+        if not self.values:
+            return np.zeros(rows.shape, dtype=np.int64)
+        get = self.values.get
+        return np.array([get(i, 0) for i in rows.tolist()], dtype=np.int64)
+
+    def __setitem__(self, rows, values) -> None:
+        rows = np.atleast_1d(np.asarray(rows))
+        values = np.broadcast_to(np.asarray(values, dtype=np.int64), rows.shape)
+        nonzero = values != 0
+        if self.values:
+            for i in rows[~nonzero].tolist():
+                self.values.pop(i, None)
+        if nonzero.any():
+            self.values.update(zip(rows[nonzero].tolist(), values[nonzero].tolist()))
+
+    def clear(self, lo: int, hi: int) -> None:
+        keys = [k for k in self.values if lo <= k < hi] if len(self.values) < hi - lo else \
+            [k for k in range(lo, hi) if k in self.values]
+        for k in keys:
+            del self.values[k]
+
+
+class _JobColumn:
+    """``cols.job[rows]``: the job of each row, through its segment."""
+
+    def __init__(self, cols: "TaskColumns"):
+        self.cols = cols
+
+    def __getitem__(self, rows):
+        return self.cols.segment_job[self.cols.segment[rows]]
 
 
 class TaskColumns:
-    def __init__(self, capacity: int = 1024):
-        self.n = 0
+    def __init__(self, capacity: int = MIN_CAPACITY):
+        self.n = 0                 # rows below this are in use or free; none above
+        self.used = 0              # rows in use
         self.capacity = capacity
+        self.free: list[list[int]] = []   # [start, length] of free ranges, in order
         for name, dtype in _COLUMNS.items():
             setattr(self, name, np.zeros(capacity, dtype=dtype))
+        self.length = SparseColumn()
+        self.segment_job = np.zeros(64, dtype=np.int64)   # per segment slot (kept by core.segments)
+        self.job = _JobColumn(self)
 
-    def skip_to(self, n: int) -> None:
-        """Ids below ``n`` are used (a restored server takes its jobs' ids back): rows up
-        to there exist, unused ones holding nothing."""
-        if n > self.n:
-            self.allocate(n - self.n)
+    def peek(self, count: int) -> int:
+        """The first row ``allocate(count)`` would return."""
+        for start, length in self.free:
+            if length >= count:
+                return start
+        return self.n
 
     def allocate(self, count: int) -> int:
-        """Reserve ``count`` new ids; returns the first. New rows are zero (columns are
-        made with zeros and ids are never reused) except owner/worker = -1."""
+        """Hand out ``count`` contiguous rows (the first free range they fit in, else new
+        rows at the end); returns the first. Their columns are zero, owner/worker -1."""
+        for k, (start, length) in enumerate(self.free):
+            if length >= count:
+                if length == count:
+                    del self.free[k]
+                else:
+                    self.free[k] = [start + count, length - count]
+                self._reset(start, start + count)
+                self.used += count
+                return start
         base = self.n
         need = base + count
         if need > self.capacity:
-            capacity = max(need, 2 * self.capacity)
-            for name in _COLUMNS:
-                old = getattr(self, name)
-                new = np.zeros(capacity, dtype=old.dtype)
-                new[:base] = old[:base]
-                setattr(self, name, new)
-            self.capacity = capacity
-        self.owner[base:need] = -1
-        self.worker[base:need] = -1
+            self._resize(max(need, 2 * self.capacity))
+        self._reset(base, need)
         self.n = need
+        self.used += count
         return base
 
+    def release(self, base: int, count: int) -> None:
+        """Rows ``base .. base+count-1`` are free again."""
+        if count <= 0:
+            return
+        self.used -= count
+        self._reset(base, base + count)
+        self.length.clear(base, base + count)
+        self.free.append([base, count])
+        self.free.sort()
+        merged: list[list[int]] = []
+        for start, length in self.free:
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1][1] += length
+            else:
+                merged.append([start, length])
+        if merged and merged[-1][0] + merged[-1][1] == self.n:   # the end is free: the table ends earlier
+            self.n = merged.pop()[0]
+        self.free = merged
+        if self.capacity > MIN_CAPACITY and self.capacity >= 4 * self.n:
+            self._resize(max(MIN_CAPACITY, 2 * self.n))
 
-@dataclass(eq=False)
-class Segment:
-    index: int
-    base: int
-    graph: Graph              # configs, labels, checkpoints, requests (local ids)
-    input_offsets: np.ndarray  # local CSR, n+1
-    inputs: np.ndarray         # global ids
-    consumer_offsets: np.ndarray
-    consumers: np.ndarray      # global ids, within this segment (-1: edge removed)
-    pruned: bool = False       # some consumer edge was removed
+    def _reset(self, lo: int, hi: int) -> None:
+        for name in _COLUMNS:
+            if name != "state":   # (births set it: core.transitions.add_tasks)
+                getattr(self, name)[lo:hi] = 0
+        self.owner[lo:hi] = -1
+        self.worker[lo:hi] = -1
 
-    def drop_consumer(self, producer: int, consumer: int) -> bool:
-        """Remove one edge producer -> consumer from the consumer CSR (True if found)."""
-        local = producer - self.base
-        lo, hi = self.consumer_offsets[local], self.consumer_offsets[local + 1]
-        hit = np.flatnonzero(self.consumers[lo:hi] == consumer)
-        if not len(hit):
-            return False
-        self.consumers[lo + hit[0]] = -1
-        self.pruned = True
-        return True
+    def _resize(self, capacity: int) -> None:
+        keep = min(self.n, capacity)
+        for name in _COLUMNS:
+            old = getattr(self, name)
+            new = np.zeros(capacity, dtype=old.dtype)
+            new[:keep] = old[:keep]
+            setattr(self, name, new)
+        self.capacity = capacity
 
-    @property
-    def has_named_requests(self) -> bool:
-        """Some task asks for a named resource besides cpus."""
-        return any(set(r) - {"cpus"} for r in self.graph.requests)
-
-    @property
-    def n(self) -> int:
-        return len(self.input_offsets) - 1
-
-    @classmethod
-    def build(cls, index: int, base: int, graph: Graph, global_inputs: np.ndarray,
-              input_offsets: np.ndarray) -> "Segment":
-        n = len(input_offsets) - 1
-        if not len(global_inputs):   # no inputs at all (a job of sources): no consumers
-            return cls(index, base, graph, input_offsets, global_inputs,
-                       np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
-        owners = np.repeat(np.arange(base, base + n, dtype=np.int64), np.diff(input_offsets))
-        local = global_inputs - base
-        inside = (local >= 0) & (local < n)
-        order = np.argsort(local[inside], kind="stable")
-        counts = np.bincount(local[inside], minlength=n)[:n] if inside.any() else np.zeros(n, np.int64)
-        return cls(index, base, graph, input_offsets, global_inputs,
-                   offsets_from_lengths(counts), owners[inside][order])
-
-
-def ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, e) for every pair, vectorised."""
-    lengths = ends - starts
-    total = int(lengths.sum())
-    if total <= 0:
-        return np.zeros(0, dtype=np.int64)
-    shift = np.repeat(starts - offsets_from_lengths(lengths)[:-1], lengths)
-    return np.arange(total, dtype=np.int64) + shift
-
-
-class SegmentIndex:
-    """Which segment holds a global id, and CSR gathers across segments."""
-
-    def __init__(self):
-        self.segments: list[Segment | None] = []
-        self._bases = np.zeros(64, dtype=np.int64)   # grows by doubling: a job per submit
-
-    @property
-    def bases(self) -> np.ndarray:
-        return self._bases[:len(self.segments)]
-
-    def add(self, segment: Segment) -> None:
-        k = len(self.segments)
-        if k == len(self._bases):
-            self._bases = np.concatenate([self._bases, np.zeros(k, dtype=np.int64)])
-        self._bases[k] = segment.base
-        self.segments.append(segment)
-
-    def retire(self, index: int) -> None:
-        """Forget a segment whose tasks are all done with (its base stays, so later
-        lookups still find their own segments)."""
-        self.segments[index] = None
-
-    def of(self, ids: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.bases, ids, side="right") - 1
-
-    def _gather(self, ids: np.ndarray, offsets_name: str, values_name: str, per_slot: bool):
-        if len(ids) == 0:
-            empty = np.zeros(0, dtype=np.int64)
-            return (empty, empty) if per_slot else empty
-        if len(ids) == 1:   # (most reports and rounds of small jobs: no vector work)
-            return self._gather_one(ids, offsets_name, values_name, per_slot)
-        seg_ids = self.of(ids)
-        first = seg_ids[0]
-        present = (first,) if (seg_ids == first).all() else np.unique(seg_ids)
-        values, owners = [], []
-        for s in present:
-            seg = self.segments[s]
-            if not len(getattr(seg, values_name)):   # e.g. a segment of sources has no inputs
-                continue
-            mine = ids if len(present) == 1 else ids[seg_ids == s]
-            offsets = getattr(seg, offsets_name)
-            local = mine - seg.base
-            starts, ends = offsets[local], offsets[local + 1]
-            values.append(getattr(seg, values_name)[ranges(starts, ends)])
-            if per_slot:
-                owners.append(np.repeat(mine, ends - starts))
-        empty = np.zeros(0, dtype=np.int64)
-        values = values[0] if len(values) == 1 else np.concatenate(values) if values else empty
-        if not per_slot:
-            return values
-        return values, owners[0] if len(owners) == 1 else np.concatenate(owners) if owners else empty
-
-    def _gather_one(self, ids: np.ndarray, offsets_name: str, values_name: str, per_slot: bool):
-        t = int(ids[0])
-        seg = self.segments[int(self.bases.searchsorted(t, side="right")) - 1]
-        values = getattr(seg, values_name)
-        if not len(values):   # e.g. a segment of sources has no inputs
-            empty = np.zeros(0, dtype=np.int64)
-            return (empty, empty) if per_slot else empty
-        offsets = getattr(seg, offsets_name)
-        lo, hi = int(offsets[t - seg.base]), int(offsets[t - seg.base + 1])
-        values = values[lo:hi].copy()
-        return (values, np.repeat(ids, hi - lo)) if per_slot else values
-
-    def inputs_of(self, ids: np.ndarray, per_slot: bool = False):
-        """Input ids (one per slot) of ``ids``; with per_slot also the consumer of each."""
-        return self._gather(ids, "input_offsets", "inputs", per_slot)
-
-    def consumers_of(self, ids: np.ndarray, per_slot: bool = False):
-        """Consumer ids within the same segments (one per input slot; removed edges left
-        out); with per_slot also the producer of each."""
-        out = self._gather(ids, "consumer_offsets", "consumers", per_slot)
-        consumers = out[0] if per_slot else out
-        if len(consumers) and consumers.min() < 0:
-            keep = consumers >= 0
-            return (consumers[keep], out[1][keep]) if per_slot else consumers[keep]
-        return out
-
-    def task_inputs(self, task_id: int) -> np.ndarray:
-        seg, local = self.locate(task_id)
-        return seg.inputs[seg.input_offsets[local]:seg.input_offsets[local + 1]]
-
-    def task_consumers(self, task_id: int) -> np.ndarray:
-        seg, local = self.locate(task_id)
-        out = seg.consumers[seg.consumer_offsets[local]:seg.consumer_offsets[local + 1]]
-        return out[out >= 0] if seg.pruned else out
-
-    def locate(self, task_id: int) -> tuple[Segment, int]:
-        k = int(np.searchsorted(self.bases, task_id, side="right")) - 1
-        seg = self.segments[k]
-        return seg, task_id - seg.base
+    def nbytes(self) -> int:
+        """Bytes the columns take (allocated capacity), roughly."""
+        return sum(getattr(self, name).nbytes for name in _COLUMNS) + 100 * len(self.length.values) \
+            + self.segment_job.nbytes

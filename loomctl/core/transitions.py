@@ -75,7 +75,8 @@ def transition(core, ids: np.ndarray, to: int, worker: int | None = None) -> Non
     elif to == FINISHED:
         _count(core, ids, "finished", 1)
         if core.record is not None:
-            core.record.append(["finished", ids.astype("<i8").tobytes(), c.size[ids].astype("<i8").tobytes(),
+            core.record.append(["finished", core.graph.ids_of(ids).astype("<i8").tobytes(),
+                                c.size[ids].astype("<i8").tobytes(),
                                 c.length[ids].astype("<i8").tobytes()])
         _finished(core, ids)
     elif to == WAITING:
@@ -281,7 +282,7 @@ def set_wanted(core, ids: np.ndarray, wanted: bool) -> np.ndarray:
         c.flags[ids] &= ~np.uint8(FLAG_RESULT)
         c.holds[ids] -= 1
         if core.record is not None and len(ids):
-            core.record.append(["unwanted", ids.astype("<i8").tobytes()])
+            core.record.append(["unwanted", core.graph.ids_of(ids).astype("<i8").tobytes()])   # (journals: global ids)
         release_unheld(core, ids)
     return ids
 

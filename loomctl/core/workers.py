@@ -107,7 +107,7 @@ def remove_worker(core, wid: int, now: float, reason: str = "lost") -> None:
         else:
             c.owner[t] = -1
             core.n_data -= 1
-    running = presumed_running(worker, assigned)
+    running = presumed_running(worker, assigned, core.graph)
     c.attempts[running] += 1
     for t in running[c.attempts[running] >= MAX_ATTEMPTS].tolist():
         if c.state[t] != ASSIGNED:   # (cancelled with its job by a failure just before)
@@ -126,15 +126,17 @@ def remove_worker(core, wid: int, now: float, reason: str = "lost") -> None:
     core.recheck_at = now + REPLACE_GRACE_S   # (not at once: a replacement may be on its way)
 
 
-def presumed_running(worker: Worker, assigned: np.ndarray) -> np.ndarray:
+def presumed_running(worker: Worker, assigned: np.ndarray, graph) -> np.ndarray:
     """Of the tasks ASSIGNED to a lost worker, those it was (or may have been) running:
     the ones its last heartbeat said were running, and its ``cpus`` oldest (lowest ids;
     a worker starts its queue in order), so that a task that kills its worker as soon
     as it starts is counted too. The rest were only queued there."""
     reported = worker.stats.get("running_ids")
-    ids = [t for t in reported if type(t) is int] if isinstance(reported, list) else []
-    running = assigned[np.isin(assigned, ids)] if ids else assigned[:0]
-    return np.union1d(running, np.sort(assigned)[:max(1, worker.cpus)]).astype(np.int64)
+    ids = [t for t in reported if type(t) is int and 0 <= t < 1 << 63] if isinstance(reported, list) else []
+    ids = graph.rows_of(np.array(ids, dtype=np.int64)) if ids else ids   # (it reports global ids)
+    running = assigned[np.isin(assigned, ids)] if len(ids) else assigned[:0]
+    oldest = assigned[np.argsort(graph.ids_of(assigned), kind="stable")[:max(1, worker.cpus)]]
+    return np.union1d(running, oldest).astype(np.int64)
 
 
 def strand(core, wid: int, address: str) -> None:

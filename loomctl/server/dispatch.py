@@ -125,9 +125,9 @@ class Dispatch:
         if core.record is None:
             return []
         records, core.record = core.record, []
-        if core.cols.n != self._journaled_ids:
-            self._journaled_ids = core.cols.n
-            records.append(["ids", int(core.cols.n)])
+        if core.segs.next_gid != self._journaled_ids:
+            self._journaled_ids = core.segs.next_gid
+            records.append(["ids", int(core.segs.next_gid)])
         return records
 
     def close(self) -> None:
@@ -220,7 +220,7 @@ class Dispatch:
             log.info("job %d submitted: %d tasks", job.id, job.n)
             if trace_dir is not None:
                 self._trace_job(job, trace_dir)
-            return {"job": job.id, "base": job.base, "n": job.n, "results": P.ids_to_bytes(job.results)}
+            return {"job": job.id, "base": job.base, "n": job.n, "results": P.ids_to_bytes(core.ids_of(job.results))}
         if isinstance(request, M.Release):
             core.release(request.ids)
             return {}
@@ -236,7 +236,8 @@ class Dispatch:
             self.trace_dir = request.path
             return {}
         if request.kind == P.STATS:
-            return {"n_workers": len(core.workers), "n_data_objects": core.n_data, "n_tasks": core.cols.n,
+            return {"n_workers": len(core.workers), "n_data_objects": core.n_data, "n_tasks": core.segs.next_gid,
+                    "live_tasks": core.cols.used,
                     "n_jobs": len(core.jobs), "bytes_received": self.bytes_received,
                     "messages_received": self.messages_received, "bad_messages": self.bad_messages,
                     "refused": self.gate.refused, "connections": len(self.gate.roles),
