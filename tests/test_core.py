@@ -117,13 +117,10 @@ def test_small_results_a_client_waits_for_are_sent_along_with_the_finish():
     rows = [row for _, message, body in wire(env.core.take_commands()) if message == P.COMPUTE
             for row in body["tasks"]]
     inline = {row[0]: row[8] for row in rows}
-    assert inline == {root - 2: False, root - 1: False, root + 1: False}   # inputs; unwatched job
+    assert inline == {root - 2: False, root - 1: False, root: True, root + 1: False}   # the client's result
+    assert [row[0] for row in rows if row[9]] == [root]   # (given ahead of its inputs: core.speculation)
     env.core.tasks_finished(env.wids[0], np.array([root - 2, root - 1, root + 1]), np.ones(3, np.int64),
                             np.zeros(3, np.int64), 0.0)
-    env.core.schedule(0.0)
-    rows = [row for _, message, body in wire(env.core.take_commands()) if message == P.COMPUTE
-            for row in body["tasks"]]
-    assert [(row[0], row[8]) for row in rows] == [(root, True)]   # the client's result
     env.core.tasks_finished(env.wids[0], np.array([root]), np.ones(1, np.int64), np.zeros(1, np.int64), 0.0,
                             inline={root: b"encoded ab"})
     ready = [body for _, message, body in wire(env.core.take_commands()) if message == P.RESULTS_READY]

@@ -38,7 +38,8 @@ LIVE[[WAITING, READY, ASSIGNED]] = True
 ALLOWED = np.zeros((N_STATES, N_STATES), dtype=bool)
 for _to, _froms in {
     READY: (WAITING,),
-    ASSIGNED: (READY,),
+    ASSIGNED: (READY,
+               WAITING),     # ahead of its inputs, computed on that worker (core.speculation)
     WAITING: (READY,         # an input's data was lost: wait for it again
               ASSIGNED,      # its worker was lost, an input was stranded, it redirected, or
                              # its worker gave it back before it started (work stealing)
