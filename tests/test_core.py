@@ -244,6 +244,7 @@ def test_unsatisfiable_request_fails_the_job():
 
 def test_task_failure_fails_the_job_cancels_the_rest_and_releases_data():
     env = Env(1)
+    env.core.options.speculate = False   # (one round at a time: nothing is given ahead)
     a = tasks.const("a")
     bad = tasks.run("false", [(a, None)])
     after = tasks.merge((bad, a))
@@ -379,6 +380,7 @@ def test_dslice_expands_into_slices_feeding_copies():
 
 def test_redirection_runs_the_subplan_in_place_of_the_task():
     env = Env(1)
+    env.core.options.speculate = False   # (one round at a time: nothing is given ahead)
     a = tasks.const("a")
     p = tasks.py_call(lambda x: x, [a])
     top = tasks.merge((p, tasks.const("!")))
@@ -465,6 +467,7 @@ def test_a_failed_job_stops_its_running_tasks_and_is_retired():
 
 def test_a_task_is_never_pinned_to_a_worker_that_cannot_run_it():
     env = Env(1)
+    env.core.options.speculate = False   # (one round at a time: nothing is given ahead)
     gpu = env.core.add_worker(b"w1", register(1, "addr-g", {"gpu": 1}), 0.0)
     env.wids.append(gpu)
     env.assigned[gpu] = []

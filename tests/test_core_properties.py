@@ -96,8 +96,9 @@ class CoreMachine(RuleBasedStateMachine):
                         for i in row.inputs:
                             assert i in self.holds[cmd.target] or i in cmd.locations \
                                 or i in self.given[cmd.target], f"input {i} of {row.id} cannot be found"
-                        assert row.ahead == any(i not in cmd.locations and i not in self.holds[cmd.target]
-                                                for i in row.inputs), f"task {row.id} marked ahead wrongly"
+                        assert any(i in self.given[cmd.target] and i not in cmd.locations for i in row.inputs) \
+                            if row.ahead else all(i in self.holds[cmd.target] or i in cmd.locations
+                                                  for i in row.inputs), f"task {row.id} marked ahead wrongly"
                         self.given[cmd.target].add(row.id)
                     for row in cmd.rows:
                         self.fetch[cmd.target][row.id] = [i for i in row.inputs if i in cmd.locations]
@@ -329,6 +330,8 @@ class CoreMachine(RuleBasedStateMachine):
             busy = self.workers_with_tasks()
             if not busy:
                 if self.core.recheck_at is None:
+                    if self.core.ready or len(self.core.pool):   # (given back: placed again)
+                        continue
                     break
                 self.now = max(self.now, self.core.recheck_at)   # (what no worker can run fails then)
                 continue

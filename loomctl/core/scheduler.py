@@ -47,6 +47,7 @@ class Options:
     steal: bool = False        # ask loaded workers to give queued tasks back (needs worker support)
     spill: bool = True         # a task may leave its data's worker when another has an idle cpu, copies
     #                            count as data, ties spread (off: the rule before, owners only, wait)
+    speculate: bool = True     # give consumers to the worker computing their inputs, ahead (core.speculation)
 
 
 REPLACE_GRACE_S = 10.0

@@ -52,8 +52,8 @@ def resume(core) -> int:
         seeds = core.frontier.pop(wid)
         if w is None:
             continue
-        state = c.state[seeds]
-        seeds = seeds[((state == ASSIGNED) & (c.worker[seeds] == wid)) | (state == FINISHED)]
+        seeds = seeds[(c.state[seeds] == ASSIGNED) & (c.worker[seeds] == wid)]   # (finished: their
+        # consumers became READY, or wait for another input, which has its own turn)
         more = extend(core, w, seeds)
         if len(more):
             core.commands.append(compute(core, w, more))
@@ -65,60 +65,109 @@ def extend(core, w, seeds: np.ndarray) -> np.ndarray:
     """Assign to worker ``w`` the consumers of ``seeds`` (tasks ASSIGNED to w, or
     finished) that may go there ahead of their inputs, and theirs, within the
     lookahead; returns them, producers before consumers (the order of COMPUTE rows)."""
-    if not len(seeds) or w.stats.get("memory_near") is True:
+    if not len(seeds) or not core.options.speculate or w.stats.get("memory_near") is True:
         return EMPTY
-    g = core.graph
-    c = g.cols
     light_room = SPECULATE_LIGHT - w.assigned_light
     cpu_room = w.queue_factor * w.cpus - w.assigned_cpus
     if light_room <= 0 and cpu_room <= 0:
         _keep(core, w.id, seeds)
         return EMPTY
     from loomctl.core.scheduler import support_mask
-    mask = support_mask(core, w)
-    dynamic = [g.symbol_codes[s] for s in (S.DSLICE, S.DGET) if s in g.symbol_codes]
-    taken: list[int] = []
-    seen: set[int] = set()
-    wid = w.id
-    state, worker, cpus, symbol = c.state, c.worker, c.cpus, c.symbol
+    walk = _Walk(core, w, support_mask(core, w), light_room, cpu_room)
     while len(seeds):
-        generation = []
-        cut = False
+        generation, cut = walk.small(seeds) if len(seeds) <= 8 else walk.large(seeds)
+        if len(generation):
+            walk.taken.append(generation)
+            walk.seen.update(generation.tolist())
+        if cut:   # (what this generation took has consumers not looked at either)
+            _keep(core, w.id, np.concatenate([seeds, generation]))
+            break
+        seeds = generation
+    if not walk.taken:
+        return EMPTY
+    ids = np.concatenate(walk.taken) if len(walk.taken) > 1 else walk.taken[0]
+    T.transition(core, np.sort(ids), ASSIGNED, w.id)
+    core.stats["speculated"] = core.stats.get("speculated", 0) + len(ids)
+    return ids
+
+
+class _Walk:
+    """One worker's speculation, a generation at a time: what it took, its rooms."""
+
+    def __init__(self, core, w, mask, light_room: int, cpu_room: int):
+        self.g, self.w, self.mask = core.graph, w, mask
+        self.light_room, self.cpu_room = light_room, cpu_room
+        self.dynamic = [self.g.symbol_codes[s] for s in (S.DSLICE, S.DGET) if s in self.g.symbol_codes]
+        self.taken: list[np.ndarray] = []
+        self.seen: set[int] = set()
+
+    def small(self, seeds: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The next generation, task by task (a chain: no numpy on the way)."""
+        g, w, seen = self.g, self.w, self.seen
+        c = g.cols
+        state, worker, cpus, symbol, wid = c.state, c.worker, c.cpus, c.symbol, w.id
+        generation, cut = [], False
         for x in _waiting_consumers(g, seeds):
-            if x in seen:
+            if x in seen or not all(i in seen or state[i] == FINISHED or (state[i] == ASSIGNED and worker[i] == wid)
+                                    for i in g.inputs(x).tolist()):
                 continue
-            inputs = g.inputs(x).tolist()
-            if not all(i in seen or state[i] == FINISHED or (state[i] == ASSIGNED and worker[i] == wid)
-                       for i in inputs):
-                continue
-            code = symbol[x]
-            need = int(cpus[x])
-            if code in dynamic or (mask is not None and not mask[code]) or need > w.cpus or \
+            code, need = symbol[x], int(cpus[x])
+            if code in self.dynamic or (self.mask is not None and not self.mask[code]) or need > w.cpus or \
                     (g.any_named_requests and g.named_request(x)):
                 continue
             if need == 0:
-                if light_room <= 0:
+                if self.light_room <= 0:
                     cut = True
                     continue
-                light_room -= 1
+                self.light_room -= 1
             else:
-                if need > cpu_room:
+                if need > self.cpu_room:
                     cut = True
                     continue
-                cpu_room -= need
+                self.cpu_room -= need
             seen.add(x)
             generation.append(x)
-        taken.extend(generation)
-        if cut:   # (what this generation took has consumers not looked at either)
-            _keep(core, wid, np.concatenate([seeds, np.array(generation, dtype=np.int64)]))
-            break
-        seeds = np.array(generation, dtype=np.int64)
-    if not taken:
-        return EMPTY
-    ids = np.array(taken, dtype=np.int64)
-    T.transition(core, np.sort(ids), ASSIGNED, wid)
-    core.stats["speculated"] = core.stats.get("speculated", 0) + len(ids)
-    return ids
+        return np.array(generation, dtype=np.int64), cut
+
+    def large(self, seeds: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The next generation, over columns."""
+        g, w = self.g, self.w
+        c = g.cols
+        x = g.consumers_of(seeds)
+        x = T.small_unique(x[c.state[x] == WAITING])
+        taken = np.concatenate(self.taken) if self.taken else EMPTY
+        if len(taken) and len(x):
+            x = x[~np.isin(x, taken)]
+        code = c.symbol[x]
+        ok = c.cpus[x] <= w.cpus
+        if self.dynamic:
+            ok &= ~np.isin(code, self.dynamic)
+        if self.mask is not None:
+            ok &= self.mask[code]
+        if g.any_named_requests:
+            ok &= np.array([not g.named_request(t) for t in x.tolist()], dtype=bool)
+        x = x[ok]
+        if not len(x):
+            return EMPTY, False
+        inputs, consumer = g.slots(x)
+        state = c.state[inputs]
+        good = (state == FINISHED) | ((state == ASSIGNED) & (c.worker[inputs] == w.id))
+        if len(taken):
+            good |= np.isin(inputs, taken)
+        if not good.all():
+            x = x[~np.isin(x, consumer[~good])]
+        need = c.cpus[x]
+        light, heavy = x[need == 0], x[need > 0]
+        room = max(0, self.light_room)
+        cut = len(light) > room
+        light = light[:room]
+        self.light_room -= len(light)
+        if len(heavy):
+            fits = np.cumsum(c.cpus[heavy]) <= self.cpu_room
+            cut |= not fits.all()
+            heavy = heavy[fits]
+            self.cpu_room -= int(c.cpus[heavy].sum())
+        return (np.sort(np.concatenate([light, heavy])) if len(heavy) else light), cut
 
 
 def _waiting_consumers(g, seeds: np.ndarray) -> list[int]:
