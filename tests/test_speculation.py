@@ -242,13 +242,14 @@ def test_e2e_chains_run_ahead_and_survive_a_worker_killed_mid_chain(tmp_path):
             for _ in range(3000):
                 t = tasks.py_call(add, [t])
                 t.resource_request = None
+            before = {r["name"]: r["tasks_done"] for r in client.status()["workers"]}
             future = client.submit_one(t)
 
-            def running_on():
-                rows = client.status()["workers"]
-                return [r for r in rows if r.get("tasks_done", 0) > 0]
-            wait_until(lambda: running_on(), "a worker to start on the chain")
-            busy = running_on()[0]["name"]
+            def running_on():   # the worker the chain went to, once it finished a few links
+                return [r["name"] for r in client.status()["workers"] if r["tasks_done"] > before[r["name"]] + 50]
+            wait_until(lambda: running_on() or future.finished(), "a worker to run the chain")
+            assert not future.finished(), "the chain ended before a worker could be killed in it"
+            busy = running_on()[0]
             victim = c.workers[int(busy[1:])]
             victim.send_signal(signal.SIGKILL)
             victim.wait()
