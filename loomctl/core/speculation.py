@@ -33,7 +33,7 @@ import numpy as np
 
 from graphfmt import symbols as S
 from loomctl.core import transitions as T
-from loomctl.core.tasktable import ASSIGNED, FINISHED, WAITING
+from loomctl.core.tasktable import ASSIGNED, FINISHED, FLAG_EXTRA, FLAG_OVERRIDE, WAITING
 
 SPECULATE_LIGHT = 2048   # light tasks assigned to one worker, at most, for speculation to add more
 EMPTY = np.zeros(0, dtype=np.int64)
@@ -75,7 +75,14 @@ def extend(core, w, seeds: np.ndarray) -> np.ndarray:
     from loomctl.core.scheduler import support_mask
     walk = _Walk(core, w, support_mask(core, w), light_room, cpu_room)
     while len(seeds):
-        generation, cut = walk.small(seeds) if len(seeds) <= 8 else walk.large(seeds)
+        generation, cut = walk.chain(int(seeds[0])) if len(seeds) == 1 else (EMPTY, False)
+        if not len(generation) and not cut:
+            generation, cut = walk.small(seeds) if len(seeds) <= 8 else walk.large(seeds)
+        elif not cut:   # (a chain's last task: go on from it, whatever follows)
+            walk.taken.append(generation)
+            walk.seen.update(generation.tolist())
+            seeds = generation[-1:]
+            continue
         if len(generation):
             walk.taken.append(generation)
             walk.seen.update(generation.tolist())
@@ -100,6 +107,42 @@ class _Walk:
         self.dynamic = [self.g.symbol_codes[s] for s in (S.DSLICE, S.DGET) if s in self.g.symbol_codes]
         self.taken: list[np.ndarray] = []
         self.seen: set[int] = set()
+
+    def chain(self, t: int) -> tuple[np.ndarray, bool]:
+        """From ``t``, the links of a chain (each task the only consumer of the one before,
+        in one segment, without overrides or consumers elsewhere), over the segment's
+        arrays directly; an empty array where t is no such link."""
+        g, w = self.g, self.w
+        c = g.cols
+        seg, local = g.segs.locate(t)
+        base, n = seg.base, seg.n
+        c_off, cons, i_off, inputs = seg.consumer_offsets, seg.consumers, seg.input_offsets, seg.inputs
+        state, worker, flags, cpus, symbol, wid = c.state, c.worker, c.flags, c.cpus, c.symbol, w.id
+        special = FLAG_EXTRA | FLAG_OVERRIDE
+        out, cut = [], False
+        while True:
+            lo = c_off[local]
+            if c_off[local + 1] - lo != 1 or flags[t] & FLAG_EXTRA:
+                break
+            x = int(cons[lo])
+            lx = x - base
+            if not 0 <= lx < n or state[x] != WAITING or flags[x] & special:
+                break
+            ins = inputs[i_off[lx]:i_off[lx + 1]]
+            if not all(i == t or state[i] == FINISHED or (state[i] == ASSIGNED and worker[i] == wid)
+                       for i in ins.tolist()):
+                break
+            code, need = symbol[x], int(cpus[x])
+            if need or code in self.dynamic or (self.mask is not None and not self.mask[code]) or \
+                    (g.any_named_requests and g.named_request(x)):
+                break   # (cpu tasks and the rest: the general walk)
+            if self.light_room <= 0:
+                cut = True
+                break
+            self.light_room -= 1
+            out.append(x)
+            t, local = x, lx
+        return np.array(out, dtype=np.int64), cut and not out
 
     def small(self, seeds: np.ndarray) -> tuple[np.ndarray, bool]:
         """The next generation, task by task (a chain: no numpy on the way)."""
