@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from loomctl.core.tasktable import LIVE, ranges
+from loomctl.core.tasktable import LIVE, distinct, ranges
 
 MAX_LEVEL = 1 << 20     # b-levels beyond this count as equal (bounds the sweeps at submit)
 SWEEPS = 4096           # level sweeps at submit; tasks further from a sink get MAX_LEVEL
@@ -54,7 +54,7 @@ def segment_added(core, segment, user: np.ndarray | None) -> None:
             producers = owner[edges]
             np.maximum.at(prio, producers, prio[target[edges]])
             np.subtract.at(left, producers, 1)
-            producers = np.unique(producers)
+            producers = distinct(producers)
             frontier = producers[left[producers] == 0]
             depth += 1
     else:
@@ -74,7 +74,7 @@ def raise_from(core, consumers: np.ndarray) -> None:
         frontier = frontier[LIVE[c.state[frontier]]]
         if not len(frontier):
             return
-        inputs, owner = g.slots(np.unique(frontier))
+        inputs, owner = g.slots(distinct(frontier))
         if not len(inputs):
             return
         live = LIVE[c.state[inputs]]
@@ -87,7 +87,7 @@ def raise_from(core, consumers: np.ndarray) -> None:
         inputs, want_level, want_prio = inputs[low], want_level[low], want_prio[low]
         np.maximum.at(c.blevel, inputs, want_level.astype(c.blevel.dtype))
         np.maximum.at(c.priority, inputs, want_prio.astype(c.priority.dtype))
-        frontier = np.unique(inputs)
+        frontier = distinct(inputs)
 
 
 def keys(core, ids: np.ndarray) -> np.ndarray:

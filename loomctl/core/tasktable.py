@@ -147,6 +147,18 @@ class Segment:
                    offsets_from_lengths(counts), owners[inside][order])
 
 
+def distinct(values: np.ndarray) -> np.ndarray:
+    """np.unique of ids, by sorting: numpy 2's hashing np.unique takes seconds on a
+    million ids where a sort takes milliseconds."""
+    values = np.sort(values)
+    if len(values) < 2:
+        return values
+    keep = np.empty(len(values), dtype=bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
+
+
 def ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Concatenation of arange(s, e) for every pair, vectorised."""
     lengths = ends - starts

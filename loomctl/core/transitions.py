@@ -37,7 +37,7 @@ from graphfmt.graph import Graph
 from loomctl import messages as M
 from loomctl.core import priority
 from loomctl.core.tasktable import (ALIAS, ALLOWED, ASSIGNED, CANCELLED, FINISHED, FLAG_QUEUED, FLAG_RESULT, LIVE,
-                                    READY, SKIPPED, STATE_NAMES, WAITING)
+                                    READY, SKIPPED, STATE_NAMES, WAITING, distinct)
 
 
 class TransitionError(AssertionError):
@@ -45,13 +45,13 @@ class TransitionError(AssertionError):
 
 
 def small_unique(values: np.ndarray) -> np.ndarray:
-    """np.unique, without its sorting cost for the one- or two-element arrays that most
-    reports carry."""
+    """np.unique, without its cost for the one- or two-element arrays that most
+    reports carry (and by sorting for more, ``tasktable.distinct``)."""
     if len(values) <= 1:
         return values
     if len(values) == 2:
         return values[:1] if values[0] == values[1] else np.sort(values)
-    return np.unique(values)
+    return distinct(values)
 
 
 def transition(core, ids: np.ndarray, to: int, worker: int | None = None) -> None:
@@ -118,7 +118,7 @@ def take_back(core, left: np.ndarray) -> None:
             found.append(frontier)
     if not found:
         return
-    back = np.unique(np.concatenate(found)) if len(found) > 1 else found[0]
+    back = distinct(np.concatenate(found)) if len(found) > 1 else found[0]
     for wid in small_unique(c.worker[back]).tolist():
         worker = core.workers.get(wid)
         if worker is not None:
