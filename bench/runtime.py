@@ -20,6 +20,8 @@ Shapes (the issue's targets in brackets):
              [zero worker-to-worker transfers, time <= Dask's]
   scale      a binary merge tree of 2^K leaves (1M tasks for K=19), on a fresh server;
              loomctl only                               [completes, server peak RSS <= 300 MB]
+  chain      N tasks, const -> merge -> merge ..., each the next one's only input; loomctl
+             only (default 100k; --chain-size 1000000 for the issue's) [1M in <= 30 s]
   latency    submit + gather of one const, median over R repetitions   [<= 2 ms]
 
 For every loomctl shape the table also says where CPU time went, per task: in the
@@ -44,6 +46,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import graphfmt  # noqa: E402
 from graphfmt import tasks  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -261,6 +264,27 @@ def loom_scale(cluster, k):
     return n, seconds, {"server_peak_rss_mb": round(peak_rss_mb(cluster.server.pid), 1)}
 
 
+def _chain_graph(n):
+    """const -> merge -> merge -> ... : n tasks, each the next one's only input."""
+    t = tasks.const(b"x")
+    for _ in range(n - 1):
+        t = tasks.merge([t])
+    return graphfmt.build_graph([t])[0]
+
+
+def loom_chain(cluster, n):
+    """A chain of n tasks (each the next's input): the graph is built before the clock
+    starts; the time is submit to the last result gathered."""
+    c = cluster.client
+    graph = _chain_graph(n)
+
+    def go():
+        _, futures = c.submit_graph(graph)
+        assert c.gather(futures) == [b"x"], "chain result is wrong"
+    seconds, _ = _timed(go)
+    return n, seconds, {}
+
+
 def loom_latency(cluster, reps):
     c = cluster.client
     samples = []
@@ -354,6 +378,8 @@ SHAPES = {
                  lambda r: r["transfer_bytes"] < MB and r["ratio"] >= 1),
     "scale": (loom_scale, None, 19, "rate", "completes, server RSS <= 300 MB",
               lambda r: r["server_peak_rss_mb"] <= 300),
+    "chain": (loom_chain, None, 100_000, "rate", "1M tasks in <= 30 s (--chain-size 1000000)",
+              lambda r: r["tasks"] < 1_000_000 or r["loomctl"] >= 1_000_000 / 30),
     "latency": (loom_latency, dask_latency, 200, "ms", "<= 2 ms", lambda r: r["loomctl"] <= 2),
 }
 def figure(unit, n, seconds):

@@ -32,6 +32,7 @@ class ComputeRow(NamedTuple):
     checkpoint: str | None
     label: str | None
     inline: bool          # a client waits for it: send a small result along with the report
+    ahead: bool = False   # speculative: some input is still being computed on this worker
 
 
 COMPUTE_ROW_MIN = 5        # rows shorter than this are malformed; later fields are optional

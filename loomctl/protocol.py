@@ -35,10 +35,14 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
                queued, heartbeat (a count), data_connections}
   server -> worker
     COMPUTE   {tasks: [[id, symbol, config, [input ids], cpus, resources|None,
-                        checkpoint|None, label|None, inline: bool]],
+                        checkpoint|None, label|None, inline: bool, ahead: bool]],
                (inline: a client waits for this result; when its encoding is at most
                 INLINE_BYTES the worker sends it along in UPDATE, and the server passes
-                it on in RESULTS_READY, saving the client a fetch; the worker keeps it)
+                it on in RESULTS_READY, saving the client a fetch; the worker keeps it.
+                ahead: given before its inputs are all computed; an input without a
+                location is produced by a task given to this worker earlier in the
+                COMPUTE or before; if that task ends without producing it, the task is
+                dropped without a report, the server takes it back)
                locations: {input id: data_address},   (inputs this worker does not hold)
                jobs: ids (optional: the job of each task, in the order of tasks; present
                      only when a task of a traced job is among them)}

@@ -117,13 +117,10 @@ def test_small_results_a_client_waits_for_are_sent_along_with_the_finish():
     rows = [row for _, message, body in wire(env.core.take_commands()) if message == P.COMPUTE
             for row in body["tasks"]]
     inline = {row[0]: row[8] for row in rows}
-    assert inline == {root - 2: False, root - 1: False, root + 1: False}   # inputs; unwatched job
+    assert inline == {root - 2: False, root - 1: False, root: True, root + 1: False}   # the client's result
+    assert [row[0] for row in rows if row[9]] == [root]   # (given ahead of its inputs: core.speculation)
     env.core.tasks_finished(env.wids[0], np.array([root - 2, root - 1, root + 1]), np.ones(3, np.int64),
                             np.zeros(3, np.int64), 0.0)
-    env.core.schedule(0.0)
-    rows = [row for _, message, body in wire(env.core.take_commands()) if message == P.COMPUTE
-            for row in body["tasks"]]
-    assert [(row[0], row[8]) for row in rows] == [(root, True)]   # the client's result
     env.core.tasks_finished(env.wids[0], np.array([root]), np.ones(1, np.int64), np.zeros(1, np.int64), 0.0,
                             inline={root: b"encoded ab"})
     ready = [body for _, message, body in wire(env.core.take_commands()) if message == P.RESULTS_READY]
@@ -247,6 +244,7 @@ def test_unsatisfiable_request_fails_the_job():
 
 def test_task_failure_fails_the_job_cancels_the_rest_and_releases_data():
     env = Env(1)
+    env.core.options.speculate = False   # (one round at a time: nothing is given ahead)
     a = tasks.const("a")
     bad = tasks.run("false", [(a, None)])
     after = tasks.merge((bad, a))
@@ -382,6 +380,7 @@ def test_dslice_expands_into_slices_feeding_copies():
 
 def test_redirection_runs_the_subplan_in_place_of_the_task():
     env = Env(1)
+    env.core.options.speculate = False   # (one round at a time: nothing is given ahead)
     a = tasks.const("a")
     p = tasks.py_call(lambda x: x, [a])
     top = tasks.merge((p, tasks.const("!")))
@@ -468,6 +467,7 @@ def test_a_failed_job_stops_its_running_tasks_and_is_retired():
 
 def test_a_task_is_never_pinned_to_a_worker_that_cannot_run_it():
     env = Env(1)
+    env.core.options.speculate = False   # (one round at a time: nothing is given ahead)
     gpu = env.core.add_worker(b"w1", register(1, "addr-g", {"gpu": 1}), 0.0)
     env.wids.append(gpu)
     env.assigned[gpu] = []

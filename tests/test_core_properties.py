@@ -4,12 +4,13 @@ the core emits consumed by a model of the workers and clients (nothing is left o
 nothing goes to a peer that is not there).
 
 The model workers do what a worker does: keep the tasks they were given, report some
-finished (with random sizes and lengths), some failed, some redirected to a sub-plan,
+finished (a task given ahead of its inputs only after they were produced there) (with random sizes and lengths), some failed, some redirected to a sub-plan,
 hold the data the server did not release, and vanish. Clients submit random plans
 (const, merge, programs with cpu and named-resource requests, Python calls, dslice
-expansions, futures of earlier results), release results, cancel jobs and go away.
-Jobs are retired often, so rows are reused; the global id counter may start beyond
-2^31. The model knows global ids only (as workers and clients do).
+expansions, futures of earlier results, chains that rounds give out ahead of time),
+release results, cancel jobs and go away. Jobs are retired often, so rows are reused;
+the global id counter may start beyond 2^31. The model knows global ids only (as
+workers and clients do).
 
 LOOMCTL_FUZZ_EXAMPLES sets the number of sequences (default 60).
 """
@@ -84,6 +85,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.fetch: dict[bytes, dict] = {}     # worker key -> task -> inputs it fetches from peers
         self.futures: list[int] = []           # results a client may still use
         self.asked: dict[bytes, tuple] = {}    # worker key -> (ids, count) of a steal request
+        self.inputs: dict[int, list] = {}      # global id -> its inputs, as COMPUTE named them
 
     # ------------------------------------------------------------------ model
     def consume(self):
@@ -96,11 +98,15 @@ class CoreMachine(RuleBasedStateMachine):
                     every = ids + [i for row in cmd.rows for i in row.inputs] + list(cmd.locations)
                     assert (self.core.graph.rows_of(every) >= 0).all(), "a COMPUTE names an id of no live task"
                     assert not self.given[cmd.target] & set(ids), "a task given twice"
-                    for row in cmd.rows:
+                    for row in cmd.rows:   # (given ahead: its producer is given here before it)
+                        self.inputs[row.id] = list(row.inputs)
                         for i in row.inputs:
                             assert i in self.holds[cmd.target] or i in cmd.locations \
                                 or i in self.given[cmd.target], f"input {i} of {row.id} cannot be found"
-                    self.given[cmd.target] |= set(ids)
+                        assert any(i in self.given[cmd.target] and i not in cmd.locations for i in row.inputs) \
+                            if row.ahead else all(i in self.holds[cmd.target] or i in cmd.locations
+                                                  for i in row.inputs), f"task {row.id} marked ahead wrongly"
+                        self.given[cmd.target].add(row.id)
                     for row in cmd.rows:
                         self.fetch[cmd.target][row.id] = [i for i in row.inputs if i in cmd.locations]
                 elif isinstance(cmd, M.ReleaseData):
@@ -121,6 +127,20 @@ class CoreMachine(RuleBasedStateMachine):
     def workers_with_tasks(self):
         return sorted(k for k, given in self.given.items() if given)
 
+    def runnable(self, key, ids):
+        """Of ``ids`` (given to ``key``), those the worker can run, in an order it could
+        finish them: a task given ahead of its inputs runs after they are produced here."""
+        have = self.holds[key] | {i for t in self.given[key] for i in self.fetch[key].get(t, ())}
+        order, left = [], list(dict.fromkeys(ids))
+        while left:
+            ready = [t for t in left if t not in self.given[key] or all(
+                i in have or i not in self.given[key] for i in self.inputs.get(t, ()))]
+            if not ready:
+                break
+            order += ready
+            have |= set(ready)
+            left = [t for t in left if t not in ready]
+        return order
     # ------------------------------------------------------------------ workers
     @rule(cpus=st.integers(0, 3), gpu=st.booleans())
     def add_worker(self, cpus, gpu):
@@ -185,7 +205,8 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def finish(self, data):
         key = data.draw(st.sampled_from(self.workers_with_tasks()))
-        ids = data.draw(st.lists(st.sampled_from(sorted(self.given[key])), min_size=1, max_size=6))
+        ids = self.runnable(key, data.draw(st.lists(st.sampled_from(sorted(self.given[key])), min_size=1,
+                                                    max_size=6)))
         top = self.core.segs.next_gid
         ids.extend(data.draw(st.lists(st.integers(-2, top + 2) | st.integers(max(0, top - 40), top + 2), max_size=2)))
         self.given[key] -= set(ids)
@@ -218,7 +239,8 @@ class CoreMachine(RuleBasedStateMachine):
         t = data.draw(st.sampled_from(sorted(self.given[key])))
         c = self.core.cols
         row = self.core.graph.segs.row_of(t)
-        if row < 0 or c.state[row] != ASSIGNED or self.core.graph.symbols[c.symbol[row]] != S.PY_CALL:
+        if row < 0 or c.state[row] != ASSIGNED or self.core.graph.symbols[c.symbol[row]] != S.PY_CALL \
+                or not self.runnable(key, [t]):
             return
         self.given[key].discard(t)
         sub = tasks.merge((tasks.Task(S.TASK_INPUT, (), S.encode_u64(1)), tasks.const("r")))
@@ -243,6 +265,29 @@ class CoreMachine(RuleBasedStateMachine):
         for t in work:
             t.resource_request = tasks.cpus(1)
         self.futures.extend(self.core.ids_of(self.core.submit(client, build(work), self.now).results).tolist())
+        self.tick()
+
+    @rule(data=st.data(), client=st.sampled_from(CLIENTS))
+    def submit_chain(self, data, client):
+        """A chain (each task the next one's input, some links also taking an earlier
+        result or being Python calls or programs): rounds give it out ahead of time."""
+        t = tasks.const(b"c")
+        for _ in range(data.draw(st.integers(2, 12))):
+            kind = data.draw(st.sampled_from(["merge", "merge", "merge2", "py", "run"]))
+            if kind == "merge2" and self.futures:
+                t = tasks.merge([t, Ref(data.draw(st.sampled_from(self.futures)))])
+            elif kind == "py":
+                t = tasks.py_call(tasks.py_value(len), [t])
+            elif kind == "run":
+                t = tasks.run("cat", [(t, None)])
+                t.resource_request = tasks.cpus(data.draw(st.integers(0, 1)))
+            else:
+                t = tasks.merge([t])
+        try:
+            job = self.core.submit(client, build([t]), self.now)
+        except SubmitError:   # (a future of a cancelled job)
+            return
+        self.futures.extend(self.core.ids_of(job.results).tolist())
         self.tick()
 
     @precondition(lambda self: self.futures)
@@ -306,12 +351,14 @@ class CoreMachine(RuleBasedStateMachine):
             busy = self.workers_with_tasks()
             if not busy:
                 if self.core.recheck_at is None:
+                    if self.core.ready or len(self.core.pool):   # (given back: placed again)
+                        continue
                     break
                 self.now = max(self.now, self.core.recheck_at)   # (what no worker can run fails then)
                 continue
             for key in busy:
-                ids = sorted(self.given[key])
-                self.given[key].clear()
+                ids = self.runnable(key, sorted(self.given[key]))
+                self.given[key] -= set(ids)
                 self.report(key, ids, np.full(len(ids), 10), np.full(len(ids), 3))
         if self.given:
             running = [j.id for j in self.core.jobs.values() if j.status == "running"]

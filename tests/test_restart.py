@@ -92,8 +92,9 @@ def test_a_restored_core_finishes_what_survived_and_computes_the_rest():
     assert b.schedule(12.0) == 0                             # still waiting for workers
     b.take_commands()
     assert b.schedule(16.0) > 0
-    given = [row.id for cmd in b.take_commands() if isinstance(cmd, M.Compute) for row in cmd.rows]
-    assert sorted(given) == [int(mid_ids[2])]                # only the missing mid (its leaves came back)
+    given = {row.id: row.ahead for cmd in b.take_commands() if isinstance(cmd, M.Compute) for row in cmd.rows}
+    assert given == {int(mid_ids[2]): False, root: True}     # only the missing mid (its leaves came back),
+    #                                                          and the root, given ahead of it (core.speculation)
     b.check_invariants()
     # the live state written as records and read again gives the same core
     c = ServerCore()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from loomctl.core import priority, stealing
+from loomctl.core import priority, speculation, stealing
 from loomctl.core.tasktable import (ALIAS, ASSIGNED, FINISHED, FLAG_QUEUED, FLAG_RESULT, LIVE, N_STATES, READY, SKIPPED,
                                     WAITING)
 
@@ -54,6 +54,7 @@ def check(core) -> None:
     assert set(flagged.tolist()) == set(listed.tolist()), "FLAG_QUEUED marks the ready list"
     priority.check(core)
     stealing.check(core)
+    speculation.check(core)
     # workers' load
     assert not np.any((c.worker[:n] >= 0) != (state == ASSIGNED)), "worker set exactly for ASSIGNED tasks"
     for w in core.workers.values():

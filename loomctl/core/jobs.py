@@ -211,14 +211,23 @@ def abort(core, job: Job, status: str, now: float) -> None:
     T.set_wanted(core, ids, False)
     state = c.state[ids]
     T.transition(core, ids[(state == WAITING) | (state == READY)], CANCELLED)
-    # running tasks are stopped (programs killed) unless another job needs them
-    running = ids[(c.state[ids] == ASSIGNED) & (c.holds[ids] <= 0)]
-    if len(running):
-        for wid in T.small_unique(c.worker[running]).tolist():
+    # running tasks are stopped (programs killed) unless another job needs them; a task
+    # held only by its job's tasks given ahead of it (core.speculation) goes with them
+    assigned, stopped = ids[c.state[ids] == ASSIGNED], []
+    while len(assigned):
+        running = assigned[c.holds[assigned] <= 0]
+        if not len(running):
+            break
+        stopped.append((running, c.worker[running]))   # (a copy: the transition clears it)
+        T.transition(core, running, CANCELLED)
+        assigned = assigned[c.state[assigned] == ASSIGNED]
+    if stopped:
+        running = np.concatenate([r for r, _ in stopped])
+        where = np.concatenate([w for _, w in stopped])
+        for wid in T.small_unique(where).tolist():
             worker = core.workers.get(wid)
             if worker is not None:
-                core.commands.append(M.CancelTasks(worker.key, running[c.worker[running] == wid]))
-        T.transition(core, running, CANCELLED)
+                core.commands.append(M.CancelTasks(worker.key, running[where == wid]))
     _fail_dependents(core, ids[c.state[ids] != FINISHED], job.id, status, now)
 
 
@@ -327,13 +336,16 @@ def retire_jobs(core, now: float, budget: int = 1000) -> int:
 
 
 def _forget_ready(core, spans: list) -> None:
-    """The ready lists and the pool drop their (stale) entries of rows about to be freed."""
+    """The ready lists, the pool and the speculation frontiers drop their (stale) entries
+    of rows about to be freed."""
     queued = [lo + np.flatnonzero(core.graph.cols.flags[lo:hi] & FLAG_QUEUED) for lo, hi in spans]
-    if not any(len(q) for q in queued) and not core.pool and not core.unchecked:
+    if not any(len(q) for q in queued) and not core.pool and not core.unchecked and not core.frontier:
         return
     dead = np.zeros(core.graph.cols.n + 1, dtype=bool)
     for lo, hi in spans:
         dead[lo:hi] = True
+    for wid, seeds in list(core.frontier.items()):
+        core.frontier[wid] = seeds[~dead[seeds]]
     core.ready = [a[~dead[a]] for a in core.ready]
     core.unchecked = [a[~dead[a]] for a in core.unchecked]
     core.pool.forget(dead)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from loomctl.core.tasktable import FLAG_OVERRIDE, LIVE, ranges
+from loomctl.core.tasktable import FLAG_OVERRIDE, LIVE, distinct, ranges
 
 MAX_LEVEL = 1 << 20     # b-levels beyond this count as equal (bounds the sweeps at submit)
 SWEEPS = 4096           # level sweeps at submit; tasks further from a sink get MAX_LEVEL
@@ -65,7 +65,7 @@ def segment_added(core, segment, user: np.ndarray | None) -> None:
             producers = local[slots[keep]].astype(np.int64)
             np.maximum.at(prio, producers, np.repeat(prio[frontier], counts[frontier])[keep])
             np.subtract.at(left, producers, 1)
-            producers = np.unique(producers)
+            producers = distinct(producers)
             frontier = producers[left[producers] == 0]
             depth += 1
         del left, local, inside, counts
@@ -91,7 +91,7 @@ def raise_from(core, consumers: np.ndarray) -> None:
         frontier = frontier[LIVE[c.state[frontier]]]
         if not len(frontier):
             return
-        inputs, owner = g.slots(np.unique(frontier))
+        inputs, owner = g.slots(distinct(frontier))
         if not len(inputs):
             return
         live = LIVE[c.state[inputs]]
@@ -104,7 +104,7 @@ def raise_from(core, consumers: np.ndarray) -> None:
         inputs, want_level, want_prio = inputs[low], want_level[low], want_prio[low]
         np.maximum.at(c.blevel, inputs, want_level.astype(c.blevel.dtype))
         np.maximum.at(c.priority, inputs, want_prio.astype(c.priority.dtype))
-        frontier = np.unique(inputs)
+        frontier = distinct(inputs)
 
 
 def keys(core, ids: np.ndarray) -> np.ndarray:

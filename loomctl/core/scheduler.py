@@ -34,7 +34,7 @@ import numpy as np
 
 from graphfmt import symbols as S
 from loomctl import messages as M
-from loomctl.core import dynamic, jobs, placement, priority, stealing
+from loomctl.core import dynamic, jobs, placement, priority, speculation, stealing
 from loomctl.core.workers import recompute_lost
 from loomctl.core import transitions as T
 from loomctl.core.tasktable import ASSIGNED, FLAG_CHECKPOINT, FLAG_LOADED, FLAG_RESULT, READY
@@ -47,6 +47,7 @@ class Options:
     steal: bool = False        # ask loaded workers to give queued tasks back (needs worker support)
     spill: bool = True         # a task may leave its data's worker when another has an idle cpu, copies
     #                            count as data, ties spread (off: the rule before, owners only, wait)
+    speculate: bool = True     # give consumers to the worker computing their inputs, ahead (core.speculation)
 
 
 REPLACE_GRACE_S = 10.0
@@ -64,6 +65,8 @@ def schedule(core, now: float) -> int:
         fail_unsatisfiable(core, None, now)
     if not core.workers:
         return 0
+    if core.frontier:   # chains given ahead of time go on (core.speculation)
+        core.stats["scheduled"] += speculation.resume(core)
     if not (core.ready or len(core.pool)):
         if core.options.steal:
             stealing.request(core, now)
@@ -139,8 +142,9 @@ def schedule(core, now: float) -> int:
         mine = ranked[chosen_ranked == k]
         if len(mine):
             T.transition(core, np.sort(mine), ASSIGNED, w.id)
-            core.commands.append(compute(core, w, mine))
-            placed += len(mine)
+            ahead = speculation.extend(core, w, mine)   # their consumers, ahead of time
+            core.commands.append(compute(core, w, np.concatenate([mine, ahead]) if len(ahead) else mine))
+            placed += len(mine) + len(ahead)
     waiting = ranked[chosen_ranked < 0]
     if len(waiting):
         core.pool.add(waiting, priority.keys(core, waiting), c.cpus[waiting] == 0, front=True)
@@ -281,8 +285,11 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
             config = graph.configs[local]
             inputs = seg.inputs[seg.input_offsets[local]:seg.input_offsets[local + 1]]
         input_list = inputs.tolist()
+        ahead = False
         for i in input_list:
             holder = c.owner[i]
+            if holder < 0:   # not computed yet: on this worker, ahead of time (core.speculation)
+                ahead = True
             if holder != worker.id and i not in locations and holder >= 0:
                 copies = core.replicas.get(i, ())
                 if worker.id not in copies:
@@ -300,7 +307,7 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
                 job = core.jobs.get(job_id)
                 inline = watched[job_id] = job is not None and bool(job.watchers)
         rows.append(M.ComputeRow(t, symbol, config, input_list, int(c.cpus[t]), g.named_request(t) or None,
-                                 checkpoint, graph.label(local), inline))
+                                 checkpoint, graph.label(local), inline, ahead))
     return M.Compute(worker.key, rows, locations, c.job[ids].astype(np.int64))
 
 

@@ -16,6 +16,7 @@ modules cut along the seams of the state machine:
   scheduler    placement rounds (policy: placement; options: scheduler.Options)
   readypool    the ready tasks, best first; priority: user priorities and b-levels
   stealing     queued tasks given back by loaded workers to idle ones (off by default)
+  speculation  tasks given to the worker computing their inputs, ahead of time
 
 Inside the core a task is its row in the task table; outside it is its global id (64-bit,
 never reused). This facade is the edge (``core.edge``): the ids of every event are mapped
@@ -67,6 +68,7 @@ class ServerCore:
         self.n_data = 0                        # tasks whose data some worker holds (owner >= 0)
         self.lost_workers: list[dict] = []
         self.stranded: dict[int, int] = {}     # task -> worker it waits on, for a lost input
+        self.frontier: dict[int, np.ndarray] = {}   # worker -> tasks speculation goes on from (core.speculation)
         self.aborted_jobs: set[int] = set()    # cancelled or failed: late results are dropped
         self.ended_jobs: deque[int] = deque()  # ended, not retired yet, in the order they ended
         self.history: deque[dict] = deque(maxlen=JOB_HISTORY)   # status rows of retired jobs

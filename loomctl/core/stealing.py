@@ -25,7 +25,7 @@ import numpy as np
 
 from loomctl import messages as M
 from loomctl.core import transitions as T
-from loomctl.core.tasktable import ASSIGNED, WAITING
+from loomctl.core.tasktable import ASSIGNED, FINISHED, WAITING
 
 
 def request(core, now: float) -> int:
@@ -43,6 +43,7 @@ def request(core, now: float) -> int:
     c = core.graph.cols
     n = c.n
     assigned = np.flatnonzero((c.state[:n] == ASSIGNED) & (c.cpus[:n] > 0))
+    assigned = assigned[core.graph.unfinished_inputs(assigned, FINISHED) == 0]   # (not those given ahead)
     owners = c.worker[assigned]
     sent = 0
     for w in victims:

@@ -37,7 +37,8 @@ LIVE[[WAITING, READY, ASSIGNED]] = True
 ALLOWED = np.zeros((N_STATES, N_STATES), dtype=bool)
 for _to, _froms in {
     READY: (WAITING,),
-    ASSIGNED: (READY,),
+    ASSIGNED: (READY,
+               WAITING),     # ahead of its inputs, computed on that worker (core.speculation)
     WAITING: (READY,         # an input's data was lost: wait for it again
               ASSIGNED,      # its worker was lost, an input was stranded, it redirected, or
                              # its worker gave it back before it started (work stealing)
@@ -189,3 +190,15 @@ class TaskColumns:
         """Bytes the columns take (allocated capacity), roughly."""
         return sum(getattr(self, name).nbytes for name in _COLUMNS) + 100 * len(self.length.values) \
             + self.segment_job.nbytes
+
+
+def distinct(values: np.ndarray) -> np.ndarray:
+    """np.unique of ids, by sorting: numpy 2's hashing np.unique takes seconds on a
+    million ids where a sort takes milliseconds."""
+    values = np.sort(values)
+    if len(values) < 2:
+        return values
+    keep = np.empty(len(values), dtype=bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]

@@ -16,6 +16,9 @@ counters true, so that no other module writes them:
   the tasks in it, stale ones included; ``put_ready``/``take_ready``) or in the ready
   pool the scheduler moved it to (``core.pool``) (and, until the
   scheduler checked that some worker can run it, in ``core.unchecked``).
+- A task that leaves ASSIGNED other than FINISHED takes its ASSIGNED consumers (tasks
+  given to a worker ahead of their inputs, ``core.speculation``) back with it: they are
+  WAITING again, and their workers are told to drop them (``take_back``).
 - A worker's ``assigned_cpus``, ``assigned_light`` and ``assigned_resources`` are the
   sums over the tasks ASSIGNED to it (``c.worker``); ``c.worker`` is -1 for the others.
 - A job's ``finished`` counts its FINISHED tasks and ``active`` its tasks that are
@@ -34,7 +37,7 @@ from graphfmt.graph import Graph
 from loomctl import messages as M
 from loomctl.core import priority
 from loomctl.core.tasktable import (ALIAS, ALLOWED, ASSIGNED, CANCELLED, FINISHED, FLAG_QUEUED, FLAG_RESULT, LIVE,
-                                    READY, SKIPPED, STATE_NAMES, WAITING)
+                                    READY, SKIPPED, STATE_NAMES, WAITING, distinct)
 
 
 class TransitionError(AssertionError):
@@ -42,13 +45,13 @@ class TransitionError(AssertionError):
 
 
 def small_unique(values: np.ndarray) -> np.ndarray:
-    """np.unique, without its sorting cost for the one- or two-element arrays that most
-    reports carry."""
+    """np.unique, without its cost for the one- or two-element arrays that most
+    reports carry (and by sorting for more, ``tasktable.distinct``)."""
     if len(values) <= 1:
         return values
     if len(values) == 2:
         return values[:1] if values[0] == values[1] else np.sort(values)
-    return np.unique(values)
+    return distinct(values)
 
 
 def transition(core, ids: np.ndarray, to: int, worker: int | None = None) -> None:
@@ -66,8 +69,10 @@ def transition(core, ids: np.ndarray, to: int, worker: int | None = None) -> Non
         _assign(core, ids, worker)
         return
     was_assigned = prev == ASSIGNED
+    left = None
     if was_assigned.any():
-        _unassign(core, ids if was_assigned.all() else ids[was_assigned])
+        left = ids if was_assigned.all() else ids[was_assigned]
+        _unassign(core, left)
     c.state[ids] = to
     if to == READY:
         put_ready(core, ids)
@@ -91,6 +96,36 @@ def transition(core, ids: np.ndarray, to: int, worker: int | None = None) -> Non
         inputs = core.graph.inputs_of(ids)
         np.subtract.at(c.holds, inputs, 1)
         release_unheld(core, inputs)
+    if left is not None and to != FINISHED:
+        take_back(core, left)
+
+
+def take_back(core, left: np.ndarray) -> None:
+    """``left`` are no longer ASSIGNED and not finished: the tasks given to a worker
+    ahead of them (their ASSIGNED consumers, and theirs) are WAITING again, and their
+    workers drop them (CANCEL_TASKS); those of an ended job that nothing holds are
+    cancelled."""
+    g = core.graph
+    c = g.cols
+    found = []
+    frontier = left
+    while len(frontier):
+        consumers = g.consumers_of(frontier)
+        consumers = consumers[c.state[consumers] == ASSIGNED]
+        if found and len(consumers):
+            consumers = consumers[~np.isin(consumers, np.concatenate(found))]
+        frontier = small_unique(consumers)
+        if len(frontier):
+            found.append(frontier)
+    if not found:
+        return
+    back = distinct(np.concatenate(found)) if len(found) > 1 else found[0]
+    for wid in small_unique(c.worker[back]).tolist():
+        worker = core.workers.get(wid)
+        if worker is not None:
+            core.commands.append(M.CancelTasks(worker.key, back[c.worker[back] == wid]))
+    transition(core, back, WAITING)
+    release_unheld(core, back)
 
 
 def put_ready(core, ids: np.ndarray) -> None:

@@ -108,6 +108,7 @@ def remove_worker(core, wid: int, now: float, reason: str = "lost") -> None:
             c.owner[t] = -1
             core.n_data -= 1
     running = presumed_running(worker, assigned, core.graph)
+    del core.workers[wid]   # (from here on, nothing is sent to it)
     c.attempts[running] += 1
     for t in running[c.attempts[running] >= MAX_ATTEMPTS].tolist():
         if c.state[t] != ASSIGNED:   # (cancelled with its job by a failure just before)
@@ -120,7 +121,7 @@ def remove_worker(core, wid: int, now: float, reason: str = "lost") -> None:
         T.transition(core, assigned[ended], CANCELLED)
         assigned = assigned[~ended]
     T.transition(core, assigned, WAITING)
-    del core.workers[wid]
+    T.release_unheld(core, assigned)   # (an ended job's task held only by one given ahead of it)
     recompute_lost(core)
     from loomctl.core.scheduler import REPLACE_GRACE_S
     core.recheck_at = now + REPLACE_GRACE_S   # (not at once: a replacement may be on its way)

@@ -3,7 +3,7 @@
 It behaves as the real worker does (``loomctl.worker.state`` / ``taskqueue``), minus the
 execution: tasks arrive in COMPUTE batches; inputs it lacks are fetched from their
 holders (one request per peer per batch; an input wanted by several tasks is fetched
-once); a task whose inputs are local is *ready*; ready tasks start first-fit in arrival
+once; an input without a location is made here by a task given earlier); a task whose inputs are local is *ready*; ready tasks start first-fit in arrival
 order within the cpus (light tasks, cpus == 0, start at once); a finished task's data is
 stored before it is reported. Finish reports are held (at most REPORT_HOLD_S, the real
 worker's constant) while the worker is busy and has queued work for all its cpus;
@@ -65,7 +65,8 @@ class SimWorker:
                 waiters = fetching.get(i)
                 if waiters is None:
                     fetching[i] = [tid]
-                    fetch.setdefault(locations[i], []).append(i)
+                    if i in locations:   # (else made here: the task was given ahead, core.speculation)
+                        fetch.setdefault(locations[i], []).append(i)
                 else:
                     waiters.append(tid)
             self.tasks[tid] = [row, missing]
@@ -79,12 +80,16 @@ class SimWorker:
             if i not in self.store:
                 self.store[i] = size
                 self.replicas.append(i)
-            for tid in self.fetching.pop(i, ()):
-                entry = self.tasks.get(tid)
-                if entry is not None:
-                    entry[1] -= 1
-                    if entry[1] == 0:
-                        (self.ready if entry[0].cpus else self.ready_light).append(tid)
+            self._here(i)
+
+    def _here(self, i: int) -> None:
+        """The data of ``i`` is in the store: the tasks waiting for it may be ready."""
+        for tid in self.fetching.pop(i, ()):
+            entry = self.tasks.get(tid)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    (self.ready if entry[0].cpus else self.ready_light).append(tid)
 
     def release(self, ids) -> None:
         for i in ids:
@@ -143,6 +148,7 @@ class SimWorker:
             else:
                 self.light_slots.append(-2 - s)
         self.store[tid] = size
+        self._here(tid)
         assert tid not in self.reported, f"task {tid} reported twice"
         self.reported.add(tid)
         self.finished.append(tid)

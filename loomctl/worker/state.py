@@ -25,9 +25,9 @@ Invariants (tests check them after every step, ``check``):
   when nothing runs, loads or is being written (so that a worker always makes
   progress). A result larger than the memory limit fails its task and is not kept.
 - Every task given in a COMPUTE ends in exactly one report (finished, failed or
-  redirected), unless the server cancelled it (CANCEL_TASKS: no report at all); a task whose input cannot come
-  (released, peer gone, fetch timed out, malformed answer) fails with a message saying
-  which input and why.
+  redirected), unless the server cancelled it (CANCEL_TASKS: no report at all) or it was
+  given ahead of an input made here that did not come (taskqueue); a task whose input cannot come
+  (released, peer gone, fetch timed out, malformed answer) fails with a message saying which input and why.
 - An id is fetched from one peer at a time, only over a link that completed its
   handshake; the TaskQueue keeps running tasks within the worker's cpus and resources.
 - Reports are held (for one UPDATE with more in it) only while the worker is busy and has
@@ -309,8 +309,8 @@ class WorkerState:
 
     def _cancel(self, ids, out: list) -> None:
         for t in ids:
-            if t in self.queue.queued:
-                self.queue.drop(t)
+            if t in self.queue.queued:   # (and the tasks given ahead of it)
+                self._unavailable(self.queue.drop(t), f"task {t} was cancelled", local=True)
             elif t in self.queue.running:
                 self.cancelled.add(t)
                 out.append(Kill(t))
@@ -469,8 +469,8 @@ class WorkerState:
             and not self.report.urgent()
 
     # ------------------------------------------------------------------ helpers
-    def _unavailable(self, ids, reason: str) -> None:
-        for task_id, message in self.queue.inputs_unavailable(ids, reason):
+    def _unavailable(self, ids, reason: str, local: bool = False) -> None:
+        for task_id, message in self.queue.inputs_unavailable(ids, reason, local):
             self._fail(task_id, message)
 
     def _fail(self, task_id: int, message: str, spec: TaskSpec | None = None) -> None:

@@ -20,6 +20,10 @@ Invariants:
   the worker.
 - An input that is neither held, nor located on a peer, nor produced by a task queued or
   running here, fails its task at ``assign``: nothing waits for data that cannot come.
+  A task given *ahead* (speculatively, before the server saw its inputs finish) waits
+  for inputs produced here; if the producer is gone already, or ends without producing
+  the input, the task is dropped without a report (``dropped``): the server, which
+  hears of the producer's end, takes it back. It never starts without its inputs.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class TaskSpec:
     checkpoint: str | None = None
     label: str | None = None
     inline: bool = False      # send a small result along with the finish report
+    ahead: bool = False       # given before its inputs were all computed (see ``assign``)
 
     @classmethod
     def from_wire(cls, row) -> "TaskSpec":
@@ -51,7 +56,7 @@ class TaskSpec:
         if not isinstance(row, (list, tuple)) or len(row) < COMPUTE_ROW_MIN:
             raise ProtocolError(f"a COMPUTE task is not a list of at least {COMPUTE_ROW_MIN} fields")
         n = len(ComputeRow._fields)
-        tid, symbol, config, inputs, cpus, resources, checkpoint, label, inline = \
+        tid, symbol, config, inputs, cpus, resources, checkpoint, label, inline, ahead = \
             ComputeRow(*row[:n], *[None] * (n - len(row)))
         if type(tid) is not int or tid < 0:   # (type(): a bool is no task id)
             raise ProtocolError("a COMPUTE task id is not a non-negative integer")
@@ -77,7 +82,8 @@ class TaskSpec:
         if label is not None and not isinstance(label, str):
             raise ProtocolError(f"task {tid}: label is not a string")
         return cls(tid, symbol, config, list(inputs), cpus,
-                   {k: v for k, v in resources.items() if v}, checkpoint or None, label, inline is True)
+                   {k: v for k, v in resources.items() if v}, checkpoint or None, label, inline is True,
+                   ahead is True)
 
     @property
     def light(self) -> bool:
@@ -105,6 +111,7 @@ class TaskQueue:
         self._arrival: dict[int, int] = {}           # queued task -> arrival number
         self._ready: list[tuple[int, int]] = []      # (arrival, task id), sorted
         self._ready_light = 0                        # how many of them are light
+        self.dropped = 0                             # tasks given ahead, dropped (see the docstring)
 
     # ------------------------------------------------------------------ events
     def assign(self, specs, have, locations: dict) -> tuple[list, list]:
@@ -139,7 +146,10 @@ class TaskQueue:
                                "server gave no location for it")
                     break
             if problem:
-                failed.append((tid, problem))
+                if spec.ahead:   # its producer ended here without producing: the server takes it back
+                    self.dropped += 1
+                else:
+                    failed.append((tid, problem))
                 continue
             self.queued[tid] = spec
             self._arrival[tid] = self._seq
@@ -161,16 +171,23 @@ class TaskQueue:
                     if self.missing[tid] == 0:
                         self._now_ready(tid)
 
-    def inputs_unavailable(self, ids, why: str) -> list:
-        """Inputs that will not arrive: every queued task waiting on one fails."""
+    def inputs_unavailable(self, ids, why: str, local: bool = False) -> list:
+        """Inputs that will not arrive: every queued task waiting on one fails (one
+        given ahead and waiting for a ``local`` producer is dropped)."""
         failed = []
-        for i in ids:
-            i = int(i)
+        todo = [int(i) for i in ids]
+        while todo:
+            i = todo.pop()
             self.fetching.discard(i)
             for tid in self.waiters.pop(i, ()):
                 if tid in self.queued:
+                    ahead = local and self.queued[tid].ahead
                     self._drop(tid)
-                    failed.append((tid, f"input {i} is unavailable: {why}"))
+                    if ahead:   # (and so are those given ahead of it)
+                        self.dropped += 1
+                        todo.append(tid)
+                    else:
+                        failed.append((tid, f"input {i} is unavailable: {why}"))
         return failed
 
     def finished(self, task_id: int, ok: bool = True) -> list:
@@ -184,7 +201,7 @@ class TaskQueue:
         if ok:
             self.inputs_arrived([task_id])
             return []
-        return self.inputs_unavailable([task_id], f"task {task_id} did not produce it here")
+        return self.inputs_unavailable([task_id], f"task {task_id} did not produce it here", local=True)
 
     def take_startable(self, limit: int | None = None) -> list:
         """Ready tasks that fit now (at most ``limit``), in arrival order (first fit);
@@ -217,10 +234,11 @@ class TaskQueue:
         self._ready_light -= sum(1 for spec in start if spec.light)
         return start
 
-    def drop(self, tid: int) -> None:
-        """Forget a queued task (it will not run)."""
+    def drop(self, tid: int) -> list:
+        """Forget a queued task (it will not run); returns [tid] (its data will not come)."""
         if tid in self.queued:
             self._drop(tid)
+        return [tid]
 
     def drop_queued(self) -> list:
         """Forget every queued task (not the running ones); returns their ids."""
