@@ -106,13 +106,7 @@ class TaskGraph:
         Returns the old inputs."""
         old = self.inputs(t)
         for p in old.tolist():
-            extra = self.extra_consumers.get(p)
-            if extra and t in extra:
-                extra.remove(t)
-                if not extra:
-                    del self.extra_consumers[p]
-                    self.cols.flags[p] &= ~np.uint8(FLAG_EXTRA)
-            else:
+            if not self._drop_extra(p, t):
                 seg, _ = self.segs.locate(p)
                 seg.drop_consumer(p, t)
         inputs = np.asarray(inputs, dtype=np.int64)
@@ -126,6 +120,17 @@ class TaskGraph:
         self.extra_consumers.setdefault(producer, []).append(consumer)
         self.cols.flags[producer] |= FLAG_EXTRA
 
+    def _drop_extra(self, producer: int, consumer: int) -> bool:
+        """Remove the edge producer -> consumer from the extra consumers (True if it was one)."""
+        extra = self.extra_consumers.get(producer)
+        if not extra or consumer not in extra:
+            return False
+        extra.remove(consumer)
+        if not extra:
+            del self.extra_consumers[producer]
+            self.cols.flags[producer] &= ~np.uint8(FLAG_EXTRA)
+        return True
+
     def detach(self, lo: int, hi: int) -> None:
         """The edges from tasks outside rows lo <= row < hi to tasks inside go (the inside
         is retired: its rows will be other tasks')."""
@@ -134,12 +139,7 @@ class TaskGraph:
         inputs, consumers = self.slots(np.arange(lo, hi, dtype=np.int64))
         outside = (inputs < lo) | (inputs >= hi)
         for p, t in zip(inputs[outside].tolist(), consumers[outside].tolist()):
-            extra = self.extra_consumers.get(p)
-            if extra and t in extra:
-                extra.remove(t)
-                if not extra:
-                    del self.extra_consumers[p]
-                    self.cols.flags[p] &= ~np.uint8(FLAG_EXTRA)
+            self._drop_extra(p, t)
 
     def forget(self, lo: int, hi: int) -> None:
         """Drop the side tables of the rows lo <= row < hi (their segment is retired)."""
