@@ -287,9 +287,9 @@ class FakeServer:
 
     def collect_updates(self, identity, until, timeout=5.0):
         """Merged UPDATE bodies from ``identity`` until ``until(merged)`` holds."""
-        merged = {"finished": [], "sizes": [], "lengths": [], "failed": [], "redirects": [],
-                  "replicas": [], "logs": []}
         heartbeats = []
+        merged = {"finished": [], "sizes": [], "lengths": [], "failed": [], "redirects": [],
+                  "replicas": [], "logs": [], "heartbeats": heartbeats}
         deadline = time.monotonic() + timeout
         pending, self.inbox = self.inbox, []
         while not until(merged):
@@ -305,7 +305,6 @@ class FakeServer:
                     merged[k] += P.ids_from_bytes(body[k]).tolist()
                 for k in ("failed", "redirects", "logs"):
                     merged[k] += body[k]
-        merged["heartbeats"] = heartbeats
         return merged
 
     def stop_all(self):
@@ -327,7 +326,7 @@ def fetch(ctx, address, ids, secret=None, handshake=True):
         if handshake:
             P.client_handshake(sock, "peer", secret, timeout_ms=3000)
         sock.send_multipart(P.encode(P.FETCH, {"req": 7, "ids": P.ids_to_bytes(ids)}))
-        if not sock.poll(1000 if handshake else 300):
+        if not sock.poll(5000 if handshake else 300):
             return None
         kind, body, blobs = P.decode(sock.recv_multipart())
         assert kind == P.DATA and body["req"] == 7
@@ -360,7 +359,7 @@ def test_worker_computes_reports_serves_and_stops(server, tmp_path):
         [4, S.RUN, S.encode_run(["false"], [], [None]), [], 1, None, None, "bad"],
     ], "locations": {}})
     # consumers arrive before their inputs are computed: 2 and 3 wait for local results
-    up = server.collect_updates(identity, lambda m: len(m["finished"]) == 4 and m["failed"])
+    up = server.collect_updates(identity, lambda m: len(m["finished"]) == 4 and m["failed"] and m["heartbeats"])
     sizes = dict(zip(up["finished"], up["sizes"]))
     assert sizes == {0: 6, 1: 5, 2: 11, 3: 11}
     assert [f[0] for f in up["failed"]] == [4] and "exited with status 1" in up["failed"][0][1]
