@@ -12,13 +12,16 @@ release results, cancel jobs and go away. Jobs are retired often, so rows are re
 the global id counter may start beyond 2^31. The model knows global ids only (as
 workers and clients do).
 
-LOOMCTL_FUZZ_EXAMPLES sets the number of sequences (default 60).
+LOOMCTL_FUZZ_EXAMPLES sets the number of sequences (default 60). A failing sequence is
+shrunk only with LOOMCTL_FUZZ_SHRINK=1 (shrinking one has taken hypothesis more than
+five minutes, longer than the whole CI run may take); unshrunk, the report still shows
+every step and the @reproduce_failure blob that replays it.
 """
 
 import os
 
 import numpy as np
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -30,6 +33,7 @@ from loomctl.core.server import ServerCore, SubmitError
 from loomctl.core.tasktable import ASSIGNED, FINISHED
 
 EXAMPLES = int(os.environ.get("LOOMCTL_FUZZ_EXAMPLES", "60"))
+PHASES = tuple(Phase) if os.environ.get("LOOMCTL_FUZZ_SHRINK") else tuple(p for p in Phase if p != Phase.shrink)
 CLIENTS = (b"client-a", b"client-b")
 
 
@@ -382,6 +386,6 @@ class CoreMachine(RuleBasedStateMachine):
             assert (c.state[owned] == FINISHED).all()
 
 
-CoreMachine.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None,
+CoreMachine.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None, phases=PHASES,
                                          suppress_health_check=list(HealthCheck))
 test_core_under_random_events = CoreMachine.TestCase

@@ -216,6 +216,24 @@ def test_an_answer_only_moves_tasks_asked_for_and_still_queued_there():
     env.core.check_invariants()
 
 
+def test_a_task_given_ahead_does_not_make_its_worker_a_victim():
+    """A 1-cpu worker given a task and, ahead of time, its consumer has one task that
+    could start: an idle worker does not ask for it (asked, given back and placed there
+    again with its consumer, it went round for ever: a CI run found that livelock)."""
+    env = Env(1)
+    env.core.options.steal = True
+    a = work(label="a")
+    job, ids = env.submit([work([a], label="b")])
+    env.core.schedule(0.0)
+    (cmd,) = computes(env)
+    assert [row.ahead for row in cmd.rows] == [False, True]
+    idle = env.core.add_worker(b"w1", register(1, "addr1"), 0.0)
+    env.wids.append(idle)
+    env.core.schedule(0.0)
+    assert not [cmd for cmd in env.core.take_commands() if isinstance(cmd, M.StealTasks)]
+    env.core.check_invariants()
+
+
 def test_no_stealing_unless_switched_on_or_while_ready_tasks_wait():
     env, ids = loaded_and_idle()
     env.core.options.steal = False

@@ -3,9 +3,10 @@ idle one.
 
 The server does not know which of a worker's assigned tasks have started, so it asks:
 when a round leaves some worker with cpus nobody is assigned to and no ready cpu task
-is waiting, every worker assigned more cpus than it has (its queue) gets a
-``StealTasks`` with its assigned cpu tasks and how many to give back (its surplus, at
-most the idle cpus). The worker gives back that many that have not started, those it
+is waiting, every worker whose assigned cpu tasks that could start (not those given
+ahead of their inputs, core.speculation: they wait for a producer there and cannot
+move) need more cpus than it has gets a ``StealTasks`` with those tasks and how many to
+give back (its surplus, at most the idle cpus). The worker gives back that many that have not started, those it
 would start last first, and always answers (``tasks_returned``, maybe with none). The
 tasks given back wait again (ASSIGNED -> WAITING, then READY at once: their inputs are
 finished), and the next round places them with the usual locality rule, where the idle
@@ -36,23 +37,20 @@ def request(core, now: float) -> int:
     idle = sum(w.cpus - w.assigned_cpus for w in workers if w.assigned_cpus < w.cpus)
     if idle <= 0 or core.pool.has_heavy():
         return 0
-    victims = sorted((w for w in workers if w.assigned_cpus > w.cpus and w.id not in core.steals),
-                     key=lambda w: (w.cpus - w.assigned_cpus, w.id))
-    if not victims:
-        return 0
     c = core.graph.cols
     n = c.n
     assigned = np.flatnonzero((c.state[:n] == ASSIGNED) & (c.cpus[:n] > 0))
     assigned = assigned[core.graph.unfinished_inputs(assigned, FINISHED) == 0]   # (not those given ahead)
     owners = c.worker[assigned]
+    queued = np.bincount(owners, weights=c.cpus[assigned], minlength=core.next_worker + 1)
+    victims = sorted((w for w in workers if queued[w.id] > w.cpus and w.id not in core.steals),
+                     key=lambda w: (w.cpus - queued[w.id], w.id))
     sent = 0
     for w in victims:
         if idle <= 0:
             break
-        count = min(w.assigned_cpus - w.cpus, idle)
+        count = min(int(queued[w.id]) - w.cpus, idle)
         ids = assigned[owners == w.id]
-        if not len(ids):
-            continue
         core.steals[w.id] = ids
         core.commands.append(M.StealTasks(w.key, ids, int(count)))
         idle -= count
