@@ -110,10 +110,9 @@ def test_worker_tracer_writes_a_readable_file(tmp_path):
              TaskSpec(11, "loom/py/call", b"", [10], cpus=1, label="a:2"),
              TaskSpec(12, "loom/data/const", b"", [], cpus=0),
              TaskSpec(13, "loom/run/run", b"", [], cpus=0)]
-    tracer.started(specs[0], False)
-    tracer.started(specs[1], False)
-    tracer.started(specs[2], True)
-    tracer.started(specs[3], False)
+    tracer.started(specs[0])
+    tracer.started(specs[1])
+    tracer.started(specs[3])   # (an inline task, 12, only ends: it runs within the worker's step)
     for spec in specs:
         tracer.ended(spec.id, Outcome(spec.id, size=3, logs=[("info", "hi")] if spec.id == 10 else [],
                                       started=T0, ended=T0 + 0.1), spec)

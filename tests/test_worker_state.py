@@ -10,13 +10,14 @@ import os
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from graphfmt import symbols as S
 from loomctl import protocol as P
 from loomctl.worker import state as W
 from loomctl.worker.data import Plain
 from loomctl.worker.outcome import Outcome
+from loomctl.worker.running import run_task
 
 EXAMPLES = int(os.environ.get("LOOMCTL_FUZZ_EXAMPLES", "60"))
 PEERS = ("tcp://peer-a:1", "tcp://peer-b:1")
@@ -103,6 +104,43 @@ def test_routes():
     assert W.route(W.TaskSpec(1, "ext/thing", b"", [])) == "light"
 
 
+def run_merge(spec, inputs):
+    """What the process's run_inline does (a built-in run where it is)."""
+    return run_task(spec, inputs, None, False)
+
+
+def test_a_chain_run_inline_ends_in_one_step_and_one_report():
+    s = W.WorkerState(cpus=1, run_inline=run_merge)
+    rows = [row(0, symbol=S.CONST)] + [row(t, [t - 1]) + [True] for t in range(1, 50)]   # (given ahead)
+    rows[0][2] = b"x"
+    out = s.handle([W.Compute(rows, {})], 0.0)
+    assert not [i for i in out if isinstance(i, W.Execute)]
+    (update,) = reports(out)
+    assert P.ids_from_bytes(update["finished"]).tolist() == list(range(50))
+    assert s.store[49] == Plain(b"x") and not s.queue.queued and not s.queue.running
+    s.check()
+
+
+def test_a_chain_run_inline_stops_at_the_pause_threshold_until_data_is_spilled():
+    s = W.WorkerState(cpus=1, memory_limit=10_000, run_inline=run_merge)
+    rows = [row(1, symbol=S.CONST), row(2, symbol=S.CONST)] + [row(t, [t - 1 if t > 3 else 1, 2]) + [True]
+                                                              for t in range(3, 43)]
+    rows[0][2], rows[1][2] = b"y" * 1000, b"z" * 10   # each link a new object of ~1-1.4 kB: 48 kB in all
+    out = s.handle([W.Compute(rows, {})], 0.0)
+    writes = [i for i in out if isinstance(i, W.SpillWrite)]
+    assert writes and s.queue.queued, "the chain stopped while memory was above the pause threshold"
+    assert s.store.used() <= 10_000
+    for _ in range(200):   # the process writes what it is told; the chain goes on
+        out = s.handle([W.Spilled(w.id, 2000) for w in writes], 0.0)
+        writes = [i for i in out if isinstance(i, W.SpillWrite)]
+        assert s.store.used() <= 10_000
+        s.check()
+        if not writes:
+            break
+    assert not s.queue.queued and s.store.get(42) == Plain(b"y" * 1000 + b"z" * 400)
+    s.check()
+
+
 class WorkerMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
@@ -114,6 +152,17 @@ class WorkerMachine(RuleBasedStateMachine):
         self.running: set = set()        # Execute'd, not ended
         self.fetches: dict = {}          # req -> (address, ids)
         self.remote: dict = {}           # id -> the peer that holds it
+
+    @initialize(inline=st.booleans())
+    def runner(self, inline):
+        """The process may run inline built-ins within the state's step."""
+        if inline:
+            self.s.run_inline = self.run_here
+
+    def run_here(self, spec, inputs):
+        assert spec.id in self.given and spec.id not in self.running, "ran a task not given, or twice"
+        assert W.route(spec) == "inline" and all(obj is not None for obj in inputs)
+        return Outcome(spec.id, Plain(b"i"), 1) if spec.id % 5 else Outcome(spec.id, error="boom")
 
     def apply(self, events, dt=0.001):
         self.now += dt

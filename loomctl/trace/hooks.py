@@ -216,9 +216,9 @@ class WorkerTracer:
             if job in self.job_dir and isinstance(row, (list, tuple)) and row and isinstance(row[0], int):
                 self.task_job[row[0]] = job
 
-    def started(self, spec, inline: bool) -> None:
-        if inline:   # it ends before the loop does anything else: ``ended`` records it alone
-            return
+    def started(self, spec) -> None:
+        """A task left the worker's loop to run (an inline one is not started: ``ended``
+        records it alone)."""
         job = self.task_job.get(spec.id)
         if job is None:
             return

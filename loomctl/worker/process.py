@@ -5,9 +5,9 @@ The loop (``Worker.run``) polls the server DEALER, the data ROUTER, one DEALER p
 the server socket's monitor and an inproc PAIR that executor threads use to wake it.
 Each iteration turns what is readable into events (messages, peer answers, ended
 programs and tasks, the clock), hands them to ``WorkerState.handle`` in one batch and
-carries out the instructions that come back: start tasks (inline built-ins in the loop,
-programs watched by the poller, cpu tasks in a pool of ``max(1, cpus)`` threads, other
-light tasks in a small pool), send the UPDATE, connect to peers and send FETCHes, and
+carries out the instructions that come back: start tasks (inline built-ins run within
+the state's step, ``_run_inline``; programs watched by the poller, cpu tasks in a pool
+of ``max(1, cpus)`` threads, other light tasks in a small pool), send the UPDATE, connect to peers and send FETCHes, and
 the spill files' I/O (a thread, ``worker.spill``; objects only in files are streamed to
 peers from them, ``worker.stream``). What the worker decides is in ``worker.state``;
 this module keeps the sockets, threads, programs, files and the clock.
@@ -100,7 +100,8 @@ class Worker:
         self.worker_id: int | None = None
         self.data_address: str | None = None
         self.run_dir: str | None = None
-        self.state = W.WorkerState(self.cpus, self.resources, fetch_timeout_s, memory_limit, spill_at, pause_at)
+        self.state = W.WorkerState(self.cpus, self.resources, fetch_timeout_s, memory_limit, spill_at, pause_at,
+                                   run_inline=self._run_inline)
         self._sampled = 0.0
         self._events: list = []                  # for the state, this iteration
         self._heartbeats = 0
@@ -276,15 +277,13 @@ class Worker:
         if kind is W.Execute:
             spec, inputs, route = instruction.spec, instruction.inputs, instruction.route
             if self.tracer is not None:
-                self.tracer.started(spec, route == "inline")
+                self.tracer.started(spec)
             if route == "program":   # started here, watched by the poller
                 failed = self.programs.start(spec, inputs)
                 if failed is not None:
                     self._task_done(failed)
             elif route == "pool":
                 self.pool.submit(spec, inputs, self.run_dir, self.keep_failed_dirs)
-            elif route == "inline":
-                self._task_done(run_task(spec, inputs, self.run_dir, self.keep_failed_dirs))
             else:
                 self.light_pool.submit(spec, inputs, self.run_dir, self.keep_failed_dirs)
         elif kind is W.SendUpdate:
@@ -306,6 +305,13 @@ class Worker:
             self.spiller.submit(instruction)
         elif kind is W.Kill:   # (a Python task runs to its end; its result is discarded)
             self.programs.kill(instruction.task_id)
+
+    def _run_inline(self, spec, inputs) -> Outcome:
+        """An inline built-in, run within the state's step (WorkerState.run_inline)."""
+        outcome = run_task(spec, inputs, self.run_dir, self.keep_failed_dirs)
+        if self.tracer is not None:
+            self.tracer.ended(spec.id, outcome, spec)
+        return outcome
 
     def _task_done(self, outcome: Outcome) -> None:
         if self.tracer is not None:
@@ -349,9 +355,7 @@ class Worker:
             return
         kind, body = message
         try:
-            if kind == P.PING:
-                pass
-            elif kind == P.COMPUTE:
+            if kind == P.COMPUTE:
                 rows = P.field(body, "tasks", list)
                 if self.tracer is not None and "jobs" in body:
                     self.tracer.assigned(rows, body["jobs"])
@@ -374,7 +378,7 @@ class Worker:
                              len(self.state.store))
             elif kind == P.ERROR:
                 log.warning("the server reported an error: %s", body.get("message"))
-            else:
+            elif kind != P.PING:
                 log.warning("ignored an unexpected %r message from the server", kind[:16])
         except P.ProtocolError as exc:
             log.warning("ignored a malformed message from the server: %s", exc)

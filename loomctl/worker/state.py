@@ -4,9 +4,10 @@ Events are what the worker process saw since it last asked (messages from the se
 answers of peers, links that became ready or failed, tasks that ended, the clock);
 instructions are what it must do next: start a task (``Execute``, with the route the
 task takes), stop one (``Kill``), send a report (``SendUpdate``), connect to a peer,
-send a FETCH, close a link. The process (``worker.process``) owns the sockets, threads, programs and clock and
-carries the instructions out; everything else about the worker is decided here, on
-plain data, so that tests drive it with lists of events.
+send a FETCH, close a link; inline built-ins (``route``) run within ``handle`` when
+the process gives ``run_inline`` (a chain of them: one step, not one per task). The
+process (``worker.process``) owns the sockets, threads, programs and clock and carries
+the instructions out; everything else is decided here, on plain data (tests drive it).
 
 The data objects are in a ``DataStore`` (``worker.store``): in memory or spilled to
 files, under the worker's memory limit. Its file I/O is instructions too (SpillWrite,
@@ -80,21 +81,19 @@ class CancelTasks:
 
 @dataclass(slots=True)
 class PeerGone:
-    """Fetches from ``address`` cannot succeed (the server lost that worker, or the
-    link failed)."""
+    """Fetches from ``address`` cannot succeed (the server lost that peer, or the link failed)."""
     address: str
     reason: str
 
 
 @dataclass(slots=True)
-class LinkReady:
+class LinkReady:   # the link to a peer completed its handshake
     address: str
 
 
 @dataclass(slots=True)
 class Fetched:
-    """A peer's DATA answer, its blobs decoded: ``objects`` has a DataObject or an error
-    message per id of ``found``."""
+    """A peer's DATA answer: ``objects`` has a DataObject or an error message per id of ``found``."""
     address: str
     req: int
     found: list
@@ -108,8 +107,8 @@ class TaskDone:
 
 
 @dataclass(slots=True)
-class Tick:
-    """Time passed: fetches may have expired, held reports may be due."""
+class Tick:   # time passed: fetches may have expired, held reports may be due
+    pass
 
 
 @dataclass(slots=True)
@@ -184,8 +183,9 @@ def route(spec: TaskSpec) -> str:
 class WorkerState:
     def __init__(self, cpus: int, resources: dict | None = None, fetch_timeout_s: float = 120.0,
                  memory_limit: int | None = None, spill_at: float = DEFAULT_SPILL_AT,
-                 pause_at: float = DEFAULT_PAUSE_AT):
+                 pause_at: float = DEFAULT_PAUSE_AT, run_inline=None):
         self.cpus = max(0, int(cpus))
+        self.run_inline = run_inline   # (spec, inputs) -> Outcome for "inline" tasks, or None
         self.queue = TaskQueue(self.cpus, resources or {})
         self.store = DataStore(memory_limit, spill_at, pause_at)
         self.loading: dict[int, TaskSpec] = {}   # started tasks whose inputs are read back
@@ -245,8 +245,8 @@ class WorkerState:
         return out
 
     def forget_queued(self) -> list:
-        """The server no longer counts on the tasks queued here (it dropped this worker):
-        they are forgotten, and so is the unsent report. Running tasks run on."""
+        """The server dropped this worker: queued tasks and the unsent report are forgotten
+        (running tasks run on)."""
         dropped = self.queue.drop_queued()
         self.report = Report()
         self.report_since = None
@@ -395,19 +395,19 @@ class WorkerState:
                      or not all(i in store for i in s.inputs)]:
             del self.loading[spec.id]
             self._execute(spec, out)
-        limit = None
-        if store.paused():
-            self._io += store.balance()   # (what can leave memory goes first)
-            if self.queue.running or store.writing:
-                if not self._pause_noted:
-                    self._pause_noted = True
-                    log.info("memory use %s is above %.0f%% of the limit %s: no new task starts",
-                             human(store.used()), 100 * store.pause_at, human(store.limit))
-                return
-            limit = 1   # nothing runs and nothing more can leave memory: one at a time
-        else:
-            self._pause_noted = False
-        while True:   # (again while a start that failed at once freed cpus)
+        while True:   # (again while tasks that ended at once, run inline or failed to start, freed cpus)
+            limit = None
+            if store.paused():
+                self._io += store.balance()   # (what can leave memory goes first)
+                if self.queue.running or store.writing:
+                    if not self._pause_noted:
+                        self._pause_noted = True
+                        log.info("memory use %s is above %.0f%% of the limit %s: no new task starts",
+                                 human(store.used()), 100 * store.pause_at, human(store.limit))
+                    return
+                limit = 1   # nothing runs and nothing more can leave memory: one at a time
+            else:
+                self._pause_noted = False
             started = self.queue.take_startable(limit)
             for spec in started:
                 store.pin(spec.inputs)
@@ -430,6 +430,8 @@ class WorkerState:
             return
         for i in spec.inputs:
             self.store.touch(i)
+        if self.run_inline is not None and route(spec) == "inline":   # ends here: _start goes on
+            return self._done(self.run_inline(spec, inputs))
         out.append(Execute(spec, inputs, route(spec)))
 
     def _load_failed(self, input_id: int, error: str) -> None:
