@@ -38,7 +38,7 @@ STDERR_TAIL_LINES = 20
 STDERR_TAIL_BYTES = 2048
 
 
-@dataclass
+@dataclass(slots=True)
 class ExecContext:
     """Per-execution facts a task may need; ``logs`` collects (level, message) pairs
     emitted by Python tasks, for the worker log and the trace."""
@@ -118,7 +118,7 @@ def _const(config, inputs, ctx):
 
 
 def _merge(config, inputs, ctx):
-    parts = [content(obj, f"merge input {i}") for i, obj in enumerate(inputs)]
+    parts = [obj.read() if obj.is_dobject else content(obj, f"merge input {i}") for i, obj in enumerate(inputs)]
     return Plain(bytes(config).join(parts))
 
 

@@ -15,7 +15,7 @@ from loomctl.worker import data
 from loomctl.worker.executors import write_atomically
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     """What became of one started task."""
     task_id: int

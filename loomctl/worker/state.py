@@ -411,12 +411,13 @@ class WorkerState:
             started = self.queue.take_startable(limit)
             for spec in started:
                 store.pin(spec.inputs)
-                for i in dict.fromkeys(spec.inputs):
-                    self._io += store.load(i)
-                if any(store.on_disk_only(i) for i in spec.inputs):
-                    self.loading[spec.id] = spec
-                else:
-                    self._execute(spec, out)
+                if store.some_on_disk_only():
+                    for i in dict.fromkeys(spec.inputs):
+                        self._io += store.load(i)
+                    if any(store.on_disk_only(i) for i in spec.inputs):
+                        self.loading[spec.id] = spec
+                        continue
+                self._execute(spec, out)
             if not started or all(spec.id in self.queue.running for spec in started):
                 return
 
@@ -464,9 +465,8 @@ class WorkerState:
         self.report_since = None
 
     def _may_hold(self) -> bool:
-        """Finish reports may wait (to go in one UPDATE) while the worker is busy and has
-        queued work for all its cpus: holding them delays nobody here, and the server
-        handles fewer, larger batches. Failures and the like go at once."""
+        """Finish reports may wait (for one UPDATE) while the worker is busy with queued work
+        for all its cpus: that delays nobody, and the server handles fewer, larger batches."""
         return bool(self.queue.running) and len(self.queue.queued) >= max(1, self.cpus) \
             and not self.report.urgent()
 

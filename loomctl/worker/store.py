@@ -127,6 +127,9 @@ class DataStore:
     def on_disk_only(self, i) -> bool:
         return i in self.sizes and i not in self.memory
 
+    def some_on_disk_only(self) -> bool:
+        return len(self.memory) != len(self.sizes)
+
     def used(self) -> int:
         return self.memory_bytes + self.unmanaged
 

@@ -34,8 +34,10 @@ from dataclasses import dataclass, field
 from loomctl.messages import COMPUTE_ROW_MIN, ComputeRow
 from loomctl.protocol import ProtocolError
 
+_ROW_FIELDS = len(ComputeRow._fields)
 
-@dataclass
+
+@dataclass(slots=True)
 class TaskSpec:
     """One task assignment of a COMPUTE message."""
     id: int
@@ -53,11 +55,11 @@ class TaskSpec:
     def from_wire(cls, row) -> "TaskSpec":
         """A COMPUTE row (``loomctl.messages.ComputeRow``; the fields after ``cpus`` may
         be missing, fields beyond it are ignored); raises ProtocolError when malformed."""
-        if not isinstance(row, (list, tuple)) or len(row) < COMPUTE_ROW_MIN:
-            raise ProtocolError(f"a COMPUTE task is not a list of at least {COMPUTE_ROW_MIN} fields")
-        n = len(ComputeRow._fields)
-        tid, symbol, config, inputs, cpus, resources, checkpoint, label, inline, ahead = \
-            ComputeRow(*row[:n], *[None] * (n - len(row)))
+        if type(row) is not list or len(row) != _ROW_FIELDS:   # (the server sends them whole)
+            if not isinstance(row, (list, tuple)) or len(row) < COMPUTE_ROW_MIN:
+                raise ProtocolError(f"a COMPUTE task is not a list of at least {COMPUTE_ROW_MIN} fields")
+            row = [*row[:_ROW_FIELDS], *[None] * (_ROW_FIELDS - len(row))]
+        tid, symbol, config, inputs, cpus, resources, checkpoint, label, inline, ahead = row
         if type(tid) is not int or tid < 0:   # (type(): a bool is no task id)
             raise ProtocolError("a COMPUTE task id is not a non-negative integer")
         if type(symbol) is not str:
@@ -68,21 +70,25 @@ class TaskSpec:
             if not isinstance(config, (bytes, bytearray, memoryview)):
                 raise ProtocolError(f"task {tid}: config is not bytes")
             config = bytes(config)
-        if not isinstance(inputs, (list, tuple)) or not all(type(i) is int and i >= 0 for i in inputs):
+        if not isinstance(inputs, (list, tuple)):
             raise ProtocolError(f"task {tid}: inputs are not a list of task ids")
+        for i in inputs:
+            if type(i) is not int or i < 0:
+                raise ProtocolError(f"task {tid}: inputs are not a list of task ids")
         if type(cpus) is not int or cpus < 0:
             raise ProtocolError(f"task {tid}: cpus is not a non-negative integer")
-        if resources is None:
+        if resources is None or type(resources) is dict and not resources:
             resources = {}
-        if not isinstance(resources, dict) or not all(
-                isinstance(k, str) and is_int(v) and v >= 0 for k, v in resources.items()):
-            raise ProtocolError(f"task {tid}: resources are not a map of names to amounts")
-        if checkpoint is not None and not isinstance(checkpoint, str):
+        else:
+            if not isinstance(resources, dict) or not all(
+                    isinstance(k, str) and is_int(v) and v >= 0 for k, v in resources.items()):
+                raise ProtocolError(f"task {tid}: resources are not a map of names to amounts")
+            resources = {k: v for k, v in resources.items() if v}
+        if checkpoint is not None and type(checkpoint) is not str:
             raise ProtocolError(f"task {tid}: checkpoint is not a string")
-        if label is not None and not isinstance(label, str):
+        if label is not None and type(label) is not str:
             raise ProtocolError(f"task {tid}: label is not a string")
-        return cls(tid, symbol, config, list(inputs), cpus,
-                   {k: v for k, v in resources.items() if v}, checkpoint or None, label, inline is True,
+        return cls(tid, symbol, config, list(inputs), cpus, resources, checkpoint or None, label, inline is True,
                    ahead is True)
 
     @property
