@@ -290,7 +290,7 @@ class TaskQueue:
         self._ready_light += self.queued[tid].light
 
     def _resources_free(self, spec: TaskSpec) -> bool:
-        return all(self.free_resources.get(n, 0) >= a for n, a in spec.resources.items())
+        return not spec.resources or all(self.free_resources.get(n, 0) >= a for n, a in spec.resources.items())
 
     def _reserve(self, spec: TaskSpec) -> None:
         tid = spec.id
