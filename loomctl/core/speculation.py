@@ -67,6 +67,8 @@ def extend(core, w, seeds: np.ndarray) -> np.ndarray:
     lookahead; returns them, producers before consumers (the order of COMPUTE rows)."""
     if not len(seeds) or not core.options.speculate or w.stats.get("memory_near") is True:
         return EMPTY
+    if len(seeds) == 1 and not _waiting_consumers(core.graph, seeds):   # (a job of one task, a sink)
+        return EMPTY
     light_room = SPECULATE_LIGHT - w.assigned_light
     cpu_room = w.queue_factor * w.cpus - w.assigned_cpus
     if light_room <= 0 and cpu_room <= 0:
