@@ -67,6 +67,8 @@ class SpillRef:
 def buffers(obj: data.DataObject) -> dict:
     """The distinct buffers an object keeps in memory: {key: bytes} (a file object keeps
     only its path)."""
+    if type(obj) is data.Plain:   # (most objects)
+        return {id(obj.content): len(obj.content)}
     out: dict = {}
     stack = [obj]
     while stack:
