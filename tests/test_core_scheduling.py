@@ -3,6 +3,7 @@ b-levels, user priorities, the ready pool, spilling strongly local tasks to idle
 and work stealing (asked of loaded workers, answered with tasks not started)."""
 
 import numpy as np
+import pytest
 
 from graphfmt import symbols as S
 from graphfmt import tasks
@@ -10,6 +11,7 @@ from loomctl import messages as M
 from loomctl.core import placement, priority
 from loomctl.core.readypool import ReadyPool
 from loomctl.core.tasktable import ASSIGNED, READY, WAITING
+from loomctl.worker.extensions import supported_symbols
 
 from test_core import Env, register
 
@@ -172,6 +174,30 @@ def test_copies_count_as_data_on_their_worker():
     spread = {int(placement.preferences(np.array([t, t]), np.array([0, 1]), np.array([5, 5]), t + 1)[0][t])
               for t in range(4)}
     assert spread == {0, 1}     # ties do not all go to the first worker
+
+
+def merge_tree(k):
+    level = [tasks.const(b"x") for _ in range(2 ** k)]
+    while len(level) > 1:
+        level = [tasks.merge(level[i:i + 2]) for i in range(0, len(level), 2)]
+    return level[0]
+
+
+@pytest.mark.parametrize("symbols", [(), tuple(sorted(supported_symbols()))])
+def test_the_sources_of_one_merge_go_to_one_worker(symbols):
+    """Light sources without a preferred worker are spread in blocks of neighbours, not
+    dealt out in turn: the leaves of a merge tree on two workers need no transfer but
+    the last one (dealt out, every merge fetched an input: 1,023 transfers a 2^10 tree)."""
+    env = Env()
+    for k in range(2):
+        env.wids.append(env.core.add_worker(f"w{k}".encode(), register(1, f"addr{k}", symbols=symbols), 0.0))
+    env.submit([merge_tree(4)])
+    env.core.schedule(0.0)
+    commands = computes(env)
+    assert len(commands) == 2
+    fetched = [i for cmd in commands for row in cmd.rows for i in row.inputs if i in cmd.locations]
+    assert not fetched and all(len(cmd.rows) == 15 for cmd in commands)   # each: a half of the tree, ahead
+    env.core.check_invariants()
 
 
 # ---------------------------------------------------------------------- work stealing

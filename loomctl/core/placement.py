@@ -14,8 +14,9 @@ Policy (HyperLoom's, computed over whole batches, tasks taken in the order given
   worker's queue rather than moving the data elsewhere, unless (``spill``) another
   worker has a cpu nobody is assigned to: then it goes there (an idle cpu costs more
   than moving the data). Other tasks go to the least loaded worker with room.
-- Light tasks (no request) are spread by free queue room; up to LIGHT_QUEUE of them may
-  be outstanding on one worker.
+- Light tasks (no request) without a preferred worker are spread by free queue room, in
+  blocks of neighbours (tasks next to each other in the batch, such as the sources of
+  one merge, go to one worker); up to LIGHT_QUEUE of them may be outstanding on one worker.
 - A task is pinned to the worker holding its data only if that worker could run it at
   all (cpus, named resources, task type): locality never makes a task wait for ever.
 
@@ -119,6 +120,14 @@ def _supports(room: WorkerRoom, symbol: int) -> bool:
     return room.supports is None or (symbol < len(room.supports) and bool(room.supports[symbol]))
 
 
+def _supported(room: WorkerRoom, codes: np.ndarray) -> np.ndarray:
+    """Per symbol code: can the worker (with a support mask) run it."""
+    ok = np.zeros(len(codes), dtype=bool)
+    inside = codes < len(room.supports)
+    ok[inside] = room.supports[codes[inside]]
+    return ok
+
+
 def _place_light(positions, symbols, best, best_bytes, workers, chosen) -> None:
     if not len(positions):
         return
@@ -128,12 +137,8 @@ def _place_light(positions, symbols, best, best_bytes, workers, chosen) -> None:
     if (prefs >= 0).any():   # (none: a round of tasks without inputs on any worker)
         for w in workers:
             mine = positions[prefs == w.index]
-            if not uniform and w.supports is not None and len(mine):
-                code = symbols[mine]
-                inside = code < len(w.supports)
-                ok = np.zeros(len(mine), dtype=bool)
-                ok[inside] = w.supports[code[inside]]
-                mine = mine[ok]
+            if w.supports is not None and len(mine):
+                mine = mine[_supported(w, symbols[mine])]
             take = mine[:max(0, w.light_room())]
             chosen[take] = w.index
             w.assigned_light += len(take)
@@ -145,31 +150,37 @@ def _place_light(positions, symbols, best, best_bytes, workers, chosen) -> None:
     rest = rest[~pinned]
     if not len(rest):
         return
-    # 2. the others are spread over the free room, emptiest workers first
-    if uniform and len(rest) == 1:   # one task: the roomiest worker (the first of equals)
+    # 2. the others are spread over the free room, emptiest workers first; what some
+    # worker cannot run, task by task
+    if not uniform:
+        anywhere = np.ones(len(rest), dtype=bool)
+        for w in workers:
+            if w.supports is not None:
+                anywhere &= _supported(w, symbols[rest])
+        for p in rest[~anywhere]:
+            candidates = [w for w in workers if w.light_room() > 0 and _supports(w, symbols[p])]
+            if candidates:
+                w = max(candidates, key=WorkerRoom.light_room)
+                chosen[p] = w.index
+                w.assigned_light += 1
+        rest = rest[anywhere]
+    if len(rest) == 1:   # one task: the roomiest worker (the first of equals)
         w = max(workers, key=WorkerRoom.light_room)
         if w.light_room() > 0:
             chosen[rest[0]] = w.index
             w.assigned_light += 1
         return
-    if uniform:
-        rooms = np.array([max(0, w.light_room()) for w in workers])
-        total = int(rooms.sum())
-        if total == 0:
-            return
-        k = min(len(rest), total)
-        # round-robin over workers weighted by room: interleave so batches stay balanced
-        slots = _spread(rooms, np.array([w.index for w in workers]), k)
-        chosen[rest[:k]] = slots
-        for w in workers:
-            w.assigned_light += int(np.count_nonzero(slots == w.index))
+    rooms = np.array([max(0, w.light_room()) for w in workers])
+    total = int(rooms.sum())
+    k = min(len(rest), total)
+    if k == 0:
         return
-    for p in rest:
-        candidates = [w for w in workers if w.light_room() > 0 and _supports(w, symbols[p])]
-        if candidates:
-            w = max(candidates, key=WorkerRoom.light_room)
-            chosen[p] = w.index
-            w.assigned_light += 1
+    # each worker's share in proportion to its room, as one block of neighbours in the
+    # order given (siblings, like the leaves of a tree, meet on one worker)
+    slots = np.sort(_spread(rooms, np.array([w.index for w in workers]), k), kind="stable")
+    chosen[rest[:k]] = slots
+    for w in workers:
+        w.assigned_light += int(np.count_nonzero(slots == w.index))
 
 
 def _spread(rooms: np.ndarray, owners: np.ndarray, k: int) -> np.ndarray:
