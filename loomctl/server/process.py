@@ -24,6 +24,7 @@ import signal
 import time
 
 import zmq
+from loomctl import gcpolicy
 from loomctl import protocol as P
 from loomctl.access import remove_access, write_access
 from loomctl.core.restore import restore, snapshot
@@ -156,6 +157,7 @@ class Server:
         log.info("server listening on tcp://%s:%d (authentication %s)", self.host, self.port,
                  "on" if self.secret else "OFF")
         last_check = time.monotonic()
+        gcpolicy.tune()
         try:
             poller = zmq.Poller()
             poller.register(self.sock, zmq.POLLIN)

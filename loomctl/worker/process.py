@@ -39,7 +39,7 @@ from collections import deque
 
 import zmq
 
-from loomctl import protocol as P
+from loomctl import gcpolicy, protocol as P
 from loomctl.worker import extensions as registry
 from loomctl.routerpeers import RouterPeers
 from loomctl.worker import state as W
@@ -209,6 +209,7 @@ class Worker:
     def run(self) -> str:
         now = time.monotonic()
         self._next_heartbeat = now
+        gcpolicy.tune()
         self._hb_wall, self._hb_cpu = now, time.process_time()
         for frames in self._early:
             self._on_server_message(frames)
@@ -261,8 +262,7 @@ class Worker:
             self.streams.pump()
 
     def _step(self, now: float) -> None:
-        """Hand this iteration's events to the state and carry out what it says, until
-        nothing more follows (tasks run inline end at once and may make others ready)."""
+        """Hand this iteration's events to the state, carry out what it says, until no more follow."""
         events = self._events
         while True:
             self._events = []
