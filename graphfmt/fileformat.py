@@ -11,8 +11,12 @@ Invariants:
   reader takes columns with ``np.frombuffer`` and builds no Python object per task.
 - A chunk or column kind whose first letter is upper case is critical: a reader that
   does not know it refuses the file. Lower case ones may be skipped.
+- The layout (magic, structs, chunk kinds, column types) is in ``layout.py``, shared
+  with the small-graph fast paths ``smallread`` and ``smallwrite``.
 - Every column of version 1.0 has exactly one type (``COLUMN_TYPES``): a reader refuses
   any other, and a writer refuses a value that does not fit, so nothing is ever narrowed.
+- ``read`` gives id and offset columns as int32 where they fit (``graph.py``) and copies
+  every column out of the source buffer, so a caller may free the buffer once read.
 - Any malformed input makes ``read`` raise GraphError with a one-line message; it never
   raises anything else.
 """
@@ -139,7 +143,7 @@ class GraphWriter:
         # check every value against its column's width before writing anything
         columns_of = {
             b"NINP": ("number of inputs", counts, None),
-            b"INPS": ("input id (part-local)", graph.inputs + shift if len(graph.inputs) else graph.inputs,
+            b"INPS": ("input id (part-local)", graph.inputs.astype(np.int64) + shift if len(graph.inputs) else graph.inputs,
                       graph.input_offsets),
             b"CLEN": ("config length", graph.configs.lengths(), None),
             b"FLAG": ("flags", graph.flags, None),
@@ -539,17 +543,19 @@ class _PartBuilder:
             if n and int(codes.max()) > limit:
                 bad = int(np.flatnonzero(codes > limit)[0])
                 raise GraphError(f"task {base + bad}: " + what.format(codes[bad]))
-        counts = _cat(b, b"NINP", np.int64)
-        inputs = _cat(b, b"INPS", np.int64)
+        counts = _cat(b, b"NINP", np.uint32)
+        inputs = _cat(b, b"INPS", np.uint32)
         if len(inputs) and inputs.max() >= n:
             owners = np.repeat(np.arange(n), counts)
             bad = int(np.flatnonzero(inputs >= n)[0])
-            raise GraphError(f"task {base + owners[bad]}: input {base + inputs[bad]} "
+            raise GraphError(f"task {base + int(owners[bad])}: input {base + int(inputs[bad])} "
                              "does not exist (dangling input)")
+        # every input is < n: int32 (the same bits) when n fits, else int64
+        inputs = inputs.view(np.int32) if n <= (1 << 31) else inputs.astype(np.int64)
         return Graph(
             symbols=self.tables[K_SYMBOLS], types=types,
-            input_offsets=offsets_from_lengths(counts), inputs=inputs,
-            configs=VarBytes.from_lengths(_cat(b, b"CLEN", np.int64), _join(b, b"CFGD")),
+            input_offsets=offsets_from_lengths(counts, compact=True), inputs=inputs,
+            configs=VarBytes.from_lengths(_cat(b, b"CLEN", np.uint32), _join(b, b"CFGD"), compact=True),
             flags=_cat(b, b"FLAG", np.uint8),
             request_codes=request_codes, requests=self.tables[K_REQUESTS],
             label_codes=label_codes, labels=self.tables[K_LABELS],
@@ -559,8 +565,10 @@ class _PartBuilder:
 
 
 def _cat(blocks: list[dict], name: bytes, dtype) -> np.ndarray:
+    """A column of the part (a copy: the Graph keeps nothing of the buffer it was read from,
+    which may be a received frame to be freed once read)."""
     if len(blocks) == 1 and name in blocks[0]:   # the usual small file: one block
-        return blocks[0][name].astype(dtype, copy=False)
+        return np.array(blocks[0][name], dtype=dtype)
     parts = [blk[name] if name in blk else np.zeros(blk["n"] if name not in DATA_COLUMNS else 0, dtype)
              for blk in blocks]
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
@@ -574,7 +582,7 @@ def _optional(blocks: list[dict], prefix: bytes) -> VarBytes | None:
     if not any(prefix + b"L" in blk for blk in blocks):
         return None
     lengths = np.concatenate([blk.get(prefix + b"L", np.zeros(blk["n"], np.uint32)) for blk in blocks])
-    return VarBytes.from_lengths(lengths.astype(np.int64), _join(blocks, prefix + b"D"))
+    return VarBytes.from_lengths(lengths, _join(blocks, prefix + b"D"), compact=True)
 
 
 def iter_parts(source: _Source) -> Iterator[Graph]:

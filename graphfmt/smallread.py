@@ -134,11 +134,11 @@ def _read(view: memoryview) -> Graph | None:
             k += length
     metadata = _varbytes(cols[b"METL"], cols.get(b"METD", b"")) if b"METL" in cols else None
     prio = cols.get(b"prio")
-    offsets = np.zeros(n + 1, np.int64)
+    offsets = np.zeros(n + 1, np.int32)   # (the general reader's compact columns: int32)
     np.cumsum(counts, out=offsets[1:])
     return Graph(
         symbols=symbols, types=np.array(types, np.uint16), input_offsets=offsets,
-        inputs=np.array(inputs, np.int64), configs=_varbytes(config_lengths, config_data),
+        inputs=np.array(inputs, np.int32), configs=_varbytes(config_lengths, config_data),
         flags=np.array(cols[b"FLAG"], np.uint8),
         request_codes=np.array(rcodes, np.uint16) if rcodes is not None else np.zeros(n, np.uint16),
         requests=requests,
@@ -148,7 +148,7 @@ def _read(view: memoryview) -> Graph | None:
 
 
 def _varbytes(lengths: list, data: bytes) -> VarBytes:
-    offsets = np.zeros(len(lengths) + 1, np.int64)
+    offsets = np.zeros(len(lengths) + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
     return VarBytes(offsets, data)
 
