@@ -569,6 +569,8 @@ def _cat(blocks: list[dict], name: bytes, dtype) -> np.ndarray:
     which may be a received frame to be freed once read)."""
     if len(blocks) == 1 and name in blocks[0]:   # the usual small file: one block
         return np.array(blocks[0][name], dtype=dtype)
+    if not any(name in blk for blk in blocks):   # (zeros: pages the process never touches)
+        return np.zeros(sum(blk["n"] for blk in blocks) if name not in DATA_COLUMNS else 0, dtype)
     parts = [blk[name] if name in blk else np.zeros(blk["n"] if name not in DATA_COLUMNS else 0, dtype)
              for blk in blocks]
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
