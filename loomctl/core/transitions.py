@@ -263,7 +263,8 @@ def add_tasks(core, job, graph: Graph, global_inputs: np.ndarray, born: np.ndarr
     c.holds[wanted] += 1
     priority.segment_added(core, segment, graph.priorities)
     ids = np.arange(base, base + n, dtype=np.int64)   # (after the sweeps: a large submission's peak)
-    live = ids[LIVE[born]]
+    is_live = LIVE[born]
+    live = ids if is_live.all() else ids[is_live]
     if len(live):
         inputs = g.inputs_of(live)
         if len(inputs):

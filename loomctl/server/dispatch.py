@@ -215,7 +215,8 @@ class Dispatch:
         if isinstance(request, M.Submit):
             graph_file, request.graph = request.graph, None   # (the only reference to the frame)
             graph = graphfmt.read(graph_file)
-            graph_file = bytes(graph_file) if core.record is not None else None   # (the journal's copy)
+            if core.record is None:   # (else the journal's record keeps the view until it is written)
+                graph_file = None
             trace_dir = self._trace_dir(request.trace)
             mark = len(core.record) if core.record is not None else 0
             job = core.submit(identity, graph, now, load=request.load, name=request.name, notify=request.notify,
