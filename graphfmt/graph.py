@@ -276,12 +276,11 @@ class Graph:
             if len(bad):
                 raise GraphError(f"task {bad[0]}: {what} code {codes[bad[0]]} is not in the {what} table")
         if len(self.inputs):
-            owners = np.repeat(np.arange(n, dtype=np.int32 if n < (1 << 31) else np.int64), np.diff(self.input_offsets))
             bad = np.flatnonzero((self.inputs < 0) | (self.inputs >= n))
             if len(bad):
-                i = int(owners[bad[0]])
+                i = int(np.searchsorted(self.input_offsets, bad[0], side="right")) - 1
                 raise GraphError(f"{self.describe(i)}: input {self.inputs[bad[0]]} does not exist (dangling input)")
-            if (self.inputs >= owners).any():   # not topologically ordered: look for cycles
+            if not self._inputs_come_first():   # not topologically ordered: look for cycles
                 self.levels()
         self._validate_configs()
         if self.checkpoints is not None:
@@ -293,6 +292,17 @@ class Graph:
                     raise GraphError(f"{self.describe(i)}: checkpoint path is not UTF-8", int(i)) from None
                 if not path.startswith(b"/"):
                     raise GraphError(f"{self.describe(i)}: checkpoint path is not absolute", int(i))
+
+    def _inputs_come_first(self, block: int = 1 << 16) -> bool:
+        """Every input id is below its consumer's (checked a block of tasks at a time:
+        the memory of a large graph's check stays small)."""
+        offsets, inputs = self.input_offsets, self.inputs
+        for t0 in range(0, len(self), block):
+            t1 = min(t0 + block, len(self))
+            owners = np.repeat(np.arange(t0, t1, dtype=np.int64), np.diff(offsets[t0:t1 + 1]))
+            if (inputs[offsets[t0]:offsets[t1]] >= owners).any():
+                return False
+        return True
 
     def _validate_configs(self) -> None:
         counts = np.diff(self.input_offsets)

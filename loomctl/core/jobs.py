@@ -81,7 +81,9 @@ def submit(core, client: bytes | None, graph: Graph, now: float, load: bool = Fa
     core.next_job += 1
     core.jobs[job.id] = job
     overrides, needed = (_checkpoints(graph, alias) if load else ({}, ~alias))
-    born = np.where(alias, ALIAS, np.where(needed, WAITING, SKIPPED)).astype(np.uint8)
+    born = np.full(n, WAITING, dtype=np.uint8)   # (not np.where: two int64 temporaries)
+    born[~needed] = SKIPPED
+    born[alias] = ALIAS
     results = marked & needed
     global_inputs = local_to_global[graph.inputs]
     del local_to_global, marked, needed   # (a large submission's memory peak is in add_tasks)
@@ -89,10 +91,12 @@ def submit(core, client: bytes | None, graph: Graph, now: float, load: bool = Fa
     if overrides:
         core.graph.cols.flags[ids[list(overrides)]] |= FLAG_LOADED
     job.results = ids[results]
+    del ids, born, results, alias
     if client is not None and notify:
         job.watchers.add(client)
     if core.workers and core.unchecked:
-        core.fail_unsatisfiable(np.concatenate(core.unchecked), now)
+        unchecked = core.unchecked
+        core.fail_unsatisfiable(unchecked[0] if len(unchecked) == 1 else np.concatenate(unchecked), now)
     if job.active == 0 and job.status == "running":
         end(core, job, "finished", now)
     return job

@@ -167,10 +167,13 @@ class Segment:
         counts = np.bincount(local, minlength=n)[:n] if len(local) else np.zeros(n, np.int64)
         consumer_offsets = narrow(offsets_from_lengths(counts, compact=True))
         del counts
-        order = np.argsort(local, kind="stable")
+        order = narrow(np.argsort(local, kind="stable"))
         del local
         owners = np.repeat(np.arange(base, base + n, dtype=rows.dtype), np.diff(offsets))
-        consumers = owners[order] if inside.all() else owners[inside][order]
+        if not inside.all():
+            owners = owners[inside]
+        consumers = owners[order]
+        del owners, order
         return cls(index, base, gid, job, graph, offsets, rows, consumer_offsets, consumers)
 
 
