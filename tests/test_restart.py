@@ -56,8 +56,11 @@ def test_a_large_graph_file_is_journaled_from_its_frame_byte_for_byte(tmp_path):
     j = J.Journal(path)
     for record in small:
         j.add(record)
-    assert any(piece is not None and isinstance(piece, memoryview) and len(piece) == len(big) for piece in j.pending)
-    j.flush(0.0)
+    assert any(isinstance(piece, memoryview) and len(piece) == len(big) for piece in j.pending)
+    j.write()                      # (written at once, made durable by the next flush)
+    assert not j.pending and j.unsynced and j.due(1.0) and not j.due(0.0)
+    j.flush(1.0)
+    assert not j.unsynced and not j.due(5.0)
     j.close()
     records, end, dropped = J.load(path)
     assert records == [["job", 1, 0, b"tiny", {"name": "a"}], ["job", 2, 7, big, {"name": "b"}], ["ids", 9]]

@@ -30,6 +30,8 @@ from loomctl import messages as M
 from loomctl import protocol as P
 from loomctl.core.server import ServerCore, SubmitError
 
+EARLY_JOURNAL_BYTES = 1 << 20   # a graph file this large is journaled before its job is added
+
 log = logging.getLogger("loomctl.server")
 lifecycle = logging.getLogger("loomctl.server.lifecycle")   # always logged (cli/server.py)
 
@@ -57,6 +59,9 @@ class Dispatch:
         self._out: list[tuple[bytes, list]] = []       # to send at the next flush, first
         self._answers: list[tuple[bytes, list]] = []   # answers of this batch, last
         self._journaled_ids = 0
+        # the shell's way to hand journal records over at once (None: at the next flush);
+        # a large submission's graph file goes so, before the core adds the job
+        self.journal_now = None
 
     # ------------------------------------------------------------------ events
     def message(self, identity: bytes, frames: list, now: float) -> None:
@@ -215,15 +220,29 @@ class Dispatch:
         if isinstance(request, M.Submit):
             graph_file, request.graph = request.graph, None   # (the only reference to the frame)
             graph = graphfmt.read(graph_file)
-            if core.record is None:   # (else the journal's record keeps the view until it is written)
-                graph_file = None
             trace_dir = self._trace_dir(request.trace)
+            options = {"name": request.name, "load": request.load, "detached": request.detach}
+            early = None
+            if core.record is None:
+                graph_file = None
+            elif self.journal_now is not None and len(graph_file) >= EARLY_JOURNAL_BYTES:
+                # journaled before the core adds the job, so that the frame is freed first
+                # (a failed submission is then retired in the journal)
+                early, base = core.next_job, core.segs.next_gid   # (the job's id and base, as submit gives them)
+                self.journal_now([*self.journal_records(), ["job", early, base, graph_file, options]])
+                graph_file = None
             mark = len(core.record) if core.record is not None else 0
-            job = core.submit(identity, graph, now, load=request.load, name=request.name, notify=request.notify,
-                              trace=request.trace, detached=request.detach)
-            if core.record is not None:   # (before what the submission itself recorded)
-                core.record.insert(mark, ["job", job.id, job.base, graph_file,
-                                          {"name": job.name, "load": request.load, "detached": request.detach}])
+            try:
+                job = core.submit(identity, graph, now, load=request.load, name=request.name,
+                                  notify=request.notify, trace=request.trace, detached=request.detach)
+            except Exception:
+                if early is not None:
+                    core.next_job = max(core.next_job, early + 1)   # (that id is the journal's)
+                    core.record.append(["retire", early])
+                raise
+            assert early is None or (job.id, job.base) == (early, base)
+            if core.record is not None and early is None:   # (before what the submission itself recorded)
+                core.record.insert(mark, ["job", job.id, job.base, graph_file, options])
             log.info("job %d submitted: %d tasks", job.id, job.n)
             if trace_dir is not None:
                 self._trace_job(job, trace_dir)

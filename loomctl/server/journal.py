@@ -121,29 +121,37 @@ class Journal:
             os.write(self.fd, MAGIC + struct.pack("<H", VERSION))
             self.size = len(MAGIC) + 2
         self.pending: list[bytes] = []
+        self.unsynced = False      # written since the last fsync
         self.last_flush = 0.0
         self.written_since_compaction = 0
 
     def add(self, record: list) -> None:
         self.pending += _frame(record)
 
-    def flush(self, now: float) -> None:
-        """Write what is pending (the pieces in order, one fsync)."""
-        self.last_flush = now
-        if not self.pending:
-            return
+    def write(self) -> None:
+        """Write what is pending (the pieces in order) without the fsync: the next
+        ``flush`` makes it durable. Frees what the pending records held."""
         pieces, self.pending = self.pending, []
         written = 0
         for view in map(memoryview, pieces):   # (large pieces as they are, without a join)
             written += len(view)
             while view:
                 view = view[os.write(self.fd, view):]
-        os.fsync(self.fd)
         self.size += written
         self.written_since_compaction += written
+        self.unsynced = self.unsynced or written > 0
+
+    def flush(self, now: float) -> None:
+        """Write what is pending, then one fsync."""
+        self.last_flush = now
+        if not self.pending and not self.unsynced:
+            return
+        self.write()
+        os.fsync(self.fd)
+        self.unsynced = False
 
     def due(self, now: float) -> bool:
-        return bool(self.pending) and now - self.last_flush >= FLUSH_S
+        return bool(self.pending or self.unsynced) and now - self.last_flush >= FLUSH_S
 
     def compact(self, records: list, now: float) -> None:
         """Replace the journal by ``records`` (the live state), atomically."""
@@ -166,6 +174,7 @@ class Journal:
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self.size = len(data)
         self.written_since_compaction = 0
+        self.unsynced = False
         self.last_flush = now
 
     def close(self, now: float = 0.0) -> None:

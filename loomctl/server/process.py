@@ -125,6 +125,14 @@ class Server:
         self.journal = J.Journal(path, records_end)
         self._compact(now)   # the live state only, from a clean start
         self.core.record = []
+        self.dispatch.journal_now = self._journal_now
+
+    def _journal_now(self, records: list) -> None:
+        """Records the dispatch hands over at once (a large job's, with its graph file):
+        written now, made durable at the next flush."""
+        for record in records:
+            self.journal.add(record)
+        self.journal.write()
 
     def _server_record(self) -> dict:
         return {"host": self.host, "port": self.port, "secret": self.secret}
