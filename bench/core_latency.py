@@ -48,8 +48,8 @@ class Rig:
         self.graph = graphfmt.to_bytes(graphfmt.build_graph([tasks.const(b"x")])[0])
         self.req = 0
 
-    def _send(self, identity, kind, body):
-        self.d.message(identity, P.encode(kind, body), self.now)
+    def _send(self, identity, kind, body, *blobs):
+        self.d.message(identity, P.encode(kind, body, *blobs), self.now)
         return self._flush()
 
     def _flush(self):
@@ -64,8 +64,8 @@ class Rig:
 
     def job(self, graph: bytes | None = None) -> None:
         self.req += 1
-        out = self._send(b"c1", P.SUBMIT, {"graph": graph or self.graph, "load": False, "notify": True,
-                                           "trace": None, "req": self.req})
+        out = self._send(b"c1", P.SUBMIT, {"load": False, "notify": True, "trace": None, "req": self.req},
+                         graph or self.graph)   # (the graph file as its blob frame, as the client sends it)
         for target, frames in out:
             if frames[0] == P.COMPUTE:
                 body = P.decode(frames)[1]

@@ -11,8 +11,12 @@ Invariants:
   reader takes columns with ``np.frombuffer`` and builds no Python object per task.
 - A chunk or column kind whose first letter is upper case is critical: a reader that
   does not know it refuses the file. Lower case ones may be skipped.
-- Every column of version 1.0 has exactly one type (``_COLUMN_TYPES``): a reader refuses
+- The layout (magic, structs, chunk kinds, column types) is in ``layout.py``, shared
+  with the small-graph fast paths ``smallread`` and ``smallwrite``.
+- Every column of version 1.0 has exactly one type (``COLUMN_TYPES``): a reader refuses
   any other, and a writer refuses a value that does not fit, so nothing is ever narrowed.
+- ``read`` gives id and offset columns as int32 where they fit (``graph.py``) and copies
+  every column out of the source buffer, so a caller may free the buffer once read.
 - Any malformed input makes ``read`` raise GraphError with a one-line message; it never
   raises anything else.
 """
@@ -29,31 +33,14 @@ import msgpack
 import numpy as np
 
 from graphfmt.graph import Graph, GraphError, VarBytes, table_key, offsets_from_lengths
+from graphfmt.layout import (MAGIC, VERSION, KNOWN_FEATURES, HEADER, CHUNK, COLUMN, U64x2, U64,
+                             K_SYMBOLS, K_REQUESTS, K_LABELS, K_TASKS, K_END, DTYPES,
+                             COLUMN_TYPES, DATA_COLUMNS, REQUIRED_COLUMNS)
 from graphfmt.smallread import read_small
 from graphfmt.smallwrite import to_bytes_small
 
-MAGIC = b"\x89LOOMGF\n"
-VERSION = (1, 0)
-KNOWN_FEATURES = 0
 BLOCK_TASKS = 1 << 16
-
-_HEADER = struct.Struct("<8sHHI")
-_CHUNK = struct.Struct("<4sIQ")
-_COLUMN = struct.Struct("<4s4sQQ")
-_U64x2 = struct.Struct("<QQ")
-_U64 = struct.Struct("<Q")
-
-K_SYMBOLS, K_REQUESTS, K_LABELS, K_TASKS, K_END = b"SYMB", b"RREQ", b"LABL", b"TASK", b"END!"
-_DTYPES = {b"u1\0\0": "<u1", b"u2\0\0": "<u2", b"u4\0\0": "<u4", b"u8\0\0": "<u8"}
-_DTYPE_CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
-# The type code of every column of version 1.0; a reader refuses any other.
-_COLUMN_TYPES = {b"TYPE": b"u2\0\0", b"NINP": b"u4\0\0", b"INPS": b"u4\0\0", b"CLEN": b"u4\0\0",
-                 b"CFGD": b"u1\0\0", b"FLAG": b"u1\0\0", b"RCOD": b"u2\0\0", b"LCOD": b"u4\0\0",
-                 b"CKPL": b"u4\0\0", b"CKPD": b"u1\0\0", b"METL": b"u4\0\0", b"METD": b"u1\0\0",
-                 b"prio": b"u4\0\0"}   # (ancillary: user priorities, int32 stored as two's complement)
-# data column -> the column holding its per-task lengths
-_DATA_COLUMNS = {b"INPS": b"NINP", b"CFGD": b"CLEN", b"CKPD": b"CKPL", b"METD": b"METL"}
-_REQUIRED_COLUMNS = (b"TYPE", b"NINP", b"CLEN", b"FLAG")
+_DTYPE_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 # Most entries a part's table can hold: the largest code must fit its column
 # (symbol codes are 0-based; label and request codes start at 1).
 _TABLE_LIMITS = {K_SYMBOLS: (1 << 16, "symbols"), K_REQUESTS: ((1 << 16) - 1, "resource requests"),
@@ -99,11 +86,11 @@ class GraphWriter:
                 codes.setdefault(table_key(value), i)
             self.sizes[kind] = len(values)
         if header:
-            out.write(_HEADER.pack(MAGIC, *VERSION, 0))
+            out.write(HEADER.pack(MAGIC, *VERSION, 0))
 
     def _chunk(self, kind: bytes, payload_parts: list) -> None:
         length = sum(len(memoryview(p).cast("B")) for p in payload_parts)
-        self.out.write(_CHUNK.pack(kind, 0, length))
+        self.out.write(CHUNK.pack(kind, 0, length))
         for p in payload_parts:
             self.out.write(p)
         self.out.write(b"\0" * _pad(length))
@@ -156,7 +143,7 @@ class GraphWriter:
         # check every value against its column's width before writing anything
         columns_of = {
             b"NINP": ("number of inputs", counts, None),
-            b"INPS": ("input id (part-local)", graph.inputs + shift if len(graph.inputs) else graph.inputs,
+            b"INPS": ("input id (part-local)", graph.inputs.astype(np.int64) + shift if len(graph.inputs) else graph.inputs,
                       graph.input_offsets),
             b"CLEN": ("config length", graph.configs.lengths(), None),
             b"FLAG": ("flags", graph.flags, None),
@@ -202,15 +189,15 @@ class GraphWriter:
 
     def _task_block(self, n: int, columns: list) -> None:
         directory = []
-        offset = 16 + _COLUMN.size * len(columns)
+        offset = 16 + COLUMN.size * len(columns)
         body = []
         for name, array in columns:
             offset += _pad(offset)
-            directory.append(_COLUMN.pack(name, _DTYPE_CODES[array.dtype], offset, array.nbytes))
+            directory.append(COLUMN.pack(name, _DTYPE_CODES[array.dtype], offset, array.nbytes))
             body.append((offset, array))
             offset += array.nbytes
-        parts = [_U64x2.pack(n, len(columns)), *directory]
-        position = 16 + _COLUMN.size * len(columns)
+        parts = [U64x2.pack(n, len(columns)), *directory]
+        position = 16 + COLUMN.size * len(columns)
         for start, array in body:
             if start > position:
                 parts.append(b"\0" * (start - position))
@@ -220,14 +207,14 @@ class GraphWriter:
 
     def close(self) -> None:
         """Write the end chunk: the part is complete."""
-        self._chunk(K_END, [_U64.pack(self.n_tasks)])
+        self._chunk(K_END, [U64.pack(self.n_tasks)])
         self.out.flush()
 
 
 def _narrow(name: bytes, what: str, values: np.ndarray, input_offsets: np.ndarray | None) -> np.ndarray:
     """``values`` as the type of column ``name``; GraphError naming the first task whose
     value does not fit. ``input_offsets`` maps input slots to tasks (for INPS)."""
-    dtype = np.dtype(_DTYPES[_COLUMN_TYPES[name]])
+    dtype = np.dtype(DTYPES[COLUMN_TYPES[name]])
     values = np.asarray(values)
     if len(values) and not np.can_cast(values.dtype, dtype):
         top = np.iinfo(dtype).max
@@ -236,7 +223,7 @@ def _narrow(name: bytes, what: str, values: np.ndarray, input_offsets: np.ndarra
             i = int(bad[0])
             task = i if input_offsets is None else int(np.searchsorted(input_offsets, i, side="right")) - 1
             raise GraphError(f"cannot write task {task} of the graph: {what} {values[i]} does not fit "
-                             f"column {name.decode()} ({_text(_COLUMN_TYPES[name], True)}: 0 to {top})")
+                             f"column {name.decode()} ({_text(COLUMN_TYPES[name], True)}: 0 to {top})")
     return values.astype(dtype, copy=False)
 
 
@@ -354,18 +341,18 @@ def _scan_tables(f: BinaryIO, size: int) -> dict:
     position = 0
     state = _empty_scan()
     while position < size:
-        _check_header(f.read(_HEADER.size), position)
-        position += _HEADER.size
+        _check_header(f.read(HEADER.size), position)
+        position += HEADER.size
         state = _empty_scan()
         while True:
-            raw = f.read(_CHUNK.size)
-            if len(raw) < _CHUNK.size:
+            raw = f.read(CHUNK.size)
+            if len(raw) < CHUNK.size:
                 raise GraphError(f"truncated file: chunk header at byte {position} is cut short")
-            kind, _, length = _CHUNK.unpack(raw)
+            kind, _, length = CHUNK.unpack(raw)
             _check_chunk_length(kind, length)
             stored = length + _pad(length)
-            if position + _CHUNK.size + stored > size:
-                raise GraphError(f"truncated file: {_text(kind)} chunk at byte {position + _CHUNK.size} is cut short")
+            if position + CHUNK.size + stored > size:
+                raise GraphError(f"truncated file: {_text(kind)} chunk at byte {position + CHUNK.size} is cut short")
             if kind == K_END:
                 _check_task_count(_end_count(f.read(length)), state["part_tasks"])
                 state["end_offset"] = position
@@ -376,12 +363,12 @@ def _scan_tables(f: BinaryIO, size: int) -> dict:
             elif kind == K_TASKS:
                 if length < 16:
                     raise GraphError(f"malformed TASK chunk at task {total + state['part_tasks']}: too short")
-                state["part_tasks"] += _U64.unpack(f.read(8))[0]
+                state["part_tasks"] += U64.unpack(f.read(8))[0]
                 f.seek(length - 8 + _pad(length), 1)
             else:
                 _check_ancillary_chunk(kind)
                 f.seek(stored, 1)
-            position += _CHUNK.size + stored
+            position += CHUNK.size + stored
             if kind == K_END:
                 break
         total += state["part_tasks"]
@@ -407,7 +394,7 @@ def _check_ancillary_chunk(kind: bytes) -> None:
 def _end_count(payload) -> int:
     if len(payload) < 8:
         raise GraphError(f"malformed END chunk: payload is {len(payload)} bytes, expected 8")
-    return _U64.unpack(payload[:8])[0]
+    return U64.unpack(payload[:8])[0]
 
 
 def _check_task_count(declared: int, read: int) -> None:
@@ -454,11 +441,11 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
 
 
 def _check_header(raw, position: int = 0) -> None:
-    if len(raw) < _HEADER.size:
+    if len(raw) < HEADER.size:
         if not len(raw) and not position:
             raise GraphError("empty file: not a graph file")
         raise GraphError(f"truncated file: header at byte {position} is cut short")
-    magic, major, minor, features = _HEADER.unpack(raw)
+    magic, major, minor, features = HEADER.unpack(raw)
     if magic != MAGIC:
         raise GraphError("not a loomctl graph file (wrong magic number)")
     if major != VERSION[0]:
@@ -500,35 +487,35 @@ class _PartBuilder:
         where = f"malformed TASK chunk at task {self.base + self.n}"
         if len(payload) < 16:
             raise GraphError(f"{where}: too short")
-        n, n_columns = _U64x2.unpack(payload[:16])
-        if 16 + n_columns * _COLUMN.size > len(payload):
+        n, n_columns = U64x2.unpack(payload[:16])
+        if 16 + n_columns * COLUMN.size > len(payload):
             raise GraphError(f"{where}: column directory is cut short")
         columns = {}
         seen = set()
         for k in range(n_columns):
-            name, dtype, offset, length = _COLUMN.unpack(payload[16 + k * _COLUMN.size:16 + (k + 1) * _COLUMN.size])
-            want = _COLUMN_TYPES.get(name)
+            name, dtype, offset, length = COLUMN.unpack(payload[16 + k * COLUMN.size:16 + (k + 1) * COLUMN.size])
+            want = COLUMN_TYPES.get(name)
             if want is None and _critical(name):
                 raise GraphError(f"graph file uses column {_text(name)} that this loomctl does not know")
             if name in seen:
                 raise GraphError(f"{where}: column {_text(name)} appears twice")
             seen.add(name)
-            if dtype not in _DTYPES:
+            if dtype not in DTYPES:
                 raise GraphError(f"{where}: column {_text(name)} has unknown type code '{_text(dtype, True)}'")
             if want is not None and dtype != want:
                 raise GraphError(f"{where}: column {_text(name)} has type {_text(dtype, True)}, "
                                  f"but must have type {_text(want, True)}")
-            if offset + length > len(payload) or length % np.dtype(_DTYPES[dtype]).itemsize:
+            if offset + length > len(payload) or length % np.dtype(DTYPES[dtype]).itemsize:
                 raise GraphError(f"{where}: column {_text(name)} is out of bounds")
             if want is not None:
-                columns[name] = np.frombuffer(payload[offset:offset + length], dtype=_DTYPES[dtype])
-        for name in _REQUIRED_COLUMNS:
+                columns[name] = np.frombuffer(payload[offset:offset + length], dtype=DTYPES[dtype])
+        for name in REQUIRED_COLUMNS:
             if name not in columns:
                 raise GraphError(f"{where}: column {name.decode()} is missing")
         for name, column in columns.items():
-            if name not in _DATA_COLUMNS and len(column) != n:
+            if name not in DATA_COLUMNS and len(column) != n:
                 raise GraphError(f"{where}: column {name.decode()} has {len(column)} entries, expected {n}")
-        for name, lengths in _DATA_COLUMNS.items():
+        for name, lengths in DATA_COLUMNS.items():
             expected = int(columns[lengths].sum(dtype=np.uint64)) if lengths in columns else 0
             if name not in columns:
                 if expected:
@@ -556,17 +543,19 @@ class _PartBuilder:
             if n and int(codes.max()) > limit:
                 bad = int(np.flatnonzero(codes > limit)[0])
                 raise GraphError(f"task {base + bad}: " + what.format(codes[bad]))
-        counts = _cat(b, b"NINP", np.int64)
-        inputs = _cat(b, b"INPS", np.int64)
+        counts = _cat(b, b"NINP", np.uint32)
+        inputs = _cat(b, b"INPS", np.uint32)
         if len(inputs) and inputs.max() >= n:
             owners = np.repeat(np.arange(n), counts)
             bad = int(np.flatnonzero(inputs >= n)[0])
-            raise GraphError(f"task {base + owners[bad]}: input {base + inputs[bad]} "
+            raise GraphError(f"task {base + int(owners[bad])}: input {base + int(inputs[bad])} "
                              "does not exist (dangling input)")
+        # every input is < n: int32 (the same bits) when n fits, else int64
+        inputs = inputs.view(np.int32) if n <= (1 << 31) else inputs.astype(np.int64)
         return Graph(
             symbols=self.tables[K_SYMBOLS], types=types,
-            input_offsets=offsets_from_lengths(counts), inputs=inputs,
-            configs=VarBytes.from_lengths(_cat(b, b"CLEN", np.int64), _join(b, b"CFGD")),
+            input_offsets=offsets_from_lengths(counts, compact=True), inputs=inputs,
+            configs=VarBytes.from_lengths(_cat(b, b"CLEN", np.uint32), _join(b, b"CFGD"), compact=True),
             flags=_cat(b, b"FLAG", np.uint8),
             request_codes=request_codes, requests=self.tables[K_REQUESTS],
             label_codes=label_codes, labels=self.tables[K_LABELS],
@@ -576,9 +565,13 @@ class _PartBuilder:
 
 
 def _cat(blocks: list[dict], name: bytes, dtype) -> np.ndarray:
+    """A column of the part (a copy: the Graph keeps nothing of the buffer it was read from,
+    which may be a received frame to be freed once read)."""
     if len(blocks) == 1 and name in blocks[0]:   # the usual small file: one block
-        return blocks[0][name].astype(dtype, copy=False)
-    parts = [blk[name] if name in blk else np.zeros(blk["n"] if name not in _DATA_COLUMNS else 0, dtype)
+        return np.array(blocks[0][name], dtype=dtype)
+    if not any(name in blk for blk in blocks):   # (zeros: pages the process never touches)
+        return np.zeros(sum(blk["n"] for blk in blocks) if name not in DATA_COLUMNS else 0, dtype)
+    parts = [blk[name] if name in blk else np.zeros(blk["n"] if name not in DATA_COLUMNS else 0, dtype)
              for blk in blocks]
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
@@ -591,7 +584,7 @@ def _optional(blocks: list[dict], prefix: bytes) -> VarBytes | None:
     if not any(prefix + b"L" in blk for blk in blocks):
         return None
     lengths = np.concatenate([blk.get(prefix + b"L", np.zeros(blk["n"], np.uint32)) for blk in blocks])
-    return VarBytes.from_lengths(lengths.astype(np.int64), _join(blocks, prefix + b"D"))
+    return VarBytes.from_lengths(lengths, _join(blocks, prefix + b"D"), compact=True)
 
 
 def iter_parts(source: _Source) -> Iterator[Graph]:
@@ -601,7 +594,7 @@ def iter_parts(source: _Source) -> Iterator[Graph]:
         _check_header(_read_header(source))
         part = _PartBuilder(base)
         while True:
-            kind, _, length = _CHUNK.unpack(source.read(_CHUNK.size, "chunk header"))
+            kind, _, length = CHUNK.unpack(source.read(CHUNK.size, "chunk header"))
             _check_chunk_length(kind, length)
             payload = source.read(length, kind)
             source.read(_pad(length), "chunk padding")
@@ -622,7 +615,7 @@ def iter_parts(source: _Source) -> Iterator[Graph]:
 
 def _read_header(source: _Source) -> memoryview:
     try:
-        return source.read(_HEADER.size, "header")
+        return source.read(HEADER.size, "header")
     except GraphError:
         if source.position == 0 and source.short == 0:
             raise GraphError("empty file: not a graph file") from None

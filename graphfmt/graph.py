@@ -2,7 +2,9 @@
 
 Invariants:
 - Task ids are 0..n-1; inputs are stored in CSR form: the inputs of task i are
-  ``inputs[input_offsets[i]:input_offsets[i+1]]`` (repeats allowed, order kept).
+  ``inputs[input_offsets[i]:input_offsets[i+1]]`` (repeats allowed, order kept). Id and
+  offset columns are int64, or int32 where the file reader found that they fit (half
+  the memory); code that adds to them widens them first.
 - Variable-length attributes (configs, checkpoint paths, metadata) are a ``VarBytes``:
   one bytes buffer plus n+1 offsets. Labels and resource requests are dictionary coded:
   code 0 means "none", code k means ``table[k-1]``.
@@ -35,7 +37,8 @@ class GraphError(Exception):
 
 
 class VarBytes:
-    """n byte strings stored as one buffer plus n+1 int64 offsets."""
+    """n byte strings stored as one buffer plus n+1 offsets (int64, or int32 as the
+    graph file reader gives them when the buffer is under 2 GiB)."""
 
     __slots__ = ("offsets", "data")
 
@@ -49,8 +52,8 @@ class VarBytes:
         return cls(offsets_from_lengths(lengths), b"".join(items))
 
     @classmethod
-    def from_lengths(cls, lengths: np.ndarray, data: bytes) -> "VarBytes":
-        return cls(offsets_from_lengths(lengths), data)
+    def from_lengths(cls, lengths: np.ndarray, data: bytes, compact: bool = False) -> "VarBytes":
+        return cls(offsets_from_lengths(lengths, compact), data)
 
     @classmethod
     def empty(cls, n: int) -> "VarBytes":
@@ -78,8 +81,10 @@ class VarBytes:
         return VarBytes.from_lengths(lengths, b"".join(bytes(p.data) for p in parts))
 
 
-def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+def offsets_from_lengths(lengths: np.ndarray, compact: bool = False) -> np.ndarray:
+    """n+1 offsets of n lengths: int64, or with ``compact`` int32 when the total fits."""
+    dtype = np.int32 if compact and int(np.sum(lengths, dtype=np.int64)) < (1 << 31) else np.int64
+    offsets = np.zeros(len(lengths) + 1, dtype=dtype)
     np.cumsum(lengths, out=offsets[1:])
     return offsets
 
@@ -88,8 +93,8 @@ def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
 class Graph:
     symbols: list[str]
     types: np.ndarray            # uint16 symbol codes
-    input_offsets: np.ndarray    # int64, n+1
-    inputs: np.ndarray           # int64 task ids
+    input_offsets: np.ndarray    # int64, n+1 (int32 from the file reader when they fit)
+    inputs: np.ndarray           # int64 task ids (int32 from the file reader when they fit)
     configs: VarBytes
     flags: np.ndarray            # uint8, FLAG_RESULT
     request_codes: np.ndarray    # uint16, 0 = no request
@@ -128,7 +133,7 @@ class Graph:
             types.append(_recode(g.types, g.symbols, symbols, zero_is_none=False).astype(np.uint16))
             lcodes.append(_recode(g.label_codes, g.labels, labels, zero_is_none=True).astype(np.uint32))
             rcodes.append(_recode(g.request_codes, g.requests, requests, zero_is_none=True).astype(np.uint16))
-            inputs.append(g.inputs + base)
+            inputs.append(g.inputs.astype(np.int64) + base)
             counts.append(np.diff(g.input_offsets))
             flags.append(g.flags)
             base += len(g)
@@ -271,12 +276,11 @@ class Graph:
             if len(bad):
                 raise GraphError(f"task {bad[0]}: {what} code {codes[bad[0]]} is not in the {what} table")
         if len(self.inputs):
-            owners = np.repeat(np.arange(n), np.diff(self.input_offsets))
             bad = np.flatnonzero((self.inputs < 0) | (self.inputs >= n))
             if len(bad):
-                i = int(owners[bad[0]])
+                i = int(np.searchsorted(self.input_offsets, bad[0], side="right")) - 1
                 raise GraphError(f"{self.describe(i)}: input {self.inputs[bad[0]]} does not exist (dangling input)")
-            if (self.inputs >= owners).any():   # not topologically ordered: look for cycles
+            if not self._inputs_come_first():   # not topologically ordered: look for cycles
                 self.levels()
         self._validate_configs()
         if self.checkpoints is not None:
@@ -288,6 +292,17 @@ class Graph:
                     raise GraphError(f"{self.describe(i)}: checkpoint path is not UTF-8", int(i)) from None
                 if not path.startswith(b"/"):
                     raise GraphError(f"{self.describe(i)}: checkpoint path is not absolute", int(i))
+
+    def _inputs_come_first(self, block: int = 1 << 16) -> bool:
+        """Every input id is below its consumer's (checked a block of tasks at a time:
+        the memory of a large graph's check stays small)."""
+        offsets, inputs = self.input_offsets, self.inputs
+        for t0 in range(0, len(self), block):
+            t1 = min(t0 + block, len(self))
+            owners = np.repeat(np.arange(t0, t1, dtype=np.int64), np.diff(offsets[t0:t1 + 1]))
+            if (inputs[offsets[t0]:offsets[t1]] >= owners).any():
+                return False
+        return True
 
     def _validate_configs(self) -> None:
         counts = np.diff(self.input_offsets)

@@ -2,7 +2,8 @@
 
 A submission of a few tasks (an interactive client, an ``as_completed`` loop) is read and
 validated here with Python ints over the buffer instead of the general reader's per-column
-numpy work, which costs ~100 us however small the graph.
+numpy work, which costs ~100 us however small the graph. The layout (structs, chunk
+kinds, column types) is ``layout.py``'s, as for the general reader.
 
 Invariants:
 - ``read_small(data)`` returns exactly the Graph that ``read(data)`` returns (same
@@ -23,25 +24,16 @@ import numpy as np
 
 from graphfmt import symbols as S
 from graphfmt.graph import Graph, VarBytes, table_key
+from graphfmt.layout import (MAGIC, VERSION, KNOWN_FEATURES, HEADER, CHUNK, COLUMN, U64x2, U64,
+                             K_SYMBOLS, K_REQUESTS, K_LABELS, K_TASKS, K_END, FORMATS,
+                             COLUMN_TYPES, DATA_COLUMNS, BYTE_COLUMNS, REQUIRED_COLUMNS)
 
 SMALL_TASKS = 64
 SMALL_BYTES = 1 << 16
 
-_HEADER = struct.Struct("<8sHHI")
-_CHUNK = struct.Struct("<4sIQ")
-_COLUMN = struct.Struct("<4s4sQQ")
-_U64x2 = struct.Struct("<QQ")
-
-# column -> (type code, memoryview format, itemsize, numpy dtype of the Graph's column)
-_COLUMNS = {b"TYPE": (b"u2\0\0", "H", 2), b"NINP": (b"u4\0\0", "I", 4), b"INPS": (b"u4\0\0", "I", 4),
-            b"CLEN": (b"u4\0\0", "I", 4), b"CFGD": (b"u1\0\0", "B", 1), b"FLAG": (b"u1\0\0", "B", 1),
-            b"RCOD": (b"u2\0\0", "H", 2), b"LCOD": (b"u4\0\0", "I", 4), b"CKPL": (b"u4\0\0", "I", 4),
-            b"CKPD": (b"u1\0\0", "B", 1), b"METL": (b"u4\0\0", "I", 4), b"METD": (b"u1\0\0", "B", 1),
-            b"prio": (b"u4\0\0", "I", 4)}
-_LENGTHS = {b"INPS": b"NINP", b"CFGD": b"CLEN", b"CKPD": b"CKPL", b"METD": b"METL"}
-_BYTES = (b"CFGD", b"CKPD", b"METD")
-_REQUIRED = (b"TYPE", b"NINP", b"CLEN", b"FLAG")
-_TABLES = (b"SYMB", b"LABL", b"RREQ")
+# column -> (type code, memoryview format, itemsize)
+_COLUMNS = {name: (code, FORMATS[code], struct.calcsize(FORMATS[code])) for name, code in COLUMN_TYPES.items()}
+_TABLES = (K_SYMBOLS, K_LABELS, K_REQUESTS)
 _LITTLE = sys.byteorder == "little"
 
 
@@ -55,32 +47,32 @@ def read_small(data) -> Graph | None:
 
 
 def _read(view: memoryview) -> Graph | None:
-    from graphfmt.fileformat import MAGIC, VERSION, KNOWN_FEATURES, _unpack_table
+    from graphfmt.fileformat import _unpack_table
     total = len(view)
     if total < 16:
         return None
-    magic, major, _, features = _HEADER.unpack_from(view, 0)
+    magic, major, _, features = HEADER.unpack_from(view, 0)
     if magic != MAGIC or major != VERSION[0] or features & ~KNOWN_FEATURES:
         return None
     pos = 16
-    tables = {b"SYMB": [], b"LABL": [], b"RREQ": []}
+    tables = {kind: [] for kind in _TABLES}
     block = None
     while True:
         if pos + 16 > total:
             return None
-        kind, _, length = _CHUNK.unpack_from(view, pos)
+        kind, _, length = CHUNK.unpack_from(view, pos)
         start = pos + 16
         pos = start + length + (-length % 8)
         if pos > total:
             return None
         payload = view[start:start + length]
-        if kind == b"END!":
-            if length < 8 or block is None or struct.unpack_from("<Q", payload, 0)[0] != block[0]:
+        if kind == K_END:
+            if length < 8 or block is None or U64.unpack_from(payload, 0)[0] != block[0]:
                 return None
             break
         if kind in tables:
             tables[kind] = tables[kind] + _unpack_table(payload, kind)
-        elif kind == b"TASK" and block is None:
+        elif kind == K_TASKS and block is None:
             block = _block(payload)
             if block is None:
                 return None
@@ -88,7 +80,7 @@ def _read(view: memoryview) -> Graph | None:
             return None
     if pos != total:
         return None   # another part follows
-    symbols, labels, requests = tables[b"SYMB"], tables[b"LABL"], tables[b"RREQ"]
+    symbols, labels, requests = tables[K_SYMBOLS], tables[K_LABELS], tables[K_REQUESTS]
     for table in (symbols, labels, requests):
         if len({table_key(v) for v in table}) != len(table):
             return None   # (the general reader recodes duplicates)
@@ -142,11 +134,11 @@ def _read(view: memoryview) -> Graph | None:
             k += length
     metadata = _varbytes(cols[b"METL"], cols.get(b"METD", b"")) if b"METL" in cols else None
     prio = cols.get(b"prio")
-    offsets = np.zeros(n + 1, np.int64)
+    offsets = np.zeros(n + 1, np.int32)   # (the general reader's compact columns: int32)
     np.cumsum(counts, out=offsets[1:])
     return Graph(
         symbols=symbols, types=np.array(types, np.uint16), input_offsets=offsets,
-        inputs=np.array(inputs, np.int64), configs=_varbytes(config_lengths, config_data),
+        inputs=np.array(inputs, np.int32), configs=_varbytes(config_lengths, config_data),
         flags=np.array(cols[b"FLAG"], np.uint8),
         request_codes=np.array(rcodes, np.uint16) if rcodes is not None else np.zeros(n, np.uint16),
         requests=requests,
@@ -156,7 +148,7 @@ def _read(view: memoryview) -> Graph | None:
 
 
 def _varbytes(lengths: list, data: bytes) -> VarBytes:
-    offsets = np.zeros(len(lengths) + 1, np.int64)
+    offsets = np.zeros(len(lengths) + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
     return VarBytes(offsets, data)
 
@@ -165,28 +157,28 @@ def _block(payload: memoryview):
     """(n, {column: list of ints, or bytes for byte data}) of a TASK chunk the general
     reader takes whole, else None."""
     size = len(payload)
-    n, n_columns = _U64x2.unpack_from(payload, 0)
-    if n > SMALL_TASKS or 16 + n_columns * _COLUMN.size > size:
+    n, n_columns = U64x2.unpack_from(payload, 0)
+    if n > SMALL_TASKS or 16 + n_columns * COLUMN.size > size:
         return None
     cols = {}
     for k in range(n_columns):
-        name, dtype, offset, length = _COLUMN.unpack_from(payload, 16 + _COLUMN.size * k)
+        name, dtype, offset, length = COLUMN.unpack_from(payload, 16 + COLUMN.size * k)
         spec = _COLUMNS.get(name)
         if spec is None or name in cols or dtype != spec[0] or offset + length > size or length % spec[2]:
             return None
         raw = payload[offset:offset + length]
-        cols[name] = bytes(raw) if name in _BYTES else raw.cast(spec[1]).tolist()
-    for name in _REQUIRED:
+        cols[name] = bytes(raw) if name in BYTE_COLUMNS else raw.cast(spec[1]).tolist()
+    for name in REQUIRED_COLUMNS:
         if name not in cols:
             return None
     for name, values in cols.items():
-        lengths = _LENGTHS.get(name)
+        lengths = DATA_COLUMNS.get(name)
         if lengths is None:
             if len(values) != n:
                 return None
         elif lengths not in cols or len(values) != sum(cols[lengths]):
             return None
-    for name, lengths in _LENGTHS.items():
+    for name, lengths in DATA_COLUMNS.items():
         if name not in cols and lengths in cols and sum(cols[lengths]):
             return None
     return n, cols

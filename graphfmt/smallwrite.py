@@ -1,6 +1,7 @@
 """A fast path of ``fileformat.to_bytes`` for small graphs (what a client sends when it
 submits a few tasks): the same bytes, built with struct and Python ints instead of the
-general writer's per-column numpy work (~150 us however small the graph).
+general writer's per-column numpy work (~150 us however small the graph). The layout
+(structs, chunk kinds, column types) is ``layout.py``'s, as for the general writer.
 
 Invariants:
 - ``to_bytes_small(graph)`` returns exactly the bytes ``to_bytes(graph)`` writes, or
@@ -18,14 +19,10 @@ import sys
 import msgpack
 
 from graphfmt.graph import Graph, table_key
+from graphfmt.layout import (MAGIC, VERSION, CHUNK, COLUMN, HEADER, U64x2, U64, K_SYMBOLS, K_LABELS,
+                             K_REQUESTS, K_TASKS, K_END, COLUMN_TYPES, FORMATS)
 
 SMALL_TASKS = 64
-_HEADER = struct.Struct("<8sHHI")
-_CHUNK = struct.Struct("<4sIQ")
-_COLUMN = struct.Struct("<4s4sQQ")
-_U64x2 = struct.Struct("<QQ")
-_U64 = struct.Struct("<Q")
-_FORMATS = {"u1": ("B", 1 << 8), "u2": ("H", 1 << 16), "u4": ("I", 1 << 32)}
 _LITTLE = sys.byteorder == "little"
 
 
@@ -43,7 +40,7 @@ def _pad(n: int) -> int:
 
 
 def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return _CHUNK.pack(kind, 0, len(payload)) + payload + b"\0" * _pad(len(payload))
+    return CHUNK.pack(kind, 0, len(payload)) + payload + b"\0" * _pad(len(payload))
 
 
 def _table(values: list) -> tuple[list, list]:
@@ -59,8 +56,10 @@ def _table(values: list) -> tuple[list, list]:
     return lut, new
 
 
-def _column(values: list, kind: str) -> bytes | None:
-    fmt, limit = _FORMATS[kind]
+def _column(values: list, name: bytes) -> bytes | None:
+    """``values`` packed as column ``name``, or None when one does not fit its type."""
+    fmt = FORMATS[COLUMN_TYPES[name]]
+    limit = 1 << (8 * struct.calcsize(fmt))
     for v in values:
         if not 0 <= v < limit:
             return None
@@ -68,7 +67,6 @@ def _column(values: list, kind: str) -> bytes | None:
 
 
 def _write(graph: Graph) -> bytes | None:
-    from graphfmt.fileformat import MAGIC, VERSION
     n = len(graph)
     symbols, labels, requests = graph.symbols, graph.labels, graph.requests
     if max(len(symbols), len(labels), len(requests)) > SMALL_TASKS:
@@ -79,12 +77,12 @@ def _write(graph: Graph) -> bytes | None:
     offsets = graph.input_offsets.tolist()
     counts = [offsets[i + 1] - offsets[i] for i in range(n)]
     config_offsets = graph.configs.offsets.tolist()
-    columns = [(b"NINP", counts, "u4"), (b"INPS", graph.inputs.tolist(), "u4"),
-               (b"CLEN", [config_offsets[i + 1] - config_offsets[i] for i in range(n)], "u4"),
-               (b"FLAG", graph.flags.tolist(), "u1")]
+    columns = [(b"NINP", counts), (b"INPS", graph.inputs.tolist()),
+               (b"CLEN", [config_offsets[i + 1] - config_offsets[i] for i in range(n)]),
+               (b"FLAG", graph.flags.tolist())]
     packed = {}
-    for name, values, kind in columns:
-        raw = _column(values, kind)
+    for name, values in columns:
+        raw = _column(values, name)
         if raw is None:
             return None
         packed[name] = raw
@@ -92,55 +90,53 @@ def _write(graph: Graph) -> bytes | None:
     for prefix, column in ((b"CKP", graph.checkpoints), (b"MET", graph.metadata)):
         if column is not None:
             column_offsets = column.offsets.tolist()
-            raw = _column([column_offsets[i + 1] - column_offsets[i] for i in range(n)], "u4")
+            raw = _column([column_offsets[i + 1] - column_offsets[i] for i in range(n)], prefix + b"L")
             if raw is None:
                 return None
             extra[prefix] = (raw, column_offsets, column.data)
-    out = [_HEADER.pack(MAGIC, *VERSION, 0)]
+    out = [HEADER.pack(MAGIC, *VERSION, 0)]
     luts = {}
-    for kind, values in ((b"SYMB", symbols), (b"LABL", labels), (b"RREQ", requests)):
+    for kind, values in ((K_SYMBOLS, symbols), (K_LABELS, labels), (K_REQUESTS, requests)):
         lut, new = _table(values)
         luts[kind] = lut
         if new:
             out.append(_chunk(kind, msgpack.packb(new, use_bin_type=True)))
     if n:
-        symbol_lut = luts[b"SYMB"]
-        cols = [(b"TYPE", b"u2\0\0", struct.pack(f"<{n}H", *[symbol_lut[t] for t in types])),
-                (b"NINP", b"u4\0\0", packed[b"NINP"]), (b"INPS", b"u4\0\0", packed[b"INPS"]),
-                (b"CLEN", b"u4\0\0", packed[b"CLEN"]),
-                (b"CFGD", b"u1\0\0", bytes(memoryview(graph.configs.data)[config_offsets[0]:config_offsets[n]])),
-                (b"FLAG", b"u1\0\0", packed[b"FLAG"])]
+        symbol_lut = luts[K_SYMBOLS]
+        cols = [(b"TYPE", struct.pack(f"<{n}H", *[symbol_lut[t] for t in types])),
+                (b"NINP", packed[b"NINP"]), (b"INPS", packed[b"INPS"]), (b"CLEN", packed[b"CLEN"]),
+                (b"CFGD", bytes(memoryview(graph.configs.data)[config_offsets[0]:config_offsets[n]])),
+                (b"FLAG", packed[b"FLAG"])]
         request_codes = graph.request_codes.tolist()
         if any(request_codes):
-            lut = luts[b"RREQ"]
-            cols.append((b"RCOD", b"u2\0\0", struct.pack(f"<{n}H", *[lut[c - 1] + 1 if c else 0
-                                                                     for c in request_codes])))
+            lut = luts[K_REQUESTS]
+            cols.append((b"RCOD", struct.pack(f"<{n}H", *[lut[c - 1] + 1 if c else 0
+                                                         for c in request_codes])))
         label_codes = graph.label_codes.tolist()
         if any(label_codes):
-            lut = luts[b"LABL"]
-            cols.append((b"LCOD", b"u4\0\0", struct.pack(f"<{n}I", *[lut[c - 1] + 1 if c else 0
-                                                                     for c in label_codes])))
+            lut = luts[K_LABELS]
+            cols.append((b"LCOD", struct.pack(f"<{n}I", *[lut[c - 1] + 1 if c else 0
+                                                         for c in label_codes])))
         if graph.priorities is not None:
             prio = graph.priorities.tolist()
             if any(prio):
-                cols.append((b"prio", b"u4\0\0", struct.pack(f"<{n}i", *prio)))
+                cols.append((b"prio", struct.pack(f"<{n}i", *prio)))
         for prefix in (b"CKP", b"MET"):
             if prefix in extra:
                 raw, column_offsets, data = extra[prefix]
                 if column_offsets[n] > column_offsets[0]:
-                    cols.append((prefix + b"L", b"u4\0\0", raw))
-                    cols.append((prefix + b"D", b"u1\0\0",
-                                 bytes(memoryview(data)[column_offsets[0]:column_offsets[n]])))
+                    cols.append((prefix + b"L", raw))
+                    cols.append((prefix + b"D", bytes(memoryview(data)[column_offsets[0]:column_offsets[n]])))
         directory, body = [], []
-        offset = position = 16 + _COLUMN.size * len(cols)
-        for name, code, raw in cols:
+        offset = position = 16 + COLUMN.size * len(cols)
+        for name, raw in cols:
             offset += _pad(offset)
-            directory.append(_COLUMN.pack(name, code, offset, len(raw)))
+            directory.append(COLUMN.pack(name, COLUMN_TYPES[name], offset, len(raw)))
             if offset > position:
                 body.append(b"\0" * (offset - position))
             body.append(raw)
             offset += len(raw)
             position = offset
-        out.append(_chunk(b"TASK", b"".join([_U64x2.pack(n, len(cols)), *directory, *body])))
-    out.append(_chunk(b"END!", _U64.pack(n)))
+        out.append(_chunk(K_TASKS, b"".join([U64x2.pack(n, len(cols)), *directory, *body])))
+    out.append(_chunk(K_END, U64.pack(n)))
     return b"".join(out)

@@ -190,9 +190,9 @@ class Client:
         return sock
 
     # ------------------------------------------------------------------ requests
-    def _request(self, kind: bytes, body: dict | None = None) -> dict:
+    def _request(self, kind: bytes, body: dict | None = None, *blobs) -> dict:
         req = next(self.req)
-        self.sock.send_multipart(P.encode(kind, {**(body or {}), "req": req}))
+        self.sock.send_multipart(P.encode(kind, {**(body or {}), "req": req}, *blobs), copy=False)
         while req not in self.replies:
             if not self._poll(self.timeout_ms):
                 raise LoomConnectionError(f"no reply from the server to {kind.decode()} within {self.timeout_ms / 1000:.0f} s")
@@ -325,8 +325,8 @@ class Client:
         graph, local_ids = build_graph(items, external=self._future_input)
         graph_bytes = _graph_bytes(graph)
         try:
-            reply = self._request(P.SUBMIT, {"graph": graph_bytes, "load": load, "notify": True,
-                                             "trace": self.trace_path})
+            reply = self._request(P.SUBMIT, {"load": load, "notify": True, "trace": self.trace_path},
+                                  graph_bytes)
         except LoomConnectionError:
             raise
         except LoomError as exc:
@@ -347,8 +347,8 @@ class Client:
         a future per result (the marked results, else the sinks), in task id order.
         A detached job outlives this client (its results stay until cancelled); other
         jobs are cancelled, and their results released, when the client disconnects."""
-        reply = self._request(P.SUBMIT, {"graph": _graph_bytes(graph), "load": load, "notify": True,
-                                         "name": name, "trace": self.trace_path, "detach": detach})
+        reply = self._request(P.SUBMIT, {"load": load, "notify": True, "name": name, "trace": self.trace_path,
+                                         "detach": detach}, _graph_bytes(graph))
         job = reply["job"]
         futures = []
         for task_id in P.ids_from_bytes(reply["results"]).tolist():

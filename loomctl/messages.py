@@ -148,7 +148,7 @@ class Heartbeat:
 @dataclass(slots=True)
 class Submit:
     req: int | None
-    graph: bytes
+    graph: bytes | memoryview | None   # (a view of the received frame; None once read)
     load: bool = False
     name: str = ""
     trace: object = None      # None/False/"": untraced; True: the server's trace dir; str: a dir

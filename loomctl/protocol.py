@@ -62,7 +62,9 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
   ERROR {req, message}; a message without "req" is a notice and gets no answer at all
   (the client sends RELEASE so: nothing waits for it, and later requests on the same
   connection are handled after it)
-    SUBMIT {graph: graph file bytes, load: bool, name, trace: dir|None, notify: bool}
+    SUBMIT {load: bool, name, trace: dir|None, notify: bool} + the graph file bytes as
+           the message's one blob frame (received without a copy and read in place; a
+           ``graph`` field in the body, with no blob, is taken too)
                                     -> REPLY {job, base, n}   (global id = base + local id)
     RELEASE {ids}   STATS {}   STATUS {}   CANCEL {job}   TERMINATE {}   SET_TRACE {path}
     (SUBMIT trace: the job is traced into that directory; a relative one, or true, is
@@ -97,7 +99,8 @@ import numpy as np
 
 from loomctl import messages as M
 
-PROTOCOL_VERSION = 2   # 2: DATA sends each object as its parts (frames), a REGISTER may hold data
+PROTOCOL_VERSION = 3   # 2: DATA sends each object as its parts (frames), a REGISTER may hold data;
+                      # 3: SUBMIT sends its graph file as a blob frame
 INLINE_BYTES = 4096   # results up to this size travel with the finish report (see UPDATE)
 MAX_MESSAGE = 1 << 30  # the server's limit on one message (a SUBMIT's graph file: ~40M tasks);
                        # zmq drops a bigger one before holding it, from strangers too
@@ -150,6 +153,18 @@ def decode(frames: list) -> tuple[bytes, dict, list]:
     if not isinstance(body, dict):
         raise ProtocolError(f"{kind!r} body is not a map")
     return kind, body, list(frames[2:])
+
+
+def _submitted_graph(body: dict, blobs: list | None):
+    """A SUBMIT's graph file: its one blob frame (a view of it: bytes, or a zmq.Frame's
+    buffer, no copy), else the body's ``graph`` field."""
+    if not blobs:
+        return field(body, "graph", bytes)
+    if len(blobs) != 1 or "graph" in body:
+        raise ProtocolError("SUBMIT carries its graph file as one blob frame, or in the body, not both")
+    blob = blobs.pop()
+    view = getattr(blob, "buffer", None)   # (a zmq.Frame received without a copy)
+    return view if isinstance(view, memoryview) else memoryview(blob)
 
 
 def ids_to_bytes(ids) -> bytes:
@@ -277,11 +292,13 @@ def decode_worker_event(kind: bytes, body: dict):
     raise ProtocolError(f"unknown worker message {kind!r}")
 
 
-def decode_client_request(kind: bytes, body: dict):
-    """The typed request of a client's message (ProtocolError when malformed)."""
+def decode_client_request(kind: bytes, body: dict, blobs: list | None = None):
+    """The typed request of a client's message (ProtocolError when malformed). A SUBMIT
+    takes its graph out of ``blobs`` (emptied: the request then holds the only reference
+    to the frame, so dropping the request's graph frees it)."""
     req = body.get("req")
     if kind == SUBMIT:
-        return M.Submit(req, field(body, "graph", bytes), bool(body.get("load", False)), str(body.get("name") or ""),
+        return M.Submit(req, _submitted_graph(body, blobs), bool(body.get("load", False)), str(body.get("name") or ""),
                         body.get("trace"), bool(body.get("notify", True)), bool(body.get("detach", False)))
     if kind == RELEASE:
         return M.Release(req, ids_from_bytes(field(body, "ids", bytes)))

@@ -218,3 +218,31 @@ def test_the_graph_a_snapshot_writes_is_the_one_submitted_futures_included():
     assert [again.config(i) for i in range(len(graph))] == [graph.config(i) for i in range(len(graph))]
     assert again.flags.tolist() == graph.flags.tolist() and again.label(len(graph) - 1) == "top"
     assert resolved(graphfmt.read(graphfmt.to_bytes(again))) == resolved(graph)
+
+
+def test_rows_are_handed_out_zeroed_whether_fresh_reused_or_moved_by_a_resize():
+    from loomctl.core.tasktable import _COLUMNS, TaskColumns
+    cols = TaskColumns(capacity=8)
+
+    def dirty(lo, hi):
+        for name in _COLUMNS:
+            getattr(cols, name)[lo:hi] = 7
+
+    def zeroed(lo, hi):
+        for name in _COLUMNS:
+            if name != "state":
+                want = -1 if name in ("owner", "worker") else 0
+                assert (getattr(cols, name)[lo:hi] == want).all(), name
+
+    a = cols.allocate(5)            # fresh rows: only owner and worker written
+    zeroed(a, a + 5)
+    dirty(a, a + 5)
+    cols.release(a + 3, 2)          # the end is free again: the table ends earlier
+    b = cols.allocate(2)            # the same rows, written before: zeroed again
+    assert b == a + 3 and cols.clean == 5
+    zeroed(b, b + 2)
+    dirty(b, b + 2)
+    c = cols.allocate(20)           # a resize: old rows kept, new ones fresh
+    assert cols.capacity >= 25 and cols.clean == 25
+    assert (cols.size[:5] == 7).all()
+    zeroed(c, c + 20)

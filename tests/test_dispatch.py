@@ -1,9 +1,14 @@
 """The server's dispatch without sockets: frames in, frames out (the wire regressions
 that once needed a live cluster)."""
 
+import weakref
+
 import numpy as np
+import pytest
+import zmq
 
 import graphfmt
+from graphfmt import symbols as S
 from graphfmt import tasks
 from loomctl import protocol as P
 from loomctl.server.dispatch import Dispatch
@@ -55,6 +60,83 @@ def test_a_submission_reaches_the_worker_before_its_client_hears_back():
     w.d.message(c, P.encode(P.SUBMIT, {"req": 7, "graph": graph}), 0.0)
     order = [P.decode(frames)[0] for _, frames in w.d.flush(0.0)]
     assert order == [P.COMPUTE, P.REPLY]
+
+
+def test_a_submitted_graph_frame_is_read_in_place_and_dropped_once_read():
+    w = Wire()
+    w.worker()
+    c = w.client()
+    graph = graphfmt.build_graph([tasks.merge([tasks.const(str(i)) for i in range(3000)])])[0]
+    frame = zmq.Frame(graphfmt.to_bytes(graph))   # (as the server's ROUTER gives it: no copy)
+    frames = P.encode(P.SUBMIT, {"req": 3}, frame)
+    dropped = weakref.ref(frame)
+    del frame
+    w.d.message(c, frames, 0.0)
+    assert frames == [] and dropped() is None   # the job is in, the frame is gone
+    (reply,) = [b for t, f in w.d.flush(0.0) for k, b, _ in [P.decode(f)] if k == P.REPLY]
+    assert reply["n"] == len(graph) == w.d.core.cols.used
+
+
+@pytest.mark.parametrize("cut", [0, 5, 16, 40, -9, -1])
+def test_a_cut_short_or_garbage_graph_frame_gets_a_one_line_error(cut):
+    w = Wire()
+    c = w.client()
+    data = graphfmt.to_bytes(graphfmt.build_graph([tasks.merge([tasks.const(str(i)) for i in range(100)])])[0])
+    for blob in (zmq.Frame(data[:cut]), zmq.Frame(b"\x89LOOMGF\n" + b"\xff" * (len(data) - 8)), data[:cut]):
+        (reply,) = w.send(c, P.SUBMIT, {"req": 4}, blob)
+        assert reply[0] == P.ERROR and "\n" not in reply[1]["message"] and reply[1]["message"]
+    assert w.d.core.cols.used == 0 and w.d.bad_messages == 0
+
+
+def test_a_submit_with_its_graph_both_in_a_frame_and_in_the_body_is_refused():
+    w = Wire()
+    c = w.client()
+    data = graphfmt.to_bytes(graphfmt.build_graph([tasks.const("x")])[0])
+    for body, blobs in (({"req": 5, "graph": data}, [data]), ({"req": 6}, [data, data])):
+        (reply,) = w.send(c, P.SUBMIT, body, *blobs)
+        assert reply[0] == P.ERROR and "blob frame" in reply[1]["message"]
+    assert w.d.core.cols.used == 0
+
+
+def test_a_large_submission_is_journaled_before_its_job_is_added_and_a_failed_one_retired(monkeypatch):
+    from loomctl.core.restore import restore
+    from loomctl.server import dispatch as D
+    monkeypatch.setattr(D, "EARLY_JOURNAL_BYTES", 0)
+    w = Wire()
+    w.worker()
+    c = w.client()
+    w.d.core.record = []
+    handed = []
+    w.d.journal_now = lambda records: handed.extend(   # (as the journal writes them: keeping no view)
+        [[*r[:3], bytes(r[3]), r[4]] if r[0] == "job" else r for r in records])
+    graph = graphfmt.to_bytes(graphfmt.build_graph([tasks.merge([tasks.const(str(i)) for i in range(50)])])[0])
+    frame = zmq.Frame(graph)
+    gone = weakref.ref(frame)
+    real_submit = w.d.core.submit
+    seen = []
+
+    def submit(*args, **kwargs):   # the frame is freed before the core adds the job
+        seen.append(gone() is None)
+        return real_submit(*args, **kwargs)
+    monkeypatch.setattr(w.d.core, "submit", submit)
+    frames = P.encode(P.SUBMIT, {"req": 1, "name": "big"}, frame)
+    del frame
+    w.d.message(c, frames, 0.0)
+    assert seen == [True]
+    (job,) = [r for r in handed if r[0] == "job"]
+    assert job[1:3] == [1, 0] and job[3] == graph and job[4]["name"] == "big"
+    bad = graphfmt.to_bytes(graphfmt.build_graph([tasks.merge([tasks.Task(S.FUTURE, (), S.encode_u64(999))])])[0])
+    (reply,) = [m for m in w.send(c, P.SUBMIT, {"req": 2}, bad) if m[0] == P.ERROR]
+    assert "future 999" in reply[1]["message"]
+    assert [r[:2] for r in handed if r[0] == "job"] == [["job", 1], ["job", 2]]
+    assert ["retire", 2] in w.d.journal_records()
+    (reply,) = [m for m in w.send(c, P.SUBMIT, {"req": 3}, graph) if m[0] == P.REPLY]
+    assert reply[1]["job"] == 3                                  # (id 2 is the journal's failed one)
+    records = handed + [["retire", 2]]
+    from loomctl.core.server import ServerCore
+    again = ServerCore()
+    summary = restore(again, records, 0.0, 0.0)
+    assert summary["jobs"] == 2 and sorted(again.jobs) == [1, 3]
 
 
 def test_strangers_get_only_the_handshake_and_change_nothing():

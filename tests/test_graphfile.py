@@ -651,3 +651,25 @@ def test_the_small_graph_fast_writer_writes_exactly_the_general_writers_bytes():
         graphfmt.to_bytes(bad)
     big = graphfmt.build_graph([tasks.merge([tasks.const(str(i)) for i in range(100)])])[0]
     assert to_bytes_small(big) is None and graphfmt.read(graphfmt.to_bytes(big)).symbols == big.symbols
+
+
+def test_the_reader_gives_int32_ids_and_offsets_where_they_fit_and_int64_beyond():
+    from graphfmt.graph import offsets_from_lengths
+    g = graphfmt.build_graph([tasks.merge([tasks.const(str(i)) for i in range(5)]) for _ in range(3)])[0]
+    buffer = io.BytesIO()
+    graphfmt.write(buffer, g, block_tasks=4)   # several blocks: the general reader
+    for data in (buffer.getvalue(), graphfmt.to_bytes(g)):   # (and the small-graph path)
+        r = graphfmt.read(data)
+        assert r.inputs.dtype == r.input_offsets.dtype == r.configs.offsets.dtype == np.int32
+        assert r.inputs.tolist() == g.inputs.tolist() and r.input_offsets.tolist() == g.input_offsets.tolist()
+        source = bytearray(data)   # nothing of the Graph is a view of the buffer it was read from
+        r = graphfmt.read(memoryview(source))
+        source[:] = bytes(len(source))
+        assert r.inputs.tolist() == g.inputs.tolist() and r.types.tolist() == g.types.tolist()
+        assert r.flags.tolist() == g.flags.tolist() and [r.config(i) for i in range(len(g))] == \
+            [g.config(i) for i in range(len(g))]
+    both = graphfmt.read(graphfmt.to_bytes(g) * 2)   # two parts: the second's ids are widened, then offset
+    assert both.inputs.tolist() == g.inputs.tolist() + (g.inputs + len(g)).tolist()
+    wide = offsets_from_lengths(np.array([2**31 - 1, 5], np.uint32), compact=True)
+    assert wide.dtype == np.int64 and wide.tolist() == [0, 2**31 - 1, 2**31 + 4]
+    assert offsets_from_lengths(np.array([3, 4], np.uint32), compact=True).dtype == np.int32

@@ -81,16 +81,22 @@ def submit(core, client: bytes | None, graph: Graph, now: float, load: bool = Fa
     core.next_job += 1
     core.jobs[job.id] = job
     overrides, needed = (_checkpoints(graph, alias) if load else ({}, ~alias))
-    born = np.where(alias, ALIAS, np.where(needed, WAITING, SKIPPED)).astype(np.uint8)
+    born = np.full(n, WAITING, dtype=np.uint8)   # (not np.where: two int64 temporaries)
+    born[~needed] = SKIPPED
+    born[alias] = ALIAS
     results = marked & needed
-    ids = T.add_tasks(core, job, graph, local_to_global[graph.inputs], born, results, overrides)
+    global_inputs = local_to_global[graph.inputs]
+    del local_to_global, marked, needed   # (a large submission's memory peak is in add_tasks)
+    ids = T.add_tasks(core, job, graph, global_inputs, born, results, overrides)
     if overrides:
         core.graph.cols.flags[ids[list(overrides)]] |= FLAG_LOADED
     job.results = ids[results]
+    del ids, born, results, alias
     if client is not None and notify:
         job.watchers.add(client)
     if core.workers and core.unchecked:
-        core.fail_unsatisfiable(np.concatenate(core.unchecked), now)
+        unchecked = core.unchecked
+        core.fail_unsatisfiable(unchecked[0] if len(unchecked) == 1 else np.concatenate(unchecked), now)
     if job.active == 0 and job.status == "running":
         end(core, job, "finished", now)
     return job
@@ -103,7 +109,8 @@ def map_inputs(core, graph: Graph, redirect_inputs: np.ndarray | None) -> tuple[
     number (``redirect_inputs``: rows)."""
     n = len(graph)
     base = core.graph.next_rows(n)
-    local_to_global = np.arange(base, base + n, dtype=np.int64)
+    # (rows as int32 while every row fits: half the memory of a large submission's inputs)
+    local_to_global = np.arange(base, base + n, dtype=np.int32 if core.graph.cols.n + n < (1 << 31) else np.int64)
     alias = np.zeros(n, dtype=bool)
     for symbol, targets in ((S.FUTURE, None), (S.TASK_INPUT, redirect_inputs)):
         if symbol not in graph.symbols:   # (no such task: no mask to build)

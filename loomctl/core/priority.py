@@ -37,22 +37,27 @@ def segment_added(core, segment, user: np.ndarray | None) -> None:
         c.priority[base:base + n] = 0 if user is None else np.clip(np.asarray(user, np.int64),
                                                                    -PRIORITY_LIMIT, PRIORITY_LIMIT)
         return   # (and nothing to raise: no task has an input)
-    ids = np.arange(base, base + n, dtype=np.int64)
-    prio = np.zeros(n, np.int32) if user is None else np.clip(np.asarray(user, np.int64),
-                                                             -PRIORITY_LIMIT, PRIORITY_LIMIT).astype(np.int32)
-    level = np.full(n, MAX_LEVEL, np.int32)
-    # the segment's own edges, grouped by consumer: its input CSR (rows -> local ids), less
-    # the slots that point elsewhere and those of tasks whose inputs were replaced
+    # (a large submission's memory peak is here: the levels are written in place, the
+    # priorities are swept only when the user gave some, temporaries are per level)
+    prio = None if user is None else np.clip(np.asarray(user, np.int64), -PRIORITY_LIMIT,
+                                             PRIORITY_LIMIT).astype(np.int32)
+    level = c.blevel[base:base + n]   # (a view: written in place)
+    level[:] = MAX_LEVEL
+    # the segment's own edges, grouped by consumer: its input CSR (rows), less the slots
+    # that point elsewhere and those of tasks whose inputs were replaced
     offsets = segment.input_offsets
-    counts = np.diff(offsets)
-    local = segment.inputs - segment.inputs.dtype.type(base) if len(segment.inputs) else segment.inputs
-    inside = (local >= 0) & (local < n)
+    inputs = segment.inputs
+    inside = (inputs >= base) & (inputs < base + n)
     replaced = (c.flags[base:base + n] & FLAG_OVERRIDE) > 0
     if replaced.any():
-        inside &= ~np.repeat(replaced, counts)
+        inside &= ~np.repeat(replaced, np.diff(offsets))
+    del replaced
     finished_sweeps = True
     if inside.any():
-        left = np.bincount(local[inside], minlength=n)   # consumers not levelled yet
+        if not segment.pruned and inside.all():   # every edge is in the consumer CSR
+            left = np.diff(segment.consumer_offsets)   # consumers not levelled yet
+        else:
+            left = np.bincount(inputs[inside] - base, minlength=n).astype(np.int32)
         frontier = np.flatnonzero(left == 0)
         depth = 1
         while len(frontier):
@@ -60,25 +65,30 @@ def segment_added(core, segment, user: np.ndarray | None) -> None:
                 finished_sweeps = False
                 break
             level[frontier] = depth
-            slots = ranges(offsets[frontier], offsets[frontier + 1])
+            starts, ends = offsets[frontier], offsets[frontier + 1]
+            slots = ranges(starts, ends)
             keep = inside[slots]
-            producers = local[slots[keep]].astype(np.int64)
-            np.maximum.at(prio, producers, np.repeat(prio[frontier], counts[frontier])[keep])
+            producers = inputs[slots[keep]] - inputs.dtype.type(base)
+            if prio is not None:
+                np.maximum.at(prio, producers, np.repeat(prio[frontier], ends - starts)[keep])
             np.subtract.at(left, producers, 1)
+            del slots, keep, starts, ends
             producers = distinct(producers)
             frontier = producers[left[producers] == 0]
             depth += 1
-        del left, local, inside, counts
+        del left, inside
     else:
         level[:] = 1
-    c.blevel[ids] = level
-    c.priority[ids] = prio
+    if prio is not None:
+        c.priority[base:base + n] = prio
+    # (else they stay 0, as rows are handed out)
     del level, prio
     if finished_sweeps:   # only the edges from other segments may need raising
-        outside = np.flatnonzero((segment.inputs < base) | (segment.inputs >= base + n))
-        raise_from(core, base + np.searchsorted(offsets, outside, side="right") - 1 if len(outside) else ids[:0])
+        outside = np.flatnonzero((inputs < base) | (inputs >= base + n))
+        raise_from(core, base + np.searchsorted(offsets, outside, side="right") - 1 if len(outside)
+                   else np.zeros(0, np.int64))
     else:
-        raise_from(core, ids)
+        raise_from(core, np.arange(base, base + n, dtype=np.int64))
 
 
 def raise_from(core, consumers: np.ndarray) -> None:

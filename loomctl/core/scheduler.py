@@ -323,7 +323,9 @@ def fail_unsatisfiable(core, ids: np.ndarray | None, now: float) -> None:
     if ids is None:   # every ready task: those in the pool go back to core.ready
         ids = np.concatenate([T.take_ready(core), core.pool.drain()])
         T.put_ready(core, np.unique(ids[c.state[ids] == READY]))
-    ids = ids[c.state[ids] == READY]
+    ready = c.state[ids] == READY
+    if not ready.all():   # (no copy of a large submission's ready tasks when all are)
+        ids = ids[ready]
     if not len(ids):
         return
     max_cpus = max(w.cpus for w in core.workers.values())

@@ -48,9 +48,10 @@ def ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
 
 
 def narrow(values: np.ndarray) -> np.ndarray:
-    """An index array as int32 when its values fit (rows and local offsets mostly do)."""
+    """An index array as int32 when its values fit (rows and local offsets mostly do); an
+    int32 array as it is (the graph reader's columns are shared, not copied)."""
     if values.dtype == np.int32 or not len(values):
-        return values.astype(np.int32)
+        return values.astype(np.int32, copy=False)
     return values.astype(np.int32) if -1 <= values.min() and values.max() < (1 << 31) else values
 
 
@@ -155,18 +156,25 @@ class Segment:
         """``rows``: the input rows, one per slot; ``input_offsets``: local CSR."""
         n = len(input_offsets) - 1
         offsets = narrow(input_offsets)
-        rows = narrow(np.asarray(rows, dtype=np.int64))
+        rows = np.asarray(rows)
+        rows = narrow(rows if rows.dtype in (np.int32, np.int64) else rows.astype(np.int64))
         if not len(rows):   # no inputs at all (a job of sources): no consumers
             return cls(index, base, gid, job, graph, offsets, rows, np.zeros(n + 1, dtype=np.int32), rows)
-        local = rows.astype(np.int64) - base
+        local = rows - rows.dtype.type(base)   # (the widths of rows: base is a row too)
         inside = (local >= 0) & (local < n)
-        local = local[inside]
+        if not inside.all():
+            local = local[inside]
         counts = np.bincount(local, minlength=n)[:n] if len(local) else np.zeros(n, np.int64)
-        consumer_offsets = narrow(offsets_from_lengths(counts))
-        order = np.argsort(local, kind="stable")
-        del local, counts
-        owners = np.repeat(np.arange(base, base + n, dtype=rows.dtype), np.diff(offsets))[inside]
-        return cls(index, base, gid, job, graph, offsets, rows, consumer_offsets, owners[order])
+        consumer_offsets = narrow(offsets_from_lengths(counts, compact=True))
+        del counts
+        order = narrow(np.argsort(local, kind="stable"))
+        del local
+        owners = np.repeat(np.arange(base, base + n, dtype=rows.dtype), np.diff(offsets))
+        if not inside.all():
+            owners = owners[inside]
+        consumers = owners[order]
+        del owners, order
+        return cls(index, base, gid, job, graph, offsets, rows, consumer_offsets, consumers)
 
 
 class SegmentIndex:

@@ -10,7 +10,10 @@ Invariants:
   (``free``: [start, length] ranges in order, none touching another or the end).
 - A row is handed out with every column zeroed (``owner`` and ``worker`` -1); a freed
   row keeps only its (final) state: it holds nothing, runs nowhere, is flagged nothing,
-  so scans over ``0 .. n-1`` find nothing in it.
+  so scans over ``0 .. n-1`` find nothing in it. Rows from ``clean`` up were never
+  written since their columns were allocated (zeros): handing them out writes only
+  ``owner`` and ``worker``, so the pages of a column no task has used yet (``size``,
+  ``cpus``, ...) stay out of the process's memory.
 - Per-task columns grow by doubling and shrink when most rows are free; no Python
   object exists per task (``length``, 0 for all but arrays, is a dict of the others;
   ``job`` is read through the segment).
@@ -115,6 +118,7 @@ class TaskColumns:
         self.used = 0              # rows in use
         self.capacity = capacity
         self.free: list[list[int]] = []   # [start, length] of free ranges, in order
+        self.clean = 0             # rows from here up are as allocated: all zero
         for name, dtype in _COLUMNS.items():
             setattr(self, name, np.zeros(capacity, dtype=dtype))
         self.length = SparseColumn()
@@ -144,7 +148,12 @@ class TaskColumns:
         need = base + count
         if need > self.capacity:
             self._resize(max(need, 2 * self.capacity))
-        self._reset(base, need)
+        if base >= self.clean:   # (zeros already: only owner and worker to set)
+            self.owner[base:need] = -1
+            self.worker[base:need] = -1
+            self.clean = need
+        else:
+            self._reset(base, need)
         self.n = need
         self.used += count
         return base
@@ -185,6 +194,7 @@ class TaskColumns:
             new[:keep] = old[:keep]
             setattr(self, name, new)
         self.capacity = capacity
+        self.clean = keep
 
     def nbytes(self) -> int:
         """Bytes the columns take (allocated capacity), roughly."""

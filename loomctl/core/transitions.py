@@ -254,15 +254,17 @@ def add_tasks(core, job, graph: Graph, global_inputs: np.ndarray, born: np.ndarr
     g = core.graph
     c = g.cols
     segment = g.add_segment(graph, global_inputs, job.id, overrides)
-    ids = np.arange(segment.base, segment.base + len(graph), dtype=np.int64)
-    c.state[ids] = born                     # the birth: the one write besides transition()
+    base, n = segment.base, len(graph)
+    c.state[base:base + n] = born           # the birth: the one write besides transition()
     job.segments.append(segment.index)
     job.active += int(np.count_nonzero((born != ALIAS) & (born != SKIPPED)))
-    wanted = ids[results]
+    wanted = base + np.flatnonzero(results)
     c.flags[wanted] |= FLAG_RESULT
     c.holds[wanted] += 1
     priority.segment_added(core, segment, graph.priorities)
-    live = ids[LIVE[born]]
+    ids = np.arange(base, base + n, dtype=np.int64)   # (after the sweeps: a large submission's peak)
+    is_live = LIVE[born]
+    live = ids if is_live.all() else ids[is_live]
     if len(live):
         inputs = g.inputs_of(live)
         if len(inputs):

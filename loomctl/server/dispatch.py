@@ -1,7 +1,9 @@
 """The server's dispatch, sans-I/O: wire messages in, core calls, frames out.
 
 ``Dispatch.message(identity, frames, now)`` takes one message as the ROUTER gave it
-(routing id apart); ``flush(now)`` schedules once, turns the core's commands into
+(routing id apart), and takes the list: it is emptied once decoded, and a SUBMIT's graph
+frame is dropped once the graph is read, before the core adds the job (the frame of a
+large graph is the biggest thing in memory at that moment); ``flush(now)`` schedules once, turns the core's commands into
 frames and returns everything to send, in order: handshake answers and commands first,
 then the answers to client requests of the batch (a submission's tasks reach the workers
 before its client hears back). ``peer_gone`` and ``tick`` are the shell's other events.
@@ -27,6 +29,8 @@ from graphfmt.graph import GraphError
 from loomctl import messages as M
 from loomctl import protocol as P
 from loomctl.core.server import ServerCore, SubmitError
+
+EARLY_JOURNAL_BYTES = 1 << 20   # a graph file this large is journaled before its job is added
 
 log = logging.getLogger("loomctl.server")
 lifecycle = logging.getLogger("loomctl.server.lifecycle")   # always logged (cli/server.py)
@@ -55,13 +59,18 @@ class Dispatch:
         self._out: list[tuple[bytes, list]] = []       # to send at the next flush, first
         self._answers: list[tuple[bytes, list]] = []   # answers of this batch, last
         self._journaled_ids = 0
+        # the shell's way to hand journal records over at once (None: at the next flush);
+        # a large submission's graph file goes so, before the core adds the job
+        self.journal_now = None
 
     # ------------------------------------------------------------------ events
     def message(self, identity: bytes, frames: list, now: float) -> None:
         self.messages_received += 1
         self.bytes_received += sum(len(f) for f in frames)
         try:
-            kind, body, _ = P.decode(frames)
+            kind, body, blobs = P.decode(frames)
+            if type(frames) is list:
+                frames.clear()   # (the caller's list: see the top comment)
             admitted, reply = self.gate.handle(identity, kind, body)
             if reply is not None:
                 self._out.append((identity, reply))
@@ -71,7 +80,7 @@ class Dispatch:
             if role == "worker":
                 self._worker_message(identity, kind, body, now)
             elif role == "client":
-                self._client_message(identity, kind, body, now)
+                self._client_message(identity, kind, body, blobs, now)
             else:
                 raise P.ProtocolError(f"{role} may not send {kind!r} to the server")
         except Exception as exc:   # a peer must never take the server down
@@ -191,10 +200,10 @@ class Dispatch:
         self.gate.forget(worker.key)
 
     # ------------------------------------------------------------------ clients
-    def _client_message(self, identity: bytes, kind: bytes, body: dict, now: float) -> None:
+    def _client_message(self, identity: bytes, kind: bytes, body: dict, blobs: list, now: float) -> None:
         req = body.get("req")
         try:
-            result = self._request(identity, P.decode_client_request(kind, body), now)
+            result = self._request(identity, P.decode_client_request(kind, body, blobs), now)
         except (SubmitError, GraphError, P.ProtocolError, ValueError, TypeError, KeyError) as exc:
             message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else short(exc)
             if req is None:   # a notice: nobody waits for an answer
@@ -209,14 +218,31 @@ class Dispatch:
     def _request(self, identity: bytes, request, now: float) -> dict | None:
         core = self.core
         if isinstance(request, M.Submit):
-            graph = graphfmt.read(request.graph)
+            graph_file, request.graph = request.graph, None   # (the only reference to the frame)
+            graph = graphfmt.read(graph_file)
             trace_dir = self._trace_dir(request.trace)
+            options = {"name": request.name, "load": request.load, "detached": request.detach}
+            early = None
+            if core.record is None:
+                graph_file = None
+            elif self.journal_now is not None and len(graph_file) >= EARLY_JOURNAL_BYTES:
+                # journaled before the core adds the job, so that the frame is freed first
+                # (a failed submission is then retired in the journal)
+                early, base = core.next_job, core.segs.next_gid   # (the job's id and base, as submit gives them)
+                self.journal_now([*self.journal_records(), ["job", early, base, graph_file, options]])
+                graph_file = None
             mark = len(core.record) if core.record is not None else 0
-            job = core.submit(identity, graph, now, load=request.load, name=request.name, notify=request.notify,
-                              trace=request.trace, detached=request.detach)
-            if core.record is not None:   # (before what the submission itself recorded)
-                core.record.insert(mark, ["job", job.id, job.base, request.graph,
-                                          {"name": job.name, "load": request.load, "detached": request.detach}])
+            try:
+                job = core.submit(identity, graph, now, load=request.load, name=request.name,
+                                  notify=request.notify, trace=request.trace, detached=request.detach)
+            except Exception:
+                if early is not None:
+                    core.next_job = max(core.next_job, early + 1)   # (that id is the journal's)
+                    core.record.append(["retire", early])
+                raise
+            assert early is None or (job.id, job.base) == (early, base)
+            if core.record is not None and early is None:   # (before what the submission itself recorded)
+                core.record.insert(mark, ["job", job.id, job.base, graph_file, options])
             log.info("job %d submitted: %d tasks", job.id, job.n)
             if trace_dir is not None:
                 self._trace_job(job, trace_dir)

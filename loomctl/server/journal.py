@@ -12,8 +12,10 @@ A file of records: an 8-byte magic, a format version, then records framed as
   ["retire", job]                         a job is done with: a compaction drops it
 
 The core appends records of what changed (``core.record``, plain values); the server
-loop hands them to ``Journal.add`` and calls ``flush`` at least every FLUSH_S: one write
-and one fsync per batch, so a crash loses at most that much. When retired jobs make up
+loop hands them to ``Journal.add`` and calls ``flush`` at least every FLUSH_S: one fsync
+per batch, so a crash loses at most that much. A large bytes item (a job's graph file,
+a view of the frame it was received in) is written from where it is: neither packed
+into a copy nor joined with the rest. When retired jobs make up
 most of the file it is rewritten (``compact``) with the live jobs only.
 
 Invariants:
@@ -36,15 +38,35 @@ MAGIC = b"LOOMJRNL"
 VERSION = 1
 FLUSH_S = 0.1
 _FRAME = struct.Struct("<II")
+_BIN32 = struct.Struct(">BI")
+BIG_ITEM = 1 << 16   # a record's bytes item above this is written from where it is, not copied
 
 
 class JournalError(Exception):
     """A journal that cannot be used (a one-line message for a person)."""
 
 
-def _frame(record: list) -> bytes:
-    payload = msgpack.packb(record, use_bin_type=True)
-    return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+def _frame(record: list) -> list:
+    """The framed record as pieces to write in order: a large bytes-like item (a job's
+    graph file, a view of the frame it came in) is a piece of its own, not copied."""
+    if not any(isinstance(x, (bytes, memoryview)) and BIG_ITEM < len(x) < (1 << 32) for x in record):
+        payload = msgpack.packb(record, use_bin_type=True)
+        return [_FRAME.pack(len(payload), zlib.crc32(payload)) + payload]
+    packer = msgpack.Packer(use_bin_type=True)
+    pieces, small = [], [packer.pack_array_header(len(record))]
+    for x in record:
+        if isinstance(x, (bytes, memoryview)) and BIG_ITEM < len(x) < (1 << 32):
+            view = memoryview(x).cast("B")
+            small.append(_BIN32.pack(0xC6, len(view)))   # (msgpack bin 32: BIG_ITEM < length < 4 GiB)
+            pieces += [b"".join(small), view]
+            small = []
+        else:
+            small.append(packer.pack(x))
+    pieces.append(b"".join(small))
+    crc = 0
+    for piece in pieces:
+        crc = zlib.crc32(piece, crc)
+    return [_FRAME.pack(sum(len(piece) for piece in pieces), crc), *pieces]
 
 
 def load(path: str) -> tuple[list, int, int]:
@@ -99,28 +121,37 @@ class Journal:
             os.write(self.fd, MAGIC + struct.pack("<H", VERSION))
             self.size = len(MAGIC) + 2
         self.pending: list[bytes] = []
+        self.unsynced = False      # written since the last fsync
         self.last_flush = 0.0
         self.written_since_compaction = 0
 
     def add(self, record: list) -> None:
-        self.pending.append(_frame(record))
+        self.pending += _frame(record)
+
+    def write(self) -> None:
+        """Write what is pending (the pieces in order) without the fsync: the next
+        ``flush`` makes it durable. Frees what the pending records held."""
+        pieces, self.pending = self.pending, []
+        written = 0
+        for view in map(memoryview, pieces):   # (large pieces as they are, without a join)
+            written += len(view)
+            while view:
+                view = view[os.write(self.fd, view):]
+        self.size += written
+        self.written_since_compaction += written
+        self.unsynced = self.unsynced or written > 0
 
     def flush(self, now: float) -> None:
-        """Write what is pending (one write, one fsync)."""
+        """Write what is pending, then one fsync."""
         self.last_flush = now
-        if not self.pending:
+        if not self.pending and not self.unsynced:
             return
-        data = b"".join(self.pending)
-        self.pending = []
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+        self.write()
         os.fsync(self.fd)
-        self.size += len(data)
-        self.written_since_compaction += len(data)
+        self.unsynced = False
 
     def due(self, now: float) -> bool:
-        return bool(self.pending) and now - self.last_flush >= FLUSH_S
+        return bool(self.pending or self.unsynced) and now - self.last_flush >= FLUSH_S
 
     def compact(self, records: list, now: float) -> None:
         """Replace the journal by ``records`` (the live state), atomically."""
@@ -128,7 +159,7 @@ class Journal:
         tmp = self.path + ".new"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            data = MAGIC + struct.pack("<H", VERSION) + b"".join(_frame(r) for r in records)
+            data = MAGIC + struct.pack("<H", VERSION) + b"".join(p for r in records for p in _frame(r))
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
@@ -143,6 +174,7 @@ class Journal:
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self.size = len(data)
         self.written_since_compaction = 0
+        self.unsynced = False
         self.last_flush = now
 
     def close(self, now: float = 0.0) -> None:

@@ -126,6 +126,14 @@ class Server:
         self.journal = J.Journal(path, records_end)
         self._compact(now)   # the live state only, from a clean start
         self.core.record = []
+        self.dispatch.journal_now = self._journal_now
+
+    def _journal_now(self, records: list) -> None:
+        """Records the dispatch hands over at once (a large job's, with its graph file):
+        written now, made durable at the next flush."""
+        for record in records:
+            self.journal.add(record)
+        self.journal.write()
 
     def _server_record(self) -> dict:
         return {"host": self.host, "port": self.port, "secret": self.secret}
@@ -183,19 +191,21 @@ class Server:
         dispatch = self.dispatch
         sock = self.sock
         # (plain recv: pyzmq's recv_multipart builds flag enums per call, and a zmq.Again
-        # at the end of every drain costs more than asking for EVENTS; body frames are copied
-        # once into bytes either way)
+        # at the end of every drain costs more than asking for EVENTS; the kind and body
+        # frames are copied into bytes, the blobs after them (a SUBMIT's graph file) are
+        # not: Frames, whose memory goes back when the dispatch drops them)
         for _ in range(10000):
             if not sock.getsockopt(_EVENTS) & _POLLIN:
                 break
             try:
-                frames = [sock.recv(_DONTWAIT, copy=False)]   # (the routing id: a Frame, for its fd)
+                route = sock.recv(_DONTWAIT, copy=False)   # (the routing id: a Frame, for its fd)
+                frames = []
                 while sock.getsockopt(_RCVMORE):
-                    frames.append(sock.recv(_DONTWAIT))
+                    frames.append(sock.recv(_DONTWAIT, copy=len(frames) < 2))
             except zmq.Again:
                 break
-            identity = self.peers.seen(frames[0], now)
-            dispatch.message(identity, frames[1:], now)
+            identity = self.peers.seen(route, now)
+            dispatch.message(identity, frames, now)   # (takes the list: it empties it)
         self._flush(now)   # once per drained batch of messages
 
     def _flush(self, now: float) -> None:
