@@ -364,6 +364,8 @@ class Worker:
                 self._on_trace(body)
             elif kind == P.CANCEL_TASKS:
                 self._events.append(W.CancelTasks(P.ids_from_bytes(P.field(body, "ids", bytes)).tolist()))
+            elif kind == P.STEAL_TASKS:
+                self._events.append(W.StealTasks(*P.decode_steal(body)))
             elif kind == P.RELEASE_DATA:
                 self._events.append(W.ReleaseData(P.ids_from_bytes(P.field(body, "ids", bytes)).tolist()))
             elif kind == P.STOP:
