@@ -399,6 +399,8 @@ def run_loom(shapes, sizes, repeat, trace, journal=True, steal=False):
                 cpu0 = cluster.cpu()
                 n, seconds, extra = fn(cluster, sizes[shape])
                 cpu1 = cluster.cpu()
+                if steal:
+                    extra = {**(extra or {}), "stolen": cluster.client.get_stats().get("stolen", 0)}
             finally:
                 cluster.close()
             value = figure(unit, n, seconds)
