@@ -287,9 +287,12 @@ def decode_worker_event(kind: bytes, body: dict):
     raise ProtocolError(f"unknown worker message {kind!r}")
 
 
-def decode_steal(body: dict) -> tuple[list, int]:
-    """(task ids, count) of a STEAL_TASKS body (ProtocolError when malformed)."""
+def decode_ids_command(kind: bytes, body: dict) -> tuple:
+    """The arguments of a server's CANCEL_TASKS or RELEASE_DATA (ids,) or STEAL_TASKS
+    (ids, count) to a worker (ProtocolError when malformed)."""
     ids = ids_from_bytes(field(body, "ids", bytes)).tolist()
+    if kind != STEAL_TASKS:
+        return (ids,)
     count = field(body, "count", int)
     if count < 0:
         raise ProtocolError("STEAL_TASKS count is negative")

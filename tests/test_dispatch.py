@@ -162,7 +162,7 @@ def test_a_steal_request_goes_on_the_wire_and_its_answer_moves_the_tasks():
     assert w.out.pop(b"w1")[0][0] == P.COMPUTE
     w.worker(b"w22", cpus=2)
     (steal,) = [m for m in w.out.pop(b"w1") if m[0] == P.STEAL_TASKS]
-    asked, count = P.decode_steal(steal[1])
+    asked, count = P.decode_ids_command(P.STEAL_TASKS, steal[1])
     assert sorted(asked) == ids and count == 2 and core.stats["steal_requests"] == 1
     # a bogus answer (not the right field type) changes nothing; an unasked worker's neither
     w.send(b"w1", P.UPDATE, {"returned": "no"})

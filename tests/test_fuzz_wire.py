@@ -873,14 +873,17 @@ _any_value = st.one_of(st.none(), st.booleans(), st.integers(-2**64, 2**64), st.
 @given(st.dictionaries(st.sampled_from(["ids", "count", "returned", "finished", "sizes", "lengths", "x"]),
                        _any_value, max_size=5))
 def test_steal_requests_and_answers_decode_or_raise_a_protocol_error(body):
-    """STEAL_TASKS (the worker's side) and UPDATE's ``returned`` (the server's side)."""
-    for decode in (P.decode_steal, lambda b: P.decode_worker_event(P.UPDATE, b)):
+    """STEAL_TASKS and the other id commands (the worker's side) and UPDATE's
+    ``returned`` (the server's side)."""
+    for kind in (P.STEAL_TASKS, P.CANCEL_TASKS, P.RELEASE_DATA):
         try:
-            decoded = decode(body)
+            ids, *count = P.decode_ids_command(kind, body)
         except P.ProtocolError:
             continue
-        if decode is P.decode_steal:
-            ids, count = decoded
-            assert isinstance(ids, list) and type(count) is int and count >= 0
-        else:
-            assert decoded.returned is None or decoded.returned.dtype == np.int64
+        assert isinstance(ids, list) and all(type(i) is int for i in ids)
+        assert count == [] if kind != P.STEAL_TASKS else (type(count[0]) is int and count[0] >= 0)
+    try:
+        update = P.decode_worker_event(P.UPDATE, body)
+    except P.ProtocolError:
+        return
+    assert update.returned is None or update.returned.dtype == np.int64
