@@ -4,6 +4,7 @@ tasks that sleep (so that 32 "cpus" fit on a 2-core machine); against the same t
 
     /work/venv/bin/python bench/manyworkers.py                        # 32 workers x 100k tasks
     /work/venv/bin/python bench/manyworkers.py --tasks 20000 --json
+    /work/venv/bin/python bench/manyworkers.py --workers 8 --tasks 2000 --steal   # work stealing on
 
 Each task is a Python function that sleeps --sleep seconds (default 0.05) and returns a
 few bytes; every result is gathered. Busy = tasks x sleep / (workers x wall time): 1.0
@@ -31,22 +32,26 @@ def _nap(seconds):
     return b"z"
 
 
-def run(workers: int, n: int, sleep: float) -> dict:
-    cluster = LoomCluster(workers=workers, cpus=1)
+def run(workers: int, n: int, sleep: float, steal: bool = False, uneven: int = 0) -> dict:
+    cluster = LoomCluster(workers=workers, cpus=1, steal=steal)
     try:
         before = cluster.cpu()
         fn = tasks.py_value(_nap)   # one function object, 1 cpu per call
-        plan = [tasks.py_call(fn, direct_args=(sleep,)) for _ in range(n)]
+        naps = [sleep * (uneven if uneven and k % uneven == 0 else 1) for k in range(n)]
+        plan = [tasks.py_call(fn, direct_args=(nap,)) for nap in naps]
         t0 = time.perf_counter()
         results = cluster.client.submit(plan)
         values = cluster.client.gather(results)
         wall = time.perf_counter() - t0
         assert len(values) == n and all(v == b"z" for v in values), "wrong results"
         after = cluster.cpu()
+        stats = cluster.client.get_stats()
     finally:
         cluster.close()
-    return {"workers": workers, "tasks": n, "sleep_s": sleep, "wall_s": round(wall, 2),
-            "lower_bound_s": round(n * sleep / workers, 2), "busy": round(n * sleep / (workers * wall), 3),
+    work = sum(naps)
+    return {"workers": workers, "tasks": n, "sleep_s": sleep, "steal": steal, "wall_s": round(wall, 2),
+            "lower_bound_s": round(work / workers, 2), "busy": round(work / (workers * wall), 3),
+            "stolen": stats.get("stolen", 0), "steal_requests": stats.get("steal_requests", 0),
             "server_us_per_task": round((after["server"] - before["server"]) / n * 1e6, 1),
             "worker_us_per_task": round((after["workers"] - before["workers"]) / n * 1e6, 1)}
 
@@ -58,8 +63,12 @@ def main():
     parser.add_argument("--sleep", type=float, default=0.05)
     parser.add_argument("--small-tasks", type=int, default=2000, help="tasks of the 2-worker run")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--steal", action="store_true", help="the server steals work (server start --steal)")
+    parser.add_argument("--uneven", type=int, default=0, metavar="K",
+                        help="every K-th task sleeps K times as long (work stealing's case)")
     args = parser.parse_args()
-    rows = [run(2, args.small_tasks, args.sleep), run(args.workers, args.tasks, args.sleep)]
+    rows = [run(2, args.small_tasks, args.sleep, args.steal, args.uneven),
+            run(args.workers, args.tasks, args.sleep, args.steal, args.uneven)]
     rows[1]["server_cpu_vs_2_workers"] = round(rows[1]["server_us_per_task"] / rows[0]["server_us_per_task"], 2)
     if args.json:
         print(json.dumps(rows, indent=1))

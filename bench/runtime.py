@@ -90,11 +90,11 @@ def peak_rss_mb(pid: int) -> float:
 
 
 class LoomCluster:
-    def __init__(self, workers=2, cpus=1, trace=None, journal=True):
+    def __init__(self, workers=2, cpus=1, trace=None, journal=True, steal=False):
         self.tmp = tempfile.mkdtemp(prefix="loombench-")
         env = dict(os.environ, LOOM_SERVER_DIR=self.tmp, PYTHONPATH=ROOT)
         self.server = subprocess.Popen([sys.executable, "-m", "loomctl", "server", "start", "--port", "0",
-                                        *([] if journal else ["--no-journal"])],
+                                        *([] if journal else ["--no-journal"]), *(["--steal"] if steal else [])],
                                        env=env, stderr=subprocess.DEVNULL)
         while not os.path.exists(os.path.join(self.tmp, "access.json")):
             time.sleep(0.02)
@@ -388,17 +388,19 @@ def figure(unit, n, seconds):
     return seconds * 1000 if unit == "ms" else seconds
 
 
-def run_loom(shapes, sizes, repeat, trace, journal=True):
+def run_loom(shapes, sizes, repeat, trace, journal=True, steal=False):
     results = {}
     for shape in shapes:
         fn, _, _, unit, _, _ = SHAPES[shape]
         best = None
         for _ in range(repeat):   # each run on a fresh server and workers (a peak RSS is its own)
-            cluster = LoomCluster(trace=trace, journal=journal)
+            cluster = LoomCluster(trace=trace, journal=journal, steal=steal)
             try:
                 cpu0 = cluster.cpu()
                 n, seconds, extra = fn(cluster, sizes[shape])
                 cpu1 = cluster.cpu()
+                if steal:
+                    extra = {**(extra or {}), "stolen": cluster.client.get_stats().get("stolen", 0)}
             finally:
                 cluster.close()
             value = figure(unit, n, seconds)
@@ -432,6 +434,7 @@ def main():
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--trace", metavar="DIR", help="trace the loomctl jobs into DIR (client.set_trace)")
     parser.add_argument("--no-journal", action="store_true", help="servers keep no journal (its cost: compare)")
+    parser.add_argument("--steal", action="store_true", help="servers steal work (server start --steal)")
     for shape, spec in SHAPES.items():
         parser.add_argument(f"--{shape}-size", type=int, default=spec[2])
     args = parser.parse_args()
@@ -440,7 +443,7 @@ def main():
     if unknown:
         parser.error(f"unknown shape(s): {', '.join(unknown)} (known: {', '.join(SHAPES)})")
     sizes = {s: getattr(args, f"{s}_size") for s in shapes}
-    loom = run_loom(shapes, sizes, args.repeat, args.trace, journal=not args.no_journal)
+    loom = run_loom(shapes, sizes, args.repeat, args.trace, journal=not args.no_journal, steal=args.steal)
     dask = {} if args.no_dask else run_dask(shapes, sizes, args.repeat)
     rows = []
     for shape in shapes:

@@ -136,6 +136,7 @@ class Update:
     replicas: np.ndarray      # objects it fetched from peers and now holds too
     logs: list                # [(task id, level, message)]
     inline: dict | None       # task id -> encoding of a small finished result
+    returned: np.ndarray | None = None   # the answer to a StealTasks (None: not one)
 
 
 @dataclass(slots=True)

@@ -30,7 +30,10 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
                logs: [[id, level, message]],
                inline: ids, blobs: [bytes] (optional: finished results sent along, their
                        encodings in the same order; only tasks marked so in COMPUTE, each
-                       <= INLINE_BYTES; in the body, as one frame per small blob costs more)}
+                       <= INLINE_BYTES; in the body, as one frame per small blob costs more),
+               returned: ids (only in the answer to a STEAL_TASKS, and always in it, empty
+                       when the worker gives nothing back: tasks dropped from its queue
+                       unstarted, nothing more is reported of them)}
     HEARTBEAT {n_data, data_bytes, rss, cpu_percent, running, running_ids: [task id],
                queued, heartbeat (a count), data_connections}
   server -> worker
@@ -50,6 +53,10 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
     CANCEL_TASKS {ids}     (their job ended: drop them if queued, kill a running program
                             with its process group, discard a running Python task's result;
                             nothing is reported of them)
+    STEAL_TASKS {ids, count: int}   (work stealing, a server started with --steal: give back
+                            up to count of these tasks that have not started, those the
+                            worker would start last first; it answers with an UPDATE whose
+                            "returned" lists them, maybe none; one request at a time)
     PEER_LOST {address}    (the server removed the worker with this data address: give
                             up fetching from it now; tasks left waiting for its data fail
                             with "input ... is unavailable" and the server runs them again)
@@ -114,6 +121,7 @@ COMPUTE, RELEASE_DATA, STOP = b"COMPUTE", b"RELEASE_DATA", b"STOP"
 TRACE = b"TRACE"
 PEER_LOST = b"PEER_LOST"
 CANCEL_TASKS = b"CANCEL_TASKS"
+STEAL_TASKS = b"STEAL_TASKS"
 # client -> server (requests carry "req"; the reply echoes it)
 SUBMIT, RELEASE, STATS, STATUS, CANCEL, TERMINATE, SET_TRACE, JOB_RESULTS, WAIT_JOB = (
     b"SUBMIT", b"RELEASE", b"STATS", b"STATUS", b"CANCEL", b"TERMINATE", b"SET_TRACE",
@@ -210,6 +218,7 @@ _COMMANDS = {
     M.ReleaseData: (RELEASE_DATA, lambda cmd: {"ids": ids_to_bytes(cmd.ids)}),
     M.PeerLost: (PEER_LOST, lambda cmd: {"address": cmd.address}),
     M.CancelTasks: (CANCEL_TASKS, lambda cmd: {"ids": ids_to_bytes(cmd.ids)}),
+    M.StealTasks: (STEAL_TASKS, lambda cmd: {"ids": ids_to_bytes(cmd.ids), "count": int(cmd.count)}),
     M.Stop: (STOP, lambda cmd: {}),
     M.ResultsReady: (RESULTS_READY, _results_body),
     M.TaskFailed: (TASK_FAILED, lambda cmd: cmd.error),
@@ -265,8 +274,9 @@ def _update(body: dict) -> M.Update:
     failed = [(int(t), str(m)) for t, m in field(body, "failed", list, [])]
     redirects = [(int(t), g) for t, g in field(body, "redirects", list, [])]
     logs = [(t, level, message) for t, level, message in field(body, "logs", list, [])]
+    returned = ids_from_bytes(field(body, "returned", bytes)) if "returned" in body else None
     return M.Update(finished, sizes, lengths, failed, redirects,
-                    ids_from_bytes(field(body, "replicas", bytes, b"")), logs, _inline(body))
+                    ids_from_bytes(field(body, "replicas", bytes, b"")), logs, _inline(body), returned)
 
 
 def _inline(body: dict) -> dict | None:
@@ -290,6 +300,18 @@ def decode_worker_event(kind: bytes, body: dict):
     if kind == REGISTER:
         return _register(body)
     raise ProtocolError(f"unknown worker message {kind!r}")
+
+
+def decode_ids_command(kind: bytes, body: dict) -> tuple:
+    """The arguments of a server's CANCEL_TASKS or RELEASE_DATA (ids,) or STEAL_TASKS
+    (ids, count) to a worker (ProtocolError when malformed)."""
+    ids = ids_from_bytes(field(body, "ids", bytes)).tolist()
+    if kind != STEAL_TASKS:
+        return (ids,)
+    count = field(body, "count", int)
+    if count < 0:
+        raise ProtocolError("STEAL_TASKS count is negative")
+    return ids, count
 
 
 def decode_client_request(kind: bytes, body: dict, blobs: list | None = None):

@@ -15,7 +15,7 @@ from clihelp import ROOT
 
 class Cluster:
     def __init__(self, directory, workers=2, cpus=1, auth=True, heartbeat_timeout=5.0, worker_args=(),
-                 shared_work_dir=False):
+                 shared_work_dir=False, server_args=()):
         self.dir = str(directory)
         self.server_dir = os.path.join(self.dir, "server")
         self.env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -26,6 +26,7 @@ class Cluster:
         cmd = ["server", "start", "--port", "0", "--verbose", "--heartbeat-timeout", str(heartbeat_timeout)]
         if not auth:
             cmd.append("--no-auth")
+        cmd += list(server_args)
         self.server = self._spawn(cmd, "server")
         try:
             self.access = wait_access(self.server_dir, self.server, lambda: self.log("server"))

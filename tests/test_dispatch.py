@@ -37,9 +37,10 @@ class Wire:
 
     def worker(self, identity=b"w1", cpus=1):
         assert self.join(identity, "worker")[0][0] == P.WELCOME
-        (reply,) = self.send(identity, P.REGISTER, {"name": identity.decode(), "cpus": cpus,
-                                                      "data_address": f"tcp://127.0.0.1:{len(identity)}"})
+        reply, *rest = self.send(identity, P.REGISTER, {"name": identity.decode(), "cpus": cpus,
+                                                         "data_address": f"tcp://127.0.0.1:{len(identity)}"})
         assert reply[0] == P.REPLY
+        self.out.setdefault(identity, []).extend(rest)   # (what the round after gave it)
         return reply[1]["worker_id"]
 
     def client(self, identity=b"c1"):
@@ -222,4 +223,49 @@ def test_a_worker_that_disconnects_has_its_tasks_run_elsewhere():
     w.send(b"w2", P.UPDATE, {"finished": P.ids_to_bytes(ids[core.cols.worker[ids] == 1]),
                              "sizes": P.ids_to_bytes([0, 0]), "lengths": P.ids_to_bytes([0, 0])})
     assert (core.cols.worker[ids] == 1).sum() == 2 and (core.cols.state[ids] == 3).sum() == 2
+    core.check_invariants()
+
+
+def one_cpu(label):
+    t = tasks.merge([])
+    t.resource_request = tasks.cpus(1)
+    t.label = label
+    return t
+
+
+def test_a_steal_request_goes_on_the_wire_and_its_answer_moves_the_tasks():
+    w = Wire()
+    core = w.d.core
+    core.options.steal = True
+    w.worker(b"w1", cpus=2)
+    c = w.client()
+    job = w.submit(c, [one_cpu(f"t{k}") for k in range(4)])   # all on w1: 2 run, 2 queued
+    ids = list(range(job["base"], job["base"] + 4))
+    assert w.out.pop(b"w1")[0][0] == P.COMPUTE
+    w.worker(b"w22", cpus=2)
+    (steal,) = [m for m in w.out.pop(b"w1") if m[0] == P.STEAL_TASKS]
+    asked, count = P.decode_ids_command(P.STEAL_TASKS, steal[1])
+    assert sorted(asked) == ids and count == 2 and core.stats["steal_requests"] == 1
+    # a bogus answer (not the right field type) changes nothing; an unasked worker's neither
+    w.send(b"w1", P.UPDATE, {"returned": "no"})
+    w.send(b"w22", P.UPDATE, {"returned": P.ids_to_bytes(ids)})
+    assert w.d.bad_messages == 1 and core.steals and "stolen" not in core.stats
+    w.send(b"w1", P.UPDATE, {"returned": P.ids_to_bytes([ids[3], 10**9, -5])})
+    assert core.stats["stolen"] == 1   # (and w1, still loaded, is asked again)
+    (compute,) = [m for m in w.out.pop(b"w22") if m[0] == P.COMPUTE]
+    assert [row[0] for row in compute[1]["tasks"]] == [ids[3]]
+    core.check_invariants()
+
+
+def test_an_empty_steal_answer_ends_the_request():
+    w = Wire()
+    core = w.d.core
+    core.options.steal = True
+    w.worker(b"w1")
+    w.submit(w.client(), [one_cpu(f"t{k}") for k in range(2)])
+    w.worker(b"w22")
+    assert core.steals and core.stats["steal_requests"] == 1
+    w.send(b"w1", P.UPDATE, {"returned": b""})   # nothing could go
+    assert "stolen" not in core.stats and w.d.bad_messages == 0
+    assert core.stats["steal_requests"] == 2 and core.steals   # asked again (the next round)
     core.check_invariants()

@@ -28,7 +28,8 @@ worker. Each example sends one to four inputs from one peer:
   connection keeps its role);
 - HELLOs with a role or version of up to 1 MB;
 - the authenticated worker answering the COMPUTE messages it received with bogus
-  UPDATEs (duplicated ids, wrong sizes, failures, invalid and valid redirections).
+  UPDATEs (duplicated ids, wrong sizes, failures, invalid and valid redirections, answers
+  to steal requests: the server runs with --steal).
 
 TERMINATE is never sent by the authenticated client. Every 50 examples the server
 must still answer STATS; every third of the run, and at the end, the fuzzing peers
@@ -54,6 +55,7 @@ import struct
 import time
 
 import msgpack
+import numpy as np
 import pytest
 import zmq
 from hypothesis import HealthCheck, Phase, given, settings
@@ -92,14 +94,14 @@ VALID_UPDATE_BODY = P.encode(P.UPDATE, {"finished": P.ids_to_bytes([1, 2]), "siz
 KINDS = [P.HELLO, P.CHALLENGE, P.AUTH, P.WELCOME, P.REFUSED, P.REGISTER, P.UPDATE, P.HEARTBEAT,
          P.COMPUTE, P.RELEASE_DATA, P.STOP, P.TRACE, P.SUBMIT, P.RELEASE, P.STATS, P.STATUS, P.CANCEL,
          P.TERMINATE, P.SET_TRACE, P.JOB_RESULTS, P.WAIT_JOB, P.REPLY, P.ERROR, P.RESULTS_READY,
-         P.TASK_FAILED, P.JOB_DONE, P.FETCH, P.DATA, P.PING, b"PEER_LOST", b"", b"submit", b"X" * 16,
+         P.TASK_FAILED, P.JOB_DONE, P.FETCH, P.DATA, P.PING, b"PEER_LOST", P.STEAL_TASKS, P.CANCEL_TASKS, b"", b"submit", b"X" * 16,
          b"X" * 17, b"\xff\x00"]
 
 # the fields each handler reads (loomctl/server/process.py, loomctl/protocol.py)
 FIELDS = {
     P.REGISTER: ["name", "hostname", "pid", "cpus", "resources", "symbols", "data_address", "work_dir",
                  "memory_limit"],
-    P.UPDATE: ["finished", "sizes", "lengths", "failed", "redirects", "replicas", "logs"],
+    P.UPDATE: ["finished", "sizes", "lengths", "failed", "redirects", "replicas", "logs", "returned"],
     P.HEARTBEAT: ["n_data", "data_bytes", "rss", "cpu_percent", "running"],
     P.SUBMIT: ["req", "graph", "load", "name", "trace", "notify", "detach"],
     P.RELEASE: ["req", "ids"],
@@ -116,6 +118,7 @@ FIELDS = {
     P.COMPUTE: ["tasks", "locations", "jobs"],
     P.TRACE: ["path", "job", "on"],
     P.RELEASE_DATA: ["ids"],
+    P.STEAL_TASKS: ["ids", "count"],
     P.REPLY: ["req", "worker_id"],
 }
 EXTRA_FIELDS = ["", "x", "REQ", "Graph", "\x00", "ids\x00"]
@@ -278,7 +281,7 @@ rehandshake = st.tuples(st.just("auth"), st.sampled_from(["client", "worker"]), 
 answer = st.tuples(st.just("answer"), st.integers(1, 6), st.booleans(),
                    st.sampled_from(["ok", "negative", "huge", "short", "long"]),
                    st.sampled_from(["none", "fail", "redirect_bad", "redirect_ok", "redirect_text", "replica",
-                                    "fail_and_finish", "log"]))
+                                    "fail_and_finish", "log", "returned", "returned_bad", "returned_empty"]))
 reconnect = st.just(("reconnect",))
 # a stranger's hello with a role or version of up to 1 MB (must not reach the log whole)
 big_hello = st.tuples(st.sampled_from([2**16, 2**18, 2**20]), st.booleans()).map(
@@ -336,6 +339,7 @@ class Peer:
         self.sock = None
         self.stale = False
         self.compute_ids = collections.deque(maxlen=64)
+        self.asked = []        # the ids of the last steal request received
         self.nonces = collections.deque(maxlen=4)
         self.connections = 0
 
@@ -364,6 +368,7 @@ class Peer:
             self.sock.close(0)
             self.sock = None
         self.compute_ids.clear()
+        self.asked = []
 
     def send(self, message: list):
         self.ensure().send_multipart(message)
@@ -400,6 +405,8 @@ class Peer:
         elif kind == P.COMPUTE:
             for task in body.get("tasks", []):
                 self.compute_ids.append(task[0])
+        elif kind == P.STEAL_TASKS:   # (the server runs with --steal)
+            self.asked = P.ids_from_bytes(body["ids"]).tolist()
 
     # ---------------------------------------------------------------- actions
     def act(self, action):
@@ -479,6 +486,14 @@ class Peer:
             body = {"redirects": [[t, graph] for t in ids]}
         elif extra == "replica":
             body["replicas"] = P.ids_to_bytes(ids + [10**9])
+        elif extra == "returned":   # an answer to a steal request (asked or not), with a bogus id
+            back, self.asked = (self.asked or ids)[:count], []
+            body["returned"] = P.ids_to_bytes(back + [10**9])
+            self.wire.actions["steal-answer"] += 1
+        elif extra == "returned_bad":
+            body["returned"] = b"\x01\x02\x03"
+        elif extra == "returned_empty":
+            body["returned"] = b""
         elif extra == "log":
             # [[id, "info", <a list nested 1000 deep>]]: decodes, but str() of it recurses too deep
             body["logs"] = Raw(bytes([0x90 | len(ids)]) + b"".join(
@@ -618,7 +633,8 @@ def assert_no_traceback(cluster):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("fuzzwire"), workers=2, cpus=2, heartbeat_timeout=3.0)
+    c = Cluster(tmp_path_factory.mktemp("fuzzwire"), workers=2, cpus=2, heartbeat_timeout=3.0,
+                server_args=["--steal"])   # (steal requests and answers are on the wire too)
     yield c
     c.stop()
 
@@ -846,3 +862,28 @@ def test_a_register_with_absurd_resources_is_refused(cluster):
         _back_to_normal(cluster)
     finally:
         ctx.destroy(linger=0)
+
+
+_any_value = st.one_of(st.none(), st.booleans(), st.integers(-2**64, 2**64), st.binary(max_size=40),
+                       st.text(max_size=8), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3),
+                                                                                             st.integers(), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["ids", "count", "returned", "finished", "sizes", "lengths", "x"]),
+                       _any_value, max_size=5))
+def test_steal_requests_and_answers_decode_or_raise_a_protocol_error(body):
+    """STEAL_TASKS and the other id commands (the worker's side) and UPDATE's
+    ``returned`` (the server's side)."""
+    for kind in (P.STEAL_TASKS, P.CANCEL_TASKS, P.RELEASE_DATA):
+        try:
+            ids, *count = P.decode_ids_command(kind, body)
+        except P.ProtocolError:
+            continue
+        assert isinstance(ids, list) and all(type(i) is int for i in ids)
+        assert count == [] if kind != P.STEAL_TASKS else (type(count[0]) is int and count[0] >= 0)
+    try:
+        update = P.decode_worker_event(P.UPDATE, body)
+    except P.ProtocolError:
+        return
+    assert update.returned is None or update.returned.dtype == np.int64

@@ -41,7 +41,7 @@ def ready(socket_type=b"DEALER") -> bytes:
 
 
 def stream(rng: random.Random) -> tuple[str, bytes]:
-    kind = rng.choice(["random", "truncated", "garbage", "huge", "frames", "version", "command", "hello"])
+    kind = rng.choice(["random", "truncated", "garbage", "huge", "frames", "version", "command", "hello", "steal"])
     g = greeting()
     if kind == "random":
         return kind, rng.randbytes(rng.randint(1, 4000))
@@ -62,6 +62,11 @@ def stream(rng: random.Random) -> tuple[str, bytes]:
     if kind == "hello":   # a real handshake begun, then the connection drops: its state must go too
         body = msgpack.packb({"role": rng.choice(["peer", "client", "worker"]), "version": P.PROTOCOL_VERSION})
         return kind, [g, ready() + b"\x01\x05HELLO" + bytes([0, len(body)]) + body]   # after the reply's greeting
+    if kind == "steal":   # work stealing's messages, from a peer that never authenticated
+        name, body = rng.choice([(P.STEAL_TASKS, {"ids": rng.randbytes(rng.randint(0, 40)), "count": rng.randint(-2, 9)}),
+                                 (P.UPDATE, {"returned": rng.choice([rng.randbytes(16), "x", 7, b""])})])
+        packed = msgpack.packb(body)[:rng.randint(1, 200)]
+        return kind, g + ready() + b"\x01" + bytes([len(name)]) + name + b"\x00" + bytes([len(packed)]) + packed
     return kind, g + command(rng.randbytes(rng.randint(1, 20)), rng.randbytes(rng.randint(0, 300)))
 
 
@@ -86,7 +91,7 @@ def send(port: int, data: bytes, rng: random.Random) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("raw"), workers=2, cpus=1)
+    c = Cluster(tmp_path_factory.mktemp("raw"), workers=2, cpus=1, server_args=["--steal"])
     yield c
     c.stop()
 
@@ -98,6 +103,9 @@ def healthy(c) -> None:
         assert client.get_stats()["n_workers"] == 2
         inputs = [tasks.const(f"{i};") for i in range(20)]
         assert client.submit([tasks.merge(inputs)])[0].gather() == "".join(f"{i};" for i in range(20)).encode()
+        # 1-cpu tasks that queue up on the workers (the server runs with --steal)
+        runs = [tasks.run(["sh", "-c", f"sleep 0.0{k % 3}; echo {k}"]) for k in range(6)]
+        assert client.gather(client.submit(runs)) == [f"{k}\n".encode() for k in range(6)]
         assert client.get_stats()["n_data_objects"] == 0
 
 

@@ -96,6 +96,67 @@ def test_an_input_released_before_its_task_started_fails_the_task():
     s.check()
 
 
+# ---------------------------------------------------------------------- work stealing
+def returned(update):
+    return P.ids_from_bytes(update["returned"]).tolist()
+
+
+def test_a_steal_request_gives_back_the_tasks_that_would_start_last_at_once():
+    s = W.WorkerState(cpus=1)
+    out = s.handle([W.Compute([row(t, cpus=1) for t in range(5)], {})], 0.0)   # 0 runs, 1-4 queued
+    assert [i.spec.id for i in out if isinstance(i, W.Execute)] == [0]
+    out = s.handle([W.StealTasks([0, 1, 2, 3, 4], 2)], 0.001)
+    (update,) = reports(out)   # at once, though the worker is busy with work queued
+    assert returned(update) == [4, 3] and P.ids_from_bytes(update["finished"]).tolist() == []
+    assert sorted(s.queue.queued) == [1, 2] and not s.queue.is_known(4)
+    s.check()
+    started = []
+    for t, when in [(0, 0.1), (1, 0.2), (2, 0.3)]:
+        out = s.handle([W.TaskDone(Outcome(t, Plain(b"x"), 1))], when)
+        started += [i.spec.id for i in out if isinstance(i, W.Execute)]
+    assert started == [1, 2]
+    assert not s.queue.queued and not s.queue.running
+    out = s.handle([W.Compute([row(4, cpus=1)], {})], 0.4)   # placed here again: it runs
+    assert [i.spec.id for i in out if isinstance(i, W.Execute)] == [4]
+    s.check()
+
+
+def test_a_steal_request_is_answered_even_when_nothing_can_go():
+    s = W.WorkerState(cpus=1)
+    s.handle([W.Compute([row(1, cpus=1)], {})], 0.0)       # running
+    for ids, count in [([1], 1), ([7, 8], 2), ([], 3), ([1], 0)]:   # running, unknown, none, count 0
+        (update,) = reports(s.handle([W.StealTasks(ids, count)], 0.01))
+        assert returned(update) == [] and update["returned"] == b""
+    assert s.queue.is_known(1)
+    (update,) = reports(s.handle([W.TaskDone(Outcome(1, Plain(b"x"), 1))], 0.02))
+    assert "returned" not in update   # (only an answer carries the field)
+
+
+def test_a_steal_never_takes_a_task_being_fetched_for_or_a_producer_of_a_task_given_ahead():
+    s = W.WorkerState(cpus=1)
+    rows = [row(1, cpus=1), row(2, cpus=1), [3, S.MERGE, b"", [2], 0, None, None, None, False, True],
+            row(4, [50], cpus=1), row(5, cpus=1)]
+    s.handle([W.Compute(rows, {50: PEERS[0]})], 0.0)   # 1 runs; 2 made for 3 (ahead); 4 fetches 50
+    (update,) = reports(s.handle([W.StealTasks([1, 2, 3, 4, 5], 5)], 0.01))
+    assert returned(update) == [5]
+    assert sorted(s.queue.queued) == [2, 3, 4]
+    s.check()
+    out = s.handle([W.LinkReady(PEERS[0])], 0.02)
+    (fetch,) = [i for i in out if isinstance(i, W.SendFetch)]
+    s.handle([W.Fetched(PEERS[0], fetch.req, [50], [], [Plain(b"in")])], 0.03)
+    (update,) = reports(s.handle([W.StealTasks([2, 3, 4], 5)], 0.04))
+    assert returned(update) == [4]   # its input came: it can go now; 2 still makes 3's input
+    s.check()
+
+
+def test_a_steal_answer_goes_with_the_reports_that_wait():
+    s = W.WorkerState(cpus=1)
+    s.handle([W.Compute([row(t, cpus=1) for t in range(4)], {})], 0.0)
+    assert not reports(s.handle([W.TaskDone(Outcome(0, Plain(b"x"), 1))], 0.001))   # held: busy
+    (update,) = reports(s.handle([W.StealTasks([1, 2, 3], 1)], 0.002))
+    assert returned(update) == [3] and P.ids_from_bytes(update["finished"]).tolist() == [0]
+
+
 def test_routes():
     assert W.route(W.TaskSpec(1, S.RUN, b"", [], 1)) == "program"
     assert W.route(W.TaskSpec(1, S.MERGE, b"", [])) == "inline"
@@ -152,6 +213,7 @@ class WorkerMachine(RuleBasedStateMachine):
         self.running: set = set()        # Execute'd, not ended
         self.fetches: dict = {}          # req -> (address, ids)
         self.remote: dict = {}           # id -> the peer that holds it
+        self.asked = None                # (ids, count) of a steal request not answered yet
 
     @initialize(inline=st.booleans())
     def runner(self, inline):
@@ -185,6 +247,14 @@ class WorkerMachine(RuleBasedStateMachine):
                 assert t in self.s.store, "reported data is held"
             ended = P.ids_from_bytes(body["finished"]).tolist() + [t for t, _ in body["failed"]] \
                 + [t for t, _ in body["redirects"]]
+            if "returned" in body:
+                assert self.asked is not None, "a steal answer without a request"
+                back = P.ids_from_bytes(body["returned"]).tolist()
+                ids, count = self.asked
+                assert len(back) <= count and set(back) <= set(ids), "gave back what was not asked for"
+                assert not set(back) & self.running, "gave back a task that runs"
+                ended += back
+                self.asked = None
             for t in ended:
                 assert t not in self.reported, f"task {t} reported twice"
                 assert t in self.given, f"task {t} reported but never given"
@@ -226,6 +296,14 @@ class WorkerMachine(RuleBasedStateMachine):
         outcome = Outcome(t, Plain(b"r"), 1) if how == "ok" else \
             Outcome(t, error="boom") if how == "error" else Outcome(t, redirect=b"graph")
         self.apply([W.TaskDone(outcome)])
+
+    @precondition(lambda self: self.given)
+    @rule(data=st.data(), count=st.integers(0, 4))
+    def steal(self, data, count):
+        ids = data.draw(st.lists(st.sampled_from(sorted(self.given) + [99]), max_size=6, unique=True))
+        self.asked = (ids, count)
+        self.apply([W.StealTasks(ids, count)])
+        assert self.asked is None, "a steal request was not answered at once"
 
     @rule(address=st.sampled_from(PEERS))
     def link_ready(self, address):

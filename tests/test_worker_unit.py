@@ -289,7 +289,7 @@ class FakeServer:
         """Merged UPDATE bodies from ``identity`` until ``until(merged)`` holds."""
         heartbeats = []
         merged = {"finished": [], "sizes": [], "lengths": [], "failed": [], "redirects": [],
-                  "replicas": [], "logs": [], "heartbeats": heartbeats}
+                  "replicas": [], "logs": [], "heartbeats": heartbeats, "answers": []}
         deadline = time.monotonic() + timeout
         pending, self.inbox = self.inbox, []
         while not until(merged):
@@ -305,6 +305,8 @@ class FakeServer:
                     merged[k] += P.ids_from_bytes(body[k]).tolist()
                 for k in ("failed", "redirects", "logs"):
                     merged[k] += body[k]
+                if "returned" in body:   # the answer to a steal request
+                    merged["answers"].append(P.ids_from_bytes(body["returned"]).tolist())
         return merged
 
     def stop_all(self):
@@ -405,6 +407,28 @@ def test_worker_computes_reports_serves_and_stops(server, tmp_path):
     thread.join(5)
     assert not thread.is_alive() and box["reason"] == "stop"
     assert not os.path.exists(reg["work_dir"]) and not work.exists()
+
+
+def test_worker_gives_back_queued_tasks_and_ignores_malformed_steal_requests(server, tmp_path):
+    gate = tmp_path / "go"
+    server.start_worker(work_dir=str(tmp_path / "work"), cpus=1)
+    server.wait_registered(1)
+    (identity, _), = server.workers.items()
+    wait = S.encode_run(["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.02; done"], [], [None])
+    server.send(identity, P.COMPUTE, {"tasks": [[t, S.RUN, wait, [], 1, None, None, None] for t in range(4)],
+                                      "locations": {}})
+    server.collect_updates(identity, lambda m: any(h["running"] for h in m["heartbeats"]))   # 0 runs
+    for body in ({"ids": b"123", "count": 1}, {"ids": P.ids_to_bytes([1])}, {"ids": P.ids_to_bytes([1]), "count": -1},
+                 {"ids": P.ids_to_bytes([1]), "count": "2"}, {"count": 1}):
+        server.send(identity, P.STEAL_TASKS, body)   # malformed: ignored, not answered
+    server.send(identity, P.STEAL_TASKS, {"ids": P.ids_to_bytes([0, 1, 2, 3, 77]), "count": 2})
+    up = server.collect_updates(identity, lambda m: m["answers"])
+    assert up["answers"] == [[3, 2]]
+    server.send(identity, P.STEAL_TASKS, {"ids": P.ids_to_bytes([0]), "count": 1})   # running: none
+    assert server.collect_updates(identity, lambda m: m["answers"])["answers"] == [[]]
+    gate.touch()
+    up = server.collect_updates(identity, lambda m: len(m["finished"]) == 2)
+    assert sorted(up["finished"]) == [0, 1] and not up["failed"]
 
 
 def test_workers_fetch_from_each_other_with_authentication(tmp_path):

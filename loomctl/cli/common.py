@@ -96,11 +96,11 @@ def connect(server_dir: str | None, address: str | None = None):
         raise CliError(str(exc), ExitCode.UNAVAILABLE) from None
 
 
-def start_server(host: str, server_dir: str, trace_dir: str | None):
+def start_server(host: str, server_dir: str, trace_dir: str | None, steal: bool = False):
     """A server in this process, serving from a daemon thread: (server, thread)."""
     from loomctl.server.process import Server
     try:
-        server = Server(host=host, port=0, server_dir=server_dir, trace_dir=trace_dir)
+        server = Server(host=host, port=0, server_dir=server_dir, trace_dir=trace_dir, steal=steal)
     except Exception as exc:   # OSError, zmq.ZMQError (e.g. not an address of this host)
         raise CliError(f"cannot start the server on {host}: {exc}", ExitCode.UNAVAILABLE) from None
     thread = threading.Thread(target=server.serve, name="loomctl-server", daemon=True)

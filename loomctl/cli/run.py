@@ -36,6 +36,7 @@ def run(
     load_checkpoints: bool = typer.Option(False, "--load-checkpoints", help="Take existing checkpoint files as results."),
     trace: Optional[str] = typer.Option(None, "--trace", help="Write a trace of the run into this directory."),
     keep_failed: bool = typer.Option(False, "--keep-failed", help="Keep working directories of failed programs."),
+    steal: bool = typer.Option(False, "--steal/--no-steal", help="Work stealing between the workers (see loomctl-server(1))."),
     json_mode: bool = JsonOption, quiet: bool = QuietOption,
 ):
     """Run a plan locally: start a server and workers, run it, print or save the results, stop."""
@@ -48,7 +49,7 @@ def run(
     # the embedded server speaks only through run's own output and errors
     logging.getLogger("loomctl.server").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="loomctl-run-") as tmp:
-        server, thread = start_server("127.0.0.1", tmp, trace)
+        server, thread = start_server("127.0.0.1", tmp, trace, steal)
         procs = [_start_worker(tmp, cpus, k, keep_failed) for k in range(workers)]
         client = None
         try:

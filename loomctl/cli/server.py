@@ -34,6 +34,7 @@ def start(
     journal: Optional[str] = typer.Option(None, "--journal", help="The journal file (default: journal in the server directory); a journal with live jobs is restored at start."),
     no_journal: bool = typer.Option(False, "--no-journal", help="Keep no journal: a restarted server knows no job."),
     restore_wait: float = typer.Option(5.0, "--restore-wait", min=0, help="Seconds a restored server waits for its workers to bring their data back before computing what is missing."),
+    steal: bool = typer.Option(False, "--steal/--no-steal", help="Work stealing: while cpus idle and no ready task waits, loaded workers give back queued tasks that have not started."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every job and worker event."),
 ):
     """Run the server in the foreground (logs go to stderr)."""
@@ -49,7 +50,7 @@ def start(
     try:
         server = Server(host=host, port=port, server_dir=directory, auth=not no_auth,
                         heartbeat_timeout=heartbeat_timeout, trace_dir=trace_dir, journal=journal_path,
-                        restore_wait=restore_wait)
+                        restore_wait=restore_wait, steal=steal)
     except JournalError as exc:
         raise CliError(str(exc), ExitCode.BAD_INPUT) from None
     except Exception as exc:   # OSError; zmq.ZMQError (address in use) is not one

@@ -34,7 +34,7 @@ def simulate(
     durations_from: Optional[str] = typer.Option(None, "--durations-from", help="Trace directory of a real run: durations and sizes per label group."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random durations and sizes."),
     trace: Optional[str] = typer.Option(None, "--trace", help="Write a trace of the simulated run into this directory."),
-    steal: bool = typer.Option(False, "--steal/--no-steal", help="Work stealing (the real worker does not support it yet)."),
+    steal: bool = typer.Option(False, "--steal/--no-steal", help="Work stealing (off by default, as in the real server: loomctl server start --steal)."),
     blevel: bool = typer.Option(True, "--blevel/--no-blevel", help="Order ready tasks by b-level (critical path)."),
     spill: bool = typer.Option(True, "--spill/--no-spill", help="Let tasks leave their data's worker for an idle cpu."),
     server_time: str = typer.Option("measured", "--server-time", help="Server time charged: measured (the core's CPU time) or SECONDS per task handled."),

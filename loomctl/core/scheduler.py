@@ -44,7 +44,7 @@ from loomctl.core.tasktable import ASSIGNED, FLAG_CHECKPOINT, FLAG_LOADED, FLAG_
 class Options:
     """The scheduler's policy switches (the simulator compares them, bench/README.md)."""
     blevel: bool = True        # order ready tasks by b-level (after the user's priority)
-    steal: bool = False        # ask loaded workers to give queued tasks back (needs worker support)
+    steal: bool = False        # ask loaded workers to give queued tasks back (server start --steal)
     spill: bool = True         # a task may leave its data's worker when another has an idle cpu, copies
     #                            count as data, ties spread (off: the rule before, owners only, wait)
     speculate: bool = True     # give consumers to the worker computing their inputs, ahead (core.speculation)

@@ -179,6 +179,8 @@ class Dispatch:
             core.tasks_failed(wid, event.failed, now)
             for t, m in event.failed:
                 log.info("task %s failed on %s: %s", t, worker.name, m.splitlines()[0][:200] if m else "")
+        if event.returned is not None:   # the answer to a steal request (maybe none given back)
+            core.tasks_returned(wid, event.returned, now)
         for task_id, graph_bytes in event.redirects:
             try:
                 if not isinstance(graph_bytes, bytes):   # read() would open a str as a path

@@ -54,10 +54,10 @@ def _tracer():
 class Server:
     def __init__(self, host: str = "127.0.0.1", port: int = 9010, server_dir: str | None = None,
                  auth: bool = True, heartbeat_timeout: float = 30.0, trace_dir: str | None = None,
-                 journal: str | None = None, restore_wait: float = RESTORE_WAIT_S):
+                 journal: str | None = None, restore_wait: float = RESTORE_WAIT_S, steal: bool = False):
         """``journal``: the journal's path (None: no journal). A journal with live jobs is
         restored: its jobs, and its port and secret (when ``port`` is 0). JournalError
-        when it cannot be used."""
+        when it cannot be used. ``steal``: work stealing (``core.stealing``)."""
         return_freed_memory()
         records, records_end, dropped = J.load(journal) if journal else ([], 0, 0)
         old = next((r[1] for r in reversed(records) if r[0] == "server" and isinstance(r[1], dict)), {})
@@ -99,9 +99,10 @@ class Server:
         self.server_dir = server_dir
         self.heartbeat_timeout = heartbeat_timeout
         self.dispatch = Dispatch(self.secret, {"host": self.host, "port": self.port, "pid": os.getpid(),
-                                               "started": time.monotonic()},
+                                               "started": time.monotonic(), "steal": steal},
                                  trace_dir, tracer_factory=_tracer)
         self.core = self.dispatch.core
+        self.core.options.steal = steal
         self.journal = None
         self.restored = None
         if journal:

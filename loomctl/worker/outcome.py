@@ -47,9 +47,11 @@ class Report:
         self.finished, self.sizes, self.lengths = [], [], []
         self.failed, self.redirects, self.replicas, self.logs = [], [], [], []
         self.inline, self.blobs = [], []   # results sent along: ids, encodings
+        self.returned: list | None = None  # the answer to a steal request: tasks given back
 
     def __bool__(self):
-        return bool(self.finished or self.failed or self.redirects or self.replicas or self.logs)
+        return bool(self.finished or self.failed or self.redirects or self.replicas or self.logs) \
+            or self.returned is not None
 
     def drop_finished(self, task_id: int) -> None:
         """Take a finish back (its data was lost before the report went)."""
@@ -59,9 +61,14 @@ class Report:
             k = self.inline.index(task_id)
             del self.inline[k], self.blobs[k]
 
+    def give_back(self, ids: list) -> None:
+        """The answer to a steal request: these tasks are given back (maybe none)."""
+        self.returned = (self.returned or []) + list(ids)
+
     def urgent(self) -> bool:
-        """Whether the report has more than finishes and logs (it is sent at once)."""
-        return bool(self.failed or self.redirects or self.replicas)
+        """Whether the report has more than finishes and logs (it is sent at once; a steal
+        answer too: the server has idle cpus for those tasks)."""
+        return bool(self.failed or self.redirects or self.replicas) or self.returned is not None
 
     def body(self) -> dict:
         """The UPDATE body."""
@@ -71,4 +78,6 @@ class Report:
                 "logs": self.logs}
         if self.inline:
             body["inline"], body["blobs"] = P.ids_to_bytes(self.inline), self.blobs
+        if self.returned is not None:
+            body["returned"] = P.ids_to_bytes(self.returned)
         return body

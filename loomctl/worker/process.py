@@ -58,6 +58,7 @@ log = logging.getLogger("loomctl.worker")
 LIGHT_THREADS = 2
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 MAX_DRAIN = 1000          # messages read from one socket per iteration
+ID_EVENTS = {P.CANCEL_TASKS: W.CancelTasks, P.RELEASE_DATA: W.ReleaseData, P.STEAL_TASKS: W.StealTasks}
 MAX_POLL_MS = 250
 SERVER_GRACE_S = 300.0    # how long a worker waits for its server to come back
 MEMORY_SAMPLE_S = 0.01
@@ -362,10 +363,8 @@ class Worker:
                 self._events.append(W.Compute(rows, P.field(body, "locations", dict, {})))
             elif kind == P.TRACE:
                 self._on_trace(body)
-            elif kind == P.CANCEL_TASKS:
-                self._events.append(W.CancelTasks(P.ids_from_bytes(P.field(body, "ids", bytes)).tolist()))
-            elif kind == P.RELEASE_DATA:
-                self._events.append(W.ReleaseData(P.ids_from_bytes(P.field(body, "ids", bytes)).tolist()))
+            elif kind in ID_EVENTS:   # CANCEL_TASKS, RELEASE_DATA, STEAL_TASKS
+                self._events.append(ID_EVENTS[kind](*P.decode_ids_command(kind, body)))
             elif kind == P.STOP:
                 log.info("the server asked this worker to stop")
                 self.stop("stop")

@@ -27,13 +27,16 @@ Invariants (tests check them after every step, ``check``):
   progress). A result larger than the memory limit fails its task and is not kept.
 - Every task given in a COMPUTE ends in exactly one report (finished, failed or
   redirected), unless the server cancelled it (CANCEL_TASKS: no report at all) or it was
-  given ahead of an input made here that did not come (taskqueue); a task whose input cannot come
+  given ahead of an input made here that did not come (taskqueue), or it was given back
+  (STEAL_TASKS); a task whose input cannot come
   (released, peer gone, fetch timed out, malformed answer) fails with a message saying which input and why.
 - An id is fetched from one peer at a time, only over a link that completed its
   handshake; the TaskQueue keeps running tasks within the worker's cpus and resources.
 - Reports are held (for one UPDATE with more in it) only while the worker is busy and has
   queued work for all its cpus, and never longer than REPORT_HOLD_S; failures,
-  redirects and replicas go at once.
+  redirects, replicas and the answer to a steal request go at once.
+- A STEAL_TASKS request is always answered (UPDATE ``returned``, maybe empty); the tasks
+  given back are dropped unstarted and nothing more is reported of them.
 """
 
 from __future__ import annotations
@@ -41,24 +44,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from graphfmt import symbols as S
 from loomctl import protocol as P
 from loomctl.worker import data
 from loomctl.worker.fetchplan import FetchPlan
 from loomctl.worker.store import (DEFAULT_PAUSE_AT, DEFAULT_SPILL_AT, DataStore, SpillRead, SpillRef,  # noqa: F401
                                   SpillRemove, SpillWrite, human)
 from loomctl.worker.outcome import Outcome, Report
-from loomctl.worker.taskqueue import TaskQueue, TaskSpec, is_int
+from loomctl.worker.taskqueue import INLINE_SYMBOLS, TaskQueue, TaskSpec, is_int, route  # noqa: F401
 
 log = logging.getLogger("loomctl.worker")
 
 # A busy worker sends finish reports at most this late, in one UPDATE: the server does a
 # round per message, so fewer and fuller messages leave its cpu to the tasks.
 REPORT_HOLD_S = 0.020
-
-# light built-ins cheap enough to run inline in the worker's loop
-INLINE_SYMBOLS = frozenset({S.CONST, S.MERGE, S.GET, S.SLICE, S.SIZE, S.LENGTH,
-                            S.ARRAY_MAKE, S.SPLIT, S.OPEN})
 
 
 # ---------------------------------------------------------------------- events
@@ -77,6 +75,13 @@ class ReleaseData:
 class CancelTasks:
     """The server gave these tasks up (their job ended)."""
     ids: list
+
+
+@dataclass(slots=True)
+class StealTasks:
+    """Work stealing: give back up to ``count`` of ``ids`` that have not started."""
+    ids: list
+    count: int
 
 
 @dataclass(slots=True)
@@ -169,17 +174,6 @@ class Kill:
     task_id: int
 
 
-def route(spec: TaskSpec) -> str:
-    """Where a started task runs (the one rule, for the process and its tracer)."""
-    if spec.symbol == S.RUN:
-        return "program"
-    if not spec.light:
-        return "pool"
-    if spec.symbol in INLINE_SYMBOLS and not spec.checkpoint:
-        return "inline"
-    return "light"
-
-
 class WorkerState:
     def __init__(self, cpus: int, resources: dict | None = None, fetch_timeout_s: float = 120.0,
                  memory_limit: int | None = None, spill_at: float = DEFAULT_SPILL_AT,
@@ -214,6 +208,8 @@ class WorkerState:
                 self._release(event.ids)
             elif kind is CancelTasks:
                 self._cancel(event.ids, out)
+            elif kind is StealTasks:   # (always answered, at once: Report.give_back)
+                self.report.give_back(self.queue.give_back(event.ids, event.count))
             elif kind is Fetched:
                 self._fetched(event)
             elif kind is LinkReady:

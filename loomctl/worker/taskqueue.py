@@ -6,6 +6,7 @@ Events in, decisions out:
   ``inputs_unavailable(ids, why)``     a fetch failed            -> tasks failed
   ``finished(task_id, ok)``            a started task ended      -> tasks failed (local waiters)
   ``take_startable()``                 -> tasks to start now, their cpus/resources reserved
+  ``give_back(ids, count)``            work stealing (STEAL_TASKS) -> tasks dropped unstarted
 
 Invariants:
 - A task is in exactly one of: queued (``queued``) or running (``running``); a task id
@@ -24,6 +25,9 @@ Invariants:
   for inputs produced here; if the producer is gone already, or ends without producing
   the input, the task is dropped without a report (``dropped``): the server, which
   hears of the producer's end, takes it back. It never starts without its inputs.
+- ``give_back`` drops only tasks that could start here now and that no other queued task
+  waits on (a consumer given ahead): never a running task, one whose inputs are still
+  being fetched or made here, nor the producer of a task given ahead.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from graphfmt import symbols as S
 from loomctl.messages import COMPUTE_ROW_MIN, ComputeRow
 from loomctl.protocol import ProtocolError
 
@@ -94,6 +99,22 @@ class TaskSpec:
     @property
     def light(self) -> bool:
         return self.cpus == 0
+
+
+# light built-ins cheap enough to run inline in the worker's loop
+INLINE_SYMBOLS = frozenset({S.CONST, S.MERGE, S.GET, S.SLICE, S.SIZE, S.LENGTH,
+                            S.ARRAY_MAKE, S.SPLIT, S.OPEN})
+
+
+def route(spec: TaskSpec) -> str:
+    """Where a started task runs (the one rule, for the process and its tracer)."""
+    if spec.symbol == S.RUN:
+        return "program"
+    if not spec.light:
+        return "pool"
+    if spec.symbol in INLINE_SYMBOLS and not spec.checkpoint:
+        return "inline"
+    return "light"
 
 
 def is_int(value) -> bool:
@@ -239,6 +260,22 @@ class TaskQueue:
         self._ready = keep
         self._ready_light -= sum(1 for spec in start if spec.light)
         return start
+
+    def give_back(self, ids, count: int) -> list:
+        """Work stealing: drop up to ``count`` of ``ids`` that could start now and that no
+        queued task waits on, those that would start last first; returns their ids."""
+        if count <= 0 or not self._ready:
+            return []
+        wanted = set(ids)
+        back: list[int] = []
+        for _, tid in reversed(self._ready):   # (arrival order is start order: latest first)
+            if tid in wanted and not self.waiters.get(tid):
+                back.append(tid)
+                if len(back) >= count:
+                    break
+        for tid in back:
+            self._drop(tid)
+        return back
 
     def drop(self, tid: int) -> list:
         """Forget a queued task (it will not run); returns [tid] (its data will not come)."""
