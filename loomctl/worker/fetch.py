@@ -100,6 +100,8 @@ class PeerLinks:
         return events
 
     def _handle(self, link: _Link, kind: bytes, body: dict, blobs: list):
+        if kind == P.PING:   # the peer probes whether a connection is alive (routerpeers): nothing to do
+            return None
         if link.state != "ready":
             if kind == P.CHALLENGE and link.state == "hello":
                 if self.secret is None:
