@@ -239,3 +239,14 @@ def test_a_simulation_object_can_be_driven_directly():
     sim = Simulation(family.graph, [2], TaskModel(family.graph, family.durations, {}, 0), server_time=0)
     result = sim.run()
     assert result["makespan_s"] == pytest.approx(5.0, rel=0.01)
+
+
+def test_a_simulated_worker_answers_a_steal_request_even_with_nothing_to_give():
+    """As a real worker does (UPDATE ``returned``, maybe empty): the answer clears the
+    server's outstanding request, so that the worker can be asked again."""
+    from loomctl.sim.worker import SimWorker
+    w = SimWorker(0, 1, b"w", 1)
+    assert not w.has_report()
+    assert w.give_back([5, 6], 1) == [] and w.has_report() and not w.may_hold()
+    assert w.take_report()[4] == [] and not w.has_report()
+    assert w.take_report()[4] is None   # (nothing asked: no answer)

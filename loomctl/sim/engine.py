@@ -163,7 +163,7 @@ class Simulation:
                 handled += len(finished)
             if replicas:
                 core.replicas_added(wid, np.array(replicas, np.int64))
-            if returned:
+            if returned is not None:   # (an answer to a steal request, maybe empty)
                 core.tasks_returned(wid, np.array(returned, np.int64), now)
         rounds = core.stats["rounds"]
         placed = core.schedule(now)

@@ -39,7 +39,7 @@ class SimWorker:
         self.sizes: list[int] = []
         self.lengths: list[int] = []
         self.replicas: list[int] = []
-        self.returned: list[int] = []
+        self.returned: list[int] | None = None   # the answer to a steal request (maybe empty), to send
         self.report_since: float | None = None
         self.flush_due = False               # a flush event is scheduled
         self.hold_until: float | None = None  # a hold deadline event is scheduled
@@ -164,23 +164,22 @@ class SimWorker:
         back = order[:max(0, count)]
         for tid in back:
             del self.tasks[tid]
-        if back:
-            self.returned.extend(back)
+        self.returned = (self.returned or []) + back   # (answered even with none, as a real worker does)
         return back
 
     # ------------------------------------------------------------------ reports
     def has_report(self) -> bool:
-        return bool(self.finished or self.replicas or self.returned)
+        return bool(self.finished or self.replicas) or self.returned is not None
 
     def may_hold(self) -> bool:
         """The real worker's rule: hold finish reports while busy with work queued for
         every cpu, unless something urgent is in the report."""
         return bool(self.running) and len(self.tasks) >= max(1, self.cpus) \
-            and not self.replicas and not self.returned
+            and not self.replicas and self.returned is None
 
     def take_report(self) -> tuple:
         out = (self.finished, self.sizes, self.lengths, self.replicas, self.returned)
-        self.finished, self.sizes, self.lengths, self.replicas, self.returned = [], [], [], [], []
+        self.finished, self.sizes, self.lengths, self.replicas, self.returned = [], [], [], [], None
         self.report_since = None
         return out
 
