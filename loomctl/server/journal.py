@@ -133,10 +133,16 @@ class Journal:
         ``flush`` makes it durable. Frees what the pending records held."""
         pieces, self.pending = self.pending, []
         written = 0
-        for view in map(memoryview, pieces):   # (large pieces as they are, without a join)
-            written += len(view)
-            while view:
-                view = view[os.write(self.fd, view):]
+        small: list = []
+        for piece in [*pieces, None]:   # (large pieces as they are; the small ones between, joined)
+            if piece is not None and len(piece) <= BIG_ITEM:
+                small.append(piece)
+                continue
+            for view in ([memoryview(b"".join(small))] if small else []) + ([memoryview(piece)] if piece else []):
+                written += len(view)
+                while view:
+                    view = view[os.write(self.fd, view):]
+            small = []
         self.size += written
         self.written_since_compaction += written
         self.unsynced = self.unsynced or written > 0
