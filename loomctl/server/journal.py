@@ -69,6 +69,15 @@ def _frame(record: list) -> list:
     return [_FRAME.pack(sum(len(piece) for piece in pieces), crc), *pieces]
 
 
+def _write_all(fd: int, data) -> int:
+    """Write all of ``data`` (bytes or a view) to ``fd``; returns its length."""
+    view = memoryview(data).cast("B")
+    n = len(view)
+    while view:
+        view = view[os.write(fd, view):]
+    return n
+
+
 def load(path: str) -> tuple[list, int, int]:
     """(records, offset of the end of the last complete one, bytes dropped after it)."""
     try:
@@ -133,16 +142,14 @@ class Journal:
         ``flush`` makes it durable. Frees what the pending records held."""
         pieces, self.pending = self.pending, []
         written = 0
-        small: list = []
-        for piece in [*pieces, None]:   # (large pieces as they are; the small ones between, joined)
-            if piece is not None and len(piece) <= BIG_ITEM:
+        small: list = []   # (large pieces go as they are; the small ones between, joined: one write)
+        for piece in pieces:
+            if len(piece) > BIG_ITEM:
+                written += _write_all(self.fd, b"".join(small)) + _write_all(self.fd, piece)
+                small = []
+            else:
                 small.append(piece)
-                continue
-            for view in ([memoryview(b"".join(small))] if small else []) + ([memoryview(piece)] if piece else []):
-                written += len(view)
-                while view:
-                    view = view[os.write(self.fd, view):]
-            small = []
+        written += _write_all(self.fd, b"".join(small))
         self.size += written
         self.written_since_compaction += written
         self.unsynced = self.unsynced or written > 0
@@ -166,9 +173,7 @@ class Journal:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             data = MAGIC + struct.pack("<H", VERSION) + b"".join(p for r in records for p in _frame(r))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, data)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
