@@ -6,11 +6,11 @@ when a round leaves some worker with cpus nobody is assigned to and no ready cpu
 is waiting, every worker whose assigned cpu tasks that could start (not those given
 ahead of their inputs, core.speculation: they wait for a producer there and cannot
 move) need more cpus than it has gets a ``StealTasks`` with those tasks and how many to
-give back (its surplus, at most the idle cpus). The worker gives back that many that have not started, those it
-would start last first, and always answers (``tasks_returned``, maybe with none). The
-tasks given back wait again (ASSIGNED -> WAITING, then READY at once: their inputs are
-finished), and the next round places them with the usual locality rule, where the idle
-cpus are.
+give back (its surplus, at most the idle cpus). The worker gives back that many that
+have not started, those it would start last first, and always answers
+(``tasks_returned``, maybe with none). The tasks given back wait again (ASSIGNED ->
+WAITING, then READY at once: their inputs are finished), and the next round places
+them with the usual locality rule, where the idle cpus are.
 
 Invariants:
 - At most one request is outstanding per worker (``core.steals``: worker id -> the

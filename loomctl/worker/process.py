@@ -7,10 +7,11 @@ Each iteration turns what is readable into events (messages, peer answers, ended
 programs and tasks, the clock), hands them to ``WorkerState.handle`` in one batch and
 carries out the instructions that come back: start tasks (inline built-ins run within
 the state's step, ``_run_inline``; programs watched by the poller, cpu tasks in a pool
-of ``max(1, cpus)`` threads, other light tasks in a small pool), send the UPDATE, connect to peers and send FETCHes, and
-the spill files' I/O (a thread, ``worker.spill``; objects only in files are streamed to
-peers from them, ``worker.stream``). What the worker decides is in ``worker.state``;
-this module keeps the sockets, threads, programs, files and the clock.
+of ``max(1, cpus)`` threads, other light tasks in a small pool), send the UPDATE,
+connect to peers and send FETCHes, and the spill files' I/O (a thread,
+``worker.spill``; objects only in files are streamed to peers from them,
+``worker.stream``). What the worker decides is in ``worker.state``; this module keeps
+the sockets, threads, programs, files and the clock.
 
 Invariants:
 - The loop never waits on a task or a spill file, and only the loop thread touches

@@ -427,9 +427,10 @@ class WorkerState:
             return
         for i in spec.inputs:
             self.store.touch(i)
-        if self.run_inline is not None and route(spec) == "inline":   # ends here: _start goes on
+        where = route(spec)
+        if where == "inline" and self.run_inline is not None:   # ends here: _start goes on
             return self._done(self.run_inline(spec, inputs))
-        out.append(Execute(spec, inputs, route(spec)))
+        out.append(Execute(spec, inputs, where))
 
     def _load_failed(self, input_id: int, error: str) -> None:
         """The object of ``input_id`` is lost: the tasks loading it fail, and so does its
