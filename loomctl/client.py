@@ -12,6 +12,9 @@ Invariants:
 - A Future's data stays on the workers until the future is released (gather releases).
 - Pushes from the server (results ready, task failed, job done) are applied to futures
   whenever the client reads its socket, so waiting never loses a notification.
+- A result whose worker is gone by the time it is fetched (or no longer holds it) is
+  asked of the server again: computed again, it is announced and fetched from its new
+  worker (``fetch`` gives up after FETCH_ATTEMPTS failures at one address).
 - An error that belongs to one task is a TaskFailed, also when the server refuses a
   submission because of that task.
 - Every blocking call raises LoomConnectionError within ``server_grace`` seconds (3 by
@@ -40,10 +43,12 @@ from graphfmt.tasks import Task
 from loomctl import protocol as P
 from loomctl.access import AccessError, connect_address, read_access
 from loomctl.worker import data as D
-from loomctl.worker.stream import CHUNK, DATA_RCVHWM, Assembly
+from loomctl.downloads import WorkerGone, WorkerLinks
 
 
 SERVER_GRACE_S = 3.0   # a blocking call raises LoomConnectionError this long after the server went
+FETCH_ATTEMPTS = 4     # downloads of one result from one worker address before fetch gives up
+FETCH_RETRY_MS = 1000  # wait before trying again where the server still places the data
 
 
 class LoomException(Exception):
@@ -56,6 +61,15 @@ class LoomError(LoomException):
 
 class LoomConnectionError(LoomError):
     """The server or a worker could not be reached, or stopped answering."""
+
+
+class _HolderLost(Exception):
+    """A download that could not give ``futures`` (their worker is gone, or no longer
+    holds them); ``values`` are what it did give, ``error`` what to raise on giving up."""
+
+    def __init__(self, futures: list, error: LoomError, values: dict | None = None):
+        super().__init__(str(error))
+        self.futures, self.error, self.values = futures, error, values or {}
 
 
 class TaskFailed(LoomException):
@@ -157,12 +171,12 @@ class Client:
         self.server_grace = server_grace
         self.lost_since: float | None = None   # when the connection to the server closed
         self._rejoin_pending = False
-        self.sock = self._connect(connect_address(address, port), "client")
+        self.sock = self._connect(connect_address(address, port))
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
-        self.peers: dict[str, zmq.Socket] = {}
+        self.links = WorkerLinks(self.ctx, secret, self.timeout_ms)   # to download results
         self.req = itertools.count(1)
         self.futures: dict[int, Future] = {}
         self.job_errors: dict[int, dict] = {}
@@ -173,20 +187,19 @@ class Client:
         self.early_addresses: dict[int, tuple[str, bytes | None]] = {}
         self.trace_path: str | None = None
 
-    def _connect(self, address: str, role: str, data: bool = False) -> zmq.Socket:
+    def _connect(self, address: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)   # notices (RELEASE) are queued, never dropped
-        # a worker's chunks wait in its own queue (TCP holds them back), not in ours
-        sock.setsockopt(zmq.RCVHWM, DATA_RCVHWM if data else 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)      # a server host that vanished without
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)  # closing the connection counts as gone
         sock.connect(address)
         try:
-            P.client_handshake(sock, role, self.secret, self.timeout_ms)
+            P.client_handshake(sock, "client", self.secret, self.timeout_ms)
         except (ConnectionError, P.ProtocolError) as exc:
             sock.close(0)
-            raise LoomConnectionError(f"{address}: {exc}") from None
+            raise LoomConnectionError(f"the server at {address}: {exc}") from None
         return sock
 
     # ------------------------------------------------------------------ requests
@@ -436,40 +449,77 @@ class Client:
             yield from done
 
     def fetch(self, futures) -> list:
+        """The values of ``futures``, downloaded from the workers that hold them. When such
+        a worker is gone (or no longer holds the data), the server is asked where the data
+        is now; what it lost is computed again and announced, and the download goes on."""
         futures = _as_list(futures)
-        self.wait(futures)
-        by_address: dict[str, list[Future]] = {}
-        values = {}
-        for f in futures:
-            if f.inline is not None:   # came with the results notice
-                values[f.task_id] = D.to_client(D.decode(f.inline))
-            else:
-                by_address.setdefault(f.address, []).append(f)
-        for address, group in by_address.items():
-            values.update(self._download(address, [f.task_id for f in group]))
-        return [values[f.task_id] for f in futures]
+        values: dict[int, object] = {}
+        failures: dict[tuple[int, str], int] = {}   # (task, address) -> failed downloads
+        while True:
+            self.wait([f for f in futures if f.task_id not in values])
+            by_address: dict[str, list[Future]] = {}
+            for f in futures:
+                if f.task_id in values:
+                    continue
+                if f.inline is not None:   # came with the results notice
+                    values[f.task_id] = D.to_client(D.decode(f.inline))
+                else:
+                    by_address.setdefault(f.address, []).append(f)
+            if not by_address:
+                return [values[f.task_id] for f in futures]
+            for address, group in by_address.items():
+                try:
+                    values.update(self._download(address, group))
+                except _HolderLost as exc:
+                    values.update(exc.values)
+                    for f in exc.futures:
+                        key = (f.task_id, address)
+                        failures[key] = failures.get(key, 0) + 1
+                        if failures[key] >= FETCH_ATTEMPTS:
+                            raise exc.error from None
+                    self._locate(exc.futures, address)
 
-    def _download(self, address: str, ids: list[int]) -> dict:
-        sock = self.peers.get(address)
-        if sock is None:
-            sock = self.peers[address] = self._connect(address, "client", data=True)
-        req = next(self.req)
-        sock.send_multipart(P.encode(P.FETCH, {"req": req, "ids": P.ids_to_bytes(ids)}))
-        assembly = Assembly()   # (objects a worker holds in spill files come in chunks)
-        answer = None
-        while answer is None:
-            if not sock.poll(self.timeout_ms, zmq.POLLIN):
-                raise LoomConnectionError(f"worker at {address} did not send the data of tasks {ids}")
-            kind, body, blobs = P.decode(sock.recv_multipart(copy=False))
-            if body.get("req") == req and kind in (P.DATA, CHUNK):
-                answer = (assembly.data if kind == P.DATA else assembly.chunk)(body, blobs)
-        _, found, missing, parts = answer
-        if missing:
-            raise LoomError(f"worker at {address} no longer holds the data of tasks {missing}")
+    def _download(self, address: str, group: list[Future]) -> dict:
+        """The values of ``group`` from the worker at ``address``; _HolderLost for those
+        it could not give (it is gone, or no longer holds them)."""
+        ids = [f.task_id for f in group]
+
+        def moved() -> bool:   # (the server re-announced some of them elsewhere)
+            self._poll(0)
+            return any(f.address != address for f in group)
+
+        try:
+            answer = self.links.download(address, ids, moved)
+        except WorkerGone as exc:
+            raise _HolderLost(group, LoomConnectionError(str(exc))) from None
+        if answer is None:
+            return {}
+        found, missing, parts = answer
         failed = [(t, p) for t, p in zip(found, parts) if isinstance(p, str)]
         if failed:
             raise LoomError(f"worker at {address} could not send the data of task {failed[0][0]}: {failed[0][1]}")
-        return {t: D.to_client(D.decode_parts(p)) for t, p in zip(found, parts)}
+        values = {t: D.to_client(D.decode_parts(p)) for t, p in zip(found, parts)}
+        if missing:
+            lost = set(missing)
+            raise _HolderLost([f for f in group if f.task_id in lost],
+                              LoomError(f"worker at {address} no longer holds the data of tasks {missing}"), values)
+        return values
+
+    def _locate(self, group: list[Future], address: str) -> None:
+        """Ask the server where the data of ``group`` is now (following their jobs, so
+        that data computed again is announced to this client). A future whose data the
+        server no longer counts as held waits for that announcement; one the server still
+        places at ``address`` is tried there again after a short wait."""
+        same = False
+        for job in sorted({f.job for f in group}):
+            reply = self._request(P.WAIT_JOB, {"job": job})
+            held = dict(zip(P.ids_from_bytes(reply.get("ids", b"")).tolist(), reply.get("addresses", [])))
+            for f in group:
+                if f.job == job:
+                    f.address = held.get(f.task_id)
+                    same = same or f.address == address
+        if same:
+            self._poll(FETCH_RETRY_MS)
 
     def gather(self, futures) -> list:
         futures = _as_list(futures)
@@ -510,9 +560,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        for sock in self.peers.values():
-            sock.close(0)
-        self.peers.clear()
+        self.links.close()
         if not self.sock.closed:
             try:
                 self.sock.disable_monitor()

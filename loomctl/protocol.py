@@ -424,14 +424,18 @@ class Gatekeeper:
         return False, encode(REFUSED, {"reason": "not authenticated (start with HELLO)"})
 
 
-def client_handshake(sock, role: str, secret: str | None, timeout_ms: int = 10000) -> dict:
+def client_handshake(sock, role: str, secret: str | None, timeout_ms: int = 10000, ready=None) -> dict:
     """Run the peer side of the handshake on a connected DEALER; returns the WELCOME
-    body or raises ConnectionError with a message for a person."""
+    body or raises ConnectionError with a message for a person. ``ready(timeout_ms)``
+    waits for a message (default: polling ``sock``)."""
     import zmq
+    if ready is None:
+        def ready(ms):
+            return sock.poll(ms, zmq.POLLIN)
     sock.send_multipart(encode(HELLO, {"role": role, "version": PROTOCOL_VERSION}))
     for _ in range(16):
-        if not sock.poll(timeout_ms, zmq.POLLIN):
-            raise ConnectionError("no answer from the server (is it running at that address?)")
+        if not ready(timeout_ms):
+            raise ConnectionError("no answer (is it running at that address?)")
         kind, body, _ = decode(sock.recv_multipart())
         if kind == PING:   # a liveness probe may arrive at any time; it needs no answer
             continue

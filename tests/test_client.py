@@ -8,7 +8,9 @@ import zmq
 
 from graphfmt import tasks
 from loomctl import protocol as P
-from loomctl.client import Client
+from loomctl.client import Client, Future
+from loomctl.downloads import WorkerGone, WorkerLinks
+from loomctl.worker import data as D
 
 
 def scripted_server(script):
@@ -28,8 +30,8 @@ def scripted_server(script):
                 ident, *frames = router.recv_multipart()
                 kind, body, _ = P.decode(frames)
 
-                def send(kind, body):
-                    router.send_multipart([ident, *P.encode(kind, body)])
+                def send(kind, body, *blobs):
+                    router.send_multipart([ident, *P.encode(kind, body, *blobs)])
                 if kind == P.HELLO:
                     send(P.WELCOME, {})
                 else:
@@ -85,3 +87,57 @@ def test_a_plan_too_big_for_one_message_is_refused_before_sending(monkeypatch):
     monkeypatch.setattr(P, "MAX_MESSAGE", 1 << 17)   # what the server would drop unread
     with pytest.raises(C.LoomError, match="submit it in parts"):
         C._graph_bytes(graph)
+
+
+def test_a_worker_that_refuses_the_connection_is_gone_at_once():
+    """Nothing listens at the address: the monitor tells (not the 60 s timeout)."""
+    probe = zmq.Context.instance().socket(zmq.ROUTER)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(0)   # a port that was free a moment ago, now closed
+    links = WorkerLinks(zmq.Context.instance(), None, timeout_ms=60_000)
+    try:
+        with pytest.raises(WorkerGone, match="is gone"):
+            links.download(f"tcp://127.0.0.1:{port}", [7], moved=lambda: False)
+        assert len(links) == 0
+    finally:
+        links.close()
+
+
+def test_fetch_asks_the_server_again_when_a_worker_no_longer_holds_the_data():
+    """Worker A answers that it lacks task 7; the server, asked again, places it on worker
+    B, which sends it: fetch returns B's value and follows the job (WAIT_JOB)."""
+    value = D.Plain(b"from B")
+
+    def worker(holds):
+        def script(send, kind, body):
+            if kind == P.FETCH:
+                if holds:
+                    parts = D.encode_parts(value)
+                    send(P.DATA, {"req": body["req"], "ids": P.ids_to_bytes([7]), "parts": [len(parts)],
+                                  "missing": P.ids_to_bytes([])}, *parts)
+                else:
+                    send(P.DATA, {"req": body["req"], "ids": P.ids_to_bytes([]), "parts": [],
+                                  "missing": P.ids_to_bytes([7])})
+        return scripted_server(script)
+
+    asked = []
+
+    def server_script(send, kind, body):
+        if kind == P.WAIT_JOB:
+            asked.append(body["job"])
+            send(P.REPLY, {"req": body["req"], "job": body["job"], "status": "finished",
+                           "ids": P.ids_to_bytes([7]), "addresses": [f"tcp://127.0.0.1:{port_b}"]})
+
+    port_a, stop_a, _ = worker(False)
+    port_b, stop_b, _ = worker(True)
+    port, stop, _ = scripted_server(server_script)
+    client = Client("127.0.0.1", port, secret=None, timeout=5)
+    try:
+        future = Future(client, 7, 3)
+        future.address = f"tcp://127.0.0.1:{port_a}"
+        assert client.fetch([future]) == [b"from B"]
+        assert asked == [3] and future.address == f"tcp://127.0.0.1:{port_b}"
+    finally:
+        client.close()
+        for s in (stop, stop_a, stop_b):
+            s.set()

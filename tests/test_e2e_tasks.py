@@ -279,11 +279,11 @@ def test_small_results_come_with_the_notice_large_ones_from_the_worker(cluster):
                           tasks.array_make([tasks.const("a"), tasks.const("b")])])
         assert c.gather(small) == [b"s" * 100, 42, [b"a", b"b"]]
         assert all(f.inline is not None for f in small)
-        assert c.peers == {}   # no worker was asked for data
+        assert len(c.links) == 0   # no worker was asked for data
         others = c.submit([tasks.const("b" * (P.INLINE_BYTES + 1)),   # too big
                            tasks.py_value({"k": [1, 2]})])   # its size says nothing of its contents
         assert c.gather(others) == [b"b" * (P.INLINE_BYTES + 1), {"k": [1, 2]}]
-        assert [f.inline for f in others] == [None, None] and len(c.peers) >= 1
+        assert [f.inline for f in others] == [None, None] and len(c.links) >= 1
 
 
 def test_jobs_done_with_are_retired_so_a_long_running_server_does_not_grow(cluster):

@@ -242,3 +242,22 @@ def test_no_message_is_dropped_for_a_worker_slow_to_read(tmp_path):
         assert "could not send" not in c.log("server")
     finally:
         c.stop()
+
+
+def test_gather_from_a_worker_killed_after_the_result_was_announced(tmp_path):
+    """The worker holding a finished result is SIGKILLed before the client fetches it (and
+    before the server notices): gather still returns the value, computed again elsewhere."""
+    c = Cluster(tmp_path, workers=2, cpus=1, heartbeat_timeout=2.0)
+    try:
+        with c.client(timeout=3) as client:
+            big = tasks.run(["python3", "-c", "print('x' * 20000)"])   # too large to travel inline
+            future = client.submit_one(big)
+            client.wait([future])
+            holder = next(w["name"] for w in client.status()["workers"] if w["address"] == future.address)
+            victim = c.workers[int(holder[1:])]
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            assert client.gather([future]) == [b"x" * 20000 + b"\n"]
+            assert [w["name"] for w in client.status()["lost_workers"]] == [holder]
+    finally:
+        c.stop()
