@@ -6,6 +6,8 @@ and zmq's I/O thread) and the top functions by own and cumulative samples.
     python bench/profile_server.py latency --jobs 2000          # submit_one(const) + gather
     python bench/profile_server.py tree --k 10 --jobs 80         # merge tree of 2^k leaves
     python bench/profile_server.py latency --jobs 2000 --no-spy  # /proc figures only
+    python bench/profile_server.py mapreduce --m 1000 --jobs 10 --spy-on workers   # 10 MB in m slices
+    python bench/profile_server.py pyfn --m 1000 --jobs 10 --spy-on workers        # m trivial Python functions
 
 py-spy (``pip install py-spy``; ``--py-spy PATH``) runs with ``--gil``: only samples that
 hold the GIL count, so time pyzmq spends in send/poll with the GIL released (often the
@@ -66,9 +68,12 @@ def tally(path: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("shape", choices=["latency", "tree"])
+    ap.add_argument("shape", choices=["latency", "tree", "mapreduce", "pyfn"])
     ap.add_argument("--jobs", type=int, default=2000)
     ap.add_argument("--k", type=int, default=10, help="tree: 2^k leaves")
+    ap.add_argument("--m", type=int, default=1000, help="mapreduce: slices of 10 MB; pyfn: functions per job")
+    ap.add_argument("--spy-on", choices=["server", "workers"], default="server",
+                    help="the process(es) py-spy samples (workers: both, their samples added up)")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--py-spy", default=shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"))
@@ -98,6 +103,25 @@ def main() -> None:
             def job():
                 client.submit_one(tasks.const(b"x")).gather()
             per_job = 1
+        elif args.shape == "mapreduce":
+            line = (bytes(range(32, 127)) * (10_000_000 // args.m // 95 + 1))[:10_000_000 // args.m - 1] + b"\n"
+            lines = tasks.split(tasks.const(line * args.m))
+
+            @tasks.py_task()
+            def process(piece):
+                return piece.read().upper()
+            root, per_job = tasks.merge([process(tasks.get(lines, i)) for i in range(args.m)]), 2 * args.m + 2
+
+            def job():
+                client.submit_one(root).gather()
+        elif args.shape == "pyfn":
+            @tasks.py_task()
+            def one():
+                return b"1"
+            roots, per_job = [one() for _ in range(args.m)], args.m
+
+            def job():
+                client.gather(client.submit(roots))
         else:
             level = [tasks.const(b"x") for _ in range(2 ** args.k)]
             while len(level) > 1:
@@ -109,12 +133,18 @@ def main() -> None:
         for _ in range(20):   # warm-up
             job()
         raw = args.raw or os.path.join(tmp, "stacks.raw")
+        sampled = [server] if args.spy_on == "server" else procs[1:]
+        spies = []
         if not args.no_spy:
-            spy = subprocess.Popen([args.py_spy, "record", "--pid", str(server.pid), "--rate", str(args.rate),
-                                    "--format", "raw", *([] if args.lines else ["--function"]), "--gil",
-                                    "--nonblocking", "-o", raw], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            spies = [subprocess.Popen([args.py_spy, "record", "--pid", str(p.pid), "--rate", str(args.rate),
+                                       "--format", "raw", *([] if args.lines else ["--function"]), "--gil",
+                                       "--nonblocking", "-o", f"{raw}.{k}"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for k, p in enumerate(sampled)]
+            spy = spies[0]
             time.sleep(1.5)
         cpu0 = thread_cpu(server.pid)
+        workers0 = [thread_cpu(p.pid) for p in procs[1:]]
         samples = []
         t_all = time.perf_counter()
         for _ in range(args.jobs):
@@ -123,9 +153,17 @@ def main() -> None:
             samples.append(time.perf_counter() - t0)
         wall = time.perf_counter() - t_all
         cpu1 = thread_cpu(server.pid)
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(60)
+        workers1 = [thread_cpu(p.pid) for p in procs[1:]]
+        main_by_target = sum((b - a)[("python", "usr")] for a, b in
+                             ([(cpu0, cpu1)] if args.spy_on == "server" else zip(workers0, workers1)))
+        for one in spies:
+            one.send_signal(signal.SIGINT)
+            one.wait(60)
+        if spies:
+            with open(raw, "w") as out:
+                for k in range(len(spies)):
+                    with open(f"{raw}.{k}") as part:
+                        out.write(part.read())
         client.terminate()
     finally:
         for p in procs:
@@ -139,18 +177,24 @@ def main() -> None:
     n = args.jobs * per_job
     unit = "job" if args.shape == "latency" else "task"
     d = {k: (cpu1[k] - cpu0.get(k, 0)) / n * 1e6 for k in cpu1}
-    print(f"{args.shape}{'' if args.shape == 'latency' else f' 2^{args.k}'}: {args.jobs} jobs x {per_job} tasks, "
+    size = {"latency": "", "tree": f" 2^{args.k}", "mapreduce": f" {args.m} slices", "pyfn": f" {args.m}"}[args.shape]
+    print(f"{args.shape}{size}: {args.jobs} jobs x {per_job} tasks, "
           f"median job {statistics.median(samples) * 1e3:.3f} ms, {n / wall:,.0f} tasks/s"
           f"{' (under py-spy)' if spy is not None else ''}")
     print(f"server CPU per {unit}: {sum(d.values()):.2f} us = " +
           ", ".join(f"{name} {kind} {v:.2f}" for (name, kind), v in sorted(d.items()) if v))
-    main_usr = d.get(("python", "usr"), 0.0)
+    for k, (a, b) in enumerate(zip(workers0, workers1)):
+        w = {key: (b[key] - a.get(key, 0)) / n * 1e6 for key in b}
+        print(f"worker {k} CPU per {unit}: {sum(w.values()):.2f} us = " +
+              ", ".join(f"{name} {kind} {v:.2f}" for (name, kind), v in sorted(w.items()) if v))
+    main_usr = main_by_target / n * 1e6 if spy is not None else 0.0
     if spy is None:
         return
     if not total:
         print("py-spy recorded nothing (permissions? try as root, or --no-spy)")
         return
-    print(f"\n{total} GIL samples; us = share x main-thread user CPU per {unit} ({main_usr:.2f} us)")
+    print(f"\n{total} GIL samples of the {args.spy_on}; us = share x main-thread user CPU per {unit} "
+          f"({main_usr:.2f} us{', both workers' if args.spy_on == 'workers' else ''})")
     print(f"\ntop {args.top} by own samples:")
     for i, (fr, k) in enumerate(own.most_common(args.top), 1):
         print(f"{i:3d}. own {100 * k / total:5.1f}% {k / total * main_usr:8.2f} us  "

@@ -35,6 +35,7 @@ class ComputeRow(NamedTuple):
     ahead: bool = False   # speculative: some input is still being computed on this worker
 
 
+LARGE_CONFIG = 1 << 16   # a config longer than this is a view in a ComputeRow (protocol: a frame of its own)
 COMPUTE_ROW_MIN = 5        # rows shorter than this are malformed; later fields are optional
 
 
@@ -45,6 +46,7 @@ class Compute:
     rows: list                # [ComputeRow]
     locations: dict           # input id -> data address, for inputs the worker lacks
     jobs: np.ndarray          # the job of each row, in the order of rows
+    large: list = field(default_factory=list)   # rows whose config is a large view (sent as a frame)
 
 
 @dataclass(slots=True)

@@ -49,6 +49,8 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
                locations: {input id: data_address},   (inputs this worker does not hold)
                jobs: ids (optional: the job of each task, in the order of tasks; present
                      only when a task of a traced job is among them)}
+              + frames: the configs longer than LARGE_CONFIG, each a frame of its own; the
+                row's config is then the number of its frame (0 for the first)
     RELEASE_DATA {ids}     STOP {}
     CANCEL_TASKS {ids}     (their job ended: drop them if queued, kill a running program
                             with its process group, discard a running Python task's result;
@@ -106,8 +108,9 @@ import numpy as np
 
 from loomctl import messages as M
 
-PROTOCOL_VERSION = 3   # 2: DATA sends each object as its parts (frames), a REGISTER may hold data;
-                      # 3: SUBMIT sends its graph file as a blob frame
+PROTOCOL_VERSION = 4   # 2: DATA sends each object as its parts (frames), a REGISTER may hold data;
+                      # 3: SUBMIT sends its graph file as a blob frame; 4: COMPUTE large configs as frames
+LARGE_CONFIG = M.LARGE_CONFIG   # a task config longer than this goes in a COMPUTE frame of its own
 INLINE_BYTES = 4096   # results up to this size travel with the finish report (see UPDATE)
 MAX_MESSAGE = 1 << 30  # the server's limit on one message (a SUBMIT's graph file: ~40M tasks);
                        # zmq drops a bigger one before holding it, from strangers too
@@ -206,6 +209,32 @@ def _compute_body(cmd: M.Compute) -> dict:
     return {"tasks": cmd.rows, "locations": cmd.locations, "jobs": ids_to_bytes(cmd.jobs)}
 
 
+def _compute_frames(cmd: M.Compute) -> list:
+    """A COMPUTE's frames: a large config (``cmd.large``) is not packed into the body but
+    sent as a frame of its own, its row naming the frame by number (see COMPUTE)."""
+    if not cmd.large:
+        return encode(COMPUTE, _compute_body(cmd))
+    rows, blobs = list(cmd.rows), []
+    for k in cmd.large:
+        blobs.append(rows[k][2])
+        rows[k] = rows[k]._replace(config=len(blobs) - 1)
+    return encode(COMPUTE, {"tasks": rows, "locations": cmd.locations, "jobs": ids_to_bytes(cmd.jobs)}, *blobs)
+
+
+def compute_rows(body: dict, blobs: list) -> list:
+    """A COMPUTE's task rows with the configs sent as frames in place (a row naming a
+    frame that is not there keeps the number: that task is malformed, not the message)."""
+    rows = field(body, "tasks", list)
+    if not blobs:
+        return rows
+    out = []
+    for row in rows:
+        if isinstance(row, list) and len(row) > 2 and type(row[2]) is int and 0 <= row[2] < len(blobs):
+            row = [*row[:2], bytes(blobs[row[2]]), *row[3:]]
+        out.append(row)
+    return out
+
+
 def _results_body(cmd: M.ResultsReady) -> dict:
     body = {"job": cmd.job, "ids": ids_to_bytes(cmd.ids), "addresses": cmd.addresses}
     if cmd.inline:
@@ -228,6 +257,8 @@ _COMMANDS = {
 
 def encode_command(cmd) -> tuple[bytes, list]:
     """(target, frames) of a command of loomctl.messages."""
+    if type(cmd) is M.Compute:
+        return cmd.target, _compute_frames(cmd)
     kind, body = _COMMANDS[type(cmd)]
     return cmd.target, encode(kind, body(cmd))
 

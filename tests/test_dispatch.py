@@ -269,3 +269,30 @@ def test_an_empty_steal_answer_ends_the_request():
     assert "stolen" not in core.stats and w.d.bad_messages == 0
     assert core.stats["steal_requests"] == 2 and core.steals   # asked again (the next round)
     core.check_invariants()
+
+
+def test_a_large_config_goes_to_the_worker_as_a_frame_of_its_own():
+    """A const of 256 KiB is not packed into the COMPUTE body (a copy on the server and
+    one more on the worker): its row names a frame; the worker's rows have it back."""
+    from loomctl.worker.taskqueue import TaskSpec
+    w = Wire()
+    w.worker()
+    c = w.client()
+    big = bytes(range(256)) * 1024
+    w.submit(c, [tasks.merge([tasks.const(big), tasks.const("small")])])
+    computes = [m for m in w.out[b"w1"] if m[0] == P.COMPUTE]
+    rows = [row for _, body, _ in computes for row in body["tasks"]]
+    blobs = [b for _, _, frames in computes for b in frames]
+    assert sorted(type(row[2]).__name__ for row in rows) == ["bytes", "bytes", "int"]
+    assert [bytes(b) for b in blobs] == [big]
+    specs = [TaskSpec.from_wire(row) for _, body, frames in computes for row in P.compute_rows(body, frames)]
+    assert sorted(s.config for s in specs if s.symbol == S.CONST) == sorted([big, b"small"])
+
+
+def test_a_compute_row_naming_a_frame_that_is_not_there_fails_only_that_task():
+    from loomctl.worker.taskqueue import TaskSpec
+    body = {"tasks": [[1, S.CONST, 3, [], 0], [2, S.CONST, b"ok", [], 0]]}
+    first, second = P.compute_rows(body, [b"only one frame"])
+    with pytest.raises(P.ProtocolError, match="config is not bytes"):
+        TaskSpec.from_wire(first)
+    assert TaskSpec.from_wire(second).config == b"ok"

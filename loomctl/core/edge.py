@@ -70,4 +70,4 @@ def _compute(ids_of, cmd: M.Compute) -> M.Compute:
     if locations:
         keys = ids_of(np.fromiter(locations, dtype=np.int64, count=len(locations))).tolist()
         locations = dict(zip(keys, locations.values()))
-    return M.Compute(cmd.target, out, locations, cmd.jobs)
+    return M.Compute(cmd.target, out, locations, cmd.jobs, cmd.large)

@@ -273,6 +273,7 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
     locations = {}
     segments = g.segs.segments
     watched = {}
+    large = []
     for t, s in zip(ids.tolist(), g.segs.of(ids).tolist()):
         seg = segments[s]
         local = t - seg.base
@@ -282,7 +283,9 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
             symbol, config, inputs = override
         else:
             symbol = g.symbols[c.symbol[t]]
-            config = graph.configs[local]
+            config = graph.configs.get(local, view_above=M.LARGE_CONFIG)
+            if type(config) is memoryview:   # (no copy here, none into the body: a frame of its own)
+                large.append(len(rows))
             inputs = seg.inputs[seg.input_offsets[local]:seg.input_offsets[local + 1]]
         input_list = inputs.tolist()
         ahead = False
@@ -308,7 +311,7 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
                 inline = watched[job_id] = job is not None and bool(job.watchers)
         rows.append(M.ComputeRow(t, symbol, config, input_list, int(c.cpus[t]), g.named_request(t) or None,
                                  checkpoint, graph.label(local), inline, ahead))
-    return M.Compute(worker.key, rows, locations, c.job[ids].astype(np.int64))
+    return M.Compute(worker.key, rows, locations, c.job[ids].astype(np.int64), large)
 
 
 def fail_unsatisfiable(core, ids: np.ndarray | None, now: float) -> None:

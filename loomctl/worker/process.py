@@ -355,10 +355,10 @@ class Worker:
         message = self.link.receive(frames)
         if message is None:
             return
-        kind, body = message
+        kind, body, blobs = message
         try:
             if kind == P.COMPUTE:
-                rows = P.field(body, "tasks", list)
+                rows = P.compute_rows(body, blobs)
                 if self.tracer is not None and "jobs" in body:
                     self.tracer.assigned(rows, body["jobs"])
                 self._events.append(W.Compute(rows, P.field(body, "locations", dict, {})))

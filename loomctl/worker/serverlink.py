@@ -86,18 +86,18 @@ class ServerLink:
         except zmq.Again:
             log.warning("could not send %s to the server (its queue is full)", kind.decode())
 
-    def receive(self, frames) -> tuple[bytes, dict] | None:
-        """(kind, body) of a server message for the worker, or None (a join's step, a
-        malformed message: logged). ProtocolError never escapes."""
+    def receive(self, frames) -> tuple[bytes, dict, list] | None:
+        """(kind, body, blobs) of a server message for the worker, or None (a join's step,
+        a malformed message: logged). ProtocolError never escapes."""
         try:
-            kind, body, _ = P.decode(frames)
+            kind, body, blobs = P.decode(frames)
         except P.ProtocolError as exc:
             log.warning("ignored a malformed message from the server: %s", exc)
             return None
         if self.joining is not None:
             self._join_step(kind, body)
             return None
-        return kind, body
+        return kind, body, blobs
 
     def rejoin(self, reason: str) -> bool:
         """Start joining again (False if a join is in progress already)."""
