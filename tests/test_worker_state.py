@@ -157,6 +157,49 @@ def test_a_steal_answer_goes_with_the_reports_that_wait():
     assert returned(update) == [3] and P.ids_from_bytes(update["finished"]).tolist() == [0]
 
 
+def short(outcome, seconds=0.001):
+    outcome.started, outcome.ended = 100.0, 100.0 + seconds
+    return outcome
+
+
+def test_short_pool_tasks_are_overbooked_and_a_long_one_ends_that():
+    """After SHORT_STREAK short Python tasks a 1-cpu worker starts the next two at once
+    (one waits in the executor's queue); a program waits until the cpu is free; a long
+    task ends the overbooking."""
+    from loomctl.worker import taskqueue
+    s = W.WorkerState(cpus=1)
+    n = taskqueue.SHORT_STREAK
+    started = [i.spec.id for i in s.handle([W.Compute([row(t, cpus=1, symbol=S.PY_CALL) for t in range(n + 4)]
+                                                      + [row(50, cpus=1, symbol=S.RUN)], {})], 0.0)
+               if isinstance(i, W.Execute)]
+    assert started == [0]
+    for t in range(n):   # one at a time while the streak grows
+        out = s.handle([W.TaskDone(short(Outcome(t, Plain(b"x"), 1)))], 0.001)
+        started = [i.spec.id for i in out if isinstance(i, W.Execute)]
+        assert started == ([t + 1, t + 2] if t == n - 1 else [t + 1])
+    assert len(s.queue.running) == 2 and s.queue.free_cpus == -1
+    s.check()
+    out = s.handle([W.TaskDone(short(Outcome(n, Plain(b"x"), 1), seconds=1.0))], 0.002)   # a long one
+    assert s.queue.overbook == 0 and not [i for i in out if isinstance(i, W.Execute)]   # the cpu is booked
+    out = s.handle([W.TaskDone(short(Outcome(n + 1, Plain(b"x"), 1)))], 0.003)
+    assert [i.spec.id for i in out if isinstance(i, W.Execute)] == [n + 2]   # one at a time again
+    s.check()
+
+
+def test_a_program_does_not_start_on_an_overbooked_cpu():
+    from loomctl.worker import taskqueue
+    s = W.WorkerState(cpus=1)
+    s.queue.short_streak, s.queue.overbook = taskqueue.SHORT_STREAK, 1
+    out = s.handle([W.Compute([row(1, cpus=1, symbol=S.PY_CALL), row(2, cpus=1, symbol=S.RUN),
+                               row(3, cpus=1, symbol=S.PY_CALL)], {})], 0.0)
+    assert [i.spec.id for i in out if isinstance(i, W.Execute)] == [1, 3]   # the program waits for a free cpu
+    out = s.handle([W.TaskDone(short(Outcome(1, Plain(b"x"), 1)))], 0.001)
+    assert not [i for i in out if isinstance(i, W.Execute)]                 # 3 still holds the cpu
+    out = s.handle([W.TaskDone(short(Outcome(3, Plain(b"x"), 1)))], 0.002)
+    assert [i.spec.id for i in out if isinstance(i, W.Execute)] == [2]
+    s.check()
+
+
 def test_routes():
     assert W.route(W.TaskSpec(1, S.RUN, b"", [], 1)) == "program"
     assert W.route(W.TaskSpec(1, S.MERGE, b"", [])) == "inline"
@@ -289,12 +332,15 @@ class WorkerMachine(RuleBasedStateMachine):
         self.apply([W.Compute(rows, locations)])
 
     @precondition(lambda self: self.running)
-    @rule(data=st.data(), how=st.sampled_from(["ok", "ok", "error", "redirect"]))
-    def end_task(self, data, how):
+    @rule(data=st.data(), how=st.sampled_from(["ok", "ok", "error", "redirect"]),
+          seconds=st.sampled_from([0.0, 0.001, 0.001, 1.0]))
+    def end_task(self, data, how, seconds):
+        """(ran ``seconds``: short runs of pool tasks make the worker overbook them)"""
         t = data.draw(st.sampled_from(sorted(self.running)))
         self.running.discard(t)
         outcome = Outcome(t, Plain(b"r"), 1) if how == "ok" else \
             Outcome(t, error="boom") if how == "error" else Outcome(t, redirect=b"graph")
+        outcome.started, outcome.ended = 100.0, 100.0 + seconds
         self.apply([W.TaskDone(outcome)])
 
     @precondition(lambda self: self.given)

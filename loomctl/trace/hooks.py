@@ -236,7 +236,7 @@ class WorkerTracer:
     def _take_cpu(self) -> int:
         if self.free_cpu:
             return heapq.heappop(self.free_cpu)
-        self.n_extra += 1        # only if traced tasks outnumber the cpus (cannot happen)
+        self.n_extra += 1        # traced tasks outnumber the cpus: short pool tasks overbooked (taskqueue)
         return self.cpus + self.n_extra - 1
 
     def ended(self, task_id: int, outcome, spec=None) -> None:

@@ -361,6 +361,7 @@ class WorkerState:
         if spec is not None:
             self.store.unpin(spec.inputs)
             self.loading.pop(task_id, None)
+            self.queue.ran(spec, outcome.ended - outcome.started)
         for level, message in outcome.logs:
             self.report.logs.append([task_id, level, message])
         if outcome.error is None and outcome.redirect is None:

@@ -15,7 +15,14 @@ Invariants:
   order and started first-fit in that order (a ready task that does not fit now does not
   block a later one that does).
 - ``free_cpus == cpus - sum(cpus of running tasks)`` and likewise for each named
-  resource; both stay >= 0. Light tasks (cpus == 0) reserve no cpus.
+  resource, which stays >= 0. Light tasks (cpus == 0) reserve no cpus. ``free_cpus``
+  goes below 0 only by *overbooking*: while ``overbook > 0`` a pool task (a cpu task
+  that is no program and names no resources) starts when ``free_cpus + overbook``
+  covers it, and waits in the executor's queue for a thread (the worker sets
+  ``overbook`` while its pool tasks are short: the next one then starts as the thread
+  becomes free, without a round trip through the loop); any other cpu task starts only
+  when ``free_cpus`` covers it. ``overbook`` is the worker's cpus after SHORT_STREAK
+  pool tasks in a row ran shorter than SHORT_TASK_S (``ran``), else 0.
 - A task that could never fit this worker (more cpus or named resources than it has) is
   failed at ``assign`` with a message saying so; it never waits, so it cannot deadlock
   the worker.
@@ -40,6 +47,8 @@ from loomctl.messages import COMPUTE_ROW_MIN, ComputeRow
 from loomctl.protocol import ProtocolError
 
 _ROW_FIELDS = len(ComputeRow._fields)
+SHORT_STREAK = 3
+SHORT_TASK_S = 0.05   # (a task of microseconds may wait 5 ms for the GIL: the interpreter's switch interval)
 
 
 @dataclass(slots=True)
@@ -117,6 +126,11 @@ def route(spec: TaskSpec) -> str:
     return "light"
 
 
+def _poolable(spec: TaskSpec) -> bool:
+    """A task that may be overbooked: one for the executor threads, naming no resources."""
+    return spec.cpus > 0 and spec.symbol != S.RUN and not spec.resources
+
+
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -128,6 +142,8 @@ class TaskQueue:
         self.cpus = int(cpus)
         self.resources = {str(k): int(v) for k, v in (resources or {}).items()}
         self.free_cpus = self.cpus
+        self.overbook = 0                            # cpus pool tasks may book beyond free_cpus
+        self.short_streak = 0                        # pool tasks in a row shorter than SHORT_TASK_S
         self.free_resources = dict(self.resources)
         self.queued: dict[int, TaskSpec] = {}
         self.running: dict[int, TaskSpec] = {}
@@ -230,10 +246,17 @@ class TaskQueue:
             return []
         return self.inputs_unavailable([task_id], f"task {task_id} did not produce it here", local=True)
 
+    def ran(self, spec: TaskSpec, seconds: float) -> None:
+        """A started task ran this long (0 or less: not measured): sets ``overbook``."""
+        if _poolable(spec):
+            self.short_streak = self.short_streak + 1 if 0 < seconds < SHORT_TASK_S else 0
+            self.overbook = self.cpus if self.short_streak >= SHORT_STREAK else 0
+
     def take_startable(self, limit: int | None = None) -> list:
         """Ready tasks that fit now (at most ``limit``), in arrival order (first fit);
         their cpus and resources are reserved and they count as running."""
-        if not self._ready or (self.free_cpus == 0 and not self._ready_light):
+        full = -self.overbook   # (free_cpus at which no cpu task fits)
+        if not self._ready or (self.free_cpus <= full and not self._ready_light):
             return []   # (a full worker with a long queue: this is called every loop)
         start: list[TaskSpec] = []
         keep: list[tuple[int, int]] = []
@@ -242,9 +265,10 @@ class TaskQueue:
                 keep.extend(self._ready[pos:])
                 break
             spec = self.queued[item[1]]
-            if spec.cpus > self.free_cpus or not self._resources_free(spec):
+            room = self.free_cpus + self.overbook if self.overbook and _poolable(spec) else self.free_cpus
+            if spec.cpus > room or not self._resources_free(spec):
                 keep.append(item)
-                if self.free_cpus == 0 and not spec.light:
+                if self.free_cpus <= full and not spec.light:
                     # only light tasks can start from here on: skip to them cheaply
                     for rest in self._ready[pos + 1:]:
                         other = self.queued[rest[1]]
@@ -312,7 +336,7 @@ class TaskQueue:
     def check_invariants(self) -> None:
         assert not (set(self.queued) & set(self.running))
         assert self.free_cpus == self.cpus - sum(s.cpus for s in self.running.values())
-        assert self.free_cpus >= 0
+        assert self.free_cpus >= -self.cpus and (self.free_cpus >= 0 or all(map(_poolable, self.running.values())))
         for name, cap in self.resources.items():
             used = sum(s.resources.get(name, 0) for s in self.running.values())
             assert self.free_resources[name] == cap - used >= 0
