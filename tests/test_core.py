@@ -212,6 +212,25 @@ def test_queue_grows_for_a_worker_that_finishes_short_tasks_fast():
     assert len(fast.assigned[0]) <= 2 * placement.QUEUE_FACTOR
 
 
+def test_the_queue_grows_within_milliseconds_once_many_short_tasks_finished():
+    """Before a whole RATE_WINDOW has passed: RATE_TASKS finishes over a tenth of it are
+    rate enough (a job of short tasks is not run a round trip per task for 50 ms)."""
+    from loomctl.core import placement
+    from loomctl.core.workers import Worker
+    env = Env(1)
+    env.submit([tasks.run("true") for _ in range(400)])
+    env.schedule()
+    worker = env.core.workers[env.wids[0]]
+    finished = 0
+    while worker.queue_factor == placement.QUEUE_FACTOR:
+        env.now += 0.0005
+        env.finish(0, env.assigned[0][:1])
+        env.schedule()
+        finished += 1
+    assert finished == Worker.RATE_TASKS and env.now < Worker.RATE_WINDOW / 2
+    assert len(env.assigned[0]) > placement.QUEUE_FACTOR
+
+
 def test_zero_cpu_task_with_a_named_resource_goes_only_where_it_is():
     env = Env(1)
     gpu = env.core.add_worker(b"w1", register(1, "addr-g", {"gpu": 1}), 0.0)

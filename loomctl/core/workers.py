@@ -53,14 +53,16 @@ class Worker:
     rate_count: int = 0
 
     RATE_WINDOW = 0.05   # seconds
+    RATE_TASKS = 16      # ... or this many finishes over a tenth of it
 
     def count_finished(self, cpu_tasks: int, now: float) -> None:
-        """Account finished cpu tasks; every RATE_WINDOW, set queue_factor from the rate."""
+        """Account finished cpu tasks; every RATE_WINDOW (or RATE_TASKS finishes, over a
+        tenth of it at least), set queue_factor from the rate."""
         if self.rate_since is None:
             self.rate_since = now
         self.rate_count += cpu_tasks
         elapsed = now - self.rate_since
-        if elapsed >= self.RATE_WINDOW:
+        if elapsed >= self.RATE_WINDOW or (self.rate_count >= self.RATE_TASKS and elapsed >= self.RATE_WINDOW / 10):
             self.queue_factor = placement.queue_factor(self.rate_count / elapsed, self.cpus)
             self.rate_since, self.rate_count = now, 0
 
