@@ -237,7 +237,8 @@ class Graph:
             if len(touched) == 0:
                 break
             np.subtract.at(remaining, touched, 1)
-            touched = np.unique(touched)
+            touched = np.sort(touched)   # (distinct by sorting: a plain np.unique imports numpy.ma, ~20 ms, once)
+            touched = touched[np.concatenate(([True], touched[1:] != touched[:-1]))]
             frontier = touched[remaining[touched] == 0]
             level += 1
         if (levels < 0).any():

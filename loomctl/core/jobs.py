@@ -168,7 +168,7 @@ def _checkpoints(graph: Graph, alias: np.ndarray) -> tuple[dict, np.ndarray]:
         needed[frontier] = True
         expand = frontier[~loaded[frontier]]
         nxt = graph.inputs[ranges(graph.input_offsets[expand], graph.input_offsets[expand + 1])]
-        frontier = np.unique(nxt[~alias[nxt]])
+        frontier = T.small_unique(nxt[~alias[nxt]])
     return overrides, needed & ~alias
 
 

@@ -95,7 +95,7 @@ def _announce(core, ids: np.ndarray, worker, now: float, inline: dict | None = N
     if (job_of == job_of[0]).all():   # the usual case: one job
         per_job = [int(job_of[0])]
     else:
-        per_job = np.unique(job_of).tolist()
+        per_job = T.small_unique(job_of).tolist()
     for job_id in per_job:
         job = core.jobs.get(job_id)
         if job is None:

@@ -112,7 +112,7 @@ def restore(core, records: list, now: float, hold_s: float) -> dict:
             finished_count += len(ids)
         a, b = np.searchsorted(u_ids, [lo, hi])
         if b > a:
-            T.set_wanted(core, core.graph.rows_of(np.unique(u_ids[a:b])), False)
+            T.set_wanted(core, core.graph.rows_of(T.small_unique(u_ids[a:b])), False)
         if entry["end"] is not None:
             status, error = entry["end"]
             if job.status == "running":

@@ -325,7 +325,7 @@ def fail_unsatisfiable(core, ids: np.ndarray | None, now: float) -> None:
     core.unchecked = []
     if ids is None:   # every ready task: those in the pool go back to core.ready
         ids = np.concatenate([T.take_ready(core), core.pool.drain()])
-        T.put_ready(core, np.unique(ids[c.state[ids] == READY]))
+        T.put_ready(core, T.small_unique(ids[c.state[ids] == READY]))
     ready = c.state[ids] == READY
     if not ready.all():   # (no copy of a large submission's ready tasks when all are)
         ids = ids[ready]
@@ -345,7 +345,7 @@ def fail_unsatisfiable(core, ids: np.ndarray | None, now: float) -> None:
                 wanted = ", ".join(f"{k}={v}" for k, v in sorted(request.items()))
                 jobs.task_failed(core, t, f"requests {wanted} with {c.cpus[t]} cpus, but no connected worker "
                                           "has that much", "", now)
-    codes = set(c.symbol[ids].tolist()) if len(ids) < 64 else np.unique(c.symbol[ids]).tolist()
+    codes = set(c.symbol[ids].tolist()) if len(ids) < 64 else T.small_unique(c.symbol[ids]).tolist()
     for code in sorted(codes):
         symbol = g.symbols[code]
         if symbol in (S.DSLICE, S.DGET) or any(supports(w, symbol) for w in core.workers.values()):

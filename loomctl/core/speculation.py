@@ -246,7 +246,7 @@ def check(core) -> None:
     stranded = np.isin(consumer, np.fromiter(core.stranded, dtype=np.int64, count=len(core.stranded)))
     bad = ~stranded & ((c.state[inputs] != ASSIGNED) | (c.worker[inputs] != c.worker[consumer]))
     assert not bad.any(), f"speculative task {consumer[bad][:1].tolist()} waits for an input not computed on its worker"
-    speculative = np.unique(consumer[~stranded])
+    speculative = T.small_unique(consumer[~stranded])
     light = speculative[c.cpus[speculative] == 0]
     counts = np.bincount(c.worker[light], minlength=1)
     assert not len(light) or counts.max() <= SPECULATE_LIGHT, "too many light tasks speculated on a worker"

@@ -65,7 +65,7 @@ def tasks_returned(core, wid: int, ids: np.ndarray, now: float) -> None:
     if asked is None or not len(ids):
         return
     c = core.graph.cols
-    ids = np.unique(ids[(ids >= 0) & (ids < c.n)])
+    ids = T.small_unique(ids[(ids >= 0) & (ids < c.n)])
     ids = ids[np.isin(ids, asked) & (c.state[ids] == ASSIGNED) & (c.worker[ids] == wid)]
     if len(ids):
         core.stats["stolen"] = core.stats.get("stolen", 0) + len(ids)

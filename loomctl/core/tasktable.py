@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from loomctl.core.segments import Segment, SegmentIndex, ranges  # noqa: F401  (they live there)
+from loomctl.core.segments import Segment, SegmentIndex, distinct, ranges  # noqa: F401  (they live there)
 
 # task states
 WAITING, READY, ASSIGNED, FINISHED, FAILED, CANCELLED, ALIAS, SKIPPED = range(8)
@@ -200,15 +200,3 @@ class TaskColumns:
         """Bytes the columns take (allocated capacity), roughly."""
         return sum(getattr(self, name).nbytes for name in _COLUMNS) + 100 * len(self.length.values) \
             + self.segment_job.nbytes
-
-
-def distinct(values: np.ndarray) -> np.ndarray:
-    """np.unique of ids, by sorting: numpy 2's hashing np.unique takes seconds on a
-    million ids where a sort takes milliseconds."""
-    values = np.sort(values)
-    if len(values) < 2:
-        return values
-    keep = np.empty(len(values), dtype=bool)
-    keep[0] = True
-    np.not_equal(values[1:], values[:-1], out=keep[1:])
-    return values[keep]
