@@ -65,13 +65,6 @@ class VarBytes:
     def __getitem__(self, i: int) -> bytes:
         return bytes(self.data[self.offsets[i]:self.offsets[i + 1]])
 
-    def get(self, i: int, view_above: int) -> bytes | memoryview:
-        """Item ``i``: a copy, or a view (no copy) when it is longer than ``view_above``."""
-        start, end = self.offsets[i], self.offsets[i + 1]
-        if end - start > view_above:
-            return memoryview(self.data)[start:end]
-        return bytes(self.data[start:end])
-
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 

@@ -558,3 +558,33 @@ def test_a_worker_that_joins_again_brings_its_data_back():
     assert (env.core.cols.owner[held] == back).all() and (env.core.cols.state[held] == 3).all()
     env.run_all()
     assert job.status == "finished"
+
+
+def test_a_compute_of_tasks_whose_segments_are_out_of_row_order_gives_each_its_inputs():
+    """Rows and segment slots are reused: a segment may lie below one with a lower slot.
+    One COMPUTE holding tasks of both still gives every task its own inputs, in order."""
+    from loomctl.core import scheduler
+    env = Env(1)
+
+    def job(*names):
+        return env.submit([tasks.merge([tasks.const(x) for x in names])])
+
+    old = [job("a", "b"), job("c", "d")]
+    keep = job("e", "f")
+    env.run_all()
+    for _, (root,) in old:
+        env.core.release(np.array([root]))
+    env.drain()
+    assert env.core.retire_jobs(env.now + 5) == 2   # their rows and slots are free again
+    new = [job("g", "h"), job("i", "j")]
+    g = env.core.graph
+    merges = [int(g.rows_of(np.array([j.base + 2]))[0]) for j, _ in (keep, *new)]
+    slots = [int(g.segs.of(np.array([m]))[0]) for m in merges]
+    assert any((s1 < s2) != (m1 < m2) for s1, m1 in zip(slots, merges) for s2, m2 in zip(slots, merges))
+    worker = env.core.workers[env.wids[0]]
+    ids = merges + [merges[0] - 1]
+    cmd = scheduler.compute(env.core, worker, np.array(ids, dtype=np.int64))
+    assert [r.id for r in cmd.rows] == ids
+    for row in cmd.rows:
+        symbol, config, inputs = g.task(row.id)
+        assert (row.symbol, row.config, row.inputs) == (symbol, bytes(config), inputs.tolist())

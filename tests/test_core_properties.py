@@ -102,6 +102,11 @@ class CoreMachine(RuleBasedStateMachine):
                     every = ids + [i for row in cmd.rows for i in row.inputs] + list(cmd.locations)
                     assert (self.core.graph.rows_of(every) >= 0).all(), "a COMPUTE names an id of no live task"
                     assert not self.given[cmd.target] & set(ids), "a task given twice"
+                    g = self.core.graph
+                    for row in cmd.rows:   # the task as it runs (symbol, config, inputs in order)
+                        symbol, config, inputs = g.task(int(g.rows_of(np.array([row.id]))[0]))
+                        assert (row.symbol, bytes(row.config), list(row.inputs)) == \
+                            (symbol, bytes(config), g.ids_of(np.asarray(inputs, dtype=np.int64)).tolist()), row
                     for row in cmd.rows:   # (given ahead: its producer is given here before it)
                         self.inputs[row.id] = list(row.inputs)
                         for i in row.inputs:

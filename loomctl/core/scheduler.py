@@ -37,7 +37,7 @@ from loomctl import messages as M
 from loomctl.core import dynamic, jobs, placement, priority, speculation, stealing
 from loomctl.core.workers import recompute_lost
 from loomctl.core import transitions as T
-from loomctl.core.tasktable import ASSIGNED, FLAG_CHECKPOINT, FLAG_LOADED, FLAG_RESULT, READY
+from loomctl.core.tasktable import ASSIGNED, FLAG_CHECKPOINT, FLAG_LOADED, FLAG_OVERRIDE, FLAG_RESULT, READY, distinct
 
 
 @dataclass
@@ -266,52 +266,92 @@ def _intake(core, now: float) -> None:
 
 
 def compute(core, worker, ids: np.ndarray) -> M.Compute:
-    """The COMPUTE command giving ``ids`` to ``worker``."""
+    """The COMPUTE command giving ``ids`` to ``worker`` (rows in the order of ``ids``),
+    built column-wise: a row costs a few list operations, not a walk of the graph."""
     g = core.graph
     c = g.cols
-    rows = []
-    locations = {}
-    segments = g.segs.segments
-    watched = {}
+    n = len(ids)
+    flags = c.flags[ids]
+    symbol_of = g.symbols
+    symbols = [symbol_of[k] for k in c.symbol[ids].tolist()]
+    configs: list = [None] * n
+    labels: list = [None] * n
     large = []
-    for t, s in zip(ids.tolist(), g.segs.of(ids).tolist()):
+    seg_of = g.segs.of(ids)
+    segments = g.segs.segments
+    single = not n or (seg_of == seg_of[0]).all()   # (the usual case: one segment)
+    for s in ([int(seg_of[0])] if n and single else distinct(seg_of).tolist()):
+        pos = range(n) if single else np.flatnonzero(seg_of == s).tolist()
         seg = segments[s]
-        local = t - seg.base
         graph = seg.graph
-        override = g.overrides.get(t)
-        if override is not None:
-            symbol, config, inputs = override
-        else:
-            symbol = g.symbols[c.symbol[t]]
-            config = graph.configs.get(local, view_above=M.LARGE_CONFIG)
-            if type(config) is memoryview:   # (no copy here, none into the body: a frame of its own)
-                large.append(len(rows))
-            inputs = seg.inputs[seg.input_offsets[local]:seg.input_offsets[local + 1]]
-        input_list = inputs.tolist()
-        ahead = False
-        for i in input_list:
-            holder = c.owner[i]
-            if holder < 0:   # not computed yet: on this worker, ahead of time (core.speculation)
-                ahead = True
-            if holder != worker.id and i not in locations and holder >= 0:
-                copies = core.replicas.get(i, ())
-                if worker.id not in copies:
-                    if copies and core.options.spill:   # fetch from the owner or a copy, spread
-                        holders = [int(holder), *sorted(copies)]
-                        holder = holders[(worker.id + i) % len(holders)]
-                    locations[i] = core.workers[int(holder)].data_address
-        flags = c.flags[t]
-        checkpoint = graph.checkpoint(local) if flags & FLAG_CHECKPOINT and not flags & FLAG_LOADED else None
-        inline = False
-        if flags & FLAG_RESULT:
-            job_id = int(c.job[t])
-            inline = watched.get(job_id)
-            if inline is None:
-                job = core.jobs.get(job_id)
-                inline = watched[job_id] = job is not None and bool(job.watchers)
-        rows.append(M.ComputeRow(t, symbol, config, input_list, int(c.cpus[t]), g.named_request(t) or None,
-                                 checkpoint, graph.label(local), inline, ahead))
-    return M.Compute(worker.key, rows, locations, c.job[ids].astype(np.int64), large)
+        local = (ids if single else ids[pos]) - seg.base
+        offsets, data = graph.configs.offsets, graph.configs.data
+        for p, a, b in zip(pos, offsets[local].tolist(), offsets[local + 1].tolist()):
+            if b - a > M.LARGE_CONFIG:   # (no copy here, none into the body: a frame of its own)
+                configs[p] = memoryview(data)[a:b]
+                large.append(p)
+            else:
+                configs[p] = bytes(data[a:b])
+        if graph.label_codes is not None:
+            names = graph.labels
+            for p, code in zip(pos, graph.label_codes[local].tolist()):
+                if code:
+                    labels[p] = names[code - 1]
+    if g.overrides:
+        for p in np.flatnonzero(flags & FLAG_OVERRIDE).tolist():
+            symbols[p], configs[p], _ = g.overrides[int(ids[p])]
+            if p in large:
+                large.remove(p)
+    # inputs, per slot: those not computed yet make the task "ahead" (core.speculation);
+    # those held by other workers get a location (an owner or a copy, spread)
+    order = np.argsort(ids, kind="stable")
+    inputs, consumer = g.slots(ids[order])
+    if len(consumer) > 1 and (consumer[1:] < consumer[:-1]).any():   # (segments whose rows are not in order)
+        by_consumer = np.argsort(consumer, kind="stable")
+        inputs, consumer = inputs[by_consumer], consumer[by_consumer]
+    starts = np.searchsorted(consumer, ids[order], "left").tolist()
+    ends = np.searchsorted(consumer, ids[order], "right").tolist()
+    holder = c.owner[inputs]
+    pending = np.concatenate(([0], np.cumsum(holder < 0))).tolist()
+    flat = inputs.tolist()
+    input_lists: list = [None] * n
+    ahead: list = [False] * n
+    for p, a, b in zip(order.tolist(), starts, ends):
+        input_lists[p] = flat[a:b]
+        ahead[p] = pending[b] > pending[a]
+    locations = {}
+    elsewhere = (holder >= 0) & (holder != worker.id)
+    if elsewhere.any():
+        address = {w.id: w.data_address for w in core.workers.values()}
+        spread = core.options.spill
+        for i, h in zip(inputs[elsewhere].tolist(), holder[elsewhere].tolist()):
+            if i in locations:
+                continue
+            copies = core.replicas.get(i, ()) if core.replicas else ()
+            if worker.id in copies:
+                continue
+            if copies and spread:   # fetch from the owner or a copy, spread
+                holders = [h, *sorted(copies)]
+                h = holders[(worker.id + i) % len(holders)]
+            locations[i] = address[h]
+    checkpoints: list = [None] * n
+    for p in np.flatnonzero((flags & FLAG_CHECKPOINT) & ~(flags & FLAG_LOADED)).tolist():
+        seg = segments[int(seg_of[p])]
+        checkpoints[p] = seg.graph.checkpoint(int(ids[p]) - seg.base)
+    inline: list = [False] * n
+    watched: dict = {}
+    jobs_of = c.job[ids]
+    for p in np.flatnonzero(flags & FLAG_RESULT).tolist():
+        job_id = int(jobs_of[p])
+        if job_id not in watched:
+            job = core.jobs.get(job_id)
+            watched[job_id] = job is not None and bool(job.watchers)
+        inline[p] = watched[job_id]
+    named = [g.named_request(t) or None for t in ids.tolist()] if g.any_named_requests else [None] * n
+    new, make = tuple.__new__, M.ComputeRow   # (a ComputeRow built as the tuple it is: fast)
+    rows = [new(make, row) for row in zip(ids.tolist(), symbols, configs, input_lists, c.cpus[ids].tolist(), named,
+                                           checkpoints, labels, inline, ahead)]
+    return M.Compute(worker.key, rows, locations, jobs_of.astype(np.int64), sorted(large))
 
 
 def fail_unsatisfiable(core, ids: np.ndarray | None, now: float) -> None:
