@@ -1,7 +1,8 @@
 """The server process: the zmq shell around the sans-I/O dispatch and core.
 
 Loop: wait for messages -> drain every message already waiting into the Dispatch ->
-flush (schedule once, send what comes back). Timers every 0.25 s: probe peers whose
+flush (schedule once, send what comes back, then hand the batch's journal records to
+the journal: its writes, fsync and compaction never delay a message). Timers every 0.25 s: probe peers whose
 connection closed (``RouterPeers``), retire jobs, remove workers whose loop has been
 silent too long (see BUSY_LOOP_FACTOR).
 This module keeps only sockets, the clock and signals; what a message means is decided
@@ -211,8 +212,6 @@ class Server:
 
     def _flush(self, now: float) -> None:
         outgoing = self.dispatch.flush(now)
-        if self.journal is not None:   # (what a reply confirms is on disk within FLUSH_S)
-            self._journal_step(now)
         send = self.sock.send
         for identity, frames in outgoing:
             try:
@@ -222,6 +221,8 @@ class Server:
                 send(frames[-1], _DONTWAIT)
             except zmq.ZMQError as exc:   # the peer is gone: nothing to do
                 log.info("could not send to a peer: %s", exc)
+        if self.journal is not None:   # (what a reply confirms is on disk within FLUSH_S; the
+            self._journal_step(now)    # write and fsync after the messages: they do not wait for it)
 
     def _probe_peers(self, now: float) -> None:
         gone = self.peers.poll(now)
