@@ -187,7 +187,7 @@ def test_a_batch_of_one_cpu_tasks_is_placed_as_one_at_a_time_would_be():
 def test_queue_grows_for_a_worker_that_finishes_short_tasks_fast():
     from loomctl.core import placement
     fast, slow = Env(1), Env(1)
-    for env, step in ((fast, 0.0005), (slow, 0.5)):   # 2,000 tasks/s against 2 tasks/s
+    for env, step in ((fast, 0.0001), (slow, 0.5)):   # 10,000 tasks/s against 2 tasks/s
         env.submit([tasks.run("true") for _ in range(400)])
         env.schedule()
         assert len(env.assigned[0]) == placement.QUEUE_FACTOR   # a short queue to begin with

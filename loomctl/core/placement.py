@@ -33,7 +33,7 @@ import numpy as np
 LOCALITY_BYTES = 1 << 20
 LIGHT_QUEUE = 8192
 QUEUE_FACTOR = 2       # cpu tasks assigned to a worker: up to this many times its cpus ...
-MAX_QUEUE_FACTOR = 32  # ... or more, up to this, for a worker that finishes short tasks fast
+MAX_QUEUE_FACTOR = 128  # ... or more, up to this, for a worker that finishes short tasks fast
 QUEUE_SECONDS = 0.030  # the queue beyond the cpus should hold about this much work
 
 
