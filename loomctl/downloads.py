@@ -5,7 +5,8 @@ Invariants:
 - One DEALER per worker address, with a monitor: a connection the worker refuses or
   closes means the worker process is gone, and the download ends at once with
   WorkerGone (it does not wait out the timeout); a worker that does not answer at all
-  (its host vanished) ends it with WorkerGone after ``timeout_ms``.
+  (its host vanished) ends it with WorkerGone after ``timeout_ms`` of silence (a large
+  object streamed in chunks may take longer in all).
 - While it waits, a download calls ``moved()`` every 0.25 s; when that is true (the
   server announced the data elsewhere meanwhile) it ends and returns None.
 - A link that failed is closed and forgotten; the next download opens a new one.
@@ -58,6 +59,7 @@ class WorkerLinks:
                         raise WorkerGone(f"did not send the data of tasks {ids} within {self.timeout_ms / 1000:g} s")
                     continue
                 kind, body, blobs = P.decode(sock.recv_multipart(copy=False))
+                deadline = time.monotonic() + self.timeout_ms / 1000   # (silence counts, not the whole transfer)
                 if body.get("req") == req and kind in (P.DATA, CHUNK):
                     answer = (assembly.data if kind == P.DATA else assembly.chunk)(body, blobs)
                     if answer is not None:

@@ -11,6 +11,7 @@ from loomctl import protocol as P
 from loomctl.client import Client, Future
 from loomctl.downloads import WorkerGone, WorkerLinks
 from loomctl.worker import data as D
+from loomctl.worker.stream import CHUNK
 
 
 def scripted_server(script):
@@ -141,3 +142,33 @@ def test_fetch_asks_the_server_again_when_a_worker_no_longer_holds_the_data():
         client.close()
         for s in (stop, stop_a, stop_b):
             s.set()
+
+
+def test_a_download_streamed_slowly_goes_on_while_chunks_keep_coming():
+    """The timeout is for silence: 8 chunks 0.25 s apart take 2 s in all, past a 1.5 s
+    timeout, and the object still arrives whole."""
+    import time
+    content = bytes(range(256)) * 64
+    encoded = D.encode(D.Plain(content))
+    pieces = [encoded[k:k + len(encoded) // 8 + 1] for k in range(0, len(encoded), len(encoded) // 8 + 1)]
+
+    def script(send, kind, body):
+        if kind == P.FETCH:
+            send(P.DATA, {"req": body["req"], "ids": P.ids_to_bytes([]), "parts": [],
+                          "missing": P.ids_to_bytes([]), "streams": [[7, len(encoded)]]})
+            offset = 0
+            for piece in pieces:
+                time.sleep(0.25)
+                send(CHUNK, {"req": body["req"], "id": 7, "offset": offset}, piece)
+                offset += len(piece)
+
+    port, stop, _ = scripted_server(script)
+    links = WorkerLinks(zmq.Context.instance(), None, timeout_ms=1500)
+    try:
+        started = time.monotonic()
+        found, missing, parts = links.download(f"tcp://127.0.0.1:{port}", [7], moved=lambda: False)
+        assert time.monotonic() - started > 1.5   # (the premise: longer in all than the timeout)
+        assert found == [7] and missing == [] and D.decode_parts(parts[0]) == D.Plain(content)
+    finally:
+        links.close()
+        stop.set()
