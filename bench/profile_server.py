@@ -68,10 +68,10 @@ def tally(path: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("shape", choices=["latency", "tree", "mapreduce", "pyfn"])
+    ap.add_argument("shape", choices=["latency", "tree", "mapreduce", "pyfn", "true"])
     ap.add_argument("--jobs", type=int, default=2000)
     ap.add_argument("--k", type=int, default=10, help="tree: 2^k leaves")
-    ap.add_argument("--m", type=int, default=1000, help="mapreduce: slices of 10 MB; pyfn: functions per job")
+    ap.add_argument("--m", type=int, default=1000, help="mapreduce: slices of 10 MB; pyfn, true: tasks per job")
     ap.add_argument("--spy-on", choices=["server", "workers"], default="server",
                     help="the process(es) py-spy samples (workers: both, their samples added up)")
     ap.add_argument("--top", type=int, default=15)
@@ -114,6 +114,11 @@ def main() -> None:
 
             def job():
                 client.submit_one(root).gather()
+        elif args.shape == "true":
+            roots, per_job = [tasks.run("true") for _ in range(args.m)], args.m
+
+            def job():
+                client.gather(client.submit(roots))
         elif args.shape == "pyfn":
             @tasks.py_task()
             def one():
@@ -177,7 +182,8 @@ def main() -> None:
     n = args.jobs * per_job
     unit = "job" if args.shape == "latency" else "task"
     d = {k: (cpu1[k] - cpu0.get(k, 0)) / n * 1e6 for k in cpu1}
-    size = {"latency": "", "tree": f" 2^{args.k}", "mapreduce": f" {args.m} slices", "pyfn": f" {args.m}"}[args.shape]
+    size = {"latency": "", "tree": f" 2^{args.k}", "mapreduce": f" {args.m} slices", "pyfn": f" {args.m}",
+            "true": f" {args.m}"}[args.shape]
     print(f"{args.shape}{size}: {args.jobs} jobs x {per_job} tasks, "
           f"median job {statistics.median(samples) * 1e3:.3f} ms, {n / wall:,.0f} tasks/s"
           f"{' (under py-spy)' if spy is not None else ''}")

@@ -140,10 +140,10 @@ def test_a_huge_result_is_moved_and_downloaded_in_one_copy_per_process(tmp_path)
 
 
 def test_chaos_workers_killed_and_replaced_all_jobs_right(tmp_path):
-    """3 workers x 2 cpus sharing one work dir; while a job of 2,401 tasks with data
-    dependencies runs, a random worker is SIGKILLed twice, at random points of its
-    progress (counts of finished tasks, so the faults land mid-job however fast the
-    machine is), and replaced. Every job must be right; afterwards no dead worker's
+    """3 workers x 2 cpus sharing one work dir; while a job of 3,201 tasks with data
+    dependencies runs, a random worker is SIGKILLed at a random point of its progress
+    (a count of finished tasks, so the fault lands mid-job however fast the machine is),
+    and replaced. Every job must be right; afterwards no dead worker's
     directory is left, and the live workers' directories hold no task's files."""
     c = Cluster(tmp_path, workers=3, cpus=2, heartbeat_timeout=2.0, shared_work_dir=True)
     rng = random.Random(11)
@@ -156,7 +156,7 @@ def test_chaos_workers_killed_and_replaced_all_jobs_right(tmp_path):
                 chains = [tasks.merge([ch, tasks.const(";")]) for ch in chains]
                 started = time.monotonic()
                 future = client.submit_one(tasks.merge(chains))
-                points = sorted(rng.sample(range(100, 2400), 2))   # (the last task, the root, comes after 2,400)
+                points = [rng.randrange(100, 3200)]   # (the last task, the root, comes after 3,200)
                 while points:
                     finished = client.job_progress(future.job)["counts"].get("finished", 0)
                     if finished < points[0]:
@@ -180,7 +180,7 @@ def test_chaos_workers_killed_and_replaced_all_jobs_right(tmp_path):
             for run_dir in os.listdir(os.path.join(c.shared_work_dir, name)):
                 path = os.path.join(c.shared_work_dir, name, run_dir)
                 assert run_dir == ".lock" or not os.listdir(path), path
-        assert kills == 2 * ROUNDS
+        assert kills == ROUNDS
         print(f"\nchaos: {ROUNDS} rounds correct in {took} s, {kills} workers killed")
     finally:
         c.stop()
