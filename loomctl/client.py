@@ -63,6 +63,11 @@ class LoomConnectionError(LoomError):
     """The server or a worker could not be reached, or stopped answering."""
 
 
+def _held(reply: dict) -> dict[int, str]:
+    """The results a job's reply (WAIT_JOB, JOB_RESULTS) says are held: id -> address."""
+    return dict(zip(P.ids_from_bytes(reply.get("ids", b"")).tolist(), reply.get("addresses", [])))
+
+
 class _HolderLost(Exception):
     """A download that could not give ``futures`` (their worker is gone, or no longer
     holds them); ``values`` are what it did give, ``error`` what to raise on giving up."""
@@ -283,7 +288,7 @@ class Client:
                 self.job_errors[job] = {"job": job, "id": -1, "label": "", "worker": "",
                                         "message": f"the server came back without this job: {exc}"}
                 continue
-            for task_id, address in zip(P.ids_from_bytes(reply.get("ids", b"")).tolist(), reply.get("addresses", [])):
+            for task_id, address in _held(reply).items():
                 future = self.futures.get(task_id)
                 if future is not None:
                     future.address = address
@@ -393,7 +398,7 @@ class Client:
         a future for each result it still holds, in task id order."""
         info = self.job_progress(job)
         futures = []
-        for task_id, address in zip(P.ids_from_bytes(info["ids"]).tolist(), info["addresses"]):
+        for task_id, address in _held(info).items():
             future = Future(self, task_id, job)
             future.address = address
             futures.append(future)
@@ -513,7 +518,7 @@ class Client:
         same = False
         for job in sorted({f.job for f in group}):
             reply = self._request(P.WAIT_JOB, {"job": job})
-            held = dict(zip(P.ids_from_bytes(reply.get("ids", b"")).tolist(), reply.get("addresses", [])))
+            held = _held(reply)
             for f in group:
                 if f.job == job:
                     f.address = held.get(f.task_id)

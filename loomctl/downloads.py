@@ -34,7 +34,7 @@ class WorkerGone(Exception):
 class WorkerLinks:
     def __init__(self, ctx: zmq.Context, secret: str | None, timeout_ms: int):
         self.ctx, self.secret, self.timeout_ms = ctx, secret, timeout_ms
-        self.links: dict[str, tuple[zmq.Socket, zmq.Socket]] = {}
+        self.links: dict[str, tuple[zmq.Socket, zmq.Socket, zmq.Poller]] = {}   # socket, monitor, both polled
         self.req = 0
 
     def __len__(self) -> int:
@@ -45,14 +45,15 @@ class WorkerLinks:
         None when ``moved()`` turned true first. WorkerGone when the worker is gone or
         silent; P.ProtocolError for an answer that makes no sense."""
         try:
-            sock, monitor = self._link(address)
+            link = self._link(address)
+            sock = link[0]
             self.req += 1
             req = self.req
             sock.send_multipart(P.encode(P.FETCH, {"req": req, "ids": P.ids_to_bytes(ids)}))
             assembly = Assembly()
             deadline = time.monotonic() + self.timeout_ms / 1000
             while True:
-                if not self._ready(sock, monitor, SLICE_MS):
+                if not self._ready(link, SLICE_MS):
                     if moved():
                         return None
                     if time.monotonic() >= deadline:
@@ -69,7 +70,7 @@ class WorkerLinks:
             what = f"sent a malformed answer ({exc})" if isinstance(exc, P.ProtocolError) else str(exc)
             raise WorkerGone(f"the worker at {address} {what}") from None
 
-    def _link(self, address: str) -> tuple[zmq.Socket, zmq.Socket]:
+    def _link(self, address: str) -> tuple[zmq.Socket, zmq.Socket, zmq.Poller]:
         link = self.links.get(address)
         if link is not None:
             return link
@@ -80,21 +81,21 @@ class WorkerLinks:
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         monitor = sock.get_monitor_socket(_GONE_EVENTS)
-        self.links[address] = link = (sock, monitor)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        self.links[address] = link = (sock, monitor, poller)
         sock.connect(address)
         try:
-            P.client_handshake(sock, "client", self.secret, self.timeout_ms,
-                               ready=lambda ms: self._ready(sock, monitor, ms))
+            P.client_handshake(sock, "client", self.secret, self.timeout_ms, ready=lambda ms: self._ready(link, ms))
         except ConnectionError as exc:
             raise WorkerGone(f"could not be reached: {exc}") from None
         return link
 
-    def _ready(self, sock: zmq.Socket, monitor: zmq.Socket, timeout_ms: int) -> bool:
-        """Whether a message waits on ``sock`` (within timeout_ms); WorkerGone as soon as
-        the monitor tells that the connection was refused or closed."""
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
+    def _ready(self, link: tuple, timeout_ms: int) -> bool:
+        """Whether a message waits on the link's socket (within timeout_ms); WorkerGone as
+        soon as its monitor tells that the connection was refused or closed."""
+        sock, monitor, poller = link
         ready = dict(poller.poll(timeout_ms))
         if monitor in ready:
             while True:
@@ -112,7 +113,7 @@ class WorkerLinks:
         link = self.links.pop(address, None)
         if link is None:
             return
-        sock, monitor = link
+        sock, monitor, _ = link
         try:
             sock.disable_monitor()
         except zmq.ZMQError:

@@ -49,7 +49,7 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
                locations: {input id: data_address},   (inputs this worker does not hold)
                jobs: ids (optional: the job of each task, in the order of tasks; present
                      only when a task of a traced job is among them)}
-              + frames: the configs longer than LARGE_CONFIG, each a frame of its own; the
+              + frames: the configs longer than messages.LARGE_CONFIG (64 KiB), each a frame of its own; the
                 row's config is then the number of its frame (0 for the first)
     RELEASE_DATA {ids}     STOP {}
     CANCEL_TASKS {ids}     (their job ended: drop them if queued, kill a running program
@@ -110,7 +110,6 @@ from loomctl import messages as M
 
 PROTOCOL_VERSION = 4   # 2: DATA sends each object as its parts (frames), a REGISTER may hold data;
                       # 3: SUBMIT sends its graph file as a blob frame; 4: COMPUTE large configs as frames
-LARGE_CONFIG = M.LARGE_CONFIG   # a task config longer than this goes in a COMPUTE frame of its own
 INLINE_BYTES = 4096   # results up to this size travel with the finish report (see UPDATE)
 MAX_MESSAGE = 1 << 30  # the server's limit on one message (a SUBMIT's graph file: ~40M tasks);
                        # zmq drops a bigger one before holding it, from strangers too
@@ -205,19 +204,15 @@ def _as_tuple(types):
 
 
 # --------------------------------------------------------------- commands
-def _compute_body(cmd: M.Compute) -> dict:
-    return {"tasks": cmd.rows, "locations": cmd.locations, "jobs": ids_to_bytes(cmd.jobs)}
-
-
 def _compute_frames(cmd: M.Compute) -> list:
     """A COMPUTE's frames: a large config (``cmd.large``) is not packed into the body but
     sent as a frame of its own, its row naming the frame by number (see COMPUTE)."""
-    if not cmd.large:
-        return encode(COMPUTE, _compute_body(cmd))
-    rows, blobs = list(cmd.rows), []
-    for k in cmd.large:
-        blobs.append(rows[k][2])
-        rows[k] = rows[k]._replace(config=len(blobs) - 1)
+    rows, blobs = cmd.rows, []
+    if cmd.large:
+        rows = list(rows)
+        for k in cmd.large:
+            blobs.append(rows[k][2])
+            rows[k] = rows[k]._replace(config=len(blobs) - 1)
     return encode(COMPUTE, {"tasks": rows, "locations": cmd.locations, "jobs": ids_to_bytes(cmd.jobs)}, *blobs)
 
 
@@ -243,7 +238,7 @@ def _results_body(cmd: M.ResultsReady) -> dict:
 
 
 _COMMANDS = {
-    M.Compute: (COMPUTE, _compute_body),
+    M.Compute: (COMPUTE, None),   # (its frames: _compute_frames)
     M.ReleaseData: (RELEASE_DATA, lambda cmd: {"ids": ids_to_bytes(cmd.ids)}),
     M.PeerLost: (PEER_LOST, lambda cmd: {"address": cmd.address}),
     M.CancelTasks: (CANCEL_TASKS, lambda cmd: {"ids": ids_to_bytes(cmd.ids)}),

@@ -276,7 +276,6 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
     symbols = [symbol_of[k] for k in c.symbol[ids].tolist()]
     configs: list = [None] * n
     labels: list = [None] * n
-    large = []
     seg_of = g.segs.of(ids)
     segments = g.segs.segments
     single = not n or (seg_of == seg_of[0]).all()   # (the usual case: one segment)
@@ -287,11 +286,8 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
         local = (ids if single else ids[pos]) - seg.base
         offsets, data = graph.configs.offsets, graph.configs.data
         for p, a, b in zip(pos, offsets[local].tolist(), offsets[local + 1].tolist()):
-            if b - a > M.LARGE_CONFIG:   # (no copy here, none into the body: a frame of its own)
-                configs[p] = memoryview(data)[a:b]
-                large.append(p)
-            else:
-                configs[p] = bytes(data[a:b])
+            # (a large one: no copy here, none into the body, a frame of its own)
+            configs[p] = memoryview(data)[a:b] if b - a > M.LARGE_CONFIG else bytes(data[a:b])
         if graph.label_codes is not None:
             names = graph.labels
             for p, code in zip(pos, graph.label_codes[local].tolist()):
@@ -300,8 +296,6 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
     if g.overrides:
         for p in np.flatnonzero(flags & FLAG_OVERRIDE).tolist():
             symbols[p], configs[p], _ = g.overrides[int(ids[p])]
-            if p in large:
-                large.remove(p)
     # inputs, per slot: those not computed yet make the task "ahead" (core.speculation);
     # those held by other workers get a location (an owner or a copy, spread)
     order = np.argsort(ids, kind="stable")
@@ -351,7 +345,8 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
     new, make = tuple.__new__, M.ComputeRow   # (a ComputeRow built as the tuple it is: fast)
     rows = [new(make, row) for row in zip(ids.tolist(), symbols, configs, input_lists, c.cpus[ids].tolist(), named,
                                            checkpoints, labels, inline, ahead)]
-    return M.Compute(worker.key, rows, locations, jobs_of.astype(np.int64), sorted(large))
+    large = [p for p, config in enumerate(configs) if type(config) is memoryview]
+    return M.Compute(worker.key, rows, locations, jobs_of.astype(np.int64), large)
 
 
 def fail_unsatisfiable(core, ids: np.ndarray | None, now: float) -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphfmt import symbols as S
-from graphfmt.graph import Graph, VarBytes, offsets_from_lengths
+from graphfmt.graph import Graph, VarBytes, distinct, offsets_from_lengths  # noqa: F401  (distinct: tasktable's)
 
 EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -365,14 +365,3 @@ class SegmentIndex:
         seg = self.segments[self.cols.segment[task_id]]
         return seg, int(task_id) - seg.base
 
-
-def distinct(values: np.ndarray) -> np.ndarray:
-    """np.unique of ids, by sorting: numpy 2's hashing np.unique takes seconds on a
-    million ids where a sort takes milliseconds."""
-    values = np.sort(values)
-    if len(values) < 2:
-        return values
-    keep = np.empty(len(values), dtype=bool)
-    keep[0] = True
-    np.not_equal(values[1:], values[:-1], out=keep[1:])
-    return values[keep]

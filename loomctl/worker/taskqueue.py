@@ -128,7 +128,7 @@ def route(spec: TaskSpec) -> str:
 
 def _poolable(spec: TaskSpec) -> bool:
     """A task that may be overbooked: one for the executor threads, naming no resources."""
-    return spec.cpus > 0 and spec.symbol != S.RUN and not spec.resources
+    return route(spec) == "pool" and not spec.resources
 
 
 def is_int(value) -> bool:
