@@ -342,6 +342,41 @@ def test_worker_loss_reruns_tasks_and_recomputes_lost_data():
     assert job.status == "finished"
 
 
+def test_a_copy_fetched_just_before_its_source_was_lost_is_kept_for_the_task_that_fetched_it():
+    # (chaos in CI) a const's holder was killed after a consumer's worker had fetched a
+    # copy but before its replica report came; the const was being computed again, so the
+    # report's copy was released under the queued consumer ("input 258 was released from
+    # this worker before the task started"). That copy is the data: it is taken as held
+    env = Env()
+    here = env.core.add_worker(b"w0", register(1, "addr-y", {"y": 1}), 0.0)
+    there = env.core.add_worker(b"w1", register(1, "addr-z", {"z": 1}), 0.0)
+    env.wids = [here, there]
+    env.assigned = {here: [], there: []}
+    source = tasks.const("on the worker that will be lost")
+    source.resource_request = tasks.ResourceRequest(1, y=1)
+    consumer = tasks.merge([source])
+    consumer.resource_request = tasks.ResourceRequest(1, z=1)
+    job, (m,) = env.submit([consumer])
+    a = m - 1
+    env.schedule()
+    env.finish(here)
+    env.schedule()
+    assert env.assigned[there] == [m]
+    env.core.remove_worker(here, env.now)       # killed; its const is to be computed again
+    env.assigned[here].clear()
+    env.drain()
+    env.check()
+    env.core.replicas_added(there, np.array([a]), env.now)   # the copy it fetched before
+    env.drain()
+    env.check()
+    released = [P.ids_from_bytes(body["ids"]).tolist() for target, kind, body in env.sent
+                if kind == P.RELEASE_DATA and target == b"w1"]
+    assert not any(a in ids for ids in released)
+    assert env.core.cols.owner[a] == there
+    env.finish(there)
+    assert job.status == "finished"
+
+
 def test_a_task_that_kills_its_worker_three_times_fails():
     env = Env(1)
     t = tasks.run("crash")

@@ -152,7 +152,7 @@ def test_stale_ids_of_a_retired_job_change_nothing_for_the_task_that_took_its_ro
     # a late finish, a late failure, a replica, a redirection, a release: all of a, none counts for b
     core.tasks_finished(w, np.array([a]), np.array([5]), np.zeros(1, np.int64), env.now)
     core.tasks_failed(w, [(a, "late")], env.now)
-    core.replicas_added(w, np.array([a]))
+    core.replicas_added(w, np.array([a]), env.now)
     core.task_redirected(w, a, env.core.graph.segs.segments[0].graph, env.now)
     core.release(np.array([a]))
     env.drain()

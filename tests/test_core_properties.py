@@ -229,7 +229,7 @@ class CoreMachine(RuleBasedStateMachine):
         fetched = sorted({i for t in ids for i in self.fetch[key].pop(t, ())} - self.holds[key])
         self.holds[key] |= set(ids) | set(fetched)
         self.core.tasks_finished(self.wid[key], np.array(ids, dtype=np.int64), sizes, lengths, self.now)
-        self.core.replicas_added(self.wid[key], np.array(fetched, dtype=np.int64))
+        self.core.replicas_added(self.wid[key], np.array(fetched, dtype=np.int64), self.now)
         self.tick()
 
     @precondition(lambda self: self.workers_with_tasks())

@@ -8,6 +8,8 @@ Invariants:
   holder of the task's data already.
 - A late result of a job that ended without finishing is dropped (the task is
   CANCELLED), unless a task of another job holds it.
+- A copy a worker fetched of data that lost its holder since is taken as the data
+  (where something still needs it), never released under the task that fetched it.
 - A finished task is FINISHED with its data on that worker before anything else is
   decided, so that consumers made ready by it can be placed next to it.
 - Results of a job's watched tasks are announced (RESULTS_READY) before the job's end
@@ -154,15 +156,17 @@ def tasks_failed(core, wid: int, failures: list, now: float) -> None:
         jobs.task_failed(core, task_id, str(message), worker.name if worker else "?", now)
 
 
-def replicas_added(core, wid: int, ids: np.ndarray) -> None:
-    """Worker ``wid`` fetched copies of ``ids`` from its peers and keeps them."""
+def replicas_added(core, wid: int, ids: np.ndarray, now: float) -> None:
+    """Worker ``wid`` fetched copies of ``ids`` from its peers and keeps them. A copy of
+    data that has no holder now (its holder was lost after the fetch: it is being
+    computed again, maybe for the very task that fetched it) is the data, where still
+    needed (``data_returned``); a copy of data released meanwhile is dropped there."""
     c = core.graph.cols
     ids = ids[(ids >= 0) & (ids < c.n)]
     core.stats["transfers"] += len(ids)
     core.stats["transfer_bytes"] += int(c.size[ids].sum())
-    worker = core.workers.get(wid)
-    for t in ids.tolist():
-        if c.owner[t] >= 0 and c.owner[t] != wid:
-            core.replicas.setdefault(t, set()).add(wid)
-        elif c.owner[t] < 0 and worker is not None:   # already released: drop it there
-            core.commands.append(M.ReleaseData(worker.key, np.array([t], dtype=np.int64)))
+    for t in ids[(c.owner[ids] >= 0) & (c.owner[ids] != wid)].tolist():
+        core.replicas.setdefault(t, set()).add(wid)
+    orphans = ids[c.owner[ids] < 0]
+    if len(orphans) and wid in core.workers:
+        data_returned(core, wid, orphans, c.size[orphans], c.length[orphans], now)

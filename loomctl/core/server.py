@@ -147,8 +147,8 @@ class ServerCore:
         rows = edge.rows(self, [t for t, _ in failures]).tolist() if failures else []
         reports.tasks_failed(self, wid, [(r, m) for r, (_, m) in zip(rows, failures) if r >= 0], now)
 
-    def replicas_added(self, wid: int, ids: np.ndarray) -> None:
-        reports.replicas_added(self, wid, edge.rows(self, ids))
+    def replicas_added(self, wid: int, ids: np.ndarray, now: float) -> None:
+        reports.replicas_added(self, wid, edge.rows(self, ids), now)
 
     def tasks_returned(self, wid: int, ids: np.ndarray, now: float) -> None:
         stealing.tasks_returned(self, wid, edge.rows(self, ids), now)

@@ -174,7 +174,7 @@ class Dispatch:
         if len(event.finished):
             core.tasks_finished(wid, event.finished, event.sizes, event.lengths, now, event.inline)
         if len(event.replicas):
-            core.replicas_added(wid, event.replicas)
+            core.replicas_added(wid, event.replicas, now)
         if event.failed:
             core.tasks_failed(wid, event.failed, now)
             for t, m in event.failed:

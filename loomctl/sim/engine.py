@@ -162,7 +162,7 @@ class Simulation:
                                     np.array(lengths, np.int64), now)
                 handled += len(finished)
             if replicas:
-                core.replicas_added(wid, np.array(replicas, np.int64))
+                core.replicas_added(wid, np.array(replicas, np.int64), now)
             if returned is not None:   # (an answer to a steal request, maybe empty)
                 core.tasks_returned(wid, np.array(returned, np.int64), now)
         rounds = core.stats["rounds"]
