@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--py-spy", default=shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"))
     ap.add_argument("--no-spy", action="store_true")
+    ap.add_argument("--server-args", default="", help="more options for 'loomctl server start' (e.g. --no-journal)")
     ap.add_argument("--raw", help="keep py-spy's collapsed stacks here")
     ap.add_argument("--lines", action="store_true", help="sample per line, not per function")
     args = ap.parse_args()
@@ -88,7 +89,7 @@ def main() -> None:
     env = dict(os.environ, LOOM_SERVER_DIR=tmp, PYTHONPATH=ROOT)
     quiet = {"env": env, "stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     server = subprocess.Popen([sys.executable, "-m", "loomctl", "server", "start", "--host", "127.0.0.1",
-                               "--port", "0"], **quiet)
+                               "--port", "0", *args.server_args.split()], **quiet)
     procs = [server]
     spy = None
     try:

@@ -260,6 +260,25 @@ def test_a_task_given_ahead_does_not_make_its_worker_a_victim():
     env.core.check_invariants()
 
 
+def test_no_steal_request_asks_for_tasks_no_idle_worker_could_run():
+    # (found by the core's property test) two 2-cpu tasks on the one 2-cpu worker, idle
+    # 1-cpu workers: each round asked for them back and placed them there again, for ever
+    env = Env(2)
+    env.core.options.steal = True
+    job, ids = env.submit([work(label=f"t{i}", cpus=2) for i in range(2)])
+    env.core.schedule(0.0)
+    computes(env)
+    for k in (1, 2):
+        env.wids.append(env.core.add_worker(b"w%d" % k, register(1, f"addr{k}"), 0.0))
+    env.core.schedule(0.0)
+    assert not [cmd for cmd in env.core.take_commands() if isinstance(cmd, M.StealTasks)]
+    wide = env.core.add_worker(b"w3", register(2, "addr3"), 0.0)   # one that could run them
+    env.core.schedule(0.0)
+    (steal,) = [cmd for cmd in env.core.take_commands() if isinstance(cmd, M.StealTasks)]
+    assert steal.target == b"w0" and steal.count >= 1
+    env.core.check_invariants()
+
+
 def test_no_stealing_unless_switched_on_or_while_ready_tasks_wait():
     env, ids = loaded_and_idle()
     env.core.options.steal = False

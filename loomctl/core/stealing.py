@@ -5,8 +5,8 @@ The server does not know which of a worker's assigned tasks have started, so it 
 when a round leaves some worker with cpus nobody is assigned to and no ready cpu task
 is waiting, every worker whose assigned cpu tasks that could start (not those given
 ahead of their inputs, core.speculation: they wait for a producer there and cannot
-move) need more cpus than it has gets a ``StealTasks`` with those tasks and how many to
-give back (its surplus, at most the idle cpus). The worker gives back that many that
+move) need more cpus than it has gets a ``StealTasks`` with those of them an idle worker
+could run (its free cpus and named resources suffice) and how many to give back (its surplus, at most the idle cpus). The worker gives back that many that
 have not started, those it would start last first, and always answers
 (``tasks_returned``, maybe with none). The tasks given back wait again (ASSIGNED ->
 WAITING, then READY at once: their inputs are finished), and the next round places
@@ -15,7 +15,8 @@ them with the usual locality rule, where the idle cpus are.
 Invariants:
 - At most one request is outstanding per worker (``core.steals``: worker id -> the
   ids asked for, never none); a request names only tasks ASSIGNED to that worker when
-  it is sent. Requests to a worker that was lost are dropped by the next round.
+  it is sent, and only tasks some idle worker has the cpus and resources for (no task
+  goes back and forth between a loaded worker and idle ones that cannot run it). Requests to a worker that was lost are dropped by the next round.
 - An answer counts only for tasks still ASSIGNED to the answering worker and asked of
   it: a task it finished meanwhile, or one never asked for, changes nothing.
 """
@@ -34,15 +35,22 @@ def request(core, now: float) -> int:
     for wid in [w for w in core.steals if w not in core.workers]:
         del core.steals[wid]
     workers = list(core.workers.values())
-    idle = sum(w.cpus - w.assigned_cpus for w in workers if w.assigned_cpus < w.cpus)
+    free = [w.cpus - w.assigned_cpus for w in workers if w.assigned_cpus < w.cpus]
+    idle = sum(free)
     if idle <= 0 or core.pool.has_heavy():
         return 0
-    c = core.graph.cols
+    g = core.graph
+    c = g.cols
     n = c.n
     assigned = np.flatnonzero((c.state[:n] == ASSIGNED) & (c.cpus[:n] > 0))
-    assigned = assigned[core.graph.unfinished_inputs(assigned, FINISHED) == 0]   # (not those given ahead)
+    assigned = assigned[g.unfinished_inputs(assigned, FINISHED) == 0]   # (not those given ahead)
     owners = c.worker[assigned]
     queued = np.bincount(owners, weights=c.cpus[assigned], minlength=core.next_worker + 1)
+    movable = assigned[c.cpus[assigned] <= max(free)]   # (what some idle worker has the cpus for)
+    if g.any_named_requests and len(movable):
+        idle_resources = [w.resources for w in workers if w.assigned_cpus < w.cpus]
+        movable = movable[[all(any(r.get(k, 0) >= v for r in idle_resources) for k, v in g.named_request(t).items())
+                           for t in movable.tolist()]]
     victims = sorted((w for w in workers if queued[w.id] > w.cpus and w.id not in core.steals),
                      key=lambda w: (w.cpus - queued[w.id], w.id))
     sent = 0
@@ -50,7 +58,9 @@ def request(core, now: float) -> int:
         if idle <= 0:
             break
         count = min(int(queued[w.id]) - w.cpus, idle)
-        ids = assigned[owners == w.id]
+        ids = movable[c.worker[movable] == w.id]
+        if not len(ids):
+            continue
         core.steals[w.id] = ids
         core.commands.append(M.StealTasks(w.key, ids, int(count)))
         idle -= count
