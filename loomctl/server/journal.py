@@ -81,9 +81,8 @@ def _write_all(fd: int, data) -> int:
 
 def _drop_cached(fd: int) -> None:
     """The file's pages leave the page cache once they are on disk: the server never reads
-    its journal back (a restart reads it once), and pages it frees are used again for the
-    next writes (a 10 MB graph written to new page-cache pages cost ~25 ms of CPU here,
-    to pages freed this way ~3 ms)."""
+    its journal back (a restart reads it once), so a server writing large graphs keeps no
+    page cache for them, and the pages freed are used again for the next writes."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
