@@ -8,6 +8,7 @@ and zmq's I/O thread) and the top functions by own and cumulative samples.
     python bench/profile_server.py latency --jobs 2000 --no-spy  # /proc figures only
     python bench/profile_server.py mapreduce --m 1000 --jobs 10 --spy-on workers   # 10 MB in m slices
     python bench/profile_server.py pyfn --m 1000 --jobs 10 --spy-on workers        # m trivial Python functions
+    python bench/profile_server.py mapreduce --jobs 1 --warmup 0                    # the first job of a fresh cluster
 
 py-spy (``pip install py-spy``; ``--py-spy PATH``) runs with ``--gil``: only samples that
 hold the GIL count, so time pyzmq spends in send/poll with the GIL released (often the
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--spy-on", choices=["server", "workers"], default="server",
                     help="the process(es) py-spy samples (workers: both, their samples added up)")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=20, help="jobs run before the measured ones (0: a cold cluster)")
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--py-spy", default=shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"))
     ap.add_argument("--no-spy", action="store_true")
@@ -136,7 +138,7 @@ def main() -> None:
 
             def job():
                 client.submit_one(root).gather()
-        for _ in range(20):   # warm-up
+        for _ in range(args.warmup):
             job()
         raw = args.raw or os.path.join(tmp, "stacks.raw")
         sampled = [server] if args.spy_on == "server" else procs[1:]

@@ -28,6 +28,21 @@ def test_hello_world(client):
     assert client.submit_one(t).gather() == b"Hello world!"
 
 
+def test_large_consts_and_python_functions_go_as_frames_of_their_own_and_arrive_whole(client):
+    # configs above messages.LARGE_CONFIG travel as COMPUTE frames, received without a
+    # copy (loomctl.frames); split, sliced and processed on both workers
+    data = bytes(range(11, 256)) * 12289 + b"\n" + os.urandom(1 << 20).replace(b"\n", b"_")
+    big = b"k" * (200 << 10)
+
+    @tasks.py_task()
+    def tagged(piece):
+        return piece.read() + big[:3]
+    lines = tasks.split(tasks.const(data))
+    out = client.submit([tasks.merge([tagged(tasks.get(lines, i)) for i in range(2)]), tasks.const(big)])
+    first, rest = data.split(b"\n", 1)
+    assert client.gather(out) == [first + b"\n" + b"kkk" + rest + b"kkk", big]
+
+
 def test_data_tasks(client, tmp_path):
     text = tmp_path / "in.txt"
     text.write_bytes(b"A\nBB\nCCC")

@@ -27,6 +27,7 @@ import time
 import zmq
 from loomctl import gcpolicy
 from loomctl import protocol as P
+from loomctl.frames import recv_message
 from loomctl.access import remove_access, write_access
 from loomctl.core.restore import restore, snapshot
 from loomctl.routerpeers import RouterPeers
@@ -42,7 +43,7 @@ log = logging.getLogger("loomctl.server")
 # again with its data when its loop comes back.
 BUSY_LOOP_FACTOR = 4
 RESTORE_WAIT_S = 5.0          # a restored server waits this long for workers before computing again
-_EVENTS, _POLLIN, _RCVMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 _DONTWAIT, _MORE = int(zmq.DONTWAIT), int(zmq.DONTWAIT | zmq.SNDMORE)
 COMPACT_BYTES = 1 << 20       # the journal is rewritten once this much (and twice its live size) was added
 
@@ -192,18 +193,14 @@ class Server:
         now = time.monotonic()
         dispatch = self.dispatch
         sock = self.sock
-        # (plain recv: pyzmq's recv_multipart builds flag enums per call, and a zmq.Again
-        # at the end of every drain costs more than asking for EVENTS; the kind and body
-        # frames are copied into bytes, the blobs after them (a SUBMIT's graph file) are
-        # not: Frames, whose memory goes back when the dispatch drops them)
+        # (a zmq.Again at the end of every drain costs more than asking for EVENTS; the
+        # routing id stays a Frame, for its fd; the kind and body frames are copied into
+        # bytes, the blobs after them (a SUBMIT's graph file) are not: loomctl.frames)
         for _ in range(10000):
             if not sock.getsockopt(_EVENTS) & _POLLIN:
                 break
             try:
-                route = sock.recv(_DONTWAIT, copy=False)   # (the routing id: a Frame, for its fd)
-                frames = []
-                while sock.getsockopt(_RCVMORE):
-                    frames.append(sock.recv(_DONTWAIT, copy=len(frames) < 2))
+                route, *frames = recv_message(sock, range(1, 3))
             except zmq.Again:
                 break
             identity = self.peers.seen(route, now)

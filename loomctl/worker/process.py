@@ -41,6 +41,7 @@ from collections import deque
 import zmq
 
 from loomctl import gcpolicy, protocol as P
+from loomctl.frames import recv_message
 from loomctl.worker import extensions as registry
 from loomctl.routerpeers import RouterPeers
 from loomctl.worker import state as W
@@ -230,13 +231,11 @@ class Worker:
         if pipes or self.programs.reaping:
             for outcome in self.programs.on_ready(pipes):
                 self._task_done(outcome)
-        for sock in events:
-            if isinstance(sock, int):
-                continue
+        for sock in (sock for sock in events if not isinstance(sock, int)):
             if sock is self.server:
                 self._drain(self.server, self._on_server_message)
             elif sock is self.data:
-                self._drain(self.data, self._on_data_message, copy=False)
+                self._drain(self.data, self._on_data_message, copied=range(0))
             elif sock is self.monitor:
                 self.link.on_monitor(now)
             elif sock is self.wake_rx:
@@ -334,12 +333,12 @@ class Worker:
             deadline = min(deadline, lost)
         return max(0, min(MAX_POLL_MS, int((deadline - now) * 1000) + 1))
 
-    def _drain(self, sock, handle, copy: bool = True) -> None:
-        for _ in range(MAX_DRAIN):
+    def _drain(self, sock, handle, copied: range = range(2)) -> None:
+        for _ in range(MAX_DRAIN):   # (frames past ``copied``: zmq Frames, see loomctl.frames)
             if not sock.getsockopt(_EVENTS) & _POLLIN:   # (cheaper than ending on a zmq.Again)
                 return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+                frames = recv_message(sock, copied)
             except zmq.Again:
                 return
             handle(frames)
