@@ -118,17 +118,19 @@ class Network:
 
 class NetnsCluster:
     """A server in node 1 and ``workers`` workers in nodes 2.. (one cpu each, named w0,
-    w1, ...; ``worker_args`` maps a name to extra ``worker start`` options)."""
+    w1, ...; ``worker_args`` maps a name to extra ``worker start`` options), and with
+    ``client_host`` one more node for clients of their own (``client_node``)."""
 
     def __init__(self, directory, workers: int = 2, heartbeat_timeout: float = 2.0,
-                 worker_args: dict | None = None):
+                 worker_args: dict | None = None, client_host: bool = False):
         self.dir = str(directory)
         self.server_dir = os.path.join(self.dir, "server")
         self.env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                         LOOM_SERVER_DIR=self.server_dir)
         self.logs: list = []
         self.procs: dict[str, subprocess.Popen] = {}
-        self.net = Network(1 + workers)
+        self.net = Network(1 + workers + int(client_host))
+        self.client_node = workers + 2 if client_host else 1
         try:
             self.server = self._spawn(1, "server", ["server", "start", "--host", self.net.address(1),
                                                     "--port", "0", "--verbose",

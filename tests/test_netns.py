@@ -212,3 +212,51 @@ def test_consumer_waiting_for_data_of_a_cut_off_host_gets_it_recomputed(tmp_path
         net = c.net
         c.stop()
         assert not net.leftovers(), net.leftovers()
+
+
+ONE_WAY_CLIENT = r"""
+import subprocess, time
+from graphfmt import tasks
+from loomctl.client import Client, LoomConnectionError
+
+big = tasks.run(["sh", "-c", "head -c 200000 /dev/zero"])   # (not inline: fetched from its worker)
+big.resource_request = tasks.ResourceRequest(1, b=1)         # on w0
+with Client(server_dir_path=ARGS["server_dir"], timeout=ARGS["timeout"]) as client:
+    future = client.submit_one(big)
+    client.wait([future])
+    # from here on, what this host sends to w0 goes to a hardware address nobody has: the
+    # server and w0 still talk, this client cannot reach w0 (a one-way partition)
+    subprocess.run(["ip", "neigh", "replace", ARGS["w0"], "lladdr", "02:00:00:00:00:99", "dev", "eth0",
+                    "nud", "permanent"], check=True)
+    t0 = time.monotonic()
+    try:
+        value = len(future.gather())
+    except LoomConnectionError as exc:
+        value = f"LoomConnectionError: {exc}"
+    took = time.monotonic() - t0
+    workers = [w["name"] for w in client.status()["workers"]]
+print(json.dumps({"value": value, "took": took, "workers": workers}))
+"""
+
+
+def test_a_worker_this_client_cannot_reach_costs_seconds_not_its_timeout_per_attempt(tmp_path):
+    """The client's packets to w0 vanish (a one-way partition: w0 and the server are
+    fine). gather cannot connect; each attempt ends when its connection attempt does
+    (downloads.CONNECT_TIMEOUT_MS), not after the client's timeout of 100 s (4 attempts of 100 s
+    would outlast run_client's 90 s), and it says that w0 could not be reached."""
+    try:
+        c = NetnsCluster(tmp_path, workers=2, heartbeat_timeout=2.0, client_host=True,
+                         worker_args={"w0": ["-r", "b=1"]})
+    except NetnsUnavailable as exc:
+        pytest.skip(f"no network namespaces here: {exc}")
+    try:
+        out = c.run_client(ONE_WAY_CLIENT, {"timeout": 100, "w0": c.net.address(2)}, node=c.client_node,
+                           timeout=90)
+        assert str(out["value"]).startswith("LoomConnectionError"), out
+        assert f"{c.net.address(2)}" in out["value"] and "could not be reached" in out["value"], out
+        assert sorted(out["workers"]) == ["w0", "w1"]   # w0 was never lost: only this client is cut off
+        print(f"\none-way partition: gather gave up after {out['took']:.1f} s: {out['value']}")
+    finally:
+        net = c.net
+        c.stop()
+        assert not net.leftovers(), net.leftovers()
