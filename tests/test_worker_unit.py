@@ -550,3 +550,20 @@ def test_cli_worker_registers_and_exits_cleanly_on_sigterm(tmp_path):
             proc.wait()
         server.sock.close(0)
         server.ctx.term()
+
+
+def test_rss_follows_the_memory_this_process_touches_and_a_forked_child_reads_its_own():
+    from loomctl.worker.hostinfo import rss
+    before = rss()
+    block = bytearray(64 << 20)
+    block[::4096] = b"x" * len(block[::4096])   # (every page touched)
+    assert rss() >= before + (60 << 20)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: its own statm, not the parent's open file
+        del block
+        os.write(write, str(os.getpid() == int(open("/proc/self/stat").read().split()[0]) and rss() > 0
+                            and rss() < before + (60 << 20)).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 16) == b"True"
