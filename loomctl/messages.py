@@ -139,6 +139,7 @@ class Update:
     logs: list                # [(task id, level, message)]
     inline: dict | None       # task id -> encoding of a small finished result
     returned: np.ndarray | None = None   # the answer to a StealTasks (None: not one)
+    unfetched: np.ndarray | None = None  # of the failed, those whose input a peer did not give
 
 
 @dataclass(slots=True)

@@ -33,7 +33,9 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
                        <= INLINE_BYTES; in the body, as one frame per small blob costs more),
                returned: ids (only in the answer to a STEAL_TASKS, and always in it, empty
                        when the worker gives nothing back: tasks dropped from its queue
-                       unstarted, nothing more is reported of them)}
+                       unstarted, nothing more is reported of them),
+               unfetched: ids (optional: of the failed, those that failed only because a
+                       peer did not give an input: the server may run them again)}
     HEARTBEAT {n_data, data_bytes, rss, cpu_percent, running, running_ids: [task id],
                queued, heartbeat (a count), data_connections}
   server -> worker
@@ -301,8 +303,9 @@ def _update(body: dict) -> M.Update:
     redirects = [(int(t), g) for t, g in field(body, "redirects", list, [])]
     logs = [(t, level, message) for t, level, message in field(body, "logs", list, [])]
     returned = ids_from_bytes(field(body, "returned", bytes)) if "returned" in body else None
+    unfetched = ids_from_bytes(field(body, "unfetched", bytes)) if "unfetched" in body else None
     return M.Update(finished, sizes, lengths, failed, redirects,
-                    ids_from_bytes(field(body, "replicas", bytes, b"")), logs, _inline(body), returned)
+                    ids_from_bytes(field(body, "replicas", bytes, b"")), logs, _inline(body), returned, unfetched)
 
 
 def _inline(body: dict) -> dict | None:

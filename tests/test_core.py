@@ -9,7 +9,7 @@ from graphfmt import tasks
 from loomctl import messages as M
 from loomctl import protocol as P
 from loomctl.core.server import ServerCore, SubmitError
-from loomctl.core.tasktable import CANCELLED, SKIPPED
+from loomctl.core.tasktable import CANCELLED, READY, SKIPPED, WAITING
 from loomctl.core import placement
 
 
@@ -375,6 +375,35 @@ def test_a_copy_fetched_just_before_its_source_was_lost_is_kept_for_the_task_tha
     assert env.core.cols.owner[a] == there
     env.finish(there)
     assert job.status == "finished"
+
+
+def test_a_task_whose_input_could_not_be_fetched_from_a_live_peer_runs_again_then_fails():
+    # a blip between two workers (a peer's data port unreachable for a while, a link that
+    # timed out) costs an attempt, not the job; a path that stays broken fails it
+    env = Env(1, 1)
+    source = tasks.const("made on one worker")
+    job, (a,) = env.submit([source])
+    env.schedule()
+    env.finish(next(w for w in env.wids if env.assigned[w]))
+    consumer = tasks.merge([Ref(a)])
+    job2, (m,) = env.submit([consumer])
+    for attempt in range(3):
+        env.schedule()
+        (w,) = [w for w in env.wids if m in env.assigned[w]]
+        env.assigned[w].remove(m)
+        env.core.tasks_failed(w, [(m, f"input {a} is unavailable: peer addr0 did not answer within 10 s")],
+                              env.now, unfetched=np.array([m]))
+        env.drain()
+        env.check()
+        if attempt < 2:   # (waiting again, to be placed anew)
+            assert job2.status == "running" and env.core.cols.state[m] in (WAITING, READY)
+    assert job2.status == "failed" and "did not answer" in job2.error["message"]
+    assert "3 times" in job2.error["message"]
+    other, (t,) = env.submit([tasks.run("false")])   # a failure of the task itself: no second try
+    env.schedule()
+    (w,) = [w for w in env.wids if t in env.assigned[w]]
+    env.core.tasks_failed(w, [(t, "exit status 1")], env.now, unfetched=np.array([m]))
+    assert other.status == "failed"
 
 
 def test_a_task_that_kills_its_worker_three_times_fails():

@@ -70,6 +70,7 @@ def test_a_peer_gone_fails_the_tasks_waiting_on_it_and_closes_the_link():
     (update,) = reports(out)
     assert [t for t, _ in update["failed"]] == [5]
     assert "input 1 is unavailable: the server lost that worker" in update["failed"][0][1]
+    assert P.ids_from_bytes(update["unfetched"]).tolist() == [5]
     assert not s.queue.is_known(5) and s.queue.is_known(6)
     assert s.handle([W.PeerGone("tcp://never-used:1", "x")], 0.0) == []   # nothing to give up
 
@@ -81,6 +82,7 @@ def test_a_fetch_that_is_not_answered_in_time_fails_its_task():
     assert not reports(s.handle([W.Tick()], 4.0))
     (update,) = reports(s.handle([W.Tick()], 6.0))
     assert update["failed"][0][0] == 5 and "did not answer within 5 s" in update["failed"][0][1]
+    assert P.ids_from_bytes(update["unfetched"]).tolist() == [5]   # (the server may run it again)
 
 
 def test_an_input_released_before_its_task_started_fails_the_task():
@@ -93,6 +95,7 @@ def test_an_input_released_before_its_task_started_fails_the_task():
     out = s.handle([W.TaskDone(Outcome(2, Plain(b"b"), 1))], 0.0)
     failed = [f for body in reports(out) for f in body["failed"]]
     assert failed and failed[0][0] == 3 and "released" in failed[0][1]
+    assert not any("unfetched" in body for body in reports(out))   # (this worker's own affair)
     s.check()
 
 
@@ -197,6 +200,22 @@ def test_a_program_does_not_start_on_an_overbooked_cpu():
     assert not [i for i in out if isinstance(i, W.Execute)]                 # 3 still holds the cpu
     out = s.handle([W.TaskDone(short(Outcome(3, Plain(b"x"), 1)))], 0.002)
     assert [i.spec.id for i in out if isinstance(i, W.Execute)] == [2]
+    s.check()
+
+
+def test_no_python_task_is_overbooked_onto_the_cpus_of_a_running_program():
+    # (found by the worker's property test) a 2-cpu worker overbooking short Python tasks
+    # ran a 1-cpu program and then two Python tasks beside it: three busy on two cpus
+    from loomctl.worker import taskqueue
+    s = W.WorkerState(cpus=2)
+    s.queue.short_streak, s.queue.overbook = taskqueue.SHORT_STREAK, 2
+    out = s.handle([W.Compute([row(1, cpus=1, symbol=S.RUN)], {})], 0.0)
+    assert [i.spec.id for i in out if isinstance(i, W.Execute)] == [1]
+    out = s.handle([W.Compute([row(t, cpus=1, symbol=S.PY_CALL) for t in (2, 3, 4)], {})], 0.001)
+    assert [i.spec.id for i in out if isinstance(i, W.Execute)] == [2]   # the free cpu only
+    s.check()
+    out = s.handle([W.TaskDone(Outcome(1, Plain(b"x"), 1))], 0.002)   # the program ends: overbooked again
+    assert [i.spec.id for i in out if isinstance(i, W.Execute)] == [3, 4]
     s.check()
 
 

@@ -6,6 +6,9 @@ Invariants:
   task re-run elsewhere, an unknown id, one reported twice) changes nothing, and data
   the worker holds for it is released there, unless the server counts that worker as a
   holder of the task's data already.
+- A task that failed only because an input could not be fetched from a live peer (the
+  worker marks it ``unfetched``) waits and runs again, counting an attempt; at
+  workers.MAX_ATTEMPTS attempts it fails. Any other failure fails it at once.
 - A late result of a job that ended without finishing is dropped (the task is
   CANCELLED), unless a task of another job holds it.
 - A copy a worker fetched of data that lost its holder since is taken as the data
@@ -142,8 +145,12 @@ def data_returned(core, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: n
         core.commands.append(M.ReleaseData(worker.key, rest))
 
 
-def tasks_failed(core, wid: int, failures: list, now: float) -> None:
-    """``failures``: [(task id, message)] from worker ``wid``."""
+def tasks_failed(core, wid: int, failures: list, now: float, unfetched: set = frozenset()) -> None:
+    """``failures``: [(task id, message)] from worker ``wid``; ``unfetched``: those of them
+    that failed because an input could not be fetched from a peer the server still counts
+    as alive (the worker says so): they wait and run again, up to workers.MAX_ATTEMPTS
+    attempts in all (a blip between two workers costs an attempt, not the job)."""
+    from loomctl.core.workers import MAX_ATTEMPTS
     g = core.graph
     c = g.cols
     worker = core.workers.get(wid)
@@ -153,6 +160,12 @@ def tasks_failed(core, wid: int, failures: list, now: float) -> None:
         if core.stranded.pop(task_id, None) == wid:   # its input was on a lost worker
             T.transition(core, np.array([task_id], dtype=np.int64), WAITING)
             continue
+        if task_id in unfetched:
+            c.attempts[task_id] += 1
+            if c.attempts[task_id] < MAX_ATTEMPTS:
+                T.transition(core, np.array([task_id], dtype=np.int64), WAITING)
+                continue
+            message = f"{message} (tried {MAX_ATTEMPTS} times)"
         jobs.task_failed(core, task_id, str(message), worker.name if worker else "?", now)
 
 

@@ -143,9 +143,10 @@ class ServerCore:
             inline = {r: inline[t] for t, r in zip(given, rows.tolist()) if r >= 0 and t in inline}
         reports.tasks_finished(self, wid, rows, sizes, lengths, now, inline)
 
-    def tasks_failed(self, wid: int, failures: list, now: float) -> None:
+    def tasks_failed(self, wid: int, failures: list, now: float, unfetched: np.ndarray | None = None) -> None:
         rows = edge.rows(self, [t for t, _ in failures]).tolist() if failures else []
-        reports.tasks_failed(self, wid, [(r, m) for r, (_, m) in zip(rows, failures) if r >= 0], now)
+        again = set(edge.rows(self, unfetched).tolist()) if unfetched is not None and len(unfetched) else set()
+        reports.tasks_failed(self, wid, [(r, m) for r, (_, m) in zip(rows, failures) if r >= 0], now, again)
 
     def replicas_added(self, wid: int, ids: np.ndarray, now: float) -> None:
         reports.replicas_added(self, wid, edge.rows(self, ids), now)

@@ -176,7 +176,7 @@ class Dispatch:
         if len(event.replicas):
             core.replicas_added(wid, event.replicas, now)
         if event.failed:
-            core.tasks_failed(wid, event.failed, now)
+            core.tasks_failed(wid, event.failed, now, event.unfetched)
             for t, m in event.failed:
                 log.info("task %s failed on %s: %s", t, worker.name, m.splitlines()[0][:200] if m else "")
         if event.returned is not None:   # the answer to a steal request (maybe none given back)

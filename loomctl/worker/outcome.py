@@ -3,7 +3,9 @@
 Invariants:
 - ``finalize`` writes a result with a checkpoint path there atomically before the task
   counts as finished; a failed write raises TaskError (the task fails).
-- A Report is one UPDATE's worth: ``body()`` is the UPDATE message body.
+- A Report is one UPDATE's worth: ``body()`` is the UPDATE message body. A failed task
+  whose only fault is an input a peer did not give (it timed out, was lost, sent garbage,
+  did not hold it) is in ``unfetched`` too: the server may run it again.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Report:
         self.failed, self.redirects, self.replicas, self.logs = [], [], [], []
         self.inline, self.blobs = [], []   # results sent along: ids, encodings
         self.returned: list | None = None  # the answer to a steal request: tasks given back
+        self.unfetched: list = []          # of the failed: an input a peer did not give
 
     def __bool__(self):
         return bool(self.finished or self.failed or self.redirects or self.replicas or self.logs) \
@@ -80,4 +83,6 @@ class Report:
             body["inline"], body["blobs"] = P.ids_to_bytes(self.inline), self.blobs
         if self.returned is not None:
             body["returned"] = P.ids_to_bytes(self.returned)
+        if self.unfetched:
+            body["unfetched"] = P.ids_to_bytes(self.unfetched)
         return body

@@ -472,6 +472,8 @@ class WorkerState:
     def _unavailable(self, ids, reason: str, local: bool = False) -> None:
         for task_id, message in self.queue.inputs_unavailable(ids, reason, local):
             self._fail(task_id, message)
+            if not local:   # (a peer did not give the input: the server may run it again)
+                self.report.unfetched.append(task_id)
 
     def _fail(self, task_id: int, message: str, spec: TaskSpec | None = None) -> None:
         self.report.failed.append([task_id, message])

@@ -18,10 +18,10 @@ Invariants:
   resource, which stays >= 0. Light tasks (cpus == 0) reserve no cpus. ``free_cpus``
   goes below 0 only by *overbooking*: while ``overbook > 0`` a pool task (a cpu task
   that is no program and names no resources) starts when ``free_cpus + overbook``
-  covers it, and waits in the executor's queue for a thread (the worker sets
-  ``overbook`` while its pool tasks are short: the next one then starts as the thread
-  becomes free, without a round trip through the loop); any other cpu task starts only
-  when ``free_cpus`` covers it. ``overbook`` is the worker's cpus after SHORT_STREAK
+  covers it and no other kind of cpu task runs, and waits in the executor's queue for
+  a thread (the worker sets ``overbook`` while its pool tasks are short: the next one
+  then starts as the thread becomes free, without a round trip through the loop); any
+  other cpu task starts only when ``free_cpus`` covers it. ``overbook`` is the worker's cpus after SHORT_STREAK
   pool tasks in a row ran shorter than SHORT_TASK_S (``ran``), else 0.
 - A task that could never fit this worker (more cpus or named resources than it has) is
   failed at ``assign`` with a message saying so; it never waits, so it cannot deadlock
@@ -255,7 +255,10 @@ class TaskQueue:
     def take_startable(self, limit: int | None = None) -> list:
         """Ready tasks that fit now (at most ``limit``), in arrival order (first fit);
         their cpus and resources are reserved and they count as running."""
-        full = -self.overbook   # (free_cpus at which no cpu task fits)
+        over = self.overbook   # (none while a cpu task that is not overbooked runs: its cpus are its own)
+        if over and not all(_poolable(s) for s in self.running.values() if s.cpus):
+            over = 0
+        full = -over   # (free_cpus at which no cpu task fits)
         if not self._ready or (self.free_cpus <= full and not self._ready_light):
             return []   # (a full worker with a long queue: this is called every loop)
         start: list[TaskSpec] = []
@@ -265,7 +268,7 @@ class TaskQueue:
                 keep.extend(self._ready[pos:])
                 break
             spec = self.queued[item[1]]
-            room = self.free_cpus + self.overbook if self.overbook and _poolable(spec) else self.free_cpus
+            room = self.free_cpus + over if over and _poolable(spec) else self.free_cpus
             if spec.cpus > room or not self._resources_free(spec):
                 keep.append(item)
                 if self.free_cpus <= full and not spec.light:
@@ -281,6 +284,8 @@ class TaskQueue:
                 continue
             self._reserve(spec)
             start.append(spec)
+            if over and spec.cpus and not _poolable(spec):
+                over, full = 0, 0
         self._ready = keep
         self._ready_light -= sum(1 for spec in start if spec.light)
         return start
@@ -336,7 +341,8 @@ class TaskQueue:
     def check_invariants(self) -> None:
         assert not (set(self.queued) & set(self.running))
         assert self.free_cpus == self.cpus - sum(s.cpus for s in self.running.values())
-        assert self.free_cpus >= -self.cpus and (self.free_cpus >= 0 or all(map(_poolable, self.running.values())))
+        assert self.free_cpus >= -self.cpus and (self.free_cpus >= 0 or
+                                                 all(_poolable(s) for s in self.running.values() if s.cpus))
         for name, cap in self.resources.items():
             used = sum(s.resources.get(name, 0) for s in self.running.values())
             assert self.free_resources[name] == cap - used >= 0
