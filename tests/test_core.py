@@ -406,6 +406,38 @@ def test_a_task_whose_input_could_not_be_fetched_from_a_live_peer_runs_again_the
     assert other.status == "failed"
 
 
+def test_a_task_computed_again_for_another_jobs_sake_that_fails_fails_that_job():
+    # (found by the core's property test) job 1 finished; job 2 reads its result z; z's
+    # worker was lost, so z and what it came from are computed again as tasks of job 1;
+    # one of them failed: job 1 had ended, and job 2 waited for ever on z
+    env = Env(1)
+    x = tasks.const("x")
+    y = tasks.run("cat", [(x, None)])
+    z = tasks.merge([y])
+    job1, (zid,) = env.submit([z])
+    env.run_all()
+    assert job1.status == "finished"
+    job2, (m,) = env.submit([tasks.merge([Ref(zid)])], client=b"c2")
+    env.core.remove_worker(env.wids[0], env.now)    # before job 2's task ran: z is computed again
+    env.assigned[env.wids[0]].clear()
+    w = env.core.add_worker(b"w1", register(1, "addr1"), env.now)
+    env.wids.append(w)
+    env.assigned[w] = []
+    env.drain()
+    env.check()
+    env.schedule()
+    env.finish(w, [zid - 2])                          # x again
+    env.schedule()
+    assert zid - 1 in env.assigned[w]   # (z and job 2's task may be given ahead of it)
+    env.core.tasks_failed(w, [(zid - 1, "exit status 1")], env.now)   # y fails this time
+    env.assigned[w].clear()
+    env.drain()
+    env.check()
+    assert job2.status == "failed", job2.status
+    assert "did not finish" in job2.error["message"]
+    assert env.core.cols.state[zid] == CANCELLED
+
+
 def test_a_task_that_kills_its_worker_three_times_fails():
     env = Env(1)
     t = tasks.run("crash")

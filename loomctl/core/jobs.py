@@ -9,6 +9,9 @@ Invariants:
   workers are told to stop them: CANCEL_TASKS; a late result is dropped), its results
   are no longer wanted, and tasks of other jobs that wait on its unfinished tasks fail
   (their jobs with them). A task another job still needs is left to finish.
+- A task of an ended job that fails (it was computed again because another job needs
+  its lost data) takes the tasks of its job waiting on it with it (CANCELLED), and the
+  jobs that wait on any of them fail: none waits for ever.
 - A job ended RETIRE_AFTER_S ago whose tasks hold no data, run nowhere, are needed by
   nothing and are no input of a job that is not retired (lost data of that job may have
   to be computed again from them) is *retired*: its segments and record are dropped and
@@ -198,8 +201,12 @@ def task_failed(core, t: int, message: str, worker_name: str, now: float) -> Non
     T.transition(core, np.array([t], dtype=np.int64), FAILED)
     core.stats["failed"] += 1
     job = core.jobs.get(int(c.job[t]))
-    if job is None or job.status != "running":   # (a task computed again for another job's sake)
-        _fail_dependents(core, np.array([t], dtype=np.int64), job.id if job else -1, "failed", now)
+    if job is None or job.status != "running":   # (a task computed again for another job's sake):
+        # what of its ended job was computed again with it can never run either; the jobs
+        # waiting on any of them fail
+        doomed = _waiting_on(core, t)
+        T.transition(core, doomed, CANCELLED)
+        _fail_dependents(core, np.concatenate([[t], doomed]).astype(np.int64), job.id if job else -1, "failed", now)
         return
     job.failed += 1
     gid = g.segs.id_of(t)
@@ -236,6 +243,20 @@ def abort(core, job: Job, status: str, now: float) -> None:
             if worker is not None:
                 core.commands.append(M.CancelTasks(worker.key, running[where == wid]))
     _fail_dependents(core, ids[c.state[ids] != FINISHED], job.id, status, now)
+
+
+def _waiting_on(core, t: int) -> np.ndarray:
+    """The WAITING tasks of t's own segment (and so job) that wait on t, directly or not."""
+    g = core.graph
+    c = g.cols
+    found: list[int] = []
+    frontier = np.array([t], dtype=np.int64)
+    while len(frontier):
+        consumers = g.consumers_of(frontier)
+        consumers = T.small_unique(consumers[(c.state[consumers] == WAITING) & (c.job[consumers] == c.job[t])])
+        frontier = consumers[~np.isin(consumers, found)] if found else consumers
+        found += frontier.tolist()
+    return np.array(sorted(found), dtype=np.int64)
 
 
 def _fail_dependents(core, ids: np.ndarray, job_id: int, status: str, now: float) -> None:
