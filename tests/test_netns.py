@@ -260,3 +260,52 @@ def test_a_worker_this_client_cannot_reach_costs_seconds_not_its_timeout_per_att
         net = c.net
         c.stop()
         assert not net.leftovers(), net.leftovers()
+
+
+BLIP_CLIENT = r"""
+import subprocess, time
+from graphfmt import tasks
+from loomctl.client import Client
+
+a = tasks.run(["sh", "-c", "echo a"])
+a.resource_request = tasks.ResourceRequest(1, a=1)   # on w1 only
+c = tasks.run(["sh", "-c", "cat x; echo c"], [(a, "x")])
+c.resource_request = tasks.ResourceRequest(1, b=1)   # on w0 only: it must fetch a from w1
+ns = ["ip", "-n", ARGS["w0_ns"], "neigh"]
+# w0's frames to w1 go to a hardware address nobody has: w0 cannot reach w1's data port,
+# while both still talk to the server
+subprocess.run([*ns, "replace", ARGS["w1"], "lladdr", "02:00:00:00:00:99", "dev", "eth0", "nud", "permanent"],
+               check=True)
+with Client(server_dir_path=ARGS["server_dir"]) as client:
+    future = client.submit_one(c)
+    deadline = time.monotonic() + 60
+    while "is unavailable" not in open(ARGS["w0_log"], errors="replace").read():
+        assert time.monotonic() < deadline, "w0 never gave up on w1"
+        time.sleep(0.1)
+    subprocess.run([*ns, "del", ARGS["w1"], "dev", "eth0"], check=True)   # the link mends
+    value = future.gather().decode()
+    status = client.status()
+print(json.dumps({"value": value, "jobs": status["jobs"], "workers": [w["name"] for w in status["workers"]]}))
+"""
+
+
+def test_a_task_whose_input_could_not_be_fetched_during_a_blip_between_workers_runs_again(tmp_path):
+    """w0 cannot reach w1's data port for a while (both reach the server). The task on
+    w0 that needs w1's data fails its fetch and is marked unfetched; the server runs it
+    again instead of failing the job, and once the link is back it finishes."""
+    try:
+        c = NetnsCluster(tmp_path, workers=2, heartbeat_timeout=2.0,
+                         worker_args={"w0": ["-r", "b=1"], "w1": ["-r", "a=1"]})
+    except NetnsUnavailable as exc:
+        pytest.skip(f"no network namespaces here: {exc}")
+    try:
+        out = c.run_client(BLIP_CLIENT, {"w0_ns": c.net.nodes[1], "w1": c.net.address(3),
+                                         "w0_log": f"{c.dir}/w0.log"}, timeout=120)
+        assert out["value"] == "a\nc\n", (out, c.log("w0"))
+        assert out["jobs"][-1]["status"] == "finished", out["jobs"]
+        assert sorted(out["workers"]) == ["w0", "w1"]   # nobody was lost: only the link failed
+        assert "is unavailable" in c.log("w0", tail=None)
+    finally:
+        net = c.net
+        c.stop()
+        assert not net.leftovers(), net.leftovers()
