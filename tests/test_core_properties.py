@@ -95,8 +95,6 @@ class CoreMachine(RuleBasedStateMachine):
     def consume(self):
         """Every command goes to a peer that is there, and is acted on."""
         for cmd in self.core.take_commands():
-            self._cmds = getattr(self, "_cmds", [])
-            self._cmds.append((round(self.now, 2), type(cmd).__name__, cmd.target, getattr(cmd, "ids", None), [(r.id, list(r.inputs)) for r in getattr(cmd, "rows", [])], getattr(cmd, "locations", None)))
             if isinstance(cmd, M.WORKER_COMMANDS):
                 assert cmd.target in self.given, f"{type(cmd).__name__} to a worker that is gone"
                 if isinstance(cmd, M.Compute):
@@ -374,11 +372,6 @@ class CoreMachine(RuleBasedStateMachine):
         if self.given:
             running = [j.id for j in self.core.jobs.values() if j.status == "running"]
             c = self.core.cols
-            if running:
-                print("CMDS", self._cmds[-12:])
-                print("STATES", c.state[:c.n].tolist() if (c := self.core.cols) is not None else None, "remaining", c.remaining[:c.n].tolist(), "jobs", [(j.id, j.status, j.segments, j.finished, j.active) for j in self.core.jobs.values()], "workers", {w.id: (w.cpus, w.resources, w.assigned_cpus) for w in self.core.workers.values()}, "ready", self.core.ready, "pool", len(self.core.pool), "steals", self.core.steals, "given", self.given, "recheck", self.core.recheck_at, "stranded", self.core.stranded)
-                c = self.core.cols
-                print("INFO", [(t, int(c.state[t]), (self.core.graph.inputs(t).tolist() if c.state[t] != 255 and c.job[t] >= 0 and c.job[t] in self.core.jobs else None), int(c.job[t]), int(c.owner[t]), int(c.holds[t]), int(c.cpus[t]), int(c.remaining[t])) for t in range(c.n)], [(j.id, j.status, j.segments) for j in self.core.jobs.values()], "steals", self.core.steals, "given", self.given, "asked", self.asked)
             assert not running, (f"jobs {running} did not end although workers are there: states "
                                  f"{c.state[:c.n].tolist()}, remaining {c.remaining[:c.n].tolist()}, "
                                  f"ready {self.core.ready}, workers {self.core.workers}")
