@@ -54,7 +54,8 @@ def build_graph(results, external: External | None = None) -> tuple[Graph, list[
         while stack:
             task, pending = stack[-1]
             for child in pending:
-                child = resolve(child)
+                if not isinstance(child, Task):
+                    child = resolve(child)
                 if id(child) not in index:
                     stack.append((child, iter(child.inputs)))
                     break
@@ -76,8 +77,8 @@ def _columns(order: list[Task], index: dict[int, int], resolve) -> Graph:
     labels: dict[str, int] = {}
     requests: dict[tuple, int] = {}
     request_table: list[dict] = []
-    types = np.empty(n, dtype=np.uint16)
-    counts = np.empty(n, dtype=np.int64)
+    types: list[int] = []    # (lists, made arrays at the end: a numpy item write costs more)
+    counts: list[int] = []
     label_codes = np.zeros(n, dtype=np.uint32)
     request_codes = np.zeros(n, dtype=np.uint16)
     flat_inputs: list[int] = []
@@ -89,9 +90,9 @@ def _columns(order: list[Task], index: dict[int, int], resolve) -> Graph:
         code = symbols.get(task.task_type)
         if code is None:
             code = symbols[task.task_type] = len(symbols)
-        types[i] = code
+        types.append(code)
         ins = task.inputs
-        counts[i] = len(ins)
+        counts.append(len(ins))
         if ins:
             flat_inputs.extend([index[id(x if isinstance(x, Task) else resolve(x))] for x in ins])
         config = task.config
@@ -120,7 +121,8 @@ def _columns(order: list[Task], index: dict[int, int], resolve) -> Graph:
             priorities = priorities if priorities is not None else np.zeros(n, dtype=np.int32)
             priorities[i] = priority
     return Graph(
-        symbols=list(symbols), types=types, input_offsets=offsets_from_lengths(counts),
+        symbols=list(symbols), types=np.array(types, dtype=np.uint16),
+        input_offsets=offsets_from_lengths(np.array(counts, dtype=np.int64)),
         inputs=np.array(flat_inputs, dtype=np.int64), configs=VarBytes.from_list(configs),
         flags=np.zeros(n, dtype=np.uint8), request_codes=request_codes, requests=request_table,
         label_codes=label_codes, labels=list(labels),
