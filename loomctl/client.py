@@ -335,11 +335,11 @@ class Client:
         Futures in the same order. Shared sub-graphs are computed once per submission."""
         single = isinstance(tasks_, Task)
         items = as_task_list(tasks_)
-        for item in items:
-            if isinstance(item, Future):
-                raise LoomError("a future cannot be submitted; submit a task that uses it as an input")
-            if not isinstance(item, Task):
-                raise LoomError(f"cannot submit a {type(item).__name__}; expected Task objects")
+        bad = next((item for item in items if not isinstance(item, Task)), None)
+        if isinstance(bad, Future):
+            raise LoomError("a future cannot be submitted; submit a task that uses it as an input")
+        if bad is not None:
+            raise LoomError(f"cannot submit a {type(bad).__name__}; expected Task objects")
         graph, local_ids = build_graph(items, external=self._future_input)
         graph_bytes = _graph_bytes(graph)
         try:

@@ -43,6 +43,15 @@ def test_large_consts_and_python_functions_go_as_frames_of_their_own_and_arrive_
     assert client.gather(out) == [first + b"\n" + b"kkk" + rest + b"kkk", big]
 
 
+def test_what_is_no_task_cannot_be_submitted_and_says_why(client):
+    future = client.submit(tasks.const("x"))
+    with pytest.raises(LoomError, match="a future cannot be submitted"):
+        client.submit([tasks.const("y"), future])
+    with pytest.raises(LoomError, match="cannot submit a str; expected Task objects"):
+        client.submit([tasks.const("y"), "y"])
+    assert future.gather() == b"x"
+
+
 def test_data_tasks(client, tmp_path):
     text = tmp_path / "in.txt"
     text.write_bytes(b"A\nBB\nCCC")
