@@ -204,7 +204,9 @@ def task_failed(core, t: int, message: str, worker_name: str, now: float) -> Non
     if job is None or job.status != "running":   # (a task computed again for another job's sake):
         # what of its ended job was computed again with it can never run either; the jobs
         # waiting on any of them fail
-        doomed = _waiting_on(core, t)
+        job_of_t = c.job[t]
+        doomed = T.downstream(core, np.array([t], dtype=np.int64),
+                              lambda consumers: (c.state[consumers] == WAITING) & (c.job[consumers] == job_of_t))
         T.transition(core, doomed, CANCELLED)
         _fail_dependents(core, np.concatenate([[t], doomed]).astype(np.int64), job.id if job else -1, "failed", now)
         return
@@ -243,20 +245,6 @@ def abort(core, job: Job, status: str, now: float) -> None:
             if worker is not None:
                 core.commands.append(M.CancelTasks(worker.key, running[where == wid]))
     _fail_dependents(core, ids[c.state[ids] != FINISHED], job.id, status, now)
-
-
-def _waiting_on(core, t: int) -> np.ndarray:
-    """The WAITING tasks of t's own segment (and so job) that wait on t, directly or not."""
-    g = core.graph
-    c = g.cols
-    found: list[int] = []
-    frontier = np.array([t], dtype=np.int64)
-    while len(frontier):
-        consumers = g.consumers_of(frontier)
-        consumers = T.small_unique(consumers[(c.state[consumers] == WAITING) & (c.job[consumers] == c.job[t])])
-        frontier = consumers[~np.isin(consumers, found)] if found else consumers
-        found += frontier.tolist()
-    return np.array(sorted(found), dtype=np.int64)
 
 
 def _fail_dependents(core, ids: np.ndarray, job_id: int, status: str, now: float) -> None:

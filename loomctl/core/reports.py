@@ -27,6 +27,7 @@ from loomctl import messages as M
 from loomctl.core import jobs
 from loomctl.core import transitions as T
 from loomctl.core.tasktable import ASSIGNED, CANCELLED, FLAG_RESULT, READY, WAITING
+from loomctl.core.workers import MAX_ATTEMPTS
 
 MAX_REPORTED = 1 << 48   # bound of the sizes and lengths a worker reports (no object is 256 TiB)
 
@@ -150,7 +151,6 @@ def tasks_failed(core, wid: int, failures: list, now: float, unfetched: set = fr
     that failed because an input could not be fetched from a peer the server still counts
     as alive (the worker says so): they wait and run again, up to workers.MAX_ATTEMPTS
     attempts in all (a blip between two workers costs an attempt, not the job)."""
-    from loomctl.core.workers import MAX_ATTEMPTS
     g = core.graph
     c = g.cols
     worker = core.workers.get(wid)

@@ -105,27 +105,35 @@ def take_back(core, left: np.ndarray) -> None:
     ahead of them (their ASSIGNED consumers, and theirs) are WAITING again, and their
     workers drop them (CANCEL_TASKS); those of an ended job that nothing holds are
     cancelled."""
-    g = core.graph
-    c = g.cols
-    found = []
-    frontier = left
-    while len(frontier):
-        consumers = g.consumers_of(frontier)
-        consumers = consumers[c.state[consumers] == ASSIGNED]
-        if found and len(consumers):
-            consumers = consumers[~np.isin(consumers, np.concatenate(found))]
-        frontier = small_unique(consumers)
-        if len(frontier):
-            found.append(frontier)
-    if not found:
+    c = core.graph.cols
+    back = downstream(core, left, lambda consumers: c.state[consumers] == ASSIGNED)
+    if not len(back):
         return
-    back = distinct(np.concatenate(found)) if len(found) > 1 else found[0]
     for wid in small_unique(c.worker[back]).tolist():
         worker = core.workers.get(wid)
         if worker is not None:
             core.commands.append(M.CancelTasks(worker.key, back[c.worker[back] == wid]))
     transition(core, back, WAITING)
     release_unheld(core, back)
+
+
+def downstream(core, start: np.ndarray, keep) -> np.ndarray:
+    """The consumers of ``start``, and theirs, that ``keep`` (a mask of a consumers
+    array) keeps, followed only through kept ones; distinct, sorted."""
+    g = core.graph
+    found = []
+    frontier = start
+    while len(frontier):
+        consumers = g.consumers_of(frontier)
+        consumers = consumers[keep(consumers)]
+        if found and len(consumers):
+            consumers = consumers[~np.isin(consumers, np.concatenate(found))]
+        frontier = small_unique(consumers)
+        if len(frontier):
+            found.append(frontier)
+    if not found:
+        return np.zeros(0, dtype=np.int64)
+    return distinct(np.concatenate(found)) if len(found) > 1 else found[0]
 
 
 def put_ready(core, ids: np.ndarray) -> None:

@@ -21,8 +21,9 @@ Invariants:
   covers it and no other kind of cpu task runs, and waits in the executor's queue for
   a thread (the worker sets ``overbook`` while its pool tasks are short: the next one
   then starts as the thread becomes free, without a round trip through the loop); any
-  other cpu task starts only when ``free_cpus`` covers it. ``overbook`` is the worker's cpus after SHORT_STREAK
-  pool tasks in a row ran shorter than SHORT_TASK_S (``ran``), else 0.
+  other cpu task starts only when ``free_cpus`` covers it. ``overbook`` is the
+  worker's cpus after SHORT_STREAK pool tasks in a row ran shorter than SHORT_TASK_S
+  (``ran``), else 0.
 - A task that could never fit this worker (more cpus or named resources than it has) is
   failed at ``assign`` with a message saying so; it never waits, so it cannot deadlock
   the worker.
@@ -255,9 +256,7 @@ class TaskQueue:
     def take_startable(self, limit: int | None = None) -> list:
         """Ready tasks that fit now (at most ``limit``), in arrival order (first fit);
         their cpus and resources are reserved and they count as running."""
-        over = self.overbook   # (none while a cpu task that is not overbooked runs: its cpus are its own)
-        if over and not all(_poolable(s) for s in self.running.values() if s.cpus):
-            over = 0
+        over = self.overbook if self.overbook and self._only_pool_tasks_run() else 0
         full = -over   # (free_cpus at which no cpu task fits)
         if not self._ready or (self.free_cpus <= full and not self._ready_light):
             return []   # (a full worker with a long queue: this is called every loop)
@@ -289,6 +288,11 @@ class TaskQueue:
         self._ready = keep
         self._ready_light -= sum(1 for spec in start if spec.light)
         return start
+
+    def _only_pool_tasks_run(self) -> bool:
+        """Whether every running cpu task may be overbooked (a program's or a resource
+        task's cpus are its own: nothing is overbooked beside it)."""
+        return all(_poolable(s) for s in self.running.values() if s.cpus)
 
     def give_back(self, ids, count: int) -> list:
         """Work stealing: drop up to ``count`` of ``ids`` that could start now and that no
@@ -341,8 +345,7 @@ class TaskQueue:
     def check_invariants(self) -> None:
         assert not (set(self.queued) & set(self.running))
         assert self.free_cpus == self.cpus - sum(s.cpus for s in self.running.values())
-        assert self.free_cpus >= -self.cpus and (self.free_cpus >= 0 or
-                                                 all(_poolable(s) for s in self.running.values() if s.cpus))
+        assert self.free_cpus >= -self.cpus and (self.free_cpus >= 0 or self._only_pool_tasks_run())
         for name, cap in self.resources.items():
             used = sum(s.resources.get(name, 0) for s in self.running.values())
             assert self.free_resources[name] == cap - used >= 0
