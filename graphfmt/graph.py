@@ -93,6 +93,7 @@ def distinct(values: np.ndarray) -> np.ndarray:
     np.not_equal(values[1:], values[:-1], out=keep[1:])
     return values[keep]
 
+
 def offsets_from_lengths(lengths: np.ndarray, compact: bool = False) -> np.ndarray:
     """n+1 offsets of n lengths: int64, or with ``compact`` int32 when the total fits."""
     dtype = np.int32 if compact and int(np.sum(lengths, dtype=np.int64)) < (1 << 31) else np.int64

@@ -51,8 +51,9 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
                locations: {input id: data_address},   (inputs this worker does not hold)
                jobs: ids (optional: the job of each task, in the order of tasks; present
                      only when a task of a traced job is among them)}
-              + frames: the configs longer than messages.LARGE_CONFIG (64 KiB), each a frame of its own; the
-                row's config is then the number of its frame (0 for the first)
+              + frames: the configs longer than messages.LARGE_CONFIG (64 KiB), each a
+                frame of its own; the row's config is then the number of its frame (0
+                for the first)
     RELEASE_DATA {ids}     STOP {}
     CANCEL_TASKS {ids}     (their job ended: drop them if queued, kill a running program
                             with its process group, discard a running Python task's result;

@@ -24,7 +24,8 @@ Invariants:
   write starts where the good records end.
 - A journal of a newer format version is refused (JournalError), never misread.
 - A compaction is atomic: a new file is written, fsynced and renamed over the old one.
-- What is fsynced leaves the page cache (``_drop_cached``): a journal costs no memory.
+- What is fsynced leaves the page cache (``_drop_cached``): the journal's pages do not
+  stay in memory.
 """
 
 from __future__ import annotations

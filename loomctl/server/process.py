@@ -2,9 +2,9 @@
 
 Loop: wait for messages -> drain every message already waiting into the Dispatch ->
 flush (schedule once, send what comes back, then hand the batch's journal records to
-the journal: its writes, fsync and compaction never delay a message). Timers every 0.25 s: probe peers whose
-connection closed (``RouterPeers``), retire jobs, remove workers whose loop has been
-silent too long (see BUSY_LOOP_FACTOR).
+the journal: its writes, fsync and compaction never delay a message). Timers every
+0.25 s: probe peers whose connection closed (``RouterPeers``), retire jobs, remove
+workers whose loop has been silent too long (see BUSY_LOOP_FACTOR).
 This module keeps only sockets, the clock and signals; what a message means is decided
 in ``loomctl.server.dispatch``.
 
