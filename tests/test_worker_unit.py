@@ -386,7 +386,7 @@ def test_worker_computes_reports_serves_and_stops(server, tmp_path):
         for body in ({"req": "x"}, {"req": 1, "ids": b"123"}, {"ids": P.ids_to_bytes([2])}):
             raw.send_multipart(P.encode(P.FETCH, body))
         raw.send_multipart(P.encode(P.COMPUTE, {}))
-        assert not raw.poll(200)
+        assert not raw.poll(200), raw.recv_multipart()   # (what came, should it ever)
         raw.close(0)
         assert fetch(ctx, reg["data_address"], [2])[0] == [2]
         # garbage from the server: ignored, or the malformed task fails
