@@ -1,6 +1,7 @@
 """The Client against a scripted server on 127.0.0.1: message orders a real server
 produces only rarely (timing), made certain here."""
 
+import socket
 import threading
 
 import pytest
@@ -92,9 +93,13 @@ def test_a_plan_too_big_for_one_message_is_refused_before_sending(monkeypatch):
 
 def test_a_worker_that_refuses_the_connection_is_gone_at_once():
     """Nothing listens at the address: the monitor tells (not the 60 s timeout)."""
-    probe = zmq.Context.instance().socket(zmq.ROUTER)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close(0)   # a port that was free a moment ago, now closed
+    # A port bound but not listening refuses every connection, and while it stays bound no
+    # other process can listen on it, nor can the kernel pick it as our own source port (a
+    # port merely freed a moment ago could be taken by a parallel test's server, or could
+    # connect to itself, and then the link is made and closed: CI saw that once).
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
     links = WorkerLinks(zmq.Context.instance(), None, timeout_ms=60_000)
     try:
         with pytest.raises(WorkerGone, match=r"could not be reached \(refused"):
@@ -102,6 +107,7 @@ def test_a_worker_that_refuses_the_connection_is_gone_at_once():
         assert len(links) == 0
     finally:
         links.close()
+        probe.close()
 
 
 def test_fetch_asks_the_server_again_when_a_worker_no_longer_holds_the_data():
