@@ -65,6 +65,10 @@ class VarBytes:
     def __getitem__(self, i: int) -> bytes:
         return bytes(self.data[self.offsets[i]:self.offsets[i + 1]])
 
+    def view(self, i: int) -> memoryview:
+        """Item i without a copy (a 10 MB const's config is not copied to learn its length)."""
+        return memoryview(self.data)[self.offsets[i]:self.offsets[i + 1]]
+
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
@@ -326,19 +330,24 @@ class Graph:
                 continue
             if not S.is_known(symbol):
                 raise GraphError(f"task {ids[0]}: unknown symbol {symbol!r}", int(ids[0]))
-            if symbol in (S.RUN, S.OPEN, S.SAVE, S.SPLIT) or len(ids) <= 16:   # content checks, or few
+            if symbol in S.CONTENT_CHECKED or len(ids) <= 16:   # content checks, or few
                 candidates = ids
             else:   # arity and length checks are the same for every task of the type
                 keys = np.unique(np.stack([counts[ids], lengths[ids]]), axis=1, return_index=True)[1]
                 candidates = ids[np.sort(keys)]
-            checked = set()   # the checks depend on the arity and the config only (bounded memory)
+            # the checks depend on the arity and the config only (bounded memory); only
+            # those of programs and file names read the config's content, the others its
+            # length, which is all they are given and keyed by (no copy, no hash of a large one)
+            content = symbol in S.CONTENT_CHECKED
+            checked = set()
             for i in candidates.tolist():
-                key = (int(counts[i]), self.configs[i])
+                config = self.configs[i] if content else self.configs.view(i)
+                key = (int(counts[i]), config if content else len(config))
                 if key in checked:
                     continue
                 if len(checked) < 4096:
                     checked.add(key)
-                problem = S.check_config(symbol, key[0], key[1])
+                problem = S.check_config(symbol, key[0], config)
                 if problem:
                     raise GraphError(f"{self.describe(i)}: {problem}", i)
 

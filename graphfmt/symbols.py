@@ -94,7 +94,12 @@ def is_known(symbol: str) -> bool:
     return symbol in BUILTINS or not symbol.startswith("loom/")
 
 
+CONTENT_CHECKED = (RUN, OPEN, SAVE)   # symbols whose config check reads more than its length
+
+
 def check_config(symbol: str, n_inputs: int, config: bytes) -> str | None:
+    """A problem with a task's inputs or config, or None; of symbols other than those in
+    CONTENT_CHECKED only len(config) is read (a memoryview will do)."""
     arity = ARITY.get(symbol)
     if arity is None:
         return None if is_known(symbol) else f"unknown symbol {symbol!r}"
