@@ -296,3 +296,24 @@ def test_a_compute_row_naming_a_frame_that_is_not_there_fails_only_that_task():
     with pytest.raises(P.ProtocolError, match="config is not bytes"):
         TaskSpec.from_wire(first)
     assert TaskSpec.from_wire(second).config == b"ok"
+
+
+def test_the_per_thread_packer_packs_as_msgpack_does_in_every_thread_and_after_a_refusal():
+    """protocol.packb keeps one Packer per thread (msgpack.packb made one, with its 256 KiB
+    buffer, per message: an mmap and a munmap each under the server's fixed threshold)."""
+    import threading
+
+    import msgpack
+    body = {"req": 7, "ids": P.ids_to_bytes([1, 2, 3]), "name": "w", "nested": [1.5, None, {"k": b"v"}]}
+    assert P.packb(body) == msgpack.packb(body, use_bin_type=True)
+    with pytest.raises(TypeError):
+        P.packb({"x": object()})                     # a half-packed message is dropped...
+    assert P.packb(body) == msgpack.packb(body, use_bin_type=True)   # ...not sent with the next
+    out = []
+    threads = [threading.Thread(target=lambda i=i: out.append(all(
+        P.packb({"i": i, "n": n}) == msgpack.packb({"i": i, "n": n}) for n in range(2000)))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == [True] * 4

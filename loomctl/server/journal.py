@@ -36,6 +36,8 @@ import zlib
 
 import msgpack
 
+from loomctl.protocol import packb
+
 MAGIC = b"LOOMJRNL"
 VERSION = 1
 FLUSH_S = 0.1
@@ -52,7 +54,7 @@ def _frame(record: list) -> list:
     """The framed record as pieces to write in order: a large bytes-like item (a job's
     graph file, a view of the frame it came in) is a piece of its own, not copied."""
     if not any(isinstance(x, (bytes, memoryview)) and BIG_ITEM < len(x) < (1 << 32) for x in record):
-        payload = msgpack.packb(record, use_bin_type=True)
+        payload = packb(record)
         return [_FRAME.pack(len(payload), zlib.crc32(payload)) + payload]
     packer = msgpack.Packer(use_bin_type=True)
     pieces, small = [], [packer.pack_array_header(len(record))]

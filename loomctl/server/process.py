@@ -211,11 +211,12 @@ class Server:
         outgoing = self.dispatch.flush(now)
         send = self.sock.send
         for identity, frames in outgoing:
-            try:
-                send(identity, _MORE)
+            try:   # (copy=False: a large frame, a COMPUTE's 10 MB const, is sent from where it
+                #     is; pyzmq still copies frames under zmq.COPY_THRESHOLD, which is cheaper)
+                send(identity, _MORE, copy=False)
                 for frame in frames[:-1]:
-                    send(frame, _MORE)
-                send(frames[-1], _DONTWAIT)
+                    send(frame, _MORE, copy=False)
+                send(frames[-1], _DONTWAIT, copy=False)
             except zmq.ZMQError as exc:   # the peer is gone: nothing to do
                 log.info("could not send to a peer: %s", exc)
         if self.journal is not None:   # (what a reply confirms is on disk within FLUSH_S; the
