@@ -242,9 +242,26 @@ def to_bytes(graph: Graph) -> bytes:
     data = to_bytes_small(graph)   # (a few tasks: the same bytes without the per-column numpy work)
     if data is not None:
         return data
-    buffer = io.BytesIO()
-    write(buffer, graph)
-    return buffer.getvalue()
+    pieces = _Pieces()
+    write(pieces, graph)
+    return b"".join(pieces.parts)
+
+
+class _Pieces:
+    """A sink that keeps what the writer gives it, to be joined once: a BytesIO copies
+    each write, and again each time it grows (a map-reduce's 10 MB const cost 3 copies
+    into fresh memory, 5-30 ms each here). The pieces are bytes or views of the graph's
+    columns, which nothing changes while the writer runs."""
+
+    def __init__(self):
+        self.parts: list = []
+
+    def write(self, piece) -> int:
+        self.parts.append(piece)
+        return memoryview(piece).nbytes
+
+    def flush(self) -> None:
+        pass
 
 
 def as_graph(graph_or_results) -> Graph:

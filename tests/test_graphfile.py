@@ -689,3 +689,13 @@ def test_the_reader_gives_int32_ids_and_offsets_where_they_fit_and_int64_beyond(
     wide = offsets_from_lengths(np.array([2**31 - 1, 5], np.uint32), compact=True)
     assert wide.dtype == np.int64 and wide.tolist() == [0, 2**31 - 1, 2**31 + 4]
     assert offsets_from_lengths(np.array([3, 4], np.uint32), compact=True).dtype == np.int32
+
+
+def test_to_bytes_gives_the_bytes_a_file_gets(tmp_path):
+    """to_bytes joins the writer's pieces once (no BytesIO): the same bytes as a file."""
+    graph = graphfmt.build_graph([tasks.merge([tasks.const(b"x" * 300_000), tasks.run("true"), tasks.const(b"")])])[0]
+    path = tmp_path / "g.loom"
+    graphfmt.write(str(path), graph)
+    data = graphfmt.to_bytes(graph)
+    assert type(data) is bytes and data == path.read_bytes()
+    assert graphfmt.read(data).configs.total() == graph.configs.total()
