@@ -330,16 +330,16 @@ class Graph:
                 continue
             if not S.is_known(symbol):
                 raise GraphError(f"task {ids[0]}: unknown symbol {symbol!r}", int(ids[0]))
-            if symbol in S.CONTENT_CHECKED or len(ids) <= 16:   # content checks, or few
+            # only the checks of programs and file names read a config's content; the
+            # others read its length, which is all they are keyed by (and given a view
+            # for: no copy, no hash of a large config)
+            content = symbol in S.CONTENT_CHECKED
+            if content or len(ids) <= 16:   # content checks, or few
                 candidates = ids
             else:   # arity and length checks are the same for every task of the type
                 keys = np.unique(np.stack([counts[ids], lengths[ids]]), axis=1, return_index=True)[1]
                 candidates = ids[np.sort(keys)]
-            # the checks depend on the arity and the config only (bounded memory); only
-            # those of programs and file names read the config's content, the others its
-            # length, which is all they are given and keyed by (no copy, no hash of a large one)
-            content = symbol in S.CONTENT_CHECKED
-            checked = set()
+            checked = set()   # (the checks depend on the arity and the config only; bounded memory)
             for i in candidates.tolist():
                 config = self.configs[i] if content else self.configs.view(i)
                 key = (int(counts[i]), config if content else len(config))
