@@ -231,7 +231,7 @@ def _waiting_consumers(g, seeds: np.ndarray) -> list[int]:
 def _keep(core, wid: int, seeds: np.ndarray) -> None:
     """Rounds go on from ``seeds`` on worker ``wid`` (its lookahead ran out)."""
     old = core.frontier.get(wid)
-    core.frontier[wid] = seeds if old is None else np.union1d(old, seeds)
+    core.frontier[wid] = seeds if old is None else T.small_unique(np.concatenate([old, seeds]))
 
 
 def check(core) -> None:

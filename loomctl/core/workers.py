@@ -139,7 +139,7 @@ def presumed_running(worker: Worker, assigned: np.ndarray, graph) -> np.ndarray:
     ids = graph.rows_of(np.array(ids, dtype=np.int64)) if ids else ids   # (it reports global ids)
     running = assigned[np.isin(assigned, ids)] if len(ids) else assigned[:0]
     oldest = assigned[np.argsort(graph.ids_of(assigned), kind="stable")[:max(1, worker.cpus)]]
-    return np.union1d(running, oldest).astype(np.int64)
+    return T.small_unique(np.concatenate([running, oldest]).astype(np.int64))
 
 
 def strand(core, wid: int, address: str) -> None:
