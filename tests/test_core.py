@@ -680,7 +680,7 @@ def test_a_compute_of_tasks_whose_segments_are_out_of_row_order_gives_each_its_i
     worker = env.core.workers[env.wids[0]]
     ids = merges + [merges[0] - 1]
     cmd = scheduler.compute(env.core, worker, np.array(ids, dtype=np.int64))
-    assert [r.id for r in cmd.rows] == ids
+    assert [r.id for r in cmd.rows] == g.segs.ids_of(ids).tolist()   # (a COMPUTE names global ids)
     for row in cmd.rows:
-        symbol, config, inputs = g.task(row.id)
-        assert (row.symbol, row.config, row.inputs) == (symbol, bytes(config), inputs.tolist())
+        symbol, config, inputs = g.task(int(g.rows_of(np.array([row.id]))[0]))
+        assert (row.symbol, row.config, row.inputs) == (symbol, bytes(config), g.segs.ids_of(inputs).tolist())

@@ -267,7 +267,8 @@ def _intake(core, now: float) -> None:
 
 def compute(core, worker, ids: np.ndarray) -> M.Compute:
     """The COMPUTE command giving ``ids`` to ``worker`` (rows in the order of ``ids``),
-    built column-wise: a row costs a few list operations, not a walk of the graph."""
+    built column-wise: a row costs a few list operations, not a walk of the graph. It
+    names global ids already (its tasks' and inputs'; ``core.edge`` leaves it as it is)."""
     g = core.graph
     c = g.cols
     n = len(ids)
@@ -307,7 +308,8 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
     ends = np.searchsorted(consumer, ids[order], "right").tolist()
     holder = c.owner[inputs]
     pending = np.concatenate(([0], np.cumsum(holder < 0))).tolist()
-    flat = inputs.tolist()
+    ids_of = g.segs.ids_of   # (the rows of the message are global ids, core.edge)
+    flat = ids_of(inputs).tolist() if len(inputs) else []
     input_lists: list = [None] * n
     ahead: list = [False] * n
     for p, a, b in zip(order.tolist(), starts, ends):
@@ -328,6 +330,9 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
                 holders = [h, *sorted(copies)]
                 h = holders[(worker.id + i) % len(holders)]
             locations[i] = address[h]
+    if locations:
+        locations = dict(zip(ids_of(np.fromiter(locations, dtype=np.int64, count=len(locations))).tolist(),
+                             locations.values()))
     checkpoints: list = [None] * n
     for p in np.flatnonzero((flags & FLAG_CHECKPOINT) & ~(flags & FLAG_LOADED)).tolist():
         seg = segments[int(seg_of[p])]
@@ -343,7 +348,7 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
         inline[p] = watched[job_id]
     named = [g.named_request(t) or None for t in ids.tolist()] if g.any_named_requests else [None] * n
     new, make = tuple.__new__, M.ComputeRow   # (a ComputeRow built as the tuple it is: fast)
-    rows = [new(make, row) for row in zip(ids.tolist(), symbols, configs, input_lists, c.cpus[ids].tolist(), named,
+    rows = [new(make, row) for row in zip(ids_of(ids).tolist(), symbols, configs, input_lists, c.cpus[ids].tolist(), named,
                                            checkpoints, labels, inline, ahead)]
     large = [p for p, config in enumerate(configs) if type(config) is memoryview]
     return M.Compute(worker.key, rows, locations, jobs_of.astype(np.int64), large)
