@@ -699,3 +699,15 @@ def test_to_bytes_gives_the_bytes_a_file_gets(tmp_path):
     data = graphfmt.to_bytes(graph)
     assert type(data) is bytes and data == path.read_bytes()
     assert graphfmt.read(data).configs.total() == graph.configs.total()
+
+
+def test_the_first_of_each_arity_and_length_pair_is_what_a_unique_over_both_gives():
+    """Validation checks one task per (arity, config length) of a type; the positions it
+    picks are those of np.unique over both columns, first occurrences, in order."""
+    from graphfmt.graph import _first_of_each_pair
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n = int(rng.integers(1, 80))
+        a, b = rng.integers(0, 3, n), rng.integers(0, 5, n)
+        expected = np.sort(np.unique(np.stack([a, b]), axis=1, return_index=True)[1])
+        assert _first_of_each_pair(a, b).tolist() == expected.tolist()
