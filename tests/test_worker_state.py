@@ -15,9 +15,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from graphfmt import symbols as S
 from loomctl import protocol as P
 from loomctl.worker import state as W
+from loomctl.worker import taskqueue
 from loomctl.worker.data import Plain
 from loomctl.worker.outcome import Outcome
-from loomctl.worker.running import run_task
+from loomctl.worker.running import run_inline
 
 EXAMPLES = int(os.environ.get("LOOMCTL_FUZZ_EXAMPLES", "60"))
 PEERS = ("tcp://peer-a:1", "tcp://peer-b:1")
@@ -229,7 +230,28 @@ def test_routes():
 
 def run_merge(spec, inputs):
     """What the process's run_inline does (a built-in run where it is)."""
-    return run_task(spec, inputs, None, False)
+    return run_inline(spec, inputs)
+
+
+def test_a_task_is_overbooked_only_if_it_goes_to_the_pool_and_names_no_resources():
+    for symbol in (S.RUN, S.MERGE, S.CONST, S.PY_CALL, S.PY_VALUE, "ext/thing"):
+        for cpus in (0, 1, 2):
+            for resources in ({}, {"gpu": 1}):
+                for checkpoint in (None, "/x"):
+                    spec = W.TaskSpec(1, symbol, b"", [], cpus, resources, checkpoint)
+                    assert taskqueue._poolable(spec) == (W.route(spec) == "pool" and not resources), spec
+
+
+def test_an_inline_built_in_gives_its_result_or_its_error_and_is_timed_only_when_asked():
+    ok = run_inline(W.TaskSpec(7, S.MERGE, b"-", [1, 2]), [Plain(b"ab"), Plain(b"c")])
+    assert (ok.task_id, ok.result, ok.size, ok.length, ok.error) == (7, Plain(b"ab-c"), 4, 0, None)
+    assert ok.started == ok.ended == 0.0
+    timed = run_inline(W.TaskSpec(7, S.CONST, b"x", []), [], timed=True)
+    assert 0 < timed.started <= timed.ended and timed.result == Plain(b"x") and timed.size == 1
+    bad = run_inline(W.TaskSpec(8, S.GET, b"\x05" + b"\0" * 7, [1]), [Plain(b"abc")])
+    assert bad.result is None and bad.error and "get" in bad.error.lower()
+    wrong = run_inline(W.TaskSpec(9, S.GET, b"", [1, 2]), [Plain(b"a"), Plain(b"b")])
+    assert wrong.error and "input" in wrong.error
 
 
 def test_a_chain_run_inline_ends_in_one_step_and_one_report():

@@ -48,7 +48,7 @@ from loomctl.worker import state as W
 from loomctl.worker.fetch import PeerLinks, decode_objects, serve_data
 from loomctl.worker.outcome import Outcome
 from loomctl.worker.programs import Programs
-from loomctl.worker.running import Pool, run_task
+from loomctl.worker.running import Pool, run_inline
 from loomctl.worker.serverlink import ServerLink
 from loomctl.worker.hostinfo import local_address_towards, rss, split_address
 from loomctl.worker.spill import SpillFiles, SpillThread
@@ -309,7 +309,7 @@ class Worker:
 
     def _run_inline(self, spec, inputs) -> Outcome:
         """An inline built-in, run within the state's step (WorkerState.run_inline)."""
-        outcome = run_task(spec, inputs, self.run_dir, self.keep_failed_dirs)
+        outcome = run_inline(spec, inputs, timed=self.tracer is not None)
         if self.tracer is not None:
             self.tracer.ended(spec.id, outcome, spec)
         return outcome

@@ -45,6 +45,22 @@ def run_task(spec: TaskSpec, inputs: list, work_dir: str, keep_failed_dirs: bool
     return out
 
 
+def run_inline(spec: TaskSpec, inputs: list, timed: bool = False) -> Outcome:
+    """Execute an inline built-in (``taskqueue.route``: no checkpoint, no context, no
+    logs), in the worker's loop; timed only when ``timed`` (a traced worker); never raises."""
+    out = Outcome(spec.id, started=time.time() if timed else 0.0)
+    try:
+        result = execute(spec.symbol, spec.config, inputs, None)
+        out.size, out.length, out.result = result.size(), result.length(), result
+    except data.TaskError as exc:
+        out.error = str(exc)
+    except Exception as exc:   # a bug must not take the worker down
+        out.error = f"internal error while running the task: {type(exc).__name__}: {exc}"
+    if timed:
+        out.ended = time.time()
+    return out
+
+
 class Pool:
     """Daemon executor threads (a task still running at exit does not hold the process)."""
 

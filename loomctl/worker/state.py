@@ -353,17 +353,19 @@ class WorkerState:
 
     def _done(self, outcome: Outcome) -> None:
         task_id = outcome.task_id
-        if task_id in self.cancelled:   # given up by the server: nothing of it is kept or said
+        if self.cancelled and task_id in self.cancelled:   # given up by the server: nothing of it is kept or said
             self.cancelled.discard(task_id)
             self.queue.finished(task_id, ok=False)
             return
         spec = self.queue.running.get(task_id)
         if spec is not None:
             self.store.unpin(spec.inputs)
-            self.loading.pop(task_id, None)
+            if self.loading:
+                self.loading.pop(task_id, None)
             self.queue.ran(spec, outcome.ended - outcome.started)
+        report = self.report
         for level, message in outcome.logs:
-            self.report.logs.append([task_id, level, message])
+            report.logs.append([task_id, level, message])
         if outcome.error is None and outcome.redirect is None:
             too_big = self.store.too_big(task_id, outcome.size)
             if too_big:
@@ -372,15 +374,17 @@ class WorkerState:
             self._fail(task_id, outcome.error, spec)
             failed = self.queue.finished(task_id, ok=False)
         elif outcome.redirect is not None:
-            self.report.redirects.append([task_id, outcome.redirect])
+            report.redirects.append([task_id, outcome.redirect])
             failed = self.queue.finished(task_id, ok=False)
         else:
-            self._store(task_id, outcome.result, outcome.size, outcome.length)
-            if spec is not None and spec.inline and self.sizes[task_id] <= P.INLINE_BYTES:
+            io = self.store.put(task_id, outcome.result, outcome.size, outcome.length)
+            if io:
+                self._io += io
+            if spec is not None and spec.inline and outcome.size <= P.INLINE_BYTES:
                 self._send_along(task_id, outcome.result)
-            self.report.finished.append(task_id)
-            self.report.sizes.append(outcome.size)
-            self.report.lengths.append(outcome.length)
+            report.finished.append(task_id)
+            report.sizes.append(outcome.size)
+            report.lengths.append(outcome.length)
             failed = self.queue.finished(task_id, ok=True)
         for other, message in failed:
             self._fail(other, message)
@@ -419,15 +423,17 @@ class WorkerState:
                 return
 
     def _execute(self, spec: TaskSpec, out: list) -> None:
-        inputs = [self.store.get(i) for i in spec.inputs]
+        memory = self.store.memory
+        inputs = [memory.get(i) for i in spec.inputs]
         if any(obj is None for obj in inputs):
             lost = [i for i, obj in zip(spec.inputs, inputs) if obj is None]
             # (a failed start, as an outcome: it frees the task's cpus in the queue)
             self._done(Outcome(spec.id, error=f"input {lost[0]} was released from this worker before "
                                               "the task started"))
             return
+        touch = self.store.lru.move_to_end   # (most recently used; every id in memory is in lru)
         for i in spec.inputs:
-            self.store.touch(i)
+            touch(i)
         where = route(spec)
         if where == "inline" and self.run_inline is not None:   # ends here: _start goes on
             return self._done(self.run_inline(spec, inputs))

@@ -128,8 +128,9 @@ def route(spec: TaskSpec) -> str:
 
 
 def _poolable(spec: TaskSpec) -> bool:
-    """A task that may be overbooked: one for the executor threads, naming no resources."""
-    return route(spec) == "pool" and not spec.resources
+    """A task that may be overbooked: one for the executor threads (``route``: "pool"),
+    naming no resources."""
+    return spec.cpus > 0 and not spec.resources and spec.symbol != S.RUN
 
 
 def is_int(value) -> bool:
@@ -207,13 +208,7 @@ class TaskQueue:
 
     def inputs_arrived(self, ids) -> None:
         for i in ids:
-            i = int(i)
-            self.fetching.discard(i)
-            for tid in self.waiters.pop(i, ()):
-                if tid in self.missing:
-                    self.missing[tid] -= 1
-                    if self.missing[tid] == 0:
-                        self._now_ready(tid)
+            self._arrived(int(i))
 
     def inputs_unavailable(self, ids, why: str, local: bool = False) -> list:
         """Inputs that will not arrive: every queued task waiting on one fails (one
@@ -243,7 +238,7 @@ class TaskQueue:
             for name, amount in spec.resources.items():
                 self.free_resources[name] += amount
         if ok:
-            self.inputs_arrived([task_id])
+            self._arrived(task_id)
             return []
         return self.inputs_unavailable([task_id], f"task {task_id} did not produce it here", local=True)
 
@@ -355,6 +350,18 @@ class TaskQueue:
         assert [a for a, _ in self._ready] == sorted(a for a, _ in self._ready)
 
     # ------------------------------------------------------------------ internals
+    def _arrived(self, i: int) -> None:
+        self.fetching.discard(i)
+        waiting = self.waiters.pop(i, None)
+        if waiting:
+            missing = self.missing
+            for tid in waiting:
+                left = missing.get(tid)
+                if left is not None:
+                    missing[tid] = left - 1
+                    if left == 1:
+                        self._now_ready(tid)
+
     def _now_ready(self, tid: int) -> None:
         bisect.insort(self._ready, (self._arrival[tid], tid))
         self._ready_light += self.queued[tid].light
