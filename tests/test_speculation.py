@@ -6,6 +6,7 @@ cluster running chains, with a worker killed mid-chain."""
 import signal
 
 import graphfmt
+from graphfmt import symbols as S
 from graphfmt import tasks
 from loomctl import protocol as P
 from loomctl.core import speculation
@@ -94,6 +95,48 @@ def test_finished_inputs_elsewhere_are_fetched_by_a_task_given_ahead():
         assert done in {int(k) for k in body["locations"]}   # fetched from its holder, as usual
     env.run_all()
     assert job2.status == "finished" and other in env.wids
+
+
+def test_the_last_branch_of_a_reduction_gets_the_root_ahead_when_the_other_branch_finishes():
+    env = Env(1, 1)
+    job, (top,) = env.submit([tasks.merge([chain(4), chain(4)])])
+    env.schedule()
+    w0, w1 = env.wids
+    c = env.core.cols
+    assert env.assigned[w0] and env.assigned[w1] and c.state[top] == WAITING   # a branch each
+    first, last = (w0, w1) if top - 1 in env.assigned[w1] else (w1, w0)
+    env.sent.clear()
+    env.finish(first)   # one branch is done; the other is still computed on ``last``
+    env.schedule()
+    assert c.state[top] == ASSIGNED and c.worker[top] == last
+    (target, body), = [(t, b) for t, b in env.messages(P.COMPUTE)]
+    assert target == f"w{last}".encode()
+    (r,) = body["tasks"]
+    assert r[0] == top and r[9]   # given ahead of its input made there
+    assert {int(k) for k in body["locations"]} == {t for t in r[3] if c.owner[t] == first}   # the other, fetched
+    env.check()
+    env.run_all()
+    assert job.status == "finished"
+    assert [t for _, b in env.messages(P.COMPUTE) for t in [r[0] for r in b["tasks"]]].count(top) == 1
+
+
+def test_a_consumer_waiting_for_inputs_on_two_workers_is_not_given_ahead_when_a_third_finishes():
+    env = Env(1, 1)
+    heads = [tasks.merge([tasks.run("true")]) for _ in range(2)]   # (a cpu task each: one per worker)
+    job, (top,) = env.submit([tasks.merge([chain(3, heads[0]), chain(3, heads[1]), tasks.const(b"c")])])
+    env.schedule()
+    c = env.core.cols
+    g = env.core.graph
+    *branch_ends, const = sorted(g.inputs(top).tolist(), key=lambda t: g.symbols[c.symbol[t]] == S.CONST)
+    assert all(c.state[t] == ASSIGNED for t in branch_ends)
+    holders = {int(c.worker[t]) for t in branch_ends}
+    assert len(holders) == 2   # a chain each (placement spreads them)
+    env.finish(int(c.worker[const]), [const])
+    env.schedule()
+    assert c.state[top] == WAITING   # two workers still compute its inputs: the rounds decide
+    env.check()
+    env.run_all()
+    assert job.status == "finished"
 
 
 class Ref:

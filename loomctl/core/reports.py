@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from loomctl import messages as M
-from loomctl.core import jobs
+from loomctl.core import jobs, speculation
 from loomctl.core import transitions as T
 from loomctl.core.tasktable import ASSIGNED, CANCELLED, FLAG_RESULT, READY, WAITING
 from loomctl.core.workers import MAX_ATTEMPTS
@@ -89,6 +89,7 @@ def tasks_finished(core, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: 
         worker.tasks_done += len(ids)
         worker.count_finished(int(np.count_nonzero(c.cpus[ids])), now)
     T.transition(core, ids, jobs.FINISHED)
+    speculation.inputs_finished(core, ids)
     _announce(core, ids, worker, now, inline)
 
 

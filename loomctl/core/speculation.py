@@ -36,6 +36,8 @@ from loomctl.core import transitions as T
 from loomctl.core.tasktable import ASSIGNED, FINISHED, FLAG_EXTRA, FLAG_OVERRIDE, WAITING
 
 SPECULATE_LIGHT = 2048   # light tasks assigned to one worker, at most, for speculation to add more
+FINISH_LOOKS = 64         # waiting consumers of a finished batch looked at (inputs_finished)
+FINISH_LOOK_INPUTS = 256  # inputs a consumer may have for that look
 EMPTY = np.zeros(0, dtype=np.int64)
 
 
@@ -213,6 +215,31 @@ class _Walk:
             heavy = heavy[fits]
             self.cpu_room -= int(c.cpus[heavy].sum())
         return (np.sort(np.concatenate([light, heavy])) if len(heavy) else light), cut
+
+
+def inputs_finished(core, ids: np.ndarray) -> None:
+    """Tasks of ``ids`` just finished. A consumer they leave WAITING only for inputs being
+    computed on one worker (the last branch of a reduction) goes to that worker ahead
+    too: those inputs join its frontier, and the next round resumes from there (so the
+    consumer starts where its last input is made, its other inputs fetched meanwhile,
+    instead of after a report, a round and a fetch). Consumers of many inputs, and more
+    than FINISH_LOOKS of them, are left to the rounds."""
+    if not core.options.speculate or not core.workers:
+        return
+    g = core.graph
+    c = g.cols
+    waiting = _waiting_consumers(g, ids)
+    for x in waiting[:FINISH_LOOKS]:
+        inputs = g.inputs(x)
+        if len(inputs) > FINISH_LOOK_INPUTS:
+            continue
+        pending = inputs[c.state[inputs] != FINISHED]
+        if not len(pending) or (c.state[pending] != ASSIGNED).any():
+            continue
+        owners = c.worker[pending]
+        wid = int(owners[0])
+        if (owners == wid).all() and wid in core.workers:
+            _keep(core, wid, T.small_unique(pending))
 
 
 def _waiting_consumers(g, seeds: np.ndarray) -> list[int]:
