@@ -21,7 +21,8 @@ Invariants (tests check them after every step, ``check``):
   of ``store``.
 - A task starts (``Execute``) only with all its inputs in memory; one whose inputs are
   in files holds its cpus in ``loading`` while they are read back. Inputs of started
-  and loading tasks are pinned in memory until the task ends.
+  and loading tasks are pinned in memory until the task ends (an inline built-in whose
+  inputs are in memory runs and ends within the step: it needs no pin).
 - While memory use is above the pause threshold, no task starts, except one at a time
   when nothing runs, loads or is being written (so that a worker always makes
   progress). A result larger than the memory limit fails its task and is not kept.
@@ -297,7 +298,7 @@ class WorkerState:
                 log.warning("malformed task in COMPUTE: %s", exc)
                 if isinstance(row, (list, tuple)) and row and is_int(row[0]):
                     self._fail(row[0], f"malformed task assignment: {exc}")
-        fetch, failed = self.queue.assign(specs, self.store, locations)
+        fetch, failed = self.queue.assign(specs, self.store.sizes, locations)   # (sizes: the ids held)
         for task_id, message in failed:
             self._fail(task_id, message)
         for input_id, address in fetch:
@@ -351,14 +352,14 @@ class WorkerState:
         if absent:
             self._unavailable(absent, f"peer {event.address} does not hold it")
 
-    def _done(self, outcome: Outcome) -> None:
+    def _done(self, outcome: Outcome, pinned: bool = True) -> None:
         task_id = outcome.task_id
         if self.cancelled and task_id in self.cancelled:   # given up by the server: nothing of it is kept or said
             self.cancelled.discard(task_id)
             self.queue.finished(task_id, ok=False)
             return
         spec = self.queue.running.get(task_id)
-        if spec is not None:
+        if spec is not None and pinned:
             self.store.unpin(spec.inputs)
             if self.loading:
                 self.loading.pop(task_id, None)
@@ -391,7 +392,7 @@ class WorkerState:
 
     # ------------------------------------------------------------------ instructions
     def _start(self, out: list) -> None:
-        store = self.store
+        store, run_inline = self.store, self.run_inline
         for spec in [s for s in self.loading.values() if all(i in store.memory for i in s.inputs)
                      or not all(i in store for i in s.inputs)]:
             del self.loading[spec.id]
@@ -411,6 +412,8 @@ class WorkerState:
                 self._pause_noted = False
             started = self.queue.take_startable(limit)
             for spec in started:
+                if run_inline is not None and route(spec) == "inline" and self._run_inline(spec):
+                    continue
                 store.pin(spec.inputs)
                 if store.some_on_disk_only():
                     for i in dict.fromkeys(spec.inputs):
@@ -421,6 +424,20 @@ class WorkerState:
                 self._execute(spec, out)
             if not started or all(spec.id in self.queue.running for spec in started):
                 return
+
+    def _run_inline(self, spec: TaskSpec) -> bool:
+        """Run an inline task now if its inputs are in memory (unpinned: it ends before
+        anything else happens); False if they are not (it starts as any other)."""
+        memory = self.store.memory
+        try:
+            inputs = [memory[i] for i in spec.inputs]
+        except KeyError:
+            return False
+        touch = self.store.lru.move_to_end
+        for i in spec.inputs:
+            touch(i)
+        self._done(self.run_inline(spec, inputs), pinned=False)
+        return True
 
     def _execute(self, spec: TaskSpec, out: list) -> None:
         memory = self.store.memory

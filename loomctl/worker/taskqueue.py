@@ -167,20 +167,23 @@ class TaskQueue:
         has = have if callable(have) else have.__contains__
         fetch: list[tuple[int, str]] = []
         failed: list[tuple[int, str]] = []
+        queued, running, fetching, cpus = self.queued, self.running, self.fetching, self.cpus
         for spec in specs:
             tid = spec.id
-            if tid in self.queued or tid in self.running:
+            if tid in queued or tid in running:
                 continue
-            why = self.never_fits(spec)
-            if why:
-                failed.append((tid, why))
-                continue
+            if spec.cpus > cpus or spec.resources:
+                why = self.never_fits(spec)
+                if why:
+                    failed.append((tid, why))
+                    continue
             missing: list[int] = []
             problem = None
-            for i in dict.fromkeys(spec.inputs):
+            inputs = spec.inputs
+            for i in (dict.fromkeys(inputs) if len(inputs) > 1 else inputs):
                 if has(i):
                     continue
-                if i in self.fetching or i in self.queued or i in self.running:
+                if i in fetching or i in queued or i in running:
                     missing.append(i)
                 elif i in locations:
                     missing.append(i)
