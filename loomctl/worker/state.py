@@ -313,8 +313,11 @@ class WorkerState:
                 out.append(Kill(t))
 
     def _release(self, ids) -> None:
+        drop = self.store.drop
         for i in ids:
-            self._io += self.store.drop(i)
+            io = drop(i)
+            if io:
+                self._io += io
 
     def _peer_gone(self, address: str, reason: str, out: list) -> None:
         known = address in self.ready_links or address in self.connecting or address in self.plan.addresses()

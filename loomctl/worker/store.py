@@ -181,12 +181,15 @@ class DataStore:
 
     def drop(self, i) -> list:
         """Forget ``i``; returns the instructions that remove its file."""
-        if i not in self.sizes:
+        size = self.sizes.pop(i, None)
+        if size is None:
             return []
-        self.data_bytes -= self.sizes.pop(i)
-        self.lengths.pop(i, None)
+        self.data_bytes -= size
+        del self.lengths[i]
         if i in self.memory:
             self._from_memory(i)
+        if not (self.files or self.writing or self.reading or self.unwritable):   # (nothing spilled)
+            return []
         self.unwritable.discard(i)
         has_file = i in self.files
         if has_file:
