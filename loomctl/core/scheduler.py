@@ -280,15 +280,30 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
     seg_of = g.segs.of(ids)
     segments = g.segs.segments
     single = not n or (seg_of == seg_of[0]).all()   # (the usual case: one segment)
+    any_large = bool(g.overrides)   # (a large config is a view: a frame of its own)
     for s in ([int(seg_of[0])] if n and single else distinct(seg_of).tolist()):
         pos = range(n) if single else np.flatnonzero(seg_of == s).tolist()
         seg = segments[s]
         graph = seg.graph
         local = (ids if single else ids[pos]) - seg.base
         offsets, data = graph.configs.offsets, graph.configs.data
-        for p, a, b in zip(pos, offsets[local].tolist(), offsets[local + 1].tolist()):
-            # (a large one: no copy here, none into the body, a frame of its own)
-            configs[p] = memoryview(data)[a:b] if b - a > M.LARGE_CONFIG else bytes(data[a:b])
+        begin, end = offsets[local], offsets[local + 1]
+        lengths = end - begin
+        lo, hi = (int(begin.min()), int(end.max())) if len(local) else (0, 0)
+        if hi - lo <= 2 * int(lengths.sum()) + 4096 and (not len(local) or int(lengths.max()) <= M.LARGE_CONFIG):
+            # (small and close together, the usual case: one copy of their span, sliced)
+            span = bytes(data[lo:hi])
+            texts = [span[a:b] for a, b in zip((begin - lo).tolist(), (end - lo).tolist())]
+            if single:
+                configs = texts
+            else:
+                for p, text in zip(pos, texts):
+                    configs[p] = text
+        else:
+            any_large = True
+            for p, a, b in zip(pos, begin.tolist(), end.tolist()):
+                # (a large one: no copy here, none into the body, a frame of its own)
+                configs[p] = memoryview(data)[a:b] if b - a > M.LARGE_CONFIG else bytes(data[a:b])
         if graph.label_codes is not None:
             names = graph.labels
             for p, code in zip(pos, graph.label_codes[local].tolist()):
@@ -304,17 +319,22 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
     if len(consumer) > 1 and (consumer[1:] < consumer[:-1]).any():   # (segments whose rows are not in order)
         by_consumer = np.argsort(consumer, kind="stable")
         inputs, consumer = inputs[by_consumer], consumer[by_consumer]
-    starts = np.searchsorted(consumer, ids[order], "left").tolist()
-    ends = np.searchsorted(consumer, ids[order], "right").tolist()
+    starts = np.searchsorted(consumer, ids[order], "left")
+    ends = np.searchsorted(consumer, ids[order], "right")
     holder = c.owner[inputs]
-    pending = np.concatenate(([0], np.cumsum(holder < 0))).tolist()
+    pending = np.concatenate(([0], np.cumsum(holder < 0)))
     ids_of = g.segs.ids_of   # (the rows of the message are global ids, core.edge)
     flat = ids_of(inputs).tolist() if len(inputs) else []
-    input_lists: list = [None] * n
-    ahead: list = [False] * n
-    for p, a, b in zip(order.tolist(), starts, ends):
-        input_lists[p] = flat[a:b]
-        ahead[p] = pending[b] > pending[a]
+    in_order = n < 2 or bool((ids[1:] > ids[:-1]).all())   # (the usual case: order is 0, 1, ...)
+    lists = [flat[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+    waits = (pending[ends] > pending[starts]).tolist()   # (an input not computed yet: given ahead)
+    if in_order:
+        input_lists, ahead = lists, waits
+    else:   # (row p is the rank of ids[p] among the ids)
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n)
+        rank = rank.tolist()
+        input_lists, ahead = [lists[k] for k in rank], [waits[k] for k in rank]
     locations = {}
     elsewhere = (holder >= 0) & (holder != worker.id)
     if elsewhere.any():
@@ -350,7 +370,7 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
     new, make = tuple.__new__, M.ComputeRow   # (a ComputeRow built as the tuple it is: fast)
     rows = [new(make, row) for row in zip(ids_of(ids).tolist(), symbols, configs, input_lists, c.cpus[ids].tolist(), named,
                                            checkpoints, labels, inline, ahead)]
-    large = [p for p, config in enumerate(configs) if type(config) is memoryview]
+    large = [p for p, config in enumerate(configs) if type(config) is memoryview] if any_large else []
     return M.Compute(worker.key, rows, locations, jobs_of.astype(np.int64), large)
 
 
