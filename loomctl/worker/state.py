@@ -8,6 +8,7 @@ send a FETCH, close a link; inline built-ins (``route``) run within ``handle`` w
 the process gives ``run_inline`` (a chain of them: one step, not one per task). The
 process (``worker.process``) owns the sockets, threads, programs and clock and carries
 the instructions out; everything else is decided here, on plain data (tests drive it).
+The events and instructions themselves are in ``worker.events`` (they are re-exported here).
 
 The data objects are in a ``DataStore`` (``worker.store``): in memory or spilled to
 files, under the worker's memory limit. Its file I/O is instructions too (SpillWrite,
@@ -43,10 +44,12 @@ Invariants (tests check them after every step, ``check``):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from loomctl import protocol as P
 from loomctl.worker import data
+from loomctl.worker.events import (  # noqa: F401  (the state's events and instructions, as W.<name>)
+    CancelTasks, CloseLink, Compute, Connect, Execute, Fetched, Kill, LinkReady, Loaded, MemorySample, PeerGone,
+    ReleaseData, SendFetch, SendUpdate, Spilled, StealTasks, TaskDone, Tick)
 from loomctl.worker.fetchplan import FetchPlan
 from loomctl.worker.store import (DEFAULT_PAUSE_AT, DEFAULT_SPILL_AT, DataStore, SpillRead, SpillRef,  # noqa: F401
                                   SpillRemove, SpillWrite, human)
@@ -58,121 +61,6 @@ log = logging.getLogger("loomctl.worker")
 # A busy worker sends finish reports at most this late, in one UPDATE: the server does a
 # round per message, so fewer and fuller messages leave its cpu to the tasks.
 REPORT_HOLD_S = 0.020
-
-
-# ---------------------------------------------------------------------- events
-@dataclass(slots=True)
-class Compute:
-    rows: list                 # COMPUTE task rows as they came
-    locations: dict            # input id -> data address
-
-
-@dataclass(slots=True)
-class ReleaseData:
-    ids: list
-
-
-@dataclass(slots=True)
-class CancelTasks:
-    """The server gave these tasks up (their job ended)."""
-    ids: list
-
-
-@dataclass(slots=True)
-class StealTasks:
-    """Work stealing: give back up to ``count`` of ``ids`` that have not started."""
-    ids: list
-    count: int
-
-
-@dataclass(slots=True)
-class PeerGone:
-    """Fetches from ``address`` cannot succeed (the server lost that peer, or the link failed)."""
-    address: str
-    reason: str
-
-
-@dataclass(slots=True)
-class LinkReady:   # the link to a peer completed its handshake
-    address: str
-
-
-@dataclass(slots=True)
-class Fetched:
-    """A peer's DATA answer: ``objects`` has a DataObject or an error message per id of ``found``."""
-    address: str
-    req: int
-    found: list
-    missing: list
-    objects: list
-
-
-@dataclass(slots=True)
-class TaskDone:
-    outcome: Outcome
-
-
-@dataclass(slots=True)
-class Tick:   # time passed: fetches may have expired, held reports may be due
-    pass
-
-
-@dataclass(slots=True)
-class Spilled:
-    """A SpillWrite ended (``error``: it failed)."""
-    id: int
-    nbytes: int
-    error: str | None = None
-
-
-@dataclass(slots=True)
-class Loaded:
-    """A SpillRead ended: the object, or why it could not be read."""
-    id: int
-    obj: data.DataObject | None
-    error: str | None = None
-
-
-@dataclass(slots=True)
-class MemorySample:
-    """The worker process's resident memory (bytes) now."""
-    rss: int
-
-
-# ---------------------------------------------------------------------- instructions
-@dataclass(slots=True)
-class Execute:
-    spec: TaskSpec
-    inputs: list               # the input DataObjects, in order
-    route: str                 # "inline" (in the loop), "program", "pool" (cpus), "light" (light pool)
-
-
-@dataclass(slots=True)
-class SendUpdate:
-    body: dict
-
-
-@dataclass(slots=True)
-class Connect:
-    address: str
-
-
-@dataclass(slots=True)
-class SendFetch:
-    address: str
-    req: int
-    ids: list
-
-
-@dataclass(slots=True)
-class CloseLink:
-    address: str
-
-
-@dataclass(slots=True)
-class Kill:
-    """Stop a running task (a program: kill its process group)."""
-    task_id: int
 
 
 class WorkerState:
