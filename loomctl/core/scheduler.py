@@ -54,7 +54,8 @@ REPLACE_GRACE_S = 10.0
 
 
 def schedule(core, now: float) -> int:
-    """Place ready tasks on workers; returns how many were placed."""
+    """Place ready tasks on workers (and go on with chains given ahead); returns how many
+    tasks were assigned."""
     if core.hold_until is not None:   # restored: workers that come back bring data first
         if now < core.hold_until:
             return 0
@@ -65,8 +66,15 @@ def schedule(core, now: float) -> int:
         fail_unsatisfiable(core, None, now)
     if not core.workers:
         return 0
+    resumed = 0
     if core.frontier:   # chains given ahead of time go on (core.speculation)
-        core.stats["scheduled"] += speculation.resume(core)
+        resumed = speculation.resume(core)
+        core.stats["scheduled"] += resumed
+    return resumed + _round(core, now)
+
+
+def _round(core, now: float) -> int:
+    """Place ready tasks (and their consumers ahead) on workers; how many were placed."""
     if not (core.ready or len(core.pool)):
         if core.options.steal:
             stealing.request(core, now)
