@@ -277,3 +277,97 @@ def test_a_python_client_waits_through_a_restart_within_its_grace(tmp_path):
         client.close()
     finally:
         c.stop()
+
+
+# ---------------------------------------------------------------------- a full disk
+FULL_DISK_KB = 256
+
+
+class FullDiskCluster(Cluster):
+    """A cluster whose server journals onto a FULL_DISK_KB tmpfs of its own (a private
+    mount namespace: ``unshare --mount``, root only): the journal fills that disk."""
+
+    def __init__(self, directory, **kw):
+        self.journal_dir = os.path.join(str(directory), "journal-disk")
+        os.makedirs(self.journal_dir, exist_ok=True)
+        super().__init__(directory, server_args=["--journal", os.path.join(self.journal_dir, "journal")], **kw)
+
+    def _spawn(self, args, name):
+        if name != "server":
+            return super()._spawn(args, name)
+        log = open(os.path.join(self.dir, f"{name}.log"), "wb")
+        self.logs.append(log)
+        script = f'mount -t tmpfs -o size={FULL_DISK_KB}k tmpfs "$0" && exec "$@"'
+        return subprocess.Popen(["unshare", "--mount", "sh", "-c", script, self.journal_dir, sys.executable, "-m",
+                                 "loomctl", *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=self.env)
+
+
+def _can_mount_a_private_tmpfs(tmp_path) -> bool:
+    probe = subprocess.run(["unshare", "--mount", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0"', str(tmp_path)],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def test_a_full_disk_under_the_journal_does_not_stop_the_server(tmp_path):
+    """The journal's disk fills up (a real ENOSPC): the server says so in its log and goes
+    on serving; jobs before, during and after complete with their results."""
+    if not _can_mount_a_private_tmpfs(tmp_path):
+        pytest.skip("needs root: a private mount namespace with a tmpfs (unshare --mount)")
+    c = FullDiskCluster(tmp_path, workers=2, cpus=1)
+    try:
+        with c.client() as client:
+            assert client.gather([client.submit_one(tasks.const(b"before"))]) == [b"before"]
+            big = os.urandom((FULL_DISK_KB + 64) * 1024)   # its graph file alone does not fit
+            many = [tasks.merge([tasks.const(big), tasks.const(b"!")])] + [tasks.const(b"%d" % i) for i in range(50)]
+            results = client.gather(client.submit(many))
+            assert results[0] == big + b"!" and results[1:] == [b"%d" % i for i in range(50)]
+            # (the journal is written within FLUSH_S: wait for the server to meet the full disk)
+            wait_until(lambda: "No space left on device" in c.log("server") or c.server.poll() is not None, 30)
+            assert c.server.poll() is None, c.log("server")
+            for k in range(3):   # the disk is still full: later records do not fit either
+                assert client.gather([client.submit_one(tasks.const(b"after%d" % k))]) == [b"after%d" % k]
+            assert client.get_stats()["n_workers"] == 2
+        assert c.server.poll() is None, c.log("server")
+        (line,) = [x for x in c.log("server").splitlines() if "No space left on device" in x]
+        assert "journal" in line and c.journal_dir in line
+    finally:
+        c.stop()
+
+
+def test_the_journal_thread_writes_in_order_and_a_failed_write_leaves_only_complete_records(tmp_path, monkeypatch):
+    """JournalWriter: what is handed over is written in order; a write that fails midway
+    (ENOSPC after some bytes) is cut back to the last complete record, said once, and
+    later records are dropped until a compaction writes the live state whole again."""
+    import errno
+    path = str(tmp_path / "journal")
+    writer = J.JournalWriter(J.Journal(path))
+    writer.add([["ids", 1], ["ids", 2]])
+    writer.write_now([["ids", 3]])
+    assert [r[1] for r in J.load(path)[0]] == [1, 2, 3]
+    wait_until(lambda: not writer.journal.unsynced, 10)   # fsynced within FLUSH_S, unasked
+    real, budget = os.write, [10]
+
+    def full_disk(fd, data):   # room for 10 more bytes, then ENOSPC
+        if budget[0] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = real(fd, bytes(memoryview(data)[:budget[0]]))
+        budget[0] -= n
+        return n
+    monkeypatch.setattr(J.os, "write", full_disk)
+    errors = []
+    monkeypatch.setattr(J.log, "error", lambda *a: errors.append(a[0] % a[1:]))
+    writer.write_now([["ids", 4, b"x" * 100]])
+    writer.write_now([["ids", 5]])   # broken: dropped, not written after a gap
+    assert writer.broken and len(errors) == 1 and "No space left on device" in errors[0] and path in errors[0]
+    records, end, dropped = J.load(path)
+    assert [r[1] for r in records] == [1, 2, 3] and dropped == 0   # no torn record left behind
+    assert writer.wants_compaction(time.monotonic() + J.RETRY_S, retired=False)
+    writer.compact([["ids", 9]], time.monotonic())   # the disk is still full: still broken
+    writer.write_now([])
+    assert writer.broken and [r[1] for r in J.load(path)[0]] == [1, 2, 3]
+    monkeypatch.setattr(J.os, "write", real)   # space again
+    writer.compact([["ids", 10]], time.monotonic())
+    writer.add([["ids", 11]])
+    writer.close()
+    assert not writer.broken and [r[1] for r in J.load(path)[0]] == [10, 11] and len(errors) == 1

@@ -18,10 +18,20 @@ a view of the frame it was received in) is written from where it is: neither pac
 into a copy nor joined with the rest. When retired jobs make up
 most of the file it is rewritten (``compact``) with the live jobs only.
 
+The server's loop never waits for the disk: a ``JournalWriter`` thread owns the Journal
+and does its framing, writes, fsyncs and compactions, in the order they were handed over
+(``add``, ``compact``; ``write_now`` waits, for a huge graph file whose frame is to be
+freed). A write that fails (a full disk, an I/O error) is cut back to the last complete
+record and said in one log line; the journal is then *broken*: records are dropped (a
+journal with a gap would restore a wrong state) until a compaction (``wants_compaction``,
+every RETRY_S) writes the live state whole again.
+
 Invariants:
 - ``load`` returns every complete record in order and stops at the first incomplete or
   damaged one (a torn tail after a crash), saying how many bytes it dropped; the next
   write starts where the good records end.
+- The file always ends with a complete record (a failed write is truncated away), and
+  what it holds is a prefix of the records handed over since its last compaction.
 - A journal of a newer format version is refused (JournalError), never misread.
 - A compaction is atomic: a new file is written, fsynced and renamed over the old one.
 - What is fsynced leaves the page cache (``_drop_cached``): the journal's pages do not
@@ -30,8 +40,12 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
 import struct
+import threading
+import time
 import zlib
 
 import msgpack
@@ -44,6 +58,10 @@ FLUSH_S = 0.1
 _FRAME = struct.Struct("<II")
 _BIN32 = struct.Struct(">BI")
 BIG_ITEM = 1 << 16   # a record's bytes item above this is written from where it is, not copied
+RETRY_S = 5.0        # a broken journal is compacted again this often (JournalWriter)
+COMPACT_BYTES = 1 << 20   # the journal is rewritten once this much (and twice its live size) was added
+
+log = logging.getLogger("loomctl.server")
 
 
 class JournalError(Exception):
@@ -151,17 +169,26 @@ class Journal:
 
     def write(self) -> None:
         """Write what is pending (the pieces in order) without the fsync: the next
-        ``flush`` makes it durable. Frees what the pending records held."""
+        ``flush`` makes it durable. Frees what the pending records held. On an OSError
+        the file is cut back to its last complete record and the error raised."""
         pieces, self.pending = self.pending, []
         written = 0
         small: list = []   # (large pieces go as they are; the small ones between, joined: one write)
-        for piece in pieces:
-            if len(piece) > BIG_ITEM:
-                written += _write_all(self.fd, b"".join(small)) + _write_all(self.fd, piece)
-                small = []
-            else:
-                small.append(piece)
-        written += _write_all(self.fd, b"".join(small))
+        try:
+            for piece in pieces:
+                if len(piece) > BIG_ITEM:
+                    written += _write_all(self.fd, b"".join(small)) + _write_all(self.fd, piece)
+                    small = []
+                else:
+                    small.append(piece)
+            written += _write_all(self.fd, b"".join(small))
+        except OSError:
+            try:   # (no torn record left behind: the next write starts after the good ones)
+                os.ftruncate(self.fd, self.size)
+                os.lseek(self.fd, self.size, os.SEEK_SET)
+            except OSError:
+                pass
+            raise
         self.size += written
         self.written_since_compaction += written
         self.unsynced = self.unsynced or written > 0
@@ -205,5 +232,104 @@ class Journal:
     def close(self, now: float = 0.0) -> None:
         if self.fd is not None:
             self.flush(now)
+            self.close_file()
+
+    def close_file(self) -> None:
+        if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+class JournalWriter:
+    """A thread that owns a Journal (see the module docstring). ``add``, ``compact`` and
+    ``close`` come from the server's loop; the counters are read there too."""
+
+    def __init__(self, journal: Journal):
+        self.journal = journal
+        self.path = journal.path
+        self.broken = False           # a write failed: records are dropped until a compaction
+        self.compacting = False       # a compaction was handed over and has not ended
+        self.compacted_size = journal.size
+        self.last_attempt = 0.0       # (monotonic) of the last compaction handed over
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="journal", daemon=True)
+        self._thread.start()
+
+    def add(self, records: list) -> None:
+        if records:
+            self._queue.put(("add", records, None))
+
+    def write_now(self, records: list) -> None:
+        """Write ``records`` and wait until they are written (not yet fsynced)."""
+        done = threading.Event()
+        self._queue.put(("add", records, done))
+        done.wait()
+
+    def compact(self, records: list, now: float) -> None:
+        """Replace the journal by ``records`` (the live state, from ``restore.snapshot``)."""
+        self.compacting, self.last_attempt = True, now
+        self._queue.put(("compact", records, None))
+
+    def wants_compaction(self, now: float, retired: bool) -> bool:
+        """Whether the loop should hand over a compaction now: the file grew with retired
+        jobs (``retired``: the batch retired one), or it is broken and RETRY_S passed."""
+        if self.compacting:
+            return False
+        if self.broken:
+            return now - self.last_attempt >= RETRY_S
+        return retired and self.journal.written_since_compaction > max(COMPACT_BYTES, 2 * self.compacted_size)
+
+    def close(self) -> None:
+        """Write and fsync what was handed over, then close the file (waits for it)."""
+        self._queue.put(("close", None, None))
+        self._thread.join()
+
+    # ------------------------------------------------------------------ the thread
+    def _serve(self) -> None:
+        journal = self.journal
+        while True:
+            timeout = None   # (something written and not fsynced: until it is due)
+            if journal.unsynced:
+                timeout = max(0.0, journal.last_flush + FLUSH_S - time.monotonic())
+            try:
+                kind, records, done = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                self._attempt(lambda: journal.flush(time.monotonic()))
+                continue
+            if kind == "add":
+                if not self.broken:
+                    self._attempt(lambda: self._write(records))
+                if done is not None:
+                    done.set()
+            elif kind == "compact":
+                if self._attempt(lambda: journal.compact(records, time.monotonic())):
+                    if self.broken:
+                        log.warning("journal %s: written again (the live state, whole)", self.path)
+                    self.broken = False
+                    self.compacted_size = journal.size
+                self.compacting = False
+            else:
+                self._attempt(lambda: journal.flush(time.monotonic()))
+                journal.close_file()
+                return
+            if journal.unsynced and time.monotonic() - journal.last_flush >= FLUSH_S:
+                self._attempt(lambda: journal.flush(time.monotonic()))
+
+    def _write(self, records: list) -> None:
+        for record in records:
+            self.journal.add(record)
+        self.journal.write()
+
+    def _attempt(self, action) -> bool:
+        try:
+            action()
+            return True
+        except Exception as exc:   # (OSError: a full disk, an I/O error; anything else must not end the thread)
+            self.journal.pending = []
+            self.journal.unsynced = False
+            if not self.broken:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+                log.error("journal %s: cannot write: %s; the server goes on, but a restart would lose what "
+                          "is not in the journal (a whole rewrite is tried every %g s)", self.path, why, RETRY_S)
+            self.broken = True
+            return False

@@ -45,7 +45,6 @@ BUSY_LOOP_FACTOR = 4
 RESTORE_WAIT_S = 5.0          # a restored server waits this long for workers before computing again
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 _DONTWAIT, _MORE = int(zmq.DONTWAIT), int(zmq.DONTWAIT | zmq.SNDMORE)
-COMPACT_BYTES = 1 << 20       # the journal is rewritten once this much (and twice its live size) was added
 
 
 def _tracer():
@@ -126,34 +125,25 @@ class Server:
             log.warning("restored %d jobs (%d tasks had finished) from the journal %s; waiting %g s for "
                         "workers to bring their data back%s", summary["jobs"], summary["tasks_finished"], path, wait,
                         f" ({summary['skipped']} records skipped)" if summary["skipped"] else "")
-        self.journal = J.Journal(path, records_end)
-        self._compact(now)   # the live state only, from a clean start
+        try:
+            journal = J.Journal(path, records_end)
+            journal.compact(snapshot(self.core, self._server_record()), now)   # the live state only, from a clean start
+        except OSError as exc:
+            raise J.JournalError(f"cannot write the journal {path}: {exc.strerror or exc}") from None
+        self.journal = J.JournalWriter(journal)
         self.core.record = []
-        self.dispatch.journal_now = self._journal_now
-
-    def _journal_now(self, records: list) -> None:
-        """Records the dispatch hands over at once (a large job's, with its graph file):
-        written now, made durable at the next flush."""
-        for record in records:
-            self.journal.add(record)
-        self.journal.write()
+        self.dispatch.journal_now = self.journal.write_now   # (a large job's records, with its graph file:
+        # written before the job is added, so that its frame is freed first)
 
     def _server_record(self) -> dict:
         return {"host": self.host, "port": self.port, "secret": self.secret}
 
-    def _compact(self, now: float) -> None:
-        self.journal.compact(snapshot(self.core, self._server_record()), now)
-        self._compacted_size = self.journal.size
-
-    def _journal_step(self, now: float, force: bool = False) -> None:
+    def _journal_step(self, now: float) -> None:
+        """The batch's records to the journal's thread (and a compaction, when it is due)."""
         records = self.dispatch.journal_records()
-        for record in records:
-            self.journal.add(record)
-        if force or self.journal.due(now):
-            self.journal.flush(now)
-        if self.journal.written_since_compaction > max(COMPACT_BYTES, 2 * self._compacted_size) \
-                and any(r[0] == "retire" for r in records):
-            self._compact(now)
+        self.journal.add(records)
+        if self.journal.wants_compaction(now, any(r[0] == "retire" for r in records)):
+            self.journal.compact(snapshot(self.core, self._server_record()), now)
 
     @property
     def running(self) -> bool:
@@ -219,8 +209,8 @@ class Server:
                 send(frames[-1], _DONTWAIT, copy=False)
             except zmq.ZMQError as exc:   # the peer is gone: nothing to do
                 log.info("could not send to a peer: %s", exc)
-        if self.journal is not None:   # (what a reply confirms is on disk within FLUSH_S; the
-            self._journal_step(now)    # write and fsync after the messages: they do not wait for it)
+        if self.journal is not None:   # (what a reply confirms is on disk within FLUSH_S, written
+            self._journal_step(now)    # by the journal's thread: no message waits for the disk)
 
     def _probe_peers(self, now: float) -> None:
         gone = self.peers.poll(now)
@@ -232,7 +222,7 @@ class Server:
     def close(self) -> None:
         self.dispatch.close()
         if self.journal is not None:
-            self._journal_step(time.monotonic(), force=True)
+            self._journal_step(time.monotonic())
             self.journal.close()
         if self.server_dir:
             remove_access(self.server_dir)
