@@ -273,6 +273,9 @@ def _intake(core, now: float) -> None:
             core.pool.add(ids, priority.keys(core, ids), c.cpus[ids] == 0)
 
 
+FEW = 16   # (rows of a COMPUTE below which Python beats a numpy call)
+
+
 def compute(core, worker, ids: np.ndarray) -> M.Compute:
     """The COMPUTE command giving ``ids`` to ``worker`` (rows in the order of ``ids``),
     built column-wise: a row costs a few list operations, not a walk of the graph. It
@@ -296,10 +299,12 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
         local = (ids if single else ids[pos]) - seg.base
         offsets, data = graph.configs.offsets, graph.configs.data
         begin, end = offsets[local], offsets[local + 1]
-        lengths = end - begin
-        lo, hi = (int(begin.min()), int(end.max())) if len(local) else (0, 0)
-        if hi - lo <= 2 * int(lengths.sum()) + 4096 and (not len(local) or int(lengths.max()) <= M.LARGE_CONFIG):
-            # (small and close together, the usual case: one copy of their span, sliced)
+        many = False
+        if len(local) > FEW:
+            lengths = end - begin
+            lo, hi = int(begin.min()), int(end.max())
+            many = hi - lo <= 2 * int(lengths.sum()) + 4096 and int(lengths.max()) <= M.LARGE_CONFIG
+        if many:   # (many, small and close together: one copy of their span, sliced)
             span = bytes(data[lo:hi])
             texts = [span[a:b] for a, b in zip((begin - lo).tolist(), (end - lo).tolist())]
             if single:
@@ -308,10 +313,12 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
                 for p, text in zip(pos, texts):
                     configs[p] = text
         else:
-            any_large = True
             for p, a, b in zip(pos, begin.tolist(), end.tolist()):
                 # (a large one: no copy here, none into the body, a frame of its own)
-                configs[p] = memoryview(data)[a:b] if b - a > M.LARGE_CONFIG else bytes(data[a:b])
+                if b - a > M.LARGE_CONFIG:
+                    configs[p], any_large = memoryview(data)[a:b], True
+                else:
+                    configs[p] = bytes(data[a:b])
         if graph.label_codes is not None:
             names = graph.labels
             for p, code in zip(pos, graph.label_codes[local].tolist()):
@@ -333,9 +340,14 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
     pending = np.concatenate(([0], np.cumsum(holder < 0)))
     ids_of = g.segs.ids_of   # (the rows of the message are global ids, core.edge)
     flat = ids_of(inputs).tolist() if len(inputs) else []
-    in_order = n < 2 or bool((ids[1:] > ids[:-1]).all())   # (the usual case: order is 0, 1, ...)
-    lists = [flat[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
-    waits = (pending[ends] > pending[starts]).tolist()   # (an input not computed yet: given ahead)
+    in_order = n < 2 or (bool((ids[1:] > ids[:-1]).all()) if n > FEW else ids.tolist() == sorted(ids.tolist()))
+    starts, ends = starts.tolist(), ends.tolist()
+    lists = [flat[a:b] for a, b in zip(starts, ends)]
+    if n > FEW:   # (an input not computed yet: given ahead)
+        waits = (pending[ends] > pending[starts]).tolist()
+    else:
+        pending = pending.tolist()
+        waits = [pending[b] > pending[a] for a, b in zip(starts, ends)]
     if in_order:
         input_lists, ahead = lists, waits
     else:   # (row p is the rank of ids[p] among the ids)

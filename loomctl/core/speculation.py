@@ -247,8 +247,8 @@ def _waiting_consumers(g, seeds: np.ndarray) -> list[int]:
     state = g.cols.state
     if len(seeds) == 1:
         consumers = g.consumers(int(seeds[0]))
-        if len(consumers) == 1:   # a chain: no numpy on the way
-            return consumers if state[consumers[0]] == WAITING else []
+        if len(consumers) <= 1:   # a chain or a sink: no numpy on the way
+            return consumers if consumers and state[consumers[0]] == WAITING else []
         consumers = np.array(consumers, dtype=np.int64)
     else:
         consumers = g.consumers_of(seeds)
