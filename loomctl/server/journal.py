@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import struct
 import threading
 import time
@@ -59,6 +58,7 @@ _FRAME = struct.Struct("<II")
 _BIN32 = struct.Struct(">BI")
 BIG_ITEM = 1 << 16   # a record's bytes item above this is written from where it is, not copied
 RETRY_S = 5.0        # a broken journal is compacted again this often (JournalWriter)
+BATCH_S = 0.01       # the journal's thread gathers what the loop hands over this long, then writes it
 COMPACT_BYTES = 1 << 20   # the journal is rewritten once this much (and twice its live size) was added
 
 log = logging.getLogger("loomctl.server")
@@ -241,8 +241,10 @@ class Journal:
 
 
 class JournalWriter:
-    """A thread that owns a Journal (see the module docstring). ``add``, ``compact`` and
-    ``close`` come from the server's loop; the counters are read there too."""
+    """A thread that owns a Journal (see the module docstring). ``add``, ``write_now``,
+    ``compact`` and ``close`` come from the server's loop (they append to one list, in
+    order, and wake the thread at most once per BATCH_S: one write per batch, not a lock
+    handoff and a write per message); the counters are read there too."""
 
     def __init__(self, journal: Journal):
         self.journal = journal
@@ -251,24 +253,30 @@ class JournalWriter:
         self.compacting = False       # a compaction was handed over and has not ended
         self.compacted_size = journal.size
         self.last_attempt = 0.0       # (monotonic) of the last compaction handed over
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._items: list = []        # records (lists) and operations (tuples), in order
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="journal", daemon=True)
         self._thread.start()
 
     def add(self, records: list) -> None:
         if records:
-            self._queue.put(("add", records, None))
+            self._items.extend(records)
+            self._signal()
 
     def write_now(self, records: list) -> None:
-        """Write ``records`` and wait until they are written (not yet fsynced)."""
+        """Write ``records`` (after what was handed over) and wait until they are written
+        (not yet fsynced)."""
         done = threading.Event()
-        self._queue.put(("add", records, done))
+        self._items.extend(records)
+        self._items.append(("done", done))
+        self._signal()
         done.wait()
 
     def compact(self, records: list, now: float) -> None:
         """Replace the journal by ``records`` (the live state, from ``restore.snapshot``)."""
         self.compacting, self.last_attempt = True, now
-        self._queue.put(("compact", records, None))
+        self._items.append(("compact", records))
+        self._signal()
 
     def wants_compaction(self, now: float, retired: bool) -> bool:
         """Whether the loop should hand over a compaction now: the file grew with retired
@@ -281,8 +289,13 @@ class JournalWriter:
 
     def close(self) -> None:
         """Write and fsync what was handed over, then close the file (waits for it)."""
-        self._queue.put(("close", None, None))
+        self._items.append(("close", None))
+        self._signal()
         self._thread.join()
+
+    def _signal(self) -> None:
+        if not self._wake.is_set():
+            self._wake.set()
 
     # ------------------------------------------------------------------ the thread
     def _serve(self) -> None:
@@ -291,34 +304,51 @@ class JournalWriter:
             timeout = None   # (something written and not fsynced: until it is due)
             if journal.unsynced:
                 timeout = max(0.0, journal.last_flush + FLUSH_S - time.monotonic())
-            try:
-                kind, records, done = self._queue.get(timeout=timeout)
-            except queue.Empty:
+            if self._wake.wait(timeout):
+                time.sleep(BATCH_S)   # (what comes meanwhile goes in the same write)
+                self._wake.clear()
+                items, self._items = self._items, []   # (the loop appends to one list or the other)
+                if self._apply(items):
+                    return
+            if journal.unsynced and time.monotonic() - journal.last_flush >= FLUSH_S:
                 self._attempt(lambda: journal.flush(time.monotonic()))
+
+    def _apply(self, items: list) -> bool:
+        """Carry out the items in order; True once the journal is closed."""
+        journal = self.journal
+        records: list = []
+        for item in items:
+            if type(item) is list:
+                records.append(item)
                 continue
-            if kind == "add":
-                if not self.broken:
-                    self._attempt(lambda: self._write(records))
-                if done is not None:
-                    done.set()
+            self._write(records)
+            records = []
+            kind, arg = item
+            if kind == "done":
+                arg.set()
             elif kind == "compact":
-                if self._attempt(lambda: journal.compact(records, time.monotonic())):
+                if self._attempt(lambda: journal.compact(arg, time.monotonic())):
                     if self.broken:
                         log.warning("journal %s: written again (the live state, whole)", self.path)
                     self.broken = False
                     self.compacted_size = journal.size
                 self.compacting = False
-            else:
+            else:   # close
                 self._attempt(lambda: journal.flush(time.monotonic()))
                 journal.close_file()
-                return
-            if journal.unsynced and time.monotonic() - journal.last_flush >= FLUSH_S:
-                self._attempt(lambda: journal.flush(time.monotonic()))
+                return True
+        self._write(records)
+        return False
 
     def _write(self, records: list) -> None:
-        for record in records:
-            self.journal.add(record)
-        self.journal.write()
+        if not records or self.broken:
+            return
+
+        def write():
+            for record in records:
+                self.journal.add(record)
+            self.journal.write()
+        self._attempt(write)
 
     def _attempt(self, action) -> bool:
         try:
