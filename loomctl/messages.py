@@ -140,6 +140,7 @@ class Update:
     inline: dict | None       # task id -> encoding of a small finished result
     returned: np.ndarray | None = None   # the answer to a StealTasks (None: not one)
     unfetched: np.ndarray | None = None  # of the failed, those whose input a peer did not give
+    cpu_busy: tuple | None = None        # (count, seconds) of the finished cpu tasks timed
 
 
 @dataclass(slots=True)

@@ -35,7 +35,10 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
                        when the worker gives nothing back: tasks dropped from its queue
                        unstarted, nothing more is reported of them),
                unfetched: ids (optional: of the failed, those that failed only because a
-                       peer did not give an input: the server may run them again)}
+                       peer did not give an input: the server may run them again),
+               cpu_busy: [count, seconds] (optional: of the finished tasks with cpus, how
+                       many were timed and how long they ran together: the server queues
+                       more of them for a worker whose tasks are short)}
     HEARTBEAT {n_data, data_bytes, rss, cpu_percent, running, running_ids: [task id],
                queued, heartbeat (a count), data_connections}
   server -> worker
@@ -324,7 +327,20 @@ def _update(body: dict) -> M.Update:
     returned = ids_from_bytes(field(body, "returned", bytes)) if "returned" in body else None
     unfetched = ids_from_bytes(field(body, "unfetched", bytes)) if "unfetched" in body else None
     return M.Update(finished, sizes, lengths, failed, redirects,
-                    ids_from_bytes(field(body, "replicas", bytes, b"")), logs, _inline(body), returned, unfetched)
+                    ids_from_bytes(field(body, "replicas", bytes, b"")), logs, _inline(body), returned, unfetched,
+                    _cpu_busy(body))
+
+
+def _cpu_busy(body: dict) -> tuple | None:
+    """(count, seconds) of an UPDATE's timed cpu tasks; None when absent or malformed
+    (it is a hint: a bad one is ignored, not the message)."""
+    busy = body.get("cpu_busy")
+    if not isinstance(busy, list) or len(busy) != 2:
+        return None
+    count, seconds = busy
+    if type(count) is not int or count <= 0 or type(seconds) not in (int, float) or not 0 <= seconds < 1e9:
+        return None
+    return count, float(seconds)
 
 
 def _inline(body: dict) -> dict | None:

@@ -231,6 +231,37 @@ def test_the_queue_grows_within_milliseconds_once_many_short_tasks_finished():
     assert len(env.assigned[0]) > placement.QUEUE_FACTOR
 
 
+def test_a_report_of_short_cpu_tasks_deepens_the_queue_at_once_and_one_of_long_tasks_or_quiet_shortens_it():
+    """UPDATE cpu_busy: a worker that says its cpu tasks ran 10 us each gets a queue twice
+    as deep per report, up to QUEUE_SECONDS of them (not after RATE_TASKS finishes two at
+    a time); a report of long tasks, or two rate windows without finishes, bring it back."""
+    from loomctl.core import placement
+    from loomctl.core.workers import Worker
+    env = Env(1)
+    env.submit([tasks.run("true") for _ in range(400)])
+    env.schedule()
+    worker = env.core.workers[env.wids[0]]
+    assert len(env.assigned[0]) == placement.QUEUE_FACTOR
+    depths = []
+    while worker.queue_factor < placement.MAX_QUEUE_FACTOR:
+        env.core.cpu_tasks_ran(worker.id, 2, 0.00002)
+        env.now += 0.0001
+        env.finish(0, env.assigned[0][:2])
+        env.schedule()
+        depths.append(worker.queue_factor)
+        assert len(depths) < 10
+    assert depths == [2 ** k for k in range(2, 2 + len(depths))]   # 4, 8, ... MAX_QUEUE_FACTOR
+    assert len(env.assigned[0]) == placement.MAX_QUEUE_FACTOR
+    env.core.cpu_tasks_ran(worker.id, 1, 2.0)   # its tasks turned long: at once
+    assert worker.queue_factor == placement.QUEUE_FACTOR
+    env.core.cpu_tasks_ran(worker.id, 4, 0.0001)   # short again: twice as deep
+    assert worker.queue_factor == 2 * placement.QUEUE_FACTOR
+    env.now += 1.0   # then no finish for a second (two rate windows and more)
+    env.schedule()
+    assert worker.queue_factor == worker.busy_factor == placement.QUEUE_FACTOR
+    env.core.check_invariants()
+
+
 def test_zero_cpu_task_with_a_named_resource_goes_only_where_it_is():
     env = Env(1)
     gpu = env.core.add_worker(b"w1", register(1, "addr-g", {"gpu": 1}), 0.0)

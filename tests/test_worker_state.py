@@ -161,7 +161,7 @@ def test_a_steal_answer_goes_with_the_reports_that_wait():
     assert returned(update) == [3] and P.ids_from_bytes(update["finished"]).tolist() == [0]
 
 
-def short(outcome, seconds=0.001):
+def short(outcome, seconds=0.01):   # (short: not tiny, taskqueue.TINY_TASK_S)
     outcome.started, outcome.ended = 100.0, 100.0 + seconds
     return outcome
 
@@ -188,6 +188,52 @@ def test_short_pool_tasks_are_overbooked_and_a_long_one_ends_that():
     out = s.handle([W.TaskDone(short(Outcome(n + 1, Plain(b"x"), 1)))], 0.003)
     assert [i.spec.id for i in out if isinstance(i, W.Execute)] == [n + 2]   # one at a time again
     s.check()
+
+
+def test_tiny_pool_tasks_are_overbooked_deeper_and_a_short_one_brings_it_back_to_the_cpus():
+    """After SHORT_STREAK pool tasks under TINY_TASK_S a 1-cpu worker keeps TINY_OVERBOOK
+    more waiting for its thread; one that ran longer than that (but short) goes back to
+    one more than the cpus."""
+    s = W.WorkerState(cpus=1)
+    n = taskqueue.SHORT_STREAK
+    s.handle([W.Compute([row(t, cpus=1, symbol=S.PY_CALL) for t in range(40)], {})], 0.0)
+    for t in range(n):
+        s.handle([W.TaskDone(short(Outcome(t, Plain(b"x"), 1), seconds=0.0001))], 0.001)
+    assert s.queue.overbook == taskqueue.TINY_OVERBOOK
+    assert len(s.queue.running) == 1 + taskqueue.TINY_OVERBOOK and s.queue.free_cpus == -taskqueue.TINY_OVERBOOK
+    s.check()
+    first = min(s.queue.running)
+    s.handle([W.TaskDone(short(Outcome(first, Plain(b"x"), 1), seconds=0.01))], 0.002)   # short, not tiny
+    assert s.queue.overbook == 1
+    started = len(s.queue.running)
+    for t in sorted(s.queue.running)[:started - 1]:   # the running ones end: one at a time beside the cpu again
+        s.handle([W.TaskDone(short(Outcome(t, Plain(b"x"), 1), seconds=0.01))], 0.003)
+    assert len(s.queue.running) == 2
+    s.check()
+
+
+def test_a_report_says_how_long_its_cpu_tasks_ran():
+    """UPDATE cpu_busy: the finished cpu tasks that were timed and their run time
+    together (light and inline tasks are not counted)."""
+    s = W.WorkerState(cpus=2, run_inline=run_merge)
+    out = s.handle([W.Compute([row(1, cpus=1, symbol=S.PY_CALL), row(2, cpus=1, symbol=S.PY_CALL),
+                               row(3, symbol=S.CONST)], {})], 0.0)
+    (update,) = reports(out)
+    assert "cpu_busy" not in update   # (the const only)
+    out = s.handle([W.TaskDone(short(Outcome(1, Plain(b"x"), 1), seconds=0.003)),
+                    W.TaskDone(short(Outcome(2, Plain(b"y"), 1), seconds=0.005))], 0.01)
+    (update,) = reports(out)
+    count, seconds = update["cpu_busy"]
+    assert count == 2 and abs(seconds - 0.008) < 1e-9
+    event = P.decode_worker_event(P.UPDATE, update)
+    assert event.cpu_busy == (2, seconds)
+
+
+def test_a_malformed_cpu_busy_is_ignored_not_the_report():
+    for bad in ([1], [0, 1.0], [-1, 1.0], [2, -1.0], ["2", 1.0], [True, 1.0], [2, float("nan")], "x"):
+        event = P.decode_worker_event(P.UPDATE, {"finished": P.ids_to_bytes([5]), "sizes": P.ids_to_bytes([1]),
+                                                 "lengths": P.ids_to_bytes([0]), "cpu_busy": bad})
+        assert event.cpu_busy is None and event.finished.tolist() == [5]
 
 
 def test_a_program_does_not_start_on_an_overbooked_cpu():

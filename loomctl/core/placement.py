@@ -7,7 +7,8 @@ Policy (HyperLoom's, computed over whole batches, tasks taken in the order given
   ``queue_factor`` times its cpus: a short queue so it never idles while a round trip is
   in flight. The factor is 2 (a queue as long as the cpus) for workers whose tasks take
   long; the server raises it (up to MAX_QUEUE_FACTOR) for a worker that finishes many
-  short tasks a second, so that its reports and the server's rounds carry batches. A
+  short tasks a second, or whose report says its cpu tasks ran that short (UPDATE
+  ``cpu_busy``), so that its reports and the server's rounds carry batches. A
   worker is refilled once it has used up half of its queue (``wants_work``).
 - A task goes to its preferred worker when that has a free cpu. A task whose preferred
   worker holds >= LOCALITY_BYTES of its inputs but has no free cpu waits in that

@@ -134,6 +134,12 @@ class ServerCore:
     def submit(self, client: bytes | None, graph: Graph, now: float, **options) -> Job:
         return jobs.submit(self, client, graph, now, **options)
 
+    def cpu_tasks_ran(self, wid: int, count: int, seconds: float) -> None:
+        """How long the cpu tasks of a worker's report ran (its queue follows them)."""
+        worker = self.workers.get(wid)
+        if worker is not None:
+            worker.cpu_tasks_ran(count, seconds)
+
     def tasks_finished(self, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: np.ndarray,
                        now: float, inline: dict | None = None) -> None:
         rows = edge.rows(self, ids)

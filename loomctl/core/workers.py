@@ -28,6 +28,7 @@ from loomctl.core import transitions as T
 from loomctl.core.tasktable import ASSIGNED, CANCELLED, FINISHED, WAITING
 
 MAX_ATTEMPTS = 3   # a task that lost its worker this many times fails
+BUSY_GROWTH = 2    # a report of short cpu tasks makes its worker's queue at most this much deeper
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Worker:
     queue_factor: int = placement.QUEUE_FACTOR   # from the rate of cpu tasks it finishes
     rate_since: float | None = None          # start of the window counting them
     rate_count: int = 0
+    busy_factor: int = placement.QUEUE_FACTOR    # from how long its last cpu tasks ran (cpu_tasks_ran)
 
     RATE_WINDOW = 0.05   # seconds
     RATE_TASKS = 16      # ... or this many finishes over a tenth of it
@@ -63,13 +65,28 @@ class Worker:
         self.rate_count += cpu_tasks
         elapsed = now - self.rate_since
         if elapsed >= self.RATE_WINDOW or (self.rate_count >= self.RATE_TASKS and elapsed >= self.RATE_WINDOW / 10):
-            self.queue_factor = placement.queue_factor(self.rate_count / elapsed, self.cpus)
+            self.queue_factor = max(placement.queue_factor(self.rate_count / elapsed, self.cpus), self.busy_factor)
             self.rate_since, self.rate_count = now, 0
+
+    def cpu_tasks_ran(self, count: int, seconds: float) -> None:
+        """``count`` cpu tasks it finished ran ``seconds`` together (the worker timed
+        them): a queue deep enough for QUEUE_SECONDS of tasks that short, BUSY_GROWTH times
+        deeper per report at most, rather than after RATE_TASKS finishes two at a time. The queue is the larger
+        of this and the rate's; a report of longer tasks lowers it at once, and so do two
+        windows without finishes."""
+        mean = seconds / count
+        target = placement.queue_factor(self.cpus / max(mean, 1e-6), self.cpus)
+        # (growing, at most BUSY_GROWTH times as deep per report: a first task that happened to be
+        # short does not send a worker a hundred long ones; shrinking, at once)
+        self.busy_factor = min(target, BUSY_GROWTH * max(self.busy_factor, self.queue_factor))
+        self.queue_factor = max(self.queue_factor, self.busy_factor) if target >= self.queue_factor else \
+            max(target, placement.QUEUE_FACTOR)
 
     def settle(self, now: float) -> None:
         """Without finishes for two windows, the rate so far, quiet time included, sets
         the queue again: a worker whose tasks turned long keeps no deep queue of them."""
         if self.rate_since is not None and now - self.rate_since >= 2 * self.RATE_WINDOW:
+            self.busy_factor = placement.QUEUE_FACTOR
             self.count_finished(0, now)
 
 

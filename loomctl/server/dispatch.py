@@ -175,6 +175,8 @@ class Dispatch:
         if isinstance(event, M.Heartbeat):
             core.heartbeat(wid, event.stats, now)
             return
+        if event.cpu_busy is not None:
+            core.cpu_tasks_ran(wid, *event.cpu_busy)
         if len(event.finished):
             core.tasks_finished(wid, event.finished, event.sizes, event.lengths, now, event.inline)
         if len(event.replicas):

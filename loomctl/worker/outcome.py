@@ -51,6 +51,7 @@ class Report:
         self.inline, self.blobs = [], []   # results sent along: ids, encodings
         self.returned: list | None = None  # the answer to a steal request: tasks given back
         self.unfetched: list = []          # of the failed: an input a peer did not give
+        self.busy_count, self.busy_seconds = 0, 0.0   # finished cpu tasks timed, their run time
 
     def __bool__(self):
         return bool(self.finished or self.failed or self.redirects or self.replicas or self.logs) \
@@ -85,4 +86,6 @@ class Report:
             body["returned"] = P.ids_to_bytes(self.returned)
         if self.unfetched:
             body["unfetched"] = P.ids_to_bytes(self.unfetched)
+        if self.busy_count:
+            body["cpu_busy"] = [self.busy_count, self.busy_seconds]
         return body

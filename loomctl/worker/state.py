@@ -277,6 +277,9 @@ class WorkerState:
             report.finished.append(task_id)
             report.sizes.append(outcome.size)
             report.lengths.append(outcome.length)
+            if spec is not None and spec.cpus and outcome.started > 0:   # (how short its cpu tasks are)
+                report.busy_count += 1
+                report.busy_seconds += max(0.0, outcome.ended - outcome.started)
             failed = self.queue.finished(task_id, ok=True)
         for other, message in failed:
             self._fail(other, message)

@@ -23,7 +23,7 @@ Invariants:
   then starts as the thread becomes free, without a round trip through the loop); any
   other cpu task starts only when ``free_cpus`` covers it. ``overbook`` is the
   worker's cpus after SHORT_STREAK pool tasks in a row ran shorter than SHORT_TASK_S
-  (``ran``), else 0.
+  (``ran``), TINY_OVERBOOK times that after as many shorter than TINY_TASK_S, else 0.
 - A task that could never fit this worker (more cpus or named resources than it has) is
   failed at ``assign`` with a message saying so; it never waits, so it cannot deadlock
   the worker.
@@ -50,6 +50,8 @@ from loomctl.protocol import ProtocolError
 _ROW_FIELDS = len(ComputeRow._fields)
 SHORT_STREAK = 3
 SHORT_TASK_S = 0.05   # (a task of microseconds may wait 5 ms for the GIL: the interpreter's switch interval)
+TINY_TASK_S = 0.002   # pool tasks this short are overbooked TINY_OVERBOOK times the cpus: a thread runs
+TINY_OVERBOOK = 8     # them back to back, and the loop hears of several at each wake-up
 
 
 @dataclass(slots=True)
@@ -146,6 +148,7 @@ class TaskQueue:
         self.free_cpus = self.cpus
         self.overbook = 0                            # cpus pool tasks may book beyond free_cpus
         self.short_streak = 0                        # pool tasks in a row shorter than SHORT_TASK_S
+        self.tiny_streak = 0                         # ... and shorter than TINY_TASK_S
         self.free_resources = dict(self.resources)
         self.queued: dict[int, TaskSpec] = {}
         self.running: dict[int, TaskSpec] = {}
@@ -249,7 +252,9 @@ class TaskQueue:
         """A started task ran this long (0 or less: not measured): sets ``overbook``."""
         if _poolable(spec):
             self.short_streak = self.short_streak + 1 if 0 < seconds < SHORT_TASK_S else 0
-            self.overbook = self.cpus if self.short_streak >= SHORT_STREAK else 0
+            self.tiny_streak = self.tiny_streak + 1 if 0 < seconds < TINY_TASK_S else 0
+            self.overbook = (self.cpus * TINY_OVERBOOK if self.tiny_streak >= SHORT_STREAK else self.cpus) \
+                if self.short_streak >= SHORT_STREAK else 0
 
     def take_startable(self, limit: int | None = None) -> list:
         """Ready tasks that fit now (at most ``limit``), in arrival order (first fit);
@@ -343,7 +348,7 @@ class TaskQueue:
     def check_invariants(self) -> None:
         assert not (set(self.queued) & set(self.running))
         assert self.free_cpus == self.cpus - sum(s.cpus for s in self.running.values())
-        assert self.free_cpus >= -self.cpus and (self.free_cpus >= 0 or self._only_pool_tasks_run())
+        assert self.free_cpus >= -self.cpus * TINY_OVERBOOK and (self.free_cpus >= 0 or self._only_pool_tasks_run())
         for name, cap in self.resources.items():
             used = sum(s.resources.get(name, 0) for s in self.running.values())
             assert self.free_resources[name] == cap - used >= 0
