@@ -567,3 +567,34 @@ def test_rss_follows_the_memory_this_process_touches_and_a_forked_child_reads_it
         os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(read, 16) == b"True"
+
+
+def test_a_ready_peer_link_silent_while_a_fetch_waits_is_given_up_and_an_idle_one_is_kept():
+    """fetch.PeerLinks.expired: a path that died under an open connection (frames
+    dropped: the eager links of a small cluster make that the usual case) is noticed
+    after SILENT_LINK_S of silence with a FETCH waiting, not after the fetch timeout;
+    an idle link is never expired for being quiet."""
+    from loomctl.worker import fetch
+    ctx = zmq.Context()
+    poller = zmq.Poller()
+    links = fetch.PeerLinks(ctx, poller, None)
+    try:
+        now = time.monotonic()
+        for address in ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2", "tcp://127.0.0.1:3"):
+            links.ensure(address, now)
+        waiting, idle, handshaking = (links.links[a] for a in ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2",
+                                                               "tcp://127.0.0.1:3"))
+        waiting.state = idle.state = "ready"   # (as after WELCOME)
+        links.send_fetch(waiting.address, 7, [1, 2])
+        assert waiting.asked == 1 and not idle.asked
+        later = now + fetch.SILENT_LINK_S + 1
+        waiting.heard = idle.heard = now
+        gone = dict(links.expired(later, timeout=fetch.SILENT_LINK_S + 5))
+        assert set(gone) == {waiting.address} and "sent nothing" in gone[waiting.address]
+        assert waiting.address not in links.links and idle.address in links.links
+        gone = dict(links.expired(now + fetch.SILENT_LINK_S + 10, timeout=fetch.SILENT_LINK_S + 5))
+        assert set(gone) == {handshaking.address} and "no answer" in gone[handshaking.address]
+        assert set(links.links) == {idle.address}
+    finally:
+        links.close()
+        ctx.term()

@@ -8,7 +8,8 @@ or dead peer never blocks the loop.
 
 Invariants:
 - A peer link is "ready" only after WELCOME; FETCH is never sent before. A link that
-  was refused or timed out is closed and forgotten (a later request makes a new one).
+  was refused or timed out is closed and forgotten (a later request makes a new one); so
+  is a ready link silent for SILENT_LINK_S while a FETCH waits on it.
 - ``serve_data`` answers only peers that completed the handshake, and only FETCH; an
   object only in a spill file is announced in the answer and streamed from its file
   (``worker.stream``), as the answers a link receives are put together from its chunks.
@@ -19,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import time
 
 import zmq
 
@@ -29,9 +31,14 @@ from loomctl.worker.stream import CHUNK, DATA_RCVHWM, STREAM_ABOVE, Assembly
 
 log = logging.getLogger("loomctl.worker")
 
+# A ready link from which nothing came for this long while a FETCH waited is given up (its
+# path died under the open connection: the fetch would otherwise wait for its timeout).
+# A peer streams large objects in chunks, so a long transfer is never silent that long.
+SILENT_LINK_S = 30.0
+
 
 class _Link:
-    __slots__ = ("address", "sock", "state", "since", "assembly")
+    __slots__ = ("address", "sock", "state", "since", "assembly", "asked", "heard")
 
     def __init__(self, address, sock, since):
         self.address = address
@@ -39,6 +46,8 @@ class _Link:
         self.state = "hello"     # hello -> (auth) -> ready
         self.since = since
         self.assembly = Assembly()
+        self.asked = 0           # FETCHes sent and not answered whole yet
+        self.heard = since       # (monotonic) when the peer last sent something, or the first of them went
 
 
 class PeerLinks:
@@ -75,6 +84,9 @@ class PeerLinks:
     def send_fetch(self, address: str, req: int, ids: list) -> None:
         link = self.links[address]
         link.sock.send_multipart(P.encode(P.FETCH, {"req": req, "ids": P.ids_to_bytes(ids)}))
+        if not link.asked:   # (the peer's silence counts from here)
+            link.heard = time.monotonic()
+        link.asked += 1
 
     def receive(self, sock) -> list:
         """Drain one peer socket. Events: ("ready", address) after WELCOME, ("data",
@@ -89,6 +101,7 @@ class PeerLinks:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)   # blobs: no extra copy
             except zmq.Again:
                 break
+            link.heard = time.monotonic()
             try:
                 kind, body, blobs = P.decode(frames)
                 event = self._handle(link, kind, body, blobs)
@@ -125,20 +138,29 @@ class PeerLinks:
             answer = link.assembly.chunk(body, blobs)
         else:
             raise P.ProtocolError(f"unexpected {kind!r} on a data link")
-        return None if answer is None else ("data", link.address, *answer)
+        if answer is None:
+            return None
+        link.asked = max(0, link.asked - 1)
+        return ("data", link.address, *answer)
 
     def _lost(self, link: _Link, reason: str):
         self.close_link(link.address)
         return ("lost", link.address, reason)
 
-    def handshakes_expired(self, now: float, timeout: float) -> list:
-        """Links whose handshake did not complete in time: [(address, reason)], closed."""
+    def expired(self, now: float, timeout: float, silence: float = SILENT_LINK_S) -> list:
+        """Links whose handshake did not complete within ``timeout``, and ready links from
+        which nothing came for ``silence`` while a fetch waited (a path that died under an
+        open connection): [(address, reason)], closed."""
         out = []
-        for link in [k for k in self.links.values() if k.state != "ready"]:
-            if now - link.since > timeout:
-                self.close_link(link.address)
-                out.append((link.address, f"no answer from peer {link.address} within "
-                                          f"{timeout:g} s"))
+        for link in list(self.links.values()):
+            if link.state != "ready" and now - link.since > timeout:
+                out.append((link.address, f"no answer from peer {link.address} within {timeout:g} s"))
+            elif link.state == "ready" and link.asked and now - link.heard > silence:
+                out.append((link.address, f"peer {link.address} sent nothing for {silence:g} s while a fetch "
+                                          "waited"))
+            else:
+                continue
+            self.close_link(link.address)
         return out
 
     def close_link(self, address: str) -> None:
