@@ -70,6 +70,13 @@ class PeerLost:
 
 
 @dataclass(slots=True)
+class Peers:
+    """Data addresses of other workers, for a worker to link to before it first fetches."""
+    target: bytes
+    addresses: list
+
+
+@dataclass(slots=True)
 class Stop:
     target: bytes
 
@@ -108,7 +115,7 @@ class JobDone:
     counts: dict
 
 
-WORKER_COMMANDS = (Compute, ReleaseData, CancelTasks, PeerLost, Stop, StealTasks)
+WORKER_COMMANDS = (Compute, ReleaseData, CancelTasks, PeerLost, Peers, Stop, StealTasks)
 CLIENT_COMMANDS = (ResultsReady, TaskFailed, JobDone)
 
 

@@ -68,6 +68,9 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
     PEER_LOST {address}    (the server removed the worker with this data address: give
                             up fetching from it now; tasks left waiting for its data fail
                             with "input ... is unavailable" and the server runs them again)
+    PEERS {addresses: [data_address]}   (other workers, in a cluster of at most
+                            core.workers.EAGER_PEERS: the worker links to them now, so that
+                            its first fetch from them does not wait for a handshake)
   server -> any peer
     PING {}    (a probe after a connection closed; peers ignore it)
     TRACE     {path: trace directory, job, on: bool}   (start / stop tracing a job into
@@ -129,6 +132,7 @@ REGISTER, UPDATE, HEARTBEAT = b"REGISTER", b"UPDATE", b"HEARTBEAT"
 COMPUTE, RELEASE_DATA, STOP = b"COMPUTE", b"RELEASE_DATA", b"STOP"
 TRACE = b"TRACE"
 PEER_LOST = b"PEER_LOST"
+PEERS = b"PEERS"
 CANCEL_TASKS = b"CANCEL_TASKS"
 STEAL_TASKS = b"STEAL_TASKS"
 # client -> server (requests carry "req"; the reply echoes it)
@@ -265,6 +269,7 @@ _COMMANDS = {
     M.Compute: (COMPUTE, None),   # (its frames: _compute_frames)
     M.ReleaseData: (RELEASE_DATA, lambda cmd: {"ids": ids_to_bytes(cmd.ids)}),
     M.PeerLost: (PEER_LOST, lambda cmd: {"address": cmd.address}),
+    M.Peers: (PEERS, lambda cmd: {"addresses": list(cmd.addresses)}),
     M.CancelTasks: (CANCEL_TASKS, lambda cmd: {"ids": ids_to_bytes(cmd.ids)}),
     M.StealTasks: (STEAL_TASKS, lambda cmd: {"ids": ids_to_bytes(cmd.ids), "count": int(cmd.count)}),
     M.Stop: (STOP, lambda cmd: {}),

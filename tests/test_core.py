@@ -715,3 +715,20 @@ def test_a_compute_of_tasks_whose_segments_are_out_of_row_order_gives_each_its_i
     for row in cmd.rows:
         symbol, config, inputs = g.task(int(g.rows_of(np.array([row.id]))[0]))
         assert (row.symbol, row.config, row.inputs) == (symbol, bytes(config), g.segs.ids_of(inputs).tolist())
+
+
+def test_a_worker_joining_a_small_cluster_and_the_others_are_told_each_others_data_addresses():
+    """PEERS: links made before the first fetch (in a cluster of at most EAGER_PEERS)."""
+    from loomctl import messages as M
+    from loomctl.core import workers
+    env = Env(1)
+    env.core.take_commands()
+    wid = env.core.add_worker(b"late", M.Register("late", "", 1, {}, [], "tcp://late"), env.now)
+    peers = [c for c in env.core.take_commands() if isinstance(c, M.Peers)]
+    assert {(c.target, tuple(c.addresses)) for c in peers} == {(b"late", ("addr0",)), (b"w0", ("tcp://late",))}
+    for k in range(workers.EAGER_PEERS):   # a larger cluster: links on first use only
+        env.core.add_worker(b"x%d" % k, M.Register(f"x{k}", "", 1, {}, [], f"tcp://x{k}"), env.now)
+    assert len(env.core.workers) > workers.EAGER_PEERS and wid in env.core.workers
+    told = [c for c in env.core.take_commands() if isinstance(c, M.Peers)]
+    assert told and all(len(c.addresses) < workers.EAGER_PEERS for c in told)
+    assert not any(c.target == b"x%d" % (workers.EAGER_PEERS - 1) for c in told)

@@ -326,3 +326,21 @@ def test_jobs_done_with_are_retired_so_a_long_running_server_does_not_grow(clust
         assert c.job_progress(futures[0].job)["status"] == "finished"   # a status row remains
         assert kept.gather() == b"kept"
         assert c.submit_one(tasks.merge([tasks.const("still "), tasks.const("fine")])).gather() == b"still fine"
+
+
+def test_workers_link_to_each_other_when_they_join_before_any_job(tmp_path):
+    """PEERS: each worker of a small cluster opens its data link to the others at once,
+    so that the first job's first fetch does not wait for a handshake."""
+    from test_reliability import wait_until
+    c = Cluster(tmp_path, workers=3, cpus=1)
+    try:
+        with c.client() as client:
+            # (each worker's data socket has a connection from each other worker; its
+            # heartbeats say how many)
+            workers = wait_until(lambda: (lambda ws: ws if len(ws) == 3 and all(
+                (w.get("data_connections") or 0) >= 2 for w in ws) else None)(client.status()["workers"]), 30)
+            assert client.get_stats()["n_tasks"] == 0 and len(workers) == 3
+            leaves = [tasks.const(b"%d" % i) for i in range(64)]
+            assert client.gather([client.submit_one(tasks.merge(leaves))]) == [b"".join(b"%d" % i for i in range(64))]
+    finally:
+        c.stop()

@@ -485,3 +485,15 @@ class WorkerMachine(RuleBasedStateMachine):
 WorkerMachine.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None,
                                            suppress_health_check=list(HealthCheck))
 test_worker_state_under_random_events = WorkerMachine.TestCase
+
+
+def test_peers_named_by_the_server_are_linked_to_once_before_any_fetch():
+    s = W.WorkerState(cpus=1)
+    out = s.handle([W.PeersKnown(["tcp://a:1", "tcp://b:2", 7, "tcp://a:1"])], 0.0)
+    assert [i.address for i in out if isinstance(i, W.Connect)] == ["tcp://a:1", "tcp://b:2"]
+    out = s.handle([W.LinkReady("tcp://a:1"), W.PeersKnown(["tcp://a:1", "tcp://b:2", "tcp://c:3"])], 0.01)
+    assert [i.address for i in out if isinstance(i, W.Connect)] == ["tcp://c:3"]
+    s.check()
+    out = s.handle([W.Compute([row(5, [1])], {1: "tcp://a:1"})], 0.02)   # the first fetch: no handshake to wait for
+    assert [(i.address, i.ids) for i in out if isinstance(i, W.SendFetch)] == [("tcp://a:1", [1])]
+    assert not [i for i in out if isinstance(i, W.Connect)]

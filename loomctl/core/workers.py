@@ -10,6 +10,8 @@ Invariants:
   where nothing else holds them and something still needs them (``recompute_lost``).
 - A ready task that only the lost worker could run is not failed at once: the check
   waits REPLACE_GRACE_S for a replacement (scheduler).
+- A worker joining a cluster of at most EAGER_PEERS is told the others' data addresses,
+  and they its (PEERS): links are made before the first fetch needs them.
 - When a worker is lost, the others are told (PEER_LOST) to stop fetching from it; a task
   ASSIGNED elsewhere that was to fetch an input from it is ``stranded``: its failure
   report from that worker ("input unavailable") makes it wait and run again, once,
@@ -28,6 +30,7 @@ from loomctl.core import transitions as T
 from loomctl.core.tasktable import ASSIGNED, CANCELLED, FINISHED, WAITING
 
 MAX_ATTEMPTS = 3   # a task that lost its worker this many times fails
+EAGER_PEERS = 16   # in a cluster of at most this many workers, each links to every other at once
 BUSY_GROWTH = 2    # a report of short cpu tasks makes its worker's queue at most this much deeper
 
 
@@ -97,6 +100,11 @@ def add_worker(core, key: bytes, info: M.Register, now: float) -> int:
         id=wid, key=key, name=info.name or f"worker-{wid}", hostname=info.hostname, cpus=max(0, info.cpus),
         resources={str(k): int(v) for k, v in info.resources.items()}, symbols=set(info.symbols),
         data_address=info.data_address, last_seen=now, memory_limit=info.memory_limit)
+    others = [w for w in core.workers.values() if w.id != wid and w.data_address != info.data_address]
+    if others and len(core.workers) <= EAGER_PEERS:   # (linked before the first fetch)
+        new = core.workers[wid]
+        core.commands.append(M.Peers(new.key, [w.data_address for w in others]))
+        core.commands.extend(M.Peers(w.key, [new.data_address]) for w in others)
     core.fail_unsatisfiable(None, now)
     return wid
 

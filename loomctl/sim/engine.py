@@ -221,7 +221,7 @@ class Simulation:
             self.stats["returned"] += len(back)
             self._want_flush(w)
         # PeerLost, Stop and CancelTasks do not happen: simulated workers are never lost,
-        # simulated tasks never fail and no job is cancelled
+        # simulated tasks never fail and no job is cancelled; Peers: the model has no links
 
     def _start(self, w: SimWorker) -> None:
         now = self.now

@@ -53,6 +53,12 @@ class LinkReady:   # the link to a peer completed its handshake
 
 
 @dataclass(slots=True)
+class PeersKnown:
+    """The server named other workers (PEERS): link to them before a fetch needs it."""
+    addresses: list
+
+
+@dataclass(slots=True)
 class Fetched:
     """A peer's DATA answer: ``objects`` has a DataObject or an error message per id of ``found``."""
     address: str

@@ -1,5 +1,4 @@
-"""The worker process: one poll loop around the sans-I/O WorkerState, executor threads
-and programs.
+"""The worker process: one poll loop around the sans-I/O WorkerState, executor threads and programs.
 
 The loop (``Worker.run``) polls the server DEALER, the data ROUTER, one DEALER per peer,
 the server socket's monitor and an inproc PAIR that executor threads use to wake it.
@@ -368,6 +367,8 @@ class Worker:
             elif kind == P.STOP:
                 log.info("the server asked this worker to stop")
                 self.stop("stop")
+            elif kind == P.PEERS:   # linked now, before a fetch waits for the handshake
+                self._events.append(W.PeersKnown(P.field(body, "addresses", list)))
             elif kind == P.PEER_LOST:   # fetches from a lost worker would wait for timeouts
                 self._events.append(W.PeerGone(P.field(body, "address", str), "the server lost that worker"))
             elif kind == P.REFUSED:   # the server no longer knows us (it dropped us, or it restarted)
@@ -408,7 +409,7 @@ class Worker:
             self.stop(stop)
         if self.data_peers.suspects:
             self._forget_data_peers(now)
-        for address, reason in self.peers.handshakes_expired(now, self.peer_timeout_s):
+        for address, reason in self.peers.expired(now, self.peer_timeout_s):
             self._events.append(W.PeerGone(address, reason))
 
     def _heartbeat(self, now: float) -> None:

@@ -49,7 +49,7 @@ from loomctl import protocol as P
 from loomctl.worker import data
 from loomctl.worker.events import (  # noqa: F401  (the state's events and instructions, as W.<name>)
     CancelTasks, CloseLink, Compute, Connect, Execute, Fetched, Kill, LinkReady, Loaded, MemorySample, PeerGone,
-    ReleaseData, SendFetch, SendUpdate, Spilled, StealTasks, TaskDone, Tick)
+    PeersKnown, ReleaseData, SendFetch, SendUpdate, Spilled, StealTasks, TaskDone, Tick)
 from loomctl.worker.fetchplan import FetchPlan
 from loomctl.worker.store import (DEFAULT_PAUSE_AT, DEFAULT_SPILL_AT, DataStore, SpillRead, SpillRef,  # noqa: F401
                                   SpillRemove, SpillWrite, human)
@@ -61,6 +61,7 @@ log = logging.getLogger("loomctl.worker")
 # A busy worker sends finish reports at most this late, in one UPDATE: the server does a
 # round per message, so fewer and fuller messages leave its cpu to the tasks.
 REPORT_HOLD_S = 0.020
+EAGER_LINKS = 64   # peers a PEERS message may have this worker link to (the server sends at most 16)
 
 
 class WorkerState:
@@ -106,6 +107,12 @@ class WorkerState:
                 self.ready_links.add(event.address)
             elif kind is PeerGone:
                 self._peer_gone(event.address, event.reason, out)
+            elif kind is PeersKnown:
+                for address in event.addresses[:EAGER_LINKS]:
+                    if isinstance(address, str) and address not in self.ready_links \
+                            and address not in self.connecting:
+                        self.connecting.add(address)
+                        out.append(Connect(address))
             elif kind is Spilled:
                 self._io += self.store.written(event.id, event.nbytes, event.error)
             elif kind is Loaded:
