@@ -371,3 +371,17 @@ def test_the_journal_thread_writes_in_order_and_a_failed_write_leaves_only_compl
     writer.add([["ids", 11]])
     writer.close()
     assert not writer.broken and [r[1] for r in J.load(path)[0]] == [10, 11] and len(errors) == 1
+
+
+def test_a_journal_thread_that_stops_on_a_bug_is_said_once_and_holds_nothing_back(tmp_path, monkeypatch):
+    path = str(tmp_path / "journal")
+    writer = J.JournalWriter(J.Journal(path))
+    errors = []
+    monkeypatch.setattr(J.log, "error", lambda *a: errors.append(a[0] % a[1:]))
+    monkeypatch.setattr(writer, "_apply", lambda items: 1 / 0)   # (a bug in the thread)
+    writer.write_now([["ids", 1]])   # returns: it does not wait for a dead thread
+    wait_until(lambda: writer.dead, 10)
+    writer.add([["ids", 2]])
+    writer.compact([["ids", 3]], time.monotonic())
+    assert writer._items == [] and len(errors) == 1 and "thread stopped" in errors[0] and path in errors[0]
+    writer.close()   # (joins a thread that is gone)

@@ -256,13 +256,14 @@ class JournalWriter:
         self.compacting = False       # a compaction was handed over and has not ended
         self.compacted_size = journal.size
         self.last_attempt = 0.0       # (monotonic) of the last compaction handed over
+        self.dead = False             # the thread stopped (a bug): nothing is handed over any more
         self._items: list = []        # records (lists) and operations (tuples), in order
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="journal", daemon=True)
         self._thread.start()
 
     def add(self, records: list) -> None:
-        if records:
+        if records and not self.dead:
             self._items.extend(records)
             self._signal()
 
@@ -273,10 +274,13 @@ class JournalWriter:
         self._items.extend(records)
         self._items.append(("done", done))
         self._signal()
-        done.wait()
+        while not done.wait(1.0) and self._thread.is_alive():   # (a dead thread must not hang the loop)
+            pass
 
     def compact(self, records: list, now: float) -> None:
         """Replace the journal by ``records`` (the live state, from ``restore.snapshot``)."""
+        if self.dead:
+            return
         self.compacting, self.last_attempt = True, now
         self._items.append(("compact", records))
         self._signal()
@@ -302,6 +306,14 @@ class JournalWriter:
 
     # ------------------------------------------------------------------ the thread
     def _serve(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:   # (the journal is lost, the server goes on: said once)
+            log.error("journal %s: its thread stopped: %s: %s; the journal is no longer written", self.path,
+                      type(exc).__name__, exc)
+            self.broken, self.dead, self._items = True, True, []
+
+    def _run(self) -> None:
         journal = self.journal
         while True:
             timeout = None   # (something written and not fsynced: until it is due)
