@@ -11,7 +11,9 @@ producers, generation by generation, within a bounded lookahead: light tasks whi
 fewer than SPECULATE_LIGHT light tasks assigned, cpu tasks within w's queue room
 (queue_factor x cpus). Where the lookahead ran out, the last generation is kept in
 ``core.frontier[w]`` and the next rounds go on from it (``resume``), so that a chain of a
-million goes out in batches. Not speculated: dslice/dget (the server expands them), tasks
+million goes out in batches. Finishes make them too (``inputs_finished``): a consumer
+whose other inputs just finished and that waits only for inputs ASSIGNED to one worker
+(a reduction's last branch) joins that worker's frontier. Not speculated: dslice/dget (the server expands them), tasks
 naming resources, tasks w cannot run, and anything for a worker near its memory limit.
 
 Invariants (``check``):
