@@ -83,7 +83,7 @@ class Worker:
         # short does not send a worker a hundred long ones; shrinking, at once)
         self.busy_factor = min(target, BUSY_GROWTH * max(self.busy_factor, self.queue_factor))
         self.queue_factor = max(self.queue_factor, self.busy_factor) if target >= self.queue_factor else \
-            max(target, placement.QUEUE_FACTOR)
+            self.busy_factor
 
     def settle(self, now: float) -> None:
         """Without finishes for two windows, the rate so far, quiet time included, sets

@@ -325,7 +325,7 @@ class JournalWriter:
                 items, self._items = self._items, []   # (the loop appends to one list or the other)
                 if self._apply(items):
                     return
-            if journal.unsynced and time.monotonic() - journal.last_flush >= FLUSH_S:
+            if journal.due(time.monotonic()):
                 self._attempt(lambda: journal.flush(time.monotonic()))
 
     def _apply(self, items: list) -> bool:

@@ -37,12 +37,17 @@ def run_task(spec: TaskSpec, inputs: list, work_dir: str, keep_failed_dirs: bool
             out.redirect = redirect_graph_bytes(result.task)
         else:
             finalize(out, spec, result)
-    except data.TaskError as exc:
-        out.error = str(exc)
-    except Exception as exc:   # a bug must not take the worker down
-        out.error = f"internal error while running the task: {type(exc).__name__}: {exc}"
+    except Exception as exc:   # (a bug must not take the worker down either)
+        out.error = _error_of(exc)
     out.ended = time.time()
     return out
+
+
+def _error_of(exc: Exception) -> str:
+    """A task's failure as its message: a TaskError's own, anything else an internal error."""
+    if isinstance(exc, data.TaskError):
+        return str(exc)
+    return f"internal error while running the task: {type(exc).__name__}: {exc}"
 
 
 def run_inline(spec: TaskSpec, inputs: list, timed: bool = False) -> Outcome:
@@ -50,12 +55,9 @@ def run_inline(spec: TaskSpec, inputs: list, timed: bool = False) -> Outcome:
     logs), in the worker's loop; timed only when ``timed`` (a traced worker); never raises."""
     out = Outcome(spec.id, started=time.time() if timed else 0.0)
     try:
-        result = execute(spec.symbol, spec.config, inputs, None)
-        out.size, out.length, out.result = result.size(), result.length(), result
-    except data.TaskError as exc:
-        out.error = str(exc)
-    except Exception as exc:   # a bug must not take the worker down
-        out.error = f"internal error while running the task: {type(exc).__name__}: {exc}"
+        finalize(out, spec, execute(spec.symbol, spec.config, inputs, None))
+    except Exception as exc:   # (a bug must not take the worker down either)
+        out.error = _error_of(exc)
     if timed:
         out.ended = time.time()
     return out

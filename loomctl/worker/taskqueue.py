@@ -253,8 +253,12 @@ class TaskQueue:
         if _poolable(spec):
             self.short_streak = self.short_streak + 1 if 0 < seconds < SHORT_TASK_S else 0
             self.tiny_streak = self.tiny_streak + 1 if 0 < seconds < TINY_TASK_S else 0
-            self.overbook = (self.cpus * TINY_OVERBOOK if self.tiny_streak >= SHORT_STREAK else self.cpus) \
-                if self.short_streak >= SHORT_STREAK else 0
+            if self.short_streak < SHORT_STREAK:
+                self.overbook = 0
+            elif self.tiny_streak < SHORT_STREAK:
+                self.overbook = self.cpus
+            else:
+                self.overbook = self.cpus * TINY_OVERBOOK
 
     def take_startable(self, limit: int | None = None) -> list:
         """Ready tasks that fit now (at most ``limit``), in arrival order (first fit);
