@@ -44,6 +44,31 @@ def test_a_chain_goes_to_its_worker_ahead_of_time_in_one_compute():
     assert env.core.stats["speculated"] == 19 and env.core.stats["rounds"] == 1
 
 
+def test_a_source_of_many_consumers_gives_them_ahead_over_columns_as_task_by_task(monkeypatch):
+    # a split's thousand pieces: more than SMALL_WALK consumers are looked at over columns;
+    # what goes ahead is what the task-by-task walk gives when it may look at them all
+    def given(small_walk):
+        monkeypatch.setattr(speculation, "SMALL_WALK", small_walk)
+        walks = []
+        for name in ("small", "large"):
+            original = getattr(speculation._Walk, name)
+            monkeypatch.setattr(speculation._Walk, name,
+                                lambda self, seeds, _o=original, _n=name: walks.append(_n) or _o(self, seeds))
+        env = Env(1)
+        lines = tasks.split(tasks.const(b"a\n" * 100))
+        pieces = [tasks.get(lines, i) for i in range(100)]
+        job, _ = env.submit([tasks.merge([p]) for p in pieces])
+        env.schedule()
+        speculation.check(env.core)
+        monkeypatch.undo()
+        return sorted(int(t) - job.base for t in env.assigned[env.wids[0]]), walks
+    by_columns, walks = given(32)
+    task_by_task, walks_tbt = given(10_000)
+    assert walks[0] == walks_tbt[0] == "small"   # (the split's consumers; the generations after it
+    assert walks.count("large") == walks_tbt.count("large") + 1   # are many seeds: over columns anyway)
+    assert by_columns == task_by_task == list(range(2 + 100 + 100))   # all of it ahead
+
+
 def test_the_lookahead_is_bounded_and_later_rounds_go_on_from_the_frontier(monkeypatch):
     monkeypatch.setattr(speculation, "SPECULATE_LIGHT", 8)
     env = Env(1)

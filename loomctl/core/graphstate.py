@@ -89,7 +89,8 @@ class TaskGraph:
         c.symbol[base:base + n] = lut[graph.types] if n else 0
         c.segment[base:base + n] = segment.index
         if len(graph.requests):
-            c.cpus[base:base + n] = [int((graph.request(i) or {}).get("cpus", 0)) for i in range(n)]
+            per_code = np.array([0] + [int(r.get("cpus", 0)) for r in graph.requests])   # (code 0: none)
+            c.cpus[base:base + n] = per_code[graph.request_codes]
         if graph.checkpoints is not None:
             c.flags[base:base + n] |= np.where(graph.checkpoints.lengths() > 0, FLAG_CHECKPOINT, 0).astype(np.uint8)
         external = (global_inputs < base) | (global_inputs >= base + n)

@@ -38,6 +38,7 @@ from loomctl.core import transitions as T
 from loomctl.core.tasktable import ASSIGNED, FINISHED, FLAG_EXTRA, FLAG_OVERRIDE, WAITING
 
 SPECULATE_LIGHT = 2048   # light tasks assigned to one worker, at most, for speculation to add more
+SMALL_WALK = 32           # waiting consumers a generation looks at task by task (more: over columns)
 FINISH_LOOKS = 64         # waiting consumers of a finished batch looked at (inputs_finished)
 FINISH_LOOK_INPUTS = 256  # inputs a consumer may have for that look
 EMPTY = np.zeros(0, dtype=np.int64)
@@ -156,7 +157,10 @@ class _Walk:
         c = g.cols
         state, worker, cpus, symbol, wid = c.state, c.worker, c.cpus, c.symbol, w.id
         generation, cut = [], False
-        for x in _waiting_consumers(g, seeds):
+        consumers = _waiting_consumers(g, seeds)
+        if len(consumers) > SMALL_WALK:   # (a split's thousand pieces: the columns are cheaper)
+            return self.large(seeds)
+        for x in consumers:
             if x in seen or not all(i in seen or state[i] == FINISHED or (state[i] == ASSIGNED and worker[i] == wid)
                                     for i in g.inputs(x).tolist()):
                 continue
