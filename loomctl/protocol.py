@@ -202,7 +202,8 @@ def _submitted_graph(body: dict, blobs: list | None):
         raise ProtocolError("SUBMIT carries its graph file as one blob frame, or in the body, not both")
     blob = blobs.pop()
     view = getattr(blob, "buffer", None)   # (a zmq.Frame received without a copy)
-    return view if isinstance(view, memoryview) else memoryview(blob)
+    # (read-only: the graph's configs may stay a view of it, graphfmt's _config_data)
+    return (view if isinstance(view, memoryview) else memoryview(blob)).toreadonly()
 
 
 def ids_to_bytes(ids) -> bytes:

@@ -58,6 +58,19 @@ def test_round_trip_keeps_every_column():
     assert (g.inputs < owners).all()
 
 
+def test_configs_that_are_most_of_a_read_only_buffer_stay_a_view_of_it_and_others_are_copied():
+    big = graphfmt.to_bytes(graphfmt.build_graph([tasks.merge([tasks.const(b"x" * 100_000), tasks.const(b"y")])])[0])
+    graph = graphfmt.read(big)
+    assert graph.configs.data.obj is big and graph.config(0) == b"x" * 100_000   # (not copied)
+    mutable = bytearray(big)
+    copied = graphfmt.read(mutable)
+    mutable[mutable.index(b"xxxx"):][:4] = b"zzzz"   # the caller may change its buffer afterwards
+    assert type(copied.configs.data) is bytes and copied.config(0) == b"x" * 100_000
+    leaves = [tasks.const(b"%d" % i) for i in range(200)]   # columns outweigh the configs: a view
+    small = graphfmt.to_bytes(graphfmt.build_graph([tasks.merge(leaves)])[0])   # would keep them alive
+    assert type(graphfmt.read(small).configs.data) is bytes
+
+
 def test_shared_subgraph_is_one_task_and_equal_objects_stay_two():
     shared = tasks.const("x")
     g, ids = graphfmt.build_graph([tasks.merge((shared, shared)), tasks.const("x"), shared])
