@@ -246,15 +246,18 @@ def _compute_frames(cmd: M.Compute) -> list:
 
 
 def compute_rows(body: dict, blobs: list) -> list:
-    """A COMPUTE's task rows with the configs sent as frames in place (a row naming a
-    frame that is not there keeps the number: that task is malformed, not the message)."""
+    """A COMPUTE's task rows with the configs sent as frames in place, as read-only views
+    of the frames (a row naming a frame that is not there keeps the number: that task is
+    malformed, not the message)."""
     rows = field(body, "tasks", list)
     if not blobs:
         return rows
     out = []
     for row in rows:
         if isinstance(row, list) and len(row) > 2 and type(row[2]) is int and 0 <= row[2] < len(blobs):
-            row = [*row[:2], bytes(blobs[row[2]]), *row[3:]]
+            blob = blobs[row[2]]
+            view = getattr(blob, "buffer", None)   # (a zmq.Frame received without a copy)
+            row = [*row[:2], (view if isinstance(view, memoryview) else memoryview(blob)).toreadonly(), *row[3:]]
         out.append(row)
     return out
 

@@ -274,6 +274,7 @@ def test_an_empty_steal_answer_ends_the_request():
 def test_a_large_config_goes_to_the_worker_as_a_frame_of_its_own():
     """A const of 256 KiB is not packed into the COMPUTE body (a copy on the server and
     one more on the worker): its row names a frame; the worker's rows have it back."""
+    from loomctl.worker.executors import execute
     from loomctl.worker.taskqueue import TaskSpec
     w = Wire()
     w.worker()
@@ -286,7 +287,14 @@ def test_a_large_config_goes_to_the_worker_as_a_frame_of_its_own():
     assert sorted(type(row[2]).__name__ for row in rows) == ["bytes", "bytes", "int"]
     assert [bytes(b) for b in blobs] == [big]
     specs = [TaskSpec.from_wire(row) for _, body, frames in computes for row in P.compute_rows(body, frames)]
-    assert sorted(s.config for s in specs if s.symbol == S.CONST) == sorted([big, b"small"])
+    assert sorted(bytes(s.config) for s in specs if s.symbol == S.CONST) == sorted([big, b"small"])
+    (view,) = [s.config for s in specs if type(s.config) is not bytes]   # the big one: a view of its frame
+    assert view.readonly and np.shares_memory(np.frombuffer(view, np.uint8), np.frombuffer(blobs[0], np.uint8))
+    value = execute(S.CONST, view, [], None)
+    assert value.read_range(1, 4) == big[1:4] and type(value.read_range(1, 4)) is bytes
+    assert value.read() == big and type(value.read()) is bytes
+    other = TaskSpec.from_wire([7, S.MERGE, view, [], 0])   # any other task's config is bytes
+    assert type(other.config) is bytes and other.config == big
 
 
 def test_a_compute_row_naming_a_frame_that_is_not_there_fails_only_that_task():

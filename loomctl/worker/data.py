@@ -1,8 +1,9 @@
 """The worker's data objects and their wire encoding.
 
 Invariants:
-- Data objects are immutable. Nothing here mutates an object after construction; cached
-  values (a file's size, an array's size) are pure functions of the object.
+- Data objects are immutable. Nothing here changes an object's value after construction
+  (a ``Plain.over`` a frame's view swaps it for equal bytes when first read whole);
+  cached values (a file's size, an array's size) are pure functions of the object.
 - Five kinds: ``Plain`` (bytes), ``FileObj`` (a path on a shared file system, read on
   demand), ``Array`` (a tuple of data objects, nested freely), ``Index`` (a D-object plus
   cut positions, an array of byte slices that stores no slices) and ``PyObj`` (any
@@ -94,7 +95,7 @@ def _clamp(start: int, end: int, n: int) -> tuple[int, int]:
 
 
 def kind_phrase(obj: DataObject) -> str:
-    return ("an " if obj.kind[0] in "aeiou" else "a ") + obj.kind + " object"
+    return _a(obj.kind) + " object"
 
 
 def content(obj: DataObject, what: str) -> bytes:
@@ -113,14 +114,25 @@ class Plain(DataObject):
     def __init__(self, content: bytes):
         self.content = content if type(content) is bytes else bytes(content)
 
+    @classmethod
+    def over(cls, view: memoryview) -> "Plain":
+        """A read-only view's bytes (a large const's frame, an encoded index's span), copied
+        only when read whole."""
+        obj = cls.__new__(cls)
+        obj.content = view.cast("B") if view.readonly else bytes(view)
+        return obj
+
     def size(self) -> int:
         return len(self.content)
 
     def read(self) -> bytes:
+        if type(self.content) is not bytes:   # (Plain.over: the same bytes, from now on)
+            self.content = bytes(self.content)
         return self.content
 
     def read_range(self, start: int, end: int) -> bytes:
-        return self.content[start:end]
+        part = self.content[start:end]
+        return part if type(part) is bytes else bytes(part)
 
     def __eq__(self, other):
         return isinstance(other, Plain) and self.content == other.content
@@ -387,17 +399,8 @@ def _compact_index(index: Index) -> tuple[DataObject, np.ndarray, int]:
         start, end = index.start, int(index.cuts[-1])
         if start > 0 or end < len(base.content):
             view = memoryview(base.content)[start:end]
-            return _PlainView(view), index.cuts - np.uint64(start), 0
+            return Plain.over(view), index.cuts - np.uint64(start), 0
     return base, index.cuts, index.start
-
-
-class _PlainView(Plain):
-    """A Plain over a memoryview, used only while encoding (avoids a copy)."""
-
-    __slots__ = ()
-
-    def __init__(self, view: memoryview):
-        self.content = view
 
 
 def decode(buf) -> DataObject:

@@ -114,7 +114,8 @@ def _config_text(config: bytes, symbol: str) -> str:
 
 
 def _const(config, inputs, ctx):
-    return Plain(config)
+    # (a large const comes as a read-only view of the frame it arrived in: kept, not copied)
+    return Plain.over(config) if type(config) is memoryview else Plain(config)
 
 
 def _merge(config, inputs, ctx):

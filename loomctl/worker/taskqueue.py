@@ -86,7 +86,8 @@ class TaskSpec:
                 config = config.encode()
             if not isinstance(config, (bytes, bytearray, memoryview)):
                 raise ProtocolError(f"task {tid}: config is not bytes")
-            config = bytes(config)
+            if not (symbol == S.CONST and type(config) is memoryview and config.readonly):
+                config = bytes(config)   # (a const's frame stays a view: its data, executors._const)
         if not isinstance(inputs, (list, tuple)):
             raise ProtocolError(f"task {tid}: inputs are not a list of task ids")
         for i in inputs:
