@@ -239,12 +239,19 @@ def write(dest, graph_or_results, block_tasks: int = BLOCK_TASKS) -> Graph:
 
 
 def to_bytes(graph: Graph) -> bytes:
+    pieces = to_pieces(graph)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def to_pieces(graph: Graph) -> list:
+    """The graph file as pieces (bytes, or views of the graph's columns) whose join is
+    ``to_bytes(graph)``: to be written or sent one after another, without that copy."""
     data = to_bytes_small(graph)   # (a few tasks: the same bytes without the per-column numpy work)
     if data is not None:
-        return data
+        return [data]
     pieces = _Pieces()
     write(pieces, graph)
-    return b"".join(pieces.parts)
+    return pieces.parts
 
 
 class _Pieces:

@@ -96,6 +96,30 @@ def test_a_large_graph_file_is_journaled_from_its_frame_byte_for_byte(tmp_path):
     assert [r[1] for r in J.load(path)[0]] == [1]
 
 
+def test_a_compaction_encodes_a_live_jobs_graph_in_the_journal_thread_without_joining_it(tmp_path, monkeypatch):
+    """A snapshot holds a live job's Graph, not its file: the compaction, in the journal's
+    thread, writes the file's pieces one after another (a 10 MB graph is never joined
+    into one copy on the server's loop); the journal then gives back the same bytes."""
+    writes = []
+    real = os.write
+    monkeypatch.setattr(J.os, "write", lambda fd, data: writes.append(len(data)) or real(fd, data))
+    core = ServerCore()
+    big = os.urandom(3 * J.BIG_ITEM)
+    leaves = [tasks.const(big)] + [tasks.const(b"%d" % i) for i in range(100)]   # (not a tiny file)
+    job = core.submit(b"c", graphfmt.read(graphfmt.to_bytes(graphfmt.build_graph([tasks.merge(leaves)])[0])), 0.0)
+    records = snapshot(core, {})
+    (graph,) = [r[3] for r in records if r[0] == "job"]
+    assert isinstance(graph, graphfmt.Graph)
+    path = str(tmp_path / "journal")
+    writer = J.JournalWriter(J.Journal(path))
+    writer.compact(records, 1.0)
+    writer.close()
+    assert len(big) < max(writes) < len(big) + 1000 < os.path.getsize(path)   # (the configs, by themselves)
+    (back,) = [r for r in J.load(path)[0] if r[0] == "job"]
+    assert back[1:3] == [job.id, job.base] and back[3] == graphfmt.to_bytes(graph)
+    assert graphfmt.read(back[3]).config(0) == big
+
+
 def test_a_journal_of_a_newer_version_is_refused(tmp_path):
     path = tmp_path / "journal"
     path.write_bytes(J.MAGIC + (J.VERSION + 1).to_bytes(2, "little"))
@@ -145,7 +169,9 @@ def test_a_restored_core_finishes_what_survived_and_computes_the_rest():
     b.check_invariants()
     # the live state written as records and read again gives the same core
     c = ServerCore()
-    restore(c, snapshot(b, {}), 20.0, 0.0)
+    records = snapshot(b, {})
+    assert all(isinstance(r[3], graphfmt.Graph) for r in records if r[0] == "job")   # (encoded by the journal)
+    restore(c, [[*r[:3], graphfmt.to_bytes(r[3]), *r[4:]] if r[0] == "job" else r for r in records], 20.0, 0.0)
     c.check_invariants()
     assert (c.cols.state[:b.cols.n] == b.cols.state[:b.cols.n])[b.cols.state[:b.cols.n] != 2].all()
 

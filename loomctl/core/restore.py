@@ -130,13 +130,14 @@ def restore(core, records: list, now: float, hold_s: float) -> dict:
 
 
 def snapshot(core, server: dict) -> list:
-    """The journal records of the live state (jobs not retired)."""
+    """The journal records of the live state (jobs not retired); a job's graph is the
+    Graph it was submitted as (server/journal.py writes it as its graph file)."""
     c = core.graph.cols
     out = [["server", server], ["ids", int(core.graph.segs.next_gid)]]
     for job in sorted(core.jobs.values(), key=lambda j: j.base):
         seg = core.graph.segs.segments[job.segments[0]]
-        out.append(["job", job.id, job.base, graphfmt.to_bytes(core.graph.submitted_graph(seg)),
-                     {"name": job.name, "detached": True}])
+        # (the Graph, not its file: the journal's thread encodes it, off the server's loop)
+        out.append(["job", job.id, job.base, core.graph.submitted_graph(seg), {"name": job.name, "detached": True}])
         lo, hi = seg.base, seg.base + seg.n   # (rows)
         done = lo + np.flatnonzero(c.state[lo:hi] == FINISHED)
         if len(done):

@@ -16,7 +16,8 @@ loop hands them to the journal's thread, which writes them within BATCH_S and fs
 within FLUSH_S of a write: one fsync per batch, so a crash of the machine loses at most
 about BATCH_S + FLUSH_S, a killed server at most BATCH_S (the page cache keeps the rest). A large bytes item (a job's graph file,
 a view of the frame it was received in) is written from where it is: neither packed
-into a copy nor joined with the rest. When retired jobs make up
+into a copy nor joined with the rest; a compaction's live jobs come as their Graphs,
+encoded into graph files by the thread, not on the server's loop. When retired jobs make up
 most of the file it is rewritten (``compact``) with the live jobs only.
 
 The server's loop never waits for the disk: a ``JournalWriter`` thread owns the Journal
@@ -50,6 +51,8 @@ import zlib
 
 import msgpack
 
+import graphfmt
+from graphfmt.graph import Graph
 from loomctl.protocol import packb
 
 MAGIC = b"LOOMJRNL"
@@ -73,25 +76,46 @@ class JournalError(Exception):
 
 def _frame(record: list) -> list:
     """The framed record as pieces to write in order: a large bytes-like item (a job's
-    graph file, a view of the frame it came in) is a piece of its own, not copied."""
-    if not any(isinstance(x, (bytes, memoryview)) and BIG_ITEM < len(x) < (1 << 32) for x in record):
-        payload = packb(record)
+    graph file, a view of the frame it came in) is written from where it is, not copied;
+    a Graph item (a snapshot's job) is encoded here, as its graph file, in pieces."""
+    items = [_item(x) for x in record]
+    if not any(type(x) is _Raw for x in items):
+        payload = packb(items)
         return [_FRAME.pack(len(payload), zlib.crc32(payload)) + payload]
     packer = msgpack.Packer(use_bin_type=True)
-    pieces, small = [], [packer.pack_array_header(len(record))]
-    for x in record:
-        if isinstance(x, (bytes, memoryview)) and BIG_ITEM < len(x) < (1 << 32):
-            view = memoryview(x).cast("B")
-            small.append(_BIN32.pack(0xC6, len(view)))   # (msgpack bin 32: BIG_ITEM < length < 4 GiB)
-            pieces += [b"".join(small), view]
-            small = []
-        else:
+    pieces, small = [], [packer.pack_array_header(len(items))]
+    for x in items:
+        if type(x) is not _Raw:
             small.append(packer.pack(x))
+            continue
+        small.append(_BIN32.pack(0xC6, sum(len(p) for p in x)))   # (msgpack bin 32: BIG_ITEM < length < 4 GiB)
+        pieces += [b"".join(small), *x]
+        small = []
     pieces.append(b"".join(small))
     crc = 0
     for piece in pieces:
         crc = zlib.crc32(piece, crc)
     return [_FRAME.pack(sum(len(piece) for piece in pieces), crc), *pieces]
+
+
+class _Raw(list):
+    """The pieces of a bytes item of a record, written one after another as they are."""
+
+
+def _item(x):
+    if isinstance(x, Graph):
+        parts = graphfmt.to_pieces(x)
+    elif isinstance(x, (bytes, memoryview)) and len(x) > BIG_ITEM:
+        parts = [x]
+    else:
+        return x
+    views = [memoryview(p).cast("B") for p in parts]
+    size = sum(len(v) for v in views)
+    if size <= BIG_ITEM:
+        return b"".join(views)
+    if size >= 1 << 32:
+        raise JournalError("a job's graph file of 4 GiB or more cannot be journaled")
+    return _Raw(views)
 
 
 def _write_all(fd: int, data) -> int:
