@@ -50,6 +50,19 @@ def test_a_task_waits_for_its_fetched_input_then_runs_and_is_reported():
     s.check()
 
 
+def test_a_report_of_a_batch_of_finishes_goes_at_once_even_while_busy():
+    # many light tasks (a split's pieces) finish while a cpu task runs with more queued:
+    # their consumers may be waiting to run on another worker, so such a report is not held
+    n = W.REPORT_BATCH
+    s = W.WorkerState(cpus=1)
+    s.handle([W.Compute([row(t, cpus=1) for t in range(3)] + [row(100 + k) for k in range(n)], {})], 0.0)
+    out = s.handle([W.TaskDone(Outcome(100 + k, Plain(b"x"), 1)) for k in range(n - 1)], 0.001)
+    assert not reports(out)   # (fewer: held, the worker is busy)
+    (update,) = reports(s.handle([W.TaskDone(Outcome(100 + n - 1, Plain(b"x"), 1))], 0.002))
+    assert P.ids_from_bytes(update["finished"]).tolist() == [100 + k for k in range(n)]
+    s.check()
+
+
 def test_a_busy_worker_holds_finish_reports_for_one_update():
     s = W.WorkerState(cpus=1)
     s.handle([W.Compute([row(t, cpus=1) for t in range(4)], {})], 0.0)   # one runs, three queued

@@ -35,8 +35,9 @@ Invariants (tests check them after every step, ``check``):
 - An id is fetched from one peer at a time, only over a link that completed its
   handshake; the TaskQueue keeps running tasks within the worker's cpus and resources.
 - Reports are held (for one UPDATE with more in it) only while the worker is busy and has
-  queued work for all its cpus, and never longer than REPORT_HOLD_S; failures,
-  redirects, replicas and the answer to a steal request go at once.
+  queued work for all its cpus, with fewer than REPORT_BATCH finishes, and never longer
+  than REPORT_HOLD_S; failures, redirects, replicas and the answer to a steal request go
+  at once.
 - A STEAL_TASKS request is always answered (UPDATE ``returned``, maybe empty); the tasks
   given back are dropped unstarted and nothing more is reported of them.
 """
@@ -61,6 +62,7 @@ log = logging.getLogger("loomctl.worker")
 # A busy worker sends finish reports at most this late, in one UPDATE: the server does a
 # round per message, so fewer and fuller messages leave its cpu to the tasks.
 REPORT_HOLD_S = 0.020
+REPORT_BATCH = 64   # a report of this many finishes is batch enough: it is not held
 EAGER_LINKS = 64   # peers a PEERS message may have this worker link to (the server sends at most 16)
 
 
@@ -382,15 +384,19 @@ class WorkerState:
             self.report_since = now
         if self._may_hold() and now - self.report_since < REPORT_HOLD_S:
             return
-        out.append(SendUpdate(self.report.body()))
+        # (first of the step's instructions: before the tasks it starts, whose threads may keep
+        # the GIL a while; a py/value's import held a map-reduce's first report back ~8 ms)
+        out.insert(0, SendUpdate(self.report.body()))
         self.report = Report()
         self.report_since = None
 
     def _may_hold(self) -> bool:
         """Finish reports may wait (for one UPDATE) while the worker is busy with queued work
-        for all its cpus: that delays nobody, and the server handles fewer, larger batches."""
+        for all its cpus and the report is small: the server then handles fewer, larger
+        batches. A large one goes at once: consumers of what it reports may be waiting to
+        run elsewhere (a split's 1,000 pieces, held 8 ms behind a py/value's import)."""
         return bool(self.queue.running) and len(self.queue.queued) >= max(1, self.cpus) \
-            and not self.report.urgent()
+            and len(self.report.finished) < REPORT_BATCH and not self.report.urgent()
 
     # ------------------------------------------------------------------ helpers
     def _unavailable(self, ids, reason: str, local: bool = False) -> None:
