@@ -200,9 +200,14 @@ def _submitted_graph(body: dict, blobs: list | None):
         return field(body, "graph", bytes)
     if len(blobs) != 1 or "graph" in body:
         raise ProtocolError("SUBMIT carries its graph file as one blob frame, or in the body, not both")
-    blob = blobs.pop()
-    view = getattr(blob, "buffer", None)   # (a zmq.Frame received without a copy)
     # (read-only: the graph's configs may stay a view of it, graphfmt's _config_data)
+    return _readonly_view(blobs.pop())
+
+
+def _readonly_view(blob) -> memoryview:
+    """A read-only view of a received frame (a zmq.Frame received without a copy, or
+    bytes), not a copy of it."""
+    view = getattr(blob, "buffer", None)
     return (view if isinstance(view, memoryview) else memoryview(blob)).toreadonly()
 
 
@@ -255,9 +260,7 @@ def compute_rows(body: dict, blobs: list) -> list:
     out = []
     for row in rows:
         if isinstance(row, list) and len(row) > 2 and type(row[2]) is int and 0 <= row[2] < len(blobs):
-            blob = blobs[row[2]]
-            view = getattr(blob, "buffer", None)   # (a zmq.Frame received without a copy)
-            row = [*row[:2], (view if isinstance(view, memoryview) else memoryview(blob)).toreadonly(), *row[3:]]
+            row = [*row[:2], _readonly_view(blobs[row[2]]), *row[3:]]
         out.append(row)
     return out
 

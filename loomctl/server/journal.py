@@ -118,6 +118,19 @@ def _item(x):
     return _Raw(views)
 
 
+def _write_pieces(fd: int, pieces) -> int:
+    """Write ``pieces`` in order: large ones as they are, the small ones between them
+    joined (one write each run); returns how many bytes were written."""
+    written, small = 0, []
+    for piece in pieces:
+        if len(piece) > BIG_ITEM:
+            written += _write_all(fd, b"".join(small)) + _write_all(fd, piece)
+            small = []
+        else:
+            small.append(piece)
+    return written + _write_all(fd, b"".join(small))
+
+
 def _write_all(fd: int, data) -> int:
     """Write all of ``data`` (bytes or a view) to ``fd``; returns its length."""
     view = memoryview(data).cast("B")
@@ -199,16 +212,8 @@ class Journal:
         ``flush`` makes it durable. Frees what the pending records held. On an OSError
         the file is cut back to its last complete record and the error raised."""
         pieces, self.pending = self.pending, []
-        written = 0
-        small: list = []   # (large pieces go as they are; the small ones between, joined: one write)
         try:
-            for piece in pieces:
-                if len(piece) > BIG_ITEM:
-                    written += _write_all(self.fd, b"".join(small)) + _write_all(self.fd, piece)
-                    small = []
-                else:
-                    small.append(piece)
-            written += _write_all(self.fd, b"".join(small))
+            written = _write_pieces(self.fd, pieces)
         except OSError:
             try:   # (no torn record left behind: the next write starts after the good ones)
                 os.ftruncate(self.fd, self.size)
@@ -241,14 +246,7 @@ class Journal:
         try:
             # (piece by piece: a join of a live 10 MB graph file held the GIL from the server's
             # loop for the whole copy; os.write lets it go)
-            size, small = 0, [MAGIC + struct.pack("<H", VERSION)]
-            for piece in (p for r in records for p in _frame(r)):
-                if len(piece) <= BIG_ITEM:   # (small pieces together: one write per batch)
-                    small.append(piece)
-                    continue
-                size += _write_all(fd, b"".join(small)) + _write_all(fd, piece)
-                small = []
-            size += _write_all(fd, b"".join(small))
+            size = _write_pieces(fd, [MAGIC + struct.pack("<H", VERSION), *(p for r in records for p in _frame(r))])
             os.fsync(fd)
             _drop_cached(fd)
         except BaseException:
