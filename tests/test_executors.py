@@ -478,3 +478,17 @@ def test_entry_points_are_discovered(clean_registry, monkeypatch):
                         lambda group: [FakeEntryPoint()] if group == "loomctl.tasks" else [])
     assert extensions.load_entry_points() == ["fake/task"]
     assert calls == [1]
+
+
+def test_a_split_scans_a_large_const_where_it_arrived_and_its_pieces_are_right(ctx):
+    """A large const is a read-only view of its COMPUTE frame; splitting it must not copy
+    it whole (10 MB of fresh memory: thousands of page faults before the first piece)."""
+    text = b"".join(b"line %d\n" % i for i in range(5000)) + b"tail"
+    frame = bytes(text)
+    const = ex(ctx, S.CONST, memoryview(frame))
+    index = ex(ctx, S.SPLIT, b"", [const])
+    assert type(const.content) is not bytes
+    assert np.shares_memory(np.frombuffer(const.content, np.uint8), np.frombuffer(frame, np.uint8))
+    assert index.length() == 5001
+    assert index.get(17).read() == b"line 17\n" and index.get(5000).read() == b"tail"
+    assert index.read() == text

@@ -130,6 +130,10 @@ class Plain(DataObject):
             self.content = bytes(self.content)
         return self.content
 
+    def view(self):
+        """The bytes without a copy: bytes, or the read-only view ``over`` keeps."""
+        return self.content
+
     def read_range(self, start: int, end: int) -> bytes:
         part = self.content[start:end]
         return part if type(part) is bytes else bytes(part)
