@@ -259,3 +259,33 @@ def test_inline_merge_of_spilled_inputs_runs_once_they_are_back():
     out = s.handle([W.Loaded(i, Plain(b"d" * 40)) for i in reads], 0.0)
     (execute,) = [x for x in out if isinstance(x, W.Execute)]
     assert execute.route == "inline" and len(execute.inputs) == len(on_disk)
+
+
+def test_pieces_viewing_a_large_consts_frame_count_that_frame_once_while_one_is_held():
+    """The pieces of a split of a large const are views of the frame it came in: held
+    alone, a 10-byte piece still keeps (and is counted as) the whole frame."""
+    import zmq
+    from loomctl.worker.data import Index
+    from loomctl.worker.executors import split_cuts
+    text = b"".join(b"piece %03d\n" % i for i in range(100))   # 1,000 bytes
+    frame = zmq.Frame(text)
+    const = Plain.over(frame.buffer.toreadonly())
+    index = Index(const, split_cuts(const.content, ord("\n")))
+    pieces = [index.get(i) for i in range(3)]
+    assert [p.read_range(0, 9) for p in pieces] == [b"piece 000", b"piece 001", b"piece 002"]
+    assert all(type(p.content) is memoryview and p.content.obj is frame for p in pieces)
+    store = DataStore(10_000)
+    store.put(1, const, 1000)
+    store.put(2, index, 1000)
+    for k, p in enumerate(pieces):
+        store.put(10 + k, p, 10)
+    assert store.memory_bytes == 1000 + index.cuts.nbytes
+    store.drop(1)
+    store.drop(2)
+    store.drop(10)
+    assert store.memory_bytes == 1000   # two pieces left: the frame is still there
+    store.check()
+    store.drop(11)
+    store.drop(12)
+    assert store.memory_bytes == 0
+    store.check()

@@ -11,7 +11,8 @@ Invariants:
   content.
 - An ``Index`` views ``base`` bytes ``[start, cuts[-1])``; piece ``i`` is
   ``[start if i == 0 else cuts[i-1], cuts[i])``. ``cuts`` is a non-decreasing uint64
-  numpy array; slicing an index shares its base and never copies content.
+  numpy array; slicing an index shares its base and never copies content (nor does
+  getting a piece of a base that is a view: the piece is a view of the same buffer).
 - Every failure a user can cause (reading an array, getting past the end, a vanished
   file) raises ``TaskError`` with a sentence for a person.
 - ``decode(encode(x))`` equals ``x`` for every kind. A FileObj travels as its path only.
@@ -116,8 +117,8 @@ class Plain(DataObject):
 
     @classmethod
     def over(cls, view: memoryview) -> "Plain":
-        """A read-only view's bytes (a large const's frame, an encoded index's span), copied
-        only when read whole."""
+        """A read-only view's bytes (a large const's frame, its split's pieces, an encoded
+        index's span), copied only when read whole; the store counts the whole buffer."""
         obj = cls.__new__(cls)
         obj.content = view.cast("B") if view.readonly else bytes(view)
         return obj
@@ -128,10 +129,6 @@ class Plain(DataObject):
     def read(self) -> bytes:
         if type(self.content) is not bytes:   # (Plain.over: the same bytes, from now on)
             self.content = bytes(self.content)
-        return self.content
-
-    def view(self):
-        """The bytes without a copy: bytes, or the read-only view ``over`` keeps."""
         return self.content
 
     def read_range(self, start: int, end: int) -> bytes:
@@ -145,9 +142,8 @@ class Plain(DataObject):
         return hash(self.content)
 
     def __repr__(self):
-        head = self.content[:32]
-        more = "..." if len(self.content) > 32 else ""
-        return f"Plain({head!r}{more}, size={len(self.content)})"
+        more = "..." if len(self.content) > 32 else ""   # (bytes: the content may be a view)
+        return f"Plain({bytes(self.content[:32])!r}{more}, size={len(self.content)})"
 
 
 class FileObj(DataObject):
@@ -262,6 +258,8 @@ class Index(DataObject):
     def get(self, i: int) -> Plain:
         self._check_index(i)
         lo, hi = self.piece_bounds(i)
+        if type(self.base) is Plain and type(self.base.content) is memoryview:   # (a large const's
+            return Plain.over(self.base.content[lo:hi])   # frame: a view of it, counted whole in the store)
         return Plain(self.base.read_range(lo, hi))
 
     def slice(self, start: int, end: int) -> "Index":

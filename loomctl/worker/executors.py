@@ -138,7 +138,7 @@ def _split(config, inputs, ctx):
     if len(delimiter) != 1:
         raise TaskError("split delimiter must be a single byte")
     # (a large const's frame is scanned where it is: a copy of 10 MB is ~2,500 page faults)
-    text = obj.view() if type(obj) is Plain else content(obj, "split input")
+    text = obj.content if type(obj) is Plain else content(obj, "split input")
     base = obj if obj.is_dobject else Plain(text)
     return Index(base, split_cuts(text, delimiter[0]))
 

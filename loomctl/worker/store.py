@@ -65,23 +65,29 @@ class SpillRef:
 
 
 def buffers(obj: data.DataObject) -> dict:
-    """The distinct buffers an object keeps in memory: {key: bytes} (a file object keeps
-    only its path)."""
-    if type(obj) is data.Plain:   # (most objects)
-        return {id(obj.content): len(obj.content)}
+    """The distinct buffers an object keeps in memory: {key: (bytes, buffer)} (a file
+    object keeps only its path). A view counts as the whole buffer it views (the frame
+    of a large const, which the pieces of its split view too): alive while one lives."""
+    if type(obj) is data.Plain and type(obj.content) is bytes:   # (most objects)
+        return {id(obj.content): (len(obj.content), obj.content)}
     out: dict = {}
     stack = [obj]
     while stack:
         o = stack.pop()
         if isinstance(o, data.Plain):
-            out[id(o.content)] = len(o.content)
+            content = o.content
+            if type(content) is memoryview:
+                content = content.obj
+                out[id(content)] = (memoryview(content).nbytes, content)
+            else:
+                out[id(content)] = (len(content), content)
         elif isinstance(o, data.Array):
             stack.extend(o.items)
         elif isinstance(o, data.Index):
-            out[id(o.cuts)] = o.cuts.nbytes
+            out[id(o.cuts)] = (o.cuts.nbytes, o.cuts)
             stack.append(o.base)
         elif isinstance(o, data.PyObj):
-            out[id(o.obj)] = sys.getsizeof(o.obj)
+            out[id(o.obj)] = (sys.getsizeof(o.obj), o.obj)
     return out
 
 
@@ -102,7 +108,7 @@ class DataStore:
         self.unwritable: set[int] = set()        # a write failed: kept in memory
         self.pins: dict[int, int] = {}
         self._buffers: dict[int, dict] = {}      # id in memory -> its buffers
-        self._refs: dict[int, list] = {}         # buffer key -> [objects in memory using it, bytes]
+        self._refs: dict[int, list] = {}         # buffer key -> [objects in memory using it, bytes, buffer]
         self.memory_bytes = 0
         self.file_bytes = 0
         self.data_bytes = 0
@@ -281,10 +287,10 @@ class DataStore:
         self.lru[i] = None
         own = buffers(obj)
         self._buffers[i] = own
-        for key, nbytes in own.items():
+        for key, (nbytes, buffer) in own.items():
             ref = self._refs.get(key)
-            if ref is None:
-                self._refs[key] = [1, nbytes]
+            if ref is None:   # (the buffer is held here: its id stays its key while counted)
+                self._refs[key] = [1, nbytes, buffer]
                 self.memory_bytes += nbytes
             else:
                 ref[0] += 1
@@ -301,7 +307,7 @@ class DataStore:
 
     def _exclusive(self, i: int) -> int:
         """Bytes that ``i`` leaving memory would free."""
-        return sum(n for key, n in self._buffers[i].items() if self._refs[key][0] == 1)
+        return sum(n for key, (n, _) in self._buffers[i].items() if self._refs[key][0] == 1)
 
     def check(self) -> None:
         """The module's invariants (for tests)."""
@@ -312,7 +318,7 @@ class DataStore:
         distinct: dict = {}
         for i in self.memory:
             distinct.update(buffers(self.memory[i]))
-        assert self.memory_bytes == sum(distinct.values()), "memory_bytes counts each buffer once"
+        assert self.memory_bytes == sum(n for n, _ in distinct.values()), "memory_bytes counts each buffer once"
         assert self.file_bytes == sum(self.files.values()), "file_bytes"
         assert not (self.writing & self.reading), "one write or read at a time"
         assert self.doomed <= self.writing | self.reading, "doomed only while written or read"
