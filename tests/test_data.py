@@ -191,3 +191,22 @@ def test_unserialisable_pyobj_is_task_error():
 def test_malformed_encodings(garbage):
     with pytest.raises(MalformedData):
         decode(garbage)
+
+
+def test_a_large_plain_content_frame_from_a_peer_is_kept_not_copied_and_a_small_one_copied():
+    """A fetched object's content arrives as a zmq frame of its own: a large one stays a
+    read-only view of it (a copy was fresh memory: page faults on the way to its task)."""
+    import zmq
+    from loomctl.worker.data import VIEW_MIN, decode_parts
+    from loomctl.worker.store import DataStore
+    big, small = zmq.Frame(b"b" * VIEW_MIN), zmq.Frame(b"s" * (VIEW_MIN - 1))
+    kept = decode_parts([zmq.Frame(b"P"), big])
+    assert type(kept) is Plain and kept.content.readonly and kept.content.obj is big
+    assert kept == Plain(b"b" * VIEW_MIN) and kept.read_range(0, 2) == b"bb"
+    copied = decode_parts([zmq.Frame(b"P"), small])
+    assert type(copied.content) is bytes and copied == Plain(b"s" * (VIEW_MIN - 1))
+    store = DataStore(None)
+    store.put(1, kept, VIEW_MIN)
+    assert store.memory_bytes == VIEW_MIN
+    store.check()
+    assert decode_parts([b"P", b"abc"]) == Plain(b"abc") and decode_parts([b"Pab", b"c"]) == Plain(b"abc")

@@ -35,7 +35,7 @@ import msgpack
 import numpy as np
 
 CUT_DTYPE = np.dtype("<u8")
-
+VIEW_MIN = 8192   # a plain content frame this large is kept as it came (zmq gives it its own buffer)
 TAG_PLAIN = b"P"
 TAG_FILE = b"F"
 TAG_ARRAY = b"A"
@@ -90,8 +90,7 @@ def _a(kind: str) -> str:
 
 
 def _clamp(start: int, end: int, n: int) -> tuple[int, int]:
-    start = min(max(start, 0), n)
-    end = min(max(end, 0), n)
+    start, end = min(max(start, 0), n), min(max(end, 0), n)
     return (start, end) if start < end else (0, 0)
 
 
@@ -328,13 +327,14 @@ def encode(obj: DataObject) -> bytes:
 
 
 def decode_parts(parts: list) -> DataObject:
-    """Inverse of ``encode_parts``, or of any cut of an encoding into pieces (the parts
-    as they came, e.g. zmq frames, or the chunks of a streamed file): a plain object's
-    content is copied once, from its frames, never joined first; when it is a whole
-    ``bytes`` already (``[TAG_PLAIN, content]``, as ``stream.Assembly`` fills it) it is
-    taken as it is."""
-    if len(parts) == 2 and type(parts[1]) is bytes and parts[0] == TAG_PLAIN:
-        return Plain(parts[1])
+    """Inverse of ``encode_parts`` or of any cut of an encoding (zmq frames, a stream's chunks):
+    a plain content that came whole (bytes, a frame >= VIEW_MIN) is kept, else copied once."""
+    if len(parts) == 2 and memoryview(parts[0]) == TAG_PLAIN:
+        content = parts[1]
+        if type(content) is bytes:
+            return Plain(content)
+        if len(content) >= VIEW_MIN:   # (its own buffer: kept, and counted whole by the store)
+            return Plain.over(memoryview(content).toreadonly())
     if len(parts) > 1 and memoryview(parts[0])[:1] == TAG_PLAIN:
         return Plain(b"".join([memoryview(parts[0])[1:], *parts[1:]]))
     return decode(parts[0] if len(parts) == 1 else b"".join(parts))
