@@ -170,7 +170,7 @@ class GraphWriter:
                 (b"NINP", narrow[b"NINP"][start:end]),
                 (b"INPS", narrow[b"INPS"][i0:i1]),
                 (b"CLEN", narrow[b"CLEN"][start:end]),
-                (b"CFGD", np.frombuffer(memoryview(graph.configs.data)[c0:c1], dtype=np.uint8)),
+                (b"CFGD", graph.configs.pieces(start, end)),   # (buffers: a large const by reference)
                 (b"FLAG", narrow[b"FLAG"][start:end]),
             ]
             if graph.request_codes[start:end].any():
@@ -191,18 +191,22 @@ class GraphWriter:
         directory = []
         offset = 16 + COLUMN.size * len(columns)
         body = []
-        for name, array in columns:
+        for name, array in columns:   # (an array, or a list of byte buffers: a uint8 column)
+            buffers = [memoryview(b).cast("B") for b in array] if type(array) is list \
+                else [np.ascontiguousarray(array).data.cast("B")]
+            nbytes = sum(b.nbytes for b in buffers)
             offset += _pad(offset)
-            directory.append(COLUMN.pack(name, _DTYPE_CODES[array.dtype], offset, array.nbytes))
-            body.append((offset, array))
-            offset += array.nbytes
+            directory.append(COLUMN.pack(name, _DTYPE_CODES[np.dtype(np.uint8) if type(array) is list else array.dtype],
+                                         offset, nbytes))
+            body.append((offset, buffers, nbytes))
+            offset += nbytes
         parts = [U64x2.pack(n, len(columns)), *directory]
         position = 16 + COLUMN.size * len(columns)
-        for start, array in body:
+        for start, buffers, nbytes in body:
             if start > position:
                 parts.append(b"\0" * (start - position))
-            parts.append(np.ascontiguousarray(array).data.cast("B"))
-            position = start + array.nbytes
+            parts.extend(buffers)
+            position = start + nbytes
         self._chunk(K_TASKS, parts)
 
     def close(self) -> None:

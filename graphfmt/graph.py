@@ -6,7 +6,8 @@ Invariants:
   offset columns are int64, or int32 where the file reader found that they fit (half
   the memory); code that adds to them widens them first.
 - Variable-length attributes (configs, checkpoint paths, metadata) are a ``VarBytes``:
-  one bytes buffer plus n+1 offsets. Labels and resource requests are dictionary coded:
+  one bytes buffer plus n+1 offsets (made from a list with a large item, the buffer is
+  joined only when first read). Labels and resource requests are dictionary coded:
   code 0 means "none", code k means ``table[k-1]``.
 - A Graph is never mutated after construction; ``concat`` builds a new one with the ids
   of later graphs offset so they never clash.
@@ -36,20 +37,36 @@ class GraphError(Exception):
         self.task = task
 
 
+LARGE_ITEM = 1 << 16   # (a VarBytes item this large is not copied into a joined buffer early)
+
+
 class VarBytes:
     """n byte strings stored as one buffer plus n+1 offsets (int64, or int32 as the
-    graph file reader gives them when the buffer is under 2 GiB)."""
+    graph file reader gives them when the buffer is under 2 GiB). Made from a list with
+    a large item (a 10 MB const), the buffer is joined only when first asked for: a graph
+    file is written from the items (``pieces``), the large one by reference."""
 
-    __slots__ = ("offsets", "data")
+    __slots__ = ("offsets", "_data", "_items")
 
     def __init__(self, offsets: np.ndarray, data: bytes):
         self.offsets = offsets
-        self.data = data
+        self._data = data
+        self._items: list | None = None
+
+    @property
+    def data(self):
+        if self._items is not None:   # (joined once, when something needs the buffer)
+            self._data, self._items = b"".join(self._items), None
+        return self._data
 
     @classmethod
     def from_list(cls, items: list[bytes]) -> "VarBytes":
         lengths = np.fromiter((len(x) for x in items), dtype=np.int64, count=len(items))
-        return cls(offsets_from_lengths(lengths), b"".join(items))
+        if not len(items) or int(lengths.max()) < LARGE_ITEM:
+            return cls(offsets_from_lengths(lengths), b"".join(items))
+        out = cls(offsets_from_lengths(lengths), None)
+        out._items = list(items)
+        return out
 
     @classmethod
     def from_lengths(cls, lengths: np.ndarray, data: bytes, compact: bool = False) -> "VarBytes":
@@ -58,6 +75,24 @@ class VarBytes:
     @classmethod
     def empty(cls, n: int) -> "VarBytes":
         return cls(np.zeros(n + 1, dtype=np.int64), b"")
+
+    def pieces(self, start: int, end: int) -> list:
+        """The bytes of items [start, end) as buffers whose join they are: the small
+        items joined, a large one as it is (no copy)."""
+        if self._items is None:
+            return [memoryview(self._data)[self.offsets[start]:self.offsets[end]]]
+        out, run = [], []
+        for item in self._items[start:end]:
+            if len(item) >= LARGE_ITEM:
+                if run:
+                    out.append(b"".join(run))
+                    run = []
+                out.append(item)
+            elif item:
+                run.append(item)
+        if run:
+            out.append(b"".join(run))
+        return out
 
     def __len__(self):
         return len(self.offsets) - 1

@@ -18,7 +18,7 @@ import sys
 
 import msgpack
 
-from graphfmt.graph import Graph, table_key
+from graphfmt.graph import LARGE_ITEM, Graph, table_key
 from graphfmt.layout import (MAGIC, VERSION, CHUNK, COLUMN, HEADER, U64x2, U64, K_SYMBOLS, K_LABELS,
                              K_REQUESTS, K_TASKS, K_END, COLUMN_TYPES, FORMATS)
 
@@ -27,7 +27,8 @@ _LITTLE = sys.byteorder == "little"
 
 
 def to_bytes_small(graph) -> bytes | None:
-    if not _LITTLE or not isinstance(graph, Graph) or len(graph) > SMALL_TASKS:
+    if not _LITTLE or not isinstance(graph, Graph) or len(graph) > SMALL_TASKS \
+            or graph.configs.total() >= LARGE_ITEM:   # (a large config: passed on by reference)
         return None
     try:
         return _write(graph)

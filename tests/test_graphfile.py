@@ -724,3 +724,22 @@ def test_the_first_of_each_arity_and_length_pair_is_what_a_unique_over_both_give
         a, b = rng.integers(0, 3, n), rng.integers(0, 5, n)
         expected = np.sort(np.unique(np.stack([a, b]), axis=1, return_index=True)[1])
         assert _first_of_each_pair(a, b).tolist() == expected.tolist()
+
+
+def test_a_large_const_goes_into_the_file_by_reference_and_the_file_is_the_same():
+    """Building a graph does not copy a large config into one joined buffer, and writing
+    it passes the config's own bytes on: a 10 MB const was copied twice into fresh memory
+    before it left the client."""
+    from graphfmt.fileformat import to_pieces
+    from graphfmt.graph import LARGE_ITEM
+    big = bytes(range(256)) * (LARGE_ITEM // 256 + 3)
+    pieces_of = [tasks.const(b"a"), tasks.const(big), tasks.const(b"bc")]
+    graph, _ = graphfmt.build_graph([tasks.merge(pieces_of)])
+    assert graph.configs._items is not None   # not joined yet
+    assert any(type(p) is memoryview and p.obj is big for p in to_pieces(graph))
+    data = graphfmt.to_bytes(graph)
+    assert graph.configs._items is not None   # still not joined: written from the items
+    assert graph.configs.data == b"a" + big + b"bc" and graph.configs._items is None
+    assert graphfmt.to_bytes(graph) == data   # the same file from the joined buffer
+    back = graphfmt.read(data)
+    assert [back.configs[i] for i in range(len(back.configs))] == [b"a", big, b"bc", b""]
