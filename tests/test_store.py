@@ -280,6 +280,8 @@ def test_pieces_viewing_a_large_consts_frame_count_that_frame_once_while_one_is_
     for k, p in enumerate(pieces):
         store.put(10 + k, p, 10)
     assert store.memory_bytes == 1000 + index.cuts.nbytes
+    assert pieces[0].read() == b"piece 000\n" and type(pieces[0].content) is memoryview   # (no change:
+    store.check()                                                                     #  still counted right)
     store.drop(1)
     store.drop(2)
     store.drop(10)

@@ -99,8 +99,7 @@ def kind_phrase(obj: DataObject) -> str:
 
 
 def content(obj: DataObject, what: str) -> bytes:
-    """Bytes of a D-object or of the bytes an index views; TaskError naming ``what``
-    for any other object."""
+    """Bytes of a D-object or of the bytes an index views; else TaskError naming ``what``."""
     if obj.is_dobject or isinstance(obj, Index):
         return obj.read()
     raise TaskError(f"{what} is {kind_phrase(obj)}; expected a plain, file or index object")
@@ -126,9 +125,13 @@ class Plain(DataObject):
         return len(self.content)
 
     def read(self) -> bytes:
-        if type(self.content) is not bytes:   # (Plain.over: the same bytes, from now on)
-            self.content = bytes(self.content)
-        return self.content
+        content = self.content   # (over a whole frame: its bytes from now on; a piece keeps its
+        if type(content) is not bytes:   # view, whose frame the store counts for it)
+            data = bytes(content)
+            if content.nbytes == memoryview(content.obj).nbytes:
+                self.content = data
+            return data
+        return content
 
     def read_range(self, start: int, end: int) -> bytes:
         part = self.content[start:end]
@@ -232,8 +235,7 @@ class Index(DataObject):
 
     def __init__(self, base: DataObject, cuts, start: int = 0):
         if not base.is_dobject:
-            raise TaskError(f"an index needs a plain or file object as its base, "
-                            f"not {_a(base.kind)}")
+            raise TaskError(f"an index needs a plain or file object as its base, not {_a(base.kind)}")
         self.base = base
         self.cuts = np.asarray(cuts, dtype=CUT_DTYPE)
         self.start = int(start)
@@ -269,9 +271,7 @@ class Index(DataObject):
         return Index(self.base, self.cuts[start:end], first)
 
     def __eq__(self, other):
-        if not isinstance(other, Index) or len(self.cuts) != len(other.cuts):
-            return False
-        if self.read() != other.read():
+        if not isinstance(other, Index) or len(self.cuts) != len(other.cuts) or self.read() != other.read():
             return False
         return bool(np.array_equal(self.cuts - np.uint64(self.start),
                                    other.cuts - np.uint64(other.start)))

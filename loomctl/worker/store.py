@@ -65,11 +65,11 @@ class SpillRef:
 
 
 def buffers(obj: data.DataObject) -> dict:
-    """The distinct buffers an object keeps in memory: {key: (bytes, buffer)} (a file
-    object keeps only its path). A view counts as the whole buffer it views (the frame
-    of a large const, which the pieces of its split view too): alive while one lives."""
+    """The distinct buffers an object keeps in memory: {key: bytes} (a file object keeps
+    only its path). A view counts as the whole buffer it views (the frame of a large
+    const, which the pieces of its split view too)."""
     if type(obj) is data.Plain and type(obj.content) is bytes:   # (most objects)
-        return {id(obj.content): (len(obj.content), obj.content)}
+        return {id(obj.content): len(obj.content)}
     out: dict = {}
     stack = [obj]
     while stack:
@@ -77,17 +77,16 @@ def buffers(obj: data.DataObject) -> dict:
         if isinstance(o, data.Plain):
             content = o.content
             if type(content) is memoryview:
-                content = content.obj
-                out[id(content)] = (memoryview(content).nbytes, content)
+                out[id(content.obj)] = memoryview(content.obj).nbytes
             else:
-                out[id(content)] = (len(content), content)
+                out[id(content)] = len(content)
         elif isinstance(o, data.Array):
             stack.extend(o.items)
         elif isinstance(o, data.Index):
-            out[id(o.cuts)] = (o.cuts.nbytes, o.cuts)
+            out[id(o.cuts)] = o.cuts.nbytes
             stack.append(o.base)
         elif isinstance(o, data.PyObj):
-            out[id(o.obj)] = (sys.getsizeof(o.obj), o.obj)
+            out[id(o.obj)] = sys.getsizeof(o.obj)
     return out
 
 
@@ -108,7 +107,7 @@ class DataStore:
         self.unwritable: set[int] = set()        # a write failed: kept in memory
         self.pins: dict[int, int] = {}
         self._buffers: dict[int, dict] = {}      # id in memory -> its buffers
-        self._refs: dict[int, list] = {}         # buffer key -> [objects in memory using it, bytes, buffer]
+        self._refs: dict[int, list] = {}         # buffer key -> [objects in memory using it, bytes]
         self.memory_bytes = 0
         self.file_bytes = 0
         self.data_bytes = 0
@@ -287,10 +286,10 @@ class DataStore:
         self.lru[i] = None
         own = buffers(obj)
         self._buffers[i] = own
-        for key, (nbytes, buffer) in own.items():
+        for key, nbytes in own.items():
             ref = self._refs.get(key)
-            if ref is None:   # (the buffer is held here: its id stays its key while counted)
-                self._refs[key] = [1, nbytes, buffer]
+            if ref is None:
+                self._refs[key] = [1, nbytes]
                 self.memory_bytes += nbytes
             else:
                 ref[0] += 1
@@ -307,7 +306,7 @@ class DataStore:
 
     def _exclusive(self, i: int) -> int:
         """Bytes that ``i`` leaving memory would free."""
-        return sum(n for key, (n, _) in self._buffers[i].items() if self._refs[key][0] == 1)
+        return sum(n for key, n in self._buffers[i].items() if self._refs[key][0] == 1)
 
     def check(self) -> None:
         """The module's invariants (for tests)."""
@@ -318,7 +317,7 @@ class DataStore:
         distinct: dict = {}
         for i in self.memory:
             distinct.update(buffers(self.memory[i]))
-        assert self.memory_bytes == sum(n for n, _ in distinct.values()), "memory_bytes counts each buffer once"
+        assert self.memory_bytes == sum(distinct.values()), "memory_bytes counts each buffer once"
         assert self.file_bytes == sum(self.files.values()), "file_bytes"
         assert not (self.writing & self.reading), "one write or read at a time"
         assert self.doomed <= self.writing | self.reading, "doomed only while written or read"
