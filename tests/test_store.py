@@ -291,3 +291,29 @@ def test_pieces_viewing_a_large_consts_frame_count_that_frame_once_while_one_is_
     store.drop(12)
     assert store.memory_bytes == 0
     store.check()
+
+
+def test_pieces_that_share_a_frame_are_spilled_too_and_the_frame_leaves_with_the_last():
+    """Objects that free nothing alone (the pieces of one frame) still leave memory once
+    nothing else can: else a worker holding only pieces of a large frame could never
+    get below its spill threshold."""
+    import zmq
+    frame = zmq.Frame(b"p" * 1000)
+    view = frame.buffer.toreadonly()
+    store = DataStore(1000)   # spill above 600
+    for k in range(4):
+        store.put(k, Plain.over(view[250 * k:250 * (k + 1)]), 250)
+    store.put(9, Plain(b"e" * 100), 100)   # frees memory alone: written first
+    assert store.memory_bytes == 1100
+    first = writes(store.balance())
+    assert first[0] == 9 and set(first[1:]) <= {0, 1, 2, 3} and len(first) == 3   # 100 + 2 x 250 shares >= 500
+    for i in first:
+        store.written(i, 251)
+    store.balance()
+    store.check()
+    assert store.memory_bytes == 1000   # two pieces still hold the frame
+    for _ in range(4):   # (each balance counts the shares as they are now)
+        for i in writes(store.balance()):
+            store.written(i, 251)
+        store.check()
+    assert store.memory_bytes == 0 and all(store.on_disk_only(k) for k in range(4))

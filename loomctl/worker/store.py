@@ -9,7 +9,8 @@ Memory used = the bytes of the objects in memory (a buffer shared by several obj
 such as an array's item or an index's base, counted once) + the rest of the process
 (``unmanaged``: its RSS at the last ``sample`` minus those bytes). With a limit:
 - above ``spill_at`` x limit, objects are written to files least recently used first,
-  and leave memory once their file is written (``balance``);
+  and leave memory once their file is written (``balance``): first those that free
+  memory alone, then those sharing their buffers (a frame's pieces), for their share;
 - above ``pause_at`` x limit the worker starts no new task (``paused``);
 - a result larger than the limit is refused (``too_big``).
 
@@ -214,28 +215,34 @@ class DataStore:
 
     def balance(self) -> list:
         """Objects leave memory, least recently used first, while use is above the spill
-        threshold: those with a file at once, the others once written."""
+        threshold: those with a file at once, the others once written. First those that
+        free memory alone; then those whose buffers others share too (the pieces of a
+        frame: the frame leaves with the last), each counted for its share."""
         if self.limit is None:
             return []
         over = self.used() - self.spill_at * self.limit
-        over -= sum(self._exclusive(i) for i in self.writing if i in self.memory)
+        over -= sum(self._exclusive(i) or self._share(i) for i in self.writing if i in self.memory)
         if over <= 0:
             return []
         out = []
-        for i in list(self.lru):
-            if over <= 0:
-                break
-            if i in self.pins or i in self.writing or i in self.unwritable:
-                continue
-            free = self._exclusive(i)
-            if free == 0:   # all its buffers are shared with other objects in memory
-                continue
-            if i in self.files:
-                self._from_memory(i)
-            else:
-                self.writing.add(i)
-                out.append(SpillWrite(i, self.memory[i]))
-            over -= free
+        for shared in (False, True):
+            for i in list(self.lru):
+                if over <= 0:
+                    return out
+                if i in self.pins or i in self.writing or i in self.unwritable:
+                    continue
+                free = self._exclusive(i)
+                if (free == 0) != shared:
+                    continue
+                free = free or self._share(i)
+                if free == 0:   # (a file object: nothing in memory to free)
+                    continue
+                if i in self.files:
+                    self._from_memory(i)
+                else:
+                    self.writing.add(i)
+                    out.append(SpillWrite(i, self.memory[i]))
+                over -= free
         return out
 
     def written(self, i: int, nbytes: int, error: str | None = None) -> list:
@@ -307,6 +314,10 @@ class DataStore:
     def _exclusive(self, i: int) -> int:
         """Bytes that ``i`` leaving memory would free."""
         return sum(n for key, n in self._buffers[i].items() if self._refs[key][0] == 1)
+
+    def _share(self, i: int) -> float:
+        """``i``'s share of the bytes of its buffers (each split between its holders)."""
+        return sum(n / self._refs[key][0] for key, n in self._buffers[i].items())
 
     def check(self) -> None:
         """The module's invariants (for tests)."""
