@@ -130,3 +130,20 @@ def test_status_shows_memory_per_worker(limited):
     assert header.split()[-3:] == ["memory", "limit", "spilled"]
     rows = [line for line in out.splitlines() if line.split()[1:2] in (["w0"], ["w1"])]
     assert len(rows) == 2 and all("300.0 MiB" in row for row in rows), out
+
+
+def test_the_pieces_of_a_large_consts_split_leave_memory_for_the_disk_and_come_back_right(limited):
+    """A 240 MB const (above the 180 MB spill threshold) is written out when it arrives
+    (its frame counted once: see test_worker_state), read back for its split, and the
+    split's 240 pieces, kept as results, go to the disk and come back intact."""
+    line = bytes(range(32, 127)) * (MB // 95) + b"\n"
+    data = b"".join(bytes([65 + i % 26]) + line[1:] for i in range(240))
+    with limited.client() as client:
+        lines = tasks.split(tasks.const(data))
+        futures = client.submit([tasks.get(lines, i) for i in range(240)])
+        client.wait(futures)
+        wait_until(lambda: len(spill_files(limited)) >= 120, "most pieces to be spilled")
+        for i, future in enumerate(futures):
+            assert future.fetch() == bytes([65 + i % 26]) + line[1:], f"piece {i}"
+    peaks = [peak_rss(p.pid) for p in limited.workers]
+    print("peak RSS of the workers (MiB):", [round(p / MB) for p in peaks])

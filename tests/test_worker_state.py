@@ -510,3 +510,16 @@ def test_peers_named_by_the_server_are_linked_to_once_before_any_fetch():
     out = s.handle([W.Compute([row(5, [1])], {1: "tcp://a:1"})], 0.02)   # the first fetch: no handshake to wait for
     assert [(i.address, i.ids) for i in out if isinstance(i, W.SendFetch)] == [("tcp://a:1", [1])]
     assert not [i for i in out if isinstance(i, W.Connect)]
+
+
+def test_a_large_consts_frame_is_counted_once_when_memory_is_sampled_before_it_runs():
+    """The RSS sampled right after a COMPUTE arrives holds a large const's frame; the const
+    becomes data later in that step: counting the frame in both the process's rest and the
+    data spilled the const at once (a 240 MB const on a 300 MB worker)."""
+    big = memoryview(bytes(50 << 20)).toreadonly()
+    s = W.WorkerState(cpus=1, run_inline=run_inline, memory_limit=150 << 20)   # spill above 90 MB
+    base = 20 << 20   # what the process holds besides
+    out = s.handle([W.Compute([[1, S.CONST, big, [], 0]], {}), W.MemorySample(base + big.nbytes)], 0.0)
+    assert s.store.used() == base + big.nbytes   # 70 MB: the frame once
+    assert not [i for i in out if type(i).__name__ == "SpillWrite"] and 1 in s.store.memory
+    s.queue.check_invariants()

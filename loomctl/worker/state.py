@@ -126,8 +126,8 @@ class WorkerState:
                 rss = event.rss
             elif kind is not Tick:
                 raise TypeError(f"not a worker event: {event!r}")
-        if rss is not None:   # (after the batch: the objects it stored count as data)
-            self.store.sample(rss)
+        if rss is not None:   # (after the batch: the objects it stored count as data, and the
+            self.store.sample(rss - self.queue.frame_bytes)   # frames of large consts to run will)
         for address, ids in self.plan.expired(now, self.fetch_timeout_s):
             self._unavailable(ids, f"peer {address} did not answer within {self.fetch_timeout_s:g} s")
         self._start(out)

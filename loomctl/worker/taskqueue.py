@@ -11,6 +11,8 @@ Events in, decisions out:
 Invariants:
 - A task is in exactly one of: queued (``queued``) or running (``running``); a task id
   seen twice while queued or running is ignored.
+- ``frame_bytes`` sums the configs that are frames (a large const's, a view) of the
+  queued and running tasks: memory the process holds that is no data yet.
 - A queued task is *ready* iff ``missing[t] == 0``; the ready tasks are kept in arrival
   order and started first-fit in that order (a ready task that does not fit now does not
   block a later one that does).
@@ -161,6 +163,7 @@ class TaskQueue:
         self._ready: list[tuple[int, int]] = []      # (arrival, task id), sorted
         self._ready_light = 0                        # how many of them are light
         self.dropped = 0                             # tasks given ahead, dropped (see the docstring)
+        self.frame_bytes = 0                         # configs kept as frames (large consts) of queued/running tasks
 
     # ------------------------------------------------------------------ events
     def assign(self, specs, have, locations: dict) -> tuple[list, list]:
@@ -204,6 +207,8 @@ class TaskQueue:
                     failed.append((tid, problem))
                 continue
             self.queued[tid] = spec
+            if type(spec.config) is memoryview:   # (in the process's RSS, not yet data)
+                self.frame_bytes += spec.config.nbytes
             self._arrival[tid] = self._seq
             self._seq += 1
             self.missing[tid] = len(missing)
@@ -241,6 +246,8 @@ class TaskQueue:
         resources; when not ok, queued tasks waiting on its data fail."""
         spec = self.running.pop(task_id, None)
         if spec is not None:
+            if type(spec.config) is memoryview:
+                self.frame_bytes -= spec.config.nbytes
             self.free_cpus += spec.cpus
             for name, amount in spec.resources.items():
                 self.free_resources[name] += amount
@@ -352,6 +359,8 @@ class TaskQueue:
 
     def check_invariants(self) -> None:
         assert not (set(self.queued) & set(self.running))
+        assert self.frame_bytes == sum(s.config.nbytes for s in [*self.queued.values(), *self.running.values()]
+                                       if type(s.config) is memoryview)
         assert self.free_cpus == self.cpus - sum(s.cpus for s in self.running.values())
         assert self.free_cpus >= -self.cpus * TINY_OVERBOOK and (self.free_cpus >= 0 or self._only_pool_tasks_run())
         for name, cap in self.resources.items():
@@ -395,6 +404,8 @@ class TaskQueue:
     def _drop(self, tid: int) -> None:
         """Remove a queued task (it failed before starting)."""
         spec = self.queued.pop(tid)
+        if type(spec.config) is memoryview:
+            self.frame_bytes -= spec.config.nbytes
         if self.missing.pop(tid, 1) == 0:
             self._ready.remove((self._arrival[tid], tid))
             self._ready_light -= spec.light
