@@ -86,6 +86,7 @@ class Pool:
                     done(run_in_child(child, spec, inputs, work_dir))
                 else:
                     done(run_task(*job))
+                job = spec = inputs = None   # (a task's inputs are not kept while the next is awaited)
         finally:
             if child is not None:
                 child.close()

@@ -132,6 +132,7 @@ class SpillThread:
                     obj, error = None, getattr(exc, "strerror", None) or str(exc)
                     log.warning("cannot read data object %d back from disk: %s", job.id, error)
                 self.done(Loaded(job.id, obj, error))
+                obj = None   # (nor is an object read back kept here while the next job is awaited)
 
     def close(self) -> None:
         self.jobs.put(None)
