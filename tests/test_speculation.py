@@ -69,6 +69,29 @@ def test_a_source_of_many_consumers_gives_them_ahead_over_columns_as_task_by_tas
     assert by_columns == task_by_task == list(range(2 + 100 + 100))   # all of it ahead
 
 
+def test_a_walk_over_columns_takes_consumers_of_earlier_generations_once_their_inputs_are_taken():
+    # generations over columns (more than 8 seeds): d_i has inputs from the two generations
+    # before it; late_i is a consumer of the first generation whose other input (d_i) is
+    # taken only two generations later: it is left out until then, and taken once
+    leaves = [tasks.const(b"%d" % i) for i in range(12)]
+    b = [tasks.merge([x]) for x in leaves]
+    c = [tasks.merge([y, x]) for y, x in zip(b, leaves)]
+    d = [tasks.merge([z, y]) for z, y in zip(c, b)]
+    late = [tasks.merge([y, w]) for y, w in zip(b, d)]
+    env = Env(1)
+    job, results = env.submit(late)
+    env.schedule()
+    speculation.check(env.core)
+    rows = [r[0] for r in rows_of(env)]
+    assert sorted(rows) == list(range(job.base, job.base + 60)) and len(rows) == 60   # each once
+    position = {t: k for k, t in enumerate(rows)}
+    g = env.core.graph
+    for t in rows:   # producers before consumers
+        assert all(position[int(i)] < position[t] for i in g.inputs(t).tolist())
+    env.finish(env.wids[0])
+    assert job.status == "finished" and env.core.stats["rounds"] == 1
+
+
 def test_the_lookahead_is_bounded_and_later_rounds_go_on_from_the_frontier(monkeypatch):
     monkeypatch.setattr(speculation, "SPECULATE_LIGHT", 8)
     env = Env(1)

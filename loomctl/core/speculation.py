@@ -86,13 +86,11 @@ def extend(core, w, seeds: np.ndarray) -> np.ndarray:
         if not len(generation) and not cut:
             generation, cut = walk.small(seeds) if len(seeds) <= 8 else walk.large(seeds)
         elif not cut:   # (a chain's last task: go on from it, whatever follows)
-            walk.taken.append(generation)
-            walk.seen.update(generation.tolist())
+            walk.take(generation)
             seeds = generation[-1:]
             continue
         if len(generation):
-            walk.taken.append(generation)
-            walk.seen.update(generation.tolist())
+            walk.take(generation)
         if cut:   # (what this generation took has consumers not looked at either)
             _keep(core, w.id, np.concatenate([seeds, generation]))
             break
@@ -114,6 +112,13 @@ class _Walk:
         self.dynamic = [self.g.symbol_codes[s] for s in (S.DSLICE, S.DGET) if s in self.g.symbol_codes]
         self.taken: list[np.ndarray] = []
         self.seen: set[int] = set()
+        self.marks: np.ndarray | None = None   # taken, per row (made by the first walk over columns)
+
+    def take(self, generation: np.ndarray) -> None:
+        self.taken.append(generation)
+        self.seen.update(generation.tolist())
+        if self.marks is not None:
+            self.marks[generation] = True
 
     def chain(self, t: int) -> tuple[np.ndarray, bool]:
         """From ``t``, the links of a chain (each task the only consumer of the one before,
@@ -186,11 +191,14 @@ class _Walk:
         """The next generation, over columns."""
         g, w = self.g, self.w
         c = g.cols
+        if self.marks is None:   # (a mark per row: no set operations per generation)
+            self.marks = np.zeros(len(c.state), dtype=bool)
+            for taken in self.taken:
+                self.marks[taken] = True
+        marks = self.marks
         x = g.consumers_of(seeds)
         x = T.small_unique(x[c.state[x] == WAITING])
-        taken = np.concatenate(self.taken) if self.taken else EMPTY
-        if len(taken) and len(x):
-            x = x[~np.isin(x, taken)]
+        x = x[~marks[x]]
         code = c.symbol[x]
         ok = c.cpus[x] <= w.cpus
         if self.dynamic:
@@ -204,11 +212,11 @@ class _Walk:
             return EMPTY, False
         inputs, consumer = g.slots(x)
         state = c.state[inputs]
-        good = (state == FINISHED) | ((state == ASSIGNED) & (c.worker[inputs] == w.id))
-        if len(taken):
-            good |= np.isin(inputs, taken)
-        if not good.all():
-            x = x[~np.isin(x, consumer[~good])]
+        good = (state == FINISHED) | ((state == ASSIGNED) & (c.worker[inputs] == w.id)) | marks[inputs]
+        if not good.all():   # (x is sorted, and the slots are its)
+            bad = np.zeros(len(x), dtype=bool)
+            bad[np.searchsorted(x, consumer[~good])] = True
+            x = x[~bad]
         need = c.cpus[x]
         light, heavy = x[need == 0], x[need > 0]
         room = max(0, self.light_room)
