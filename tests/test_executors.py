@@ -101,6 +101,26 @@ def test_split_large_input_is_vectorised(ctx):
     assert idx.cuts.dtype == np.uint64
 
 
+def test_split_cuts_are_the_same_across_the_stretches_it_scans_at_a_time(monkeypatch):
+    # the content is compared with the delimiter a stretch (SCAN_STEP bytes) at a time:
+    # delimiters on either side of a stretch's edge, a last piece without one, content
+    # of exactly one stretch, are cut as one scan of the whole would cut them
+    import random
+    from loomctl.worker import executors
+    rng = random.Random(5)
+    for step in (1, 2, 7, 64):
+        monkeypatch.setattr(executors, "SCAN_STEP", step)
+        for n in (1, step - 1, step, step + 1, 3 * step, 200):
+            if n <= 0:
+                continue
+            text = bytes(rng.choice(b"ab\n") for _ in range(n))
+            expected = [i + 1 for i, b in enumerate(text) if b == 10]
+            if not expected or expected[-1] != n:
+                expected.append(n)
+            assert split_cuts(text, 10).tolist() == expected, (step, text)
+            assert split_cuts(memoryview(text), 10).tolist() == expected
+
+
 def test_save_writes_atomically(ctx, tmp_path):
     target = tmp_path / "out.bin"
     assert ex(ctx, S.SAVE, str(target).encode(), [Plain(b"content")]) == Plain(b"")
