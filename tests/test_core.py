@@ -469,6 +469,40 @@ def test_a_task_computed_again_for_another_jobs_sake_that_fails_fails_that_job()
     assert env.core.cols.state[zid] == CANCELLED
 
 
+def test_a_failure_computing_again_for_a_chain_of_ended_jobs_fails_the_job_at_its_end():
+    # (found by the core's property test) job 1 finished with z; job 2 finished with
+    # z2 = merge(z), through a future; job 3 reads z2. z2's worker was lost, so z2 (job
+    # 2's) and z, y, x (job 1's) are computed again; y fails. z is cancelled with job 1,
+    # and z2 must be too: job 2 had ended as well, and job 3 waited on z2 for ever
+    env = Env(1)
+    x = tasks.const("x")
+    y = tasks.run("cat", [(x, None)])
+    job1, (zid,) = env.submit([tasks.merge([y])])
+    env.run_all()
+    job2, (z2,) = env.submit([tasks.merge([Ref(zid)])], client=b"c2")
+    env.run_all()
+    assert job1.status == job2.status == "finished"
+    job3, (m,) = env.submit([tasks.merge([Ref(z2)])], client=b"c3")
+    env.core.remove_worker(env.wids[0], env.now)    # before job 3's task ran: all computed again
+    env.assigned[env.wids[0]].clear()
+    w = env.core.add_worker(b"w1", register(1, "addr1"), env.now)
+    env.wids.append(w)
+    env.assigned[w] = []
+    env.drain()
+    env.schedule()
+    env.finish(w, [zid - 2])                          # x again
+    env.schedule()
+    assert zid - 1 in env.assigned[w]
+    env.core.tasks_failed(w, [(zid - 1, "exit status 1")], env.now)   # y fails this time
+    env.assigned[w].clear()
+    env.drain()
+    env.check()
+    c = env.core.cols
+    assert c.state[zid] == CANCELLED and c.state[z2] == CANCELLED
+    assert job3.status == "failed", job3.status
+    assert "did not finish" in job3.error["message"]
+
+
 def test_a_task_that_kills_its_worker_three_times_fails():
     env = Env(1)
     t = tasks.run("crash")

@@ -11,7 +11,8 @@ Invariants:
   (their jobs with them). A task another job still needs is left to finish.
 - A task of an ended job that fails (it was computed again because another job needs
   its lost data) takes the tasks of its job waiting on it with it (CANCELLED), and the
-  jobs that wait on any of them fail: none waits for ever.
+  jobs that wait on any of them fail; a waiting task of another ended job among those
+  goes the same way (a chain of futures across ended jobs): none waits for ever.
 - A job ended RETIRE_AFTER_S ago whose tasks hold no data, run nowhere, are needed by
   nothing and are no input of a job that is not retired (lost data of that job may have
   to be computed again from them) is *retired*: its segments and record are dropped and
@@ -204,11 +205,7 @@ def task_failed(core, t: int, message: str, worker_name: str, now: float) -> Non
     if job is None or job.status != "running":   # (a task computed again for another job's sake):
         # what of its ended job was computed again with it can never run either; the jobs
         # waiting on any of them fail
-        job_of_t = c.job[t]
-        doomed = T.downstream(core, np.array([t], dtype=np.int64),
-                              lambda consumers: (c.state[consumers] == WAITING) & (c.job[consumers] == job_of_t))
-        T.transition(core, doomed, CANCELLED)
-        _fail_dependents(core, np.concatenate([[t], doomed]).astype(np.int64), job.id if job else -1, "failed", now)
+        _cancel_with_waiting(core, t, "failed", now)
         return
     job.failed += 1
     gid = g.segs.id_of(t)
@@ -248,15 +245,36 @@ def abort(core, job: Job, status: str, now: float) -> None:
 
 
 def _fail_dependents(core, ids: np.ndarray, job_id: int, status: str, now: float) -> None:
-    """Tasks of other jobs that wait on these unfinished tasks can never run: they fail."""
+    """Tasks of other jobs that wait on these unfinished tasks can never run: they fail
+    (a running job with them). A waiting task of an *ended* job (computed again for a
+    later job's sake, through a future) is cancelled with what of its job waits on it,
+    and the tasks of other jobs waiting on those fail in turn: a chain of futures across
+    ended jobs leaves no job waiting for ever."""
     c = core.graph.cols
     for t in ids[(c.flags[ids] & FLAG_EXTRA) > 0].tolist():
         for consumer in core.graph.extra_consumers.get(t, []):
             other = core.jobs.get(int(c.job[consumer]))
-            if other is not None and other.id != job_id and other.status == "running" \
-                    and c.state[consumer] in (WAITING, READY):
+            if other is None or other.id == job_id or c.state[consumer] not in (WAITING, READY):
+                continue
+            if other.status == "running":
                 task_failed(core, consumer, f"input task {core.graph.segs.id_of(t)} of job {job_id} did not finish "
                                             f"({status})", "", now)
+            else:
+                _cancel_with_waiting(core, consumer, status, now)
+
+
+def _cancel_with_waiting(core, t: int, status: str, now: float) -> np.ndarray:
+    """Task t of an ended job can never run: it is cancelled with the tasks of its job
+    waiting on it, and the jobs waiting on any of them fail; returns those cancelled."""
+    c = core.graph.cols
+    job_of_t = c.job[t]
+    start = np.array([t], dtype=np.int64)
+    doomed = T.downstream(core, start, lambda consumers: (c.state[consumers] == WAITING) & (c.job[consumers] == job_of_t))
+    if c.state[t] in (WAITING, READY):
+        doomed = np.concatenate([start, doomed])
+    T.transition(core, doomed, CANCELLED)
+    _fail_dependents(core, np.concatenate([start, doomed]).astype(np.int64), int(job_of_t), status, now)
+    return doomed
 
 
 def cancel(core, job_id: int, now: float) -> bool:
