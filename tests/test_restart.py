@@ -399,6 +399,34 @@ def test_the_journal_thread_writes_in_order_and_a_failed_write_leaves_only_compl
     assert not writer.broken and [r[1] for r in J.load(path)[0]] == [10, 11] and len(errors) == 1
 
 
+def test_a_new_job_is_written_at_once_and_other_records_are_gathered_first(tmp_path, monkeypatch):
+    """A server killed right after it acknowledged a job must not forget it (found by the
+    restart test: a job submitted ~50 ms before a SIGKILL was not in the journal): a batch
+    with a job record is written without the BATCH_S gathering, which is held here until
+    the job is on file; a batch of other records still waits for it."""
+    import threading
+    import types
+    held, slept = threading.Event(), []
+
+    def sleep(seconds):   # (the thread's gathering, held)
+        slept.append(seconds)
+        held.wait(60)
+    monkeypatch.setattr(J, "time", types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic))
+    path = str(tmp_path / "journal")
+    writer = J.JournalWriter(J.Journal(path))
+    try:
+        writer.add([["job", 1, 0, b"a graph file", {"name": "plan"}]])
+        wait_until(lambda: [r[0] for r in J.load(path)[0]] == ["job"], 30)
+        assert slept == []
+        writer.add([["end", 1, "finished", None]])
+        wait_until(lambda: slept == [J.BATCH_S], 30)   # gathered first
+        held.set()
+        wait_until(lambda: [r[0] for r in J.load(path)[0]] == ["job", "end"], 30)
+    finally:
+        held.set()
+        writer.close()
+
+
 def test_a_journal_thread_that_stops_on_a_bug_is_said_once_and_holds_nothing_back(tmp_path, monkeypatch):
     path = str(tmp_path / "journal")
     writer = J.JournalWriter(J.Journal(path))

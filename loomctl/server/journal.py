@@ -14,7 +14,10 @@ A file of records: an 8-byte magic, a format version, then records framed as
 The core appends records of what changed (``core.record``, plain values); the server
 loop hands them to the journal's thread, which writes them within BATCH_S and fsyncs
 within FLUSH_S of a write: one fsync per batch, so a crash of the machine loses at most
-about BATCH_S + FLUSH_S, a killed server at most BATCH_S (the page cache keeps the rest). A large bytes item (a job's graph file,
+about BATCH_S + FLUSH_S, a killed server at most BATCH_S (the page cache keeps the rest).
+A batch with a new job is written at once, not gathered for BATCH_S: its client has the
+job's id, and a server killed meanwhile would have forgotten the job (the window is the
+thread's wake-up, not BATCH_S). A large bytes item (a job's graph file,
 a view of the frame it was received in) is written from where it is: neither packed
 into a copy nor joined with the rest; a compaction's live jobs come as their Graphs,
 encoded into graph files by the thread, not on the server's loop. When retired jobs make up
@@ -288,6 +291,7 @@ class JournalWriter:
         self.last_attempt = 0.0       # (monotonic) of the last compaction handed over
         self.dead = False             # the thread stopped (a bug): nothing is handed over any more
         self._items: list = []        # records (lists) and operations (tuples), in order
+        self._urgent = False          # a new job was handed over: written without gathering
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="journal", daemon=True)
         self._thread.start()
@@ -295,6 +299,8 @@ class JournalWriter:
     def add(self, records: list) -> None:
         if records and not self.dead:
             self._items.extend(records)
+            if not self._urgent and any(r[0] == "job" for r in records):
+                self._urgent = True
             self._signal()
 
     def write_now(self, records: list) -> None:
@@ -350,8 +356,10 @@ class JournalWriter:
             if journal.unsynced:
                 timeout = max(0.0, journal.last_flush + FLUSH_S - time.monotonic())
             if self._wake.wait(timeout):
-                time.sleep(BATCH_S)   # (what comes meanwhile goes in the same write)
+                if not self._urgent:
+                    time.sleep(BATCH_S)   # (what comes meanwhile goes in the same write)
                 self._wake.clear()
+                self._urgent = False
                 items, self._items = self._items, []   # (the loop appends to one list or the other)
                 if self._apply(items):
                     return
