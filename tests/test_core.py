@@ -84,6 +84,18 @@ class Env:
     def check(self):
         self.core.check_invariants()
 
+    def replace_worker(self, k: int) -> int:
+        """Worker k is lost (what it was given, with it) and a new one-cpu worker joins;
+        returns the new worker's id."""
+        self.core.remove_worker(self.wids[k], self.now)
+        self.assigned[self.wids[k]].clear()
+        w = self.core.add_worker(f"w{len(self.wids)}".encode(), register(1, f"addr{len(self.wids)}"), self.now)
+        self.wids.append(w)
+        self.assigned[w] = []
+        self.drain()
+        self.check()
+        return w
+
     def messages(self, kind):
         return [(t, b) for t, m, b in self.sent if m == kind]
 
@@ -449,13 +461,7 @@ def test_a_task_computed_again_for_another_jobs_sake_that_fails_fails_that_job()
     env.run_all()
     assert job1.status == "finished"
     job2, (m,) = env.submit([tasks.merge([Ref(zid)])], client=b"c2")
-    env.core.remove_worker(env.wids[0], env.now)    # before job 2's task ran: z is computed again
-    env.assigned[env.wids[0]].clear()
-    w = env.core.add_worker(b"w1", register(1, "addr1"), env.now)
-    env.wids.append(w)
-    env.assigned[w] = []
-    env.drain()
-    env.check()
+    w = env.replace_worker(0)    # before job 2's task ran: z is computed again
     env.schedule()
     env.finish(w, [zid - 2])                          # x again
     env.schedule()
@@ -483,12 +489,7 @@ def test_a_failure_computing_again_for_a_chain_of_ended_jobs_fails_the_job_at_it
     env.run_all()
     assert job1.status == job2.status == "finished"
     job3, (m,) = env.submit([tasks.merge([Ref(z2)])], client=b"c3")
-    env.core.remove_worker(env.wids[0], env.now)    # before job 3's task ran: all computed again
-    env.assigned[env.wids[0]].clear()
-    w = env.core.add_worker(b"w1", register(1, "addr1"), env.now)
-    env.wids.append(w)
-    env.assigned[w] = []
-    env.drain()
+    w = env.replace_worker(0)    # before job 3's task ran: all computed again
     env.schedule()
     env.finish(w, [zid - 2])                          # x again
     env.schedule()
