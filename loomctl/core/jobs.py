@@ -263,18 +263,16 @@ def _fail_dependents(core, ids: np.ndarray, job_id: int, status: str, now: float
                 _cancel_with_waiting(core, consumer, status, now)
 
 
-def _cancel_with_waiting(core, t: int, status: str, now: float) -> np.ndarray:
-    """Task t of an ended job can never run: it is cancelled with the tasks of its job
-    waiting on it, and the jobs waiting on any of them fail; returns those cancelled."""
+def _cancel_with_waiting(core, t: int, status: str, now: float) -> None:
+    """Task t of an ended job can never run (it failed, or waits on what cannot run): it
+    is cancelled, unless it failed, with the tasks of its job waiting on it, and the jobs
+    waiting on any of them fail."""
     c = core.graph.cols
     job_of_t = c.job[t]
     start = np.array([t], dtype=np.int64)
-    doomed = T.downstream(core, start, lambda consumers: (c.state[consumers] == WAITING) & (c.job[consumers] == job_of_t))
-    if c.state[t] in (WAITING, READY):
-        doomed = np.concatenate([start, doomed])
-    T.transition(core, doomed, CANCELLED)
-    _fail_dependents(core, np.concatenate([start, doomed]).astype(np.int64), int(job_of_t), status, now)
-    return doomed
+    waiting = T.downstream(core, start, lambda consumers: (c.state[consumers] == WAITING) & (c.job[consumers] == job_of_t))
+    T.transition(core, np.concatenate([start, waiting]) if c.state[t] in (WAITING, READY) else waiting, CANCELLED)
+    _fail_dependents(core, np.concatenate([start, waiting]), int(job_of_t), status, now)
 
 
 def cancel(core, job_id: int, now: float) -> bool:
