@@ -403,7 +403,8 @@ def test_a_new_job_is_written_at_once_and_other_records_are_gathered_first(tmp_p
     """A server killed right after it acknowledged a job must not forget it (found by the
     restart test: a job submitted ~50 ms before a SIGKILL was not in the journal): a batch
     with a job record is written without the BATCH_S gathering, which is held here until
-    the job is on file; a batch of other records still waits for it."""
+    the job is on file, and so is one the loop waits for (write_now); a batch of other
+    records still waits for it."""
     import threading
     import types
     held, slept = threading.Event(), []
@@ -417,11 +418,12 @@ def test_a_new_job_is_written_at_once_and_other_records_are_gathered_first(tmp_p
     try:
         writer.add([["job", 1, 0, b"a graph file", {"name": "plan"}]])
         wait_until(lambda: [r[0] for r in J.load(path)[0]] == ["job"], 30)
-        assert slept == []
+        writer.write_now([["ids", 9]])   # (the loop waits for it: not gathered either)
+        assert [r[0] for r in J.load(path)[0]] == ["job", "ids"] and slept == []
         writer.add([["end", 1, "finished", None]])
         wait_until(lambda: slept == [J.BATCH_S], 30)   # gathered first
         held.set()
-        wait_until(lambda: [r[0] for r in J.load(path)[0]] == ["job", "end"], 30)
+        wait_until(lambda: [r[0] for r in J.load(path)[0]] == ["job", "ids", "end"], 30)
     finally:
         held.set()
         writer.close()

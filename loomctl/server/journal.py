@@ -17,7 +17,7 @@ within FLUSH_S of a write: one fsync per batch, so a crash of the machine loses 
 about BATCH_S + FLUSH_S, a killed server at most BATCH_S (the page cache keeps the rest).
 A batch with a new job is written at once, not gathered for BATCH_S: its client has the
 job's id, and a server killed meanwhile would have forgotten the job (the window is the
-thread's wake-up, not BATCH_S). A large bytes item (a job's graph file,
+thread's wake-up, not BATCH_S); so is one the loop waits for (``write_now``, ``close``). A large bytes item (a job's graph file,
 a view of the frame it was received in) is written from where it is: neither packed
 into a copy nor joined with the rest; a compaction's live jobs come as their Graphs,
 encoded into graph files by the thread, not on the server's loop. When retired jobs make up
@@ -291,25 +291,20 @@ class JournalWriter:
         self.last_attempt = 0.0       # (monotonic) of the last compaction handed over
         self.dead = False             # the thread stopped (a bug): nothing is handed over any more
         self._items: list = []        # records (lists) and operations (tuples), in order
-        self._urgent = False          # a new job was handed over: written without gathering
+        self._urgent = False          # a new job, or a waiter, was handed over: no gathering
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="journal", daemon=True)
         self._thread.start()
 
     def add(self, records: list) -> None:
         if records and not self.dead:
-            self._items.extend(records)
-            if not self._urgent and any(r[0] == "job" for r in records):
-                self._urgent = True
-            self._signal()
+            self._hand_over(records, any(r[0] == "job" for r in records))
 
     def write_now(self, records: list) -> None:
         """Write ``records`` (after what was handed over) and wait until they are written
         (not yet fsynced)."""
         done = threading.Event()
-        self._items.extend(records)
-        self._items.append(("done", done))
-        self._signal()
+        self._hand_over([*records, ("done", done)], True)
         while not done.wait(1.0) and self._thread.is_alive():   # (a dead thread must not hang the loop)
             pass
 
@@ -318,8 +313,7 @@ class JournalWriter:
         if self.dead:
             return
         self.compacting, self.last_attempt = True, now
-        self._items.append(("compact", records))
-        self._signal()
+        self._hand_over([("compact", records)], False)
 
     def wants_compaction(self, now: float, retired: bool) -> bool:
         """Whether the loop should hand over a compaction now: the file grew with retired
@@ -332,11 +326,15 @@ class JournalWriter:
 
     def close(self) -> None:
         """Write and fsync what was handed over, then close the file (waits for it)."""
-        self._items.append(("close", None))
-        self._signal()
+        self._hand_over([("close", None)], True)
         self._thread.join()
 
-    def _signal(self) -> None:
+    def _hand_over(self, items: list, urgent: bool) -> None:
+        """Append to what the thread takes next and wake it; ``urgent``: written without
+        the BATCH_S gathering."""
+        self._items.extend(items)
+        if urgent:
+            self._urgent = True
         if not self._wake.is_set():
             self._wake.set()
 
