@@ -169,6 +169,8 @@ class TaskGraph:
     def inputs_of(self, ids: np.ndarray) -> np.ndarray:
         """The inputs of ``ids``, one per slot."""
         c = self.cols
+        if not self.overrides:
+            return self.segs.inputs_of(ids)
         special = (c.flags[ids] & FLAG_OVERRIDE) > 0
         if not special.any():
             return self.segs.inputs_of(ids)
@@ -178,6 +180,8 @@ class TaskGraph:
     def slots(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(input, consumer) per input slot of ``ids`` (sorted), ordered by consumer."""
         c = self.cols
+        if not self.overrides:
+            return self.segs.inputs_of(ids, per_slot=True)
         special = (c.flags[ids] & FLAG_OVERRIDE) > 0
         if not special.any():
             return self.segs.inputs_of(ids, per_slot=True)
@@ -195,6 +199,8 @@ class TaskGraph:
     def consumers_of(self, ids: np.ndarray) -> np.ndarray:
         """The consumers of ``ids``, one per input slot they have on them."""
         consumers = self.segs.consumers_of(ids)
+        if not self.extra_consumers:
+            return consumers
         extra = ids[(self.cols.flags[ids] & FLAG_EXTRA) > 0]
         if len(extra):
             more = [x for t in extra.tolist() for x in self.extra_consumers.get(t, ())]
@@ -215,7 +221,7 @@ class TaskGraph:
     def unfinished_inputs(self, ids: np.ndarray, finished_state: int) -> np.ndarray:
         """Per task of ``ids``: how many input slots wait for an unfinished producer."""
         seg = self.segs.whole(ids)
-        if seg is not None and not ((self.cols.flags[ids] & FLAG_OVERRIDE) > 0).any():   # (at submit)
+        if seg is not None and (not self.overrides or not ((self.cols.flags[ids] & FLAG_OVERRIDE) > 0).any()):   # (at submit)
             if not len(seg.inputs):
                 return np.zeros(len(ids), dtype=np.int32)
             pending = np.zeros(len(seg.inputs) + 1, dtype=np.int32)

@@ -310,9 +310,18 @@ def release(core, ids: np.ndarray) -> None:
 
 # ---------------------------------------------------------------------- reports
 def job_counts(core, job: Job) -> dict:
-    ids = job_ids(core, job)
-    states = np.bincount(core.graph.cols.state[ids], minlength=N_STATES)
-    counts = {name: int(states[i]) for i, name in enumerate(STATE_NAMES) if states[i]}
+    state = core.graph.cols.state
+    if len(job.segments) == 1:
+        seg = core.graph.segs.segments[job.segments[0]]
+        states = state[seg.base:seg.base + seg.n]
+    else:
+        states = state[job_ids(core, job)]
+    if len(states) <= 16:   # (a small job: no vector work)
+        values = states.tolist()
+        counts = {name: values.count(i) for i, name in enumerate(STATE_NAMES) if i in values}
+    else:
+        per_state = np.bincount(states, minlength=N_STATES)
+        counts = {name: int(per_state[i]) for i, name in enumerate(STATE_NAMES) if per_state[i]}
     counts["total"] = job.active
     return counts
 

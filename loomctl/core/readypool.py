@@ -39,7 +39,7 @@ class ReadyPool:
     def add(self, ids: np.ndarray, keys: np.ndarray, light: np.ndarray, front: bool = False) -> None:
         if not len(ids):
             return
-        if (keys == keys[0]).all() and (light == light[0]).all():
+        if len(ids) == 1 or ((keys == keys[0]).all() and (light == light[0]).all()):
             self._bucket(int(keys[0]), bool(light[0]), ids, front)
             return
         kind = keys * 2 + light   # (keys < 2^62: see priority.keys)

@@ -99,7 +99,7 @@ def _announce(core, ids: np.ndarray, worker, now: float, inline: dict | None = N
     c = core.graph.cols
     results = ids[(c.flags[ids] & FLAG_RESULT) > 0]
     job_of = c.job[ids]
-    if (job_of == job_of[0]).all():   # the usual case: one job
+    if len(ids) == 1 or (job_of == job_of[0]).all():   # the usual case: one job
         per_job = [int(job_of[0])]
     else:
         per_job = T.small_unique(job_of).tolist()

@@ -337,17 +337,17 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
     starts = np.searchsorted(consumer, ids[order], "left")
     ends = np.searchsorted(consumer, ids[order], "right")
     holder = c.owner[inputs]
-    pending = np.concatenate(([0], np.cumsum(holder < 0)))
     ids_of = g.segs.ids_of   # (the rows of the message are global ids, core.edge)
     flat = ids_of(inputs).tolist() if len(inputs) else []
     in_order = n < 2 or (bool((ids[1:] > ids[:-1]).all()) if n > FEW else ids.tolist() == sorted(ids.tolist()))
     starts, ends = starts.tolist(), ends.tolist()
     lists = [flat[a:b] for a, b in zip(starts, ends)]
     if n > FEW:   # (an input not computed yet: given ahead)
+        pending = np.concatenate(([0], np.cumsum(holder < 0)))
         waits = (pending[ends] > pending[starts]).tolist()
     else:
-        pending = pending.tolist()
-        waits = [pending[b] > pending[a] for a, b in zip(starts, ends)]
+        unheld = (holder < 0).tolist()
+        waits = [True in unheld[a:b] for a, b in zip(starts, ends)]
     if in_order:
         input_lists, ahead = lists, waits
     else:   # (row p is the rank of ids[p] among the ids)
@@ -374,13 +374,15 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
         locations = dict(zip(ids_of(np.fromiter(locations, dtype=np.int64, count=len(locations))).tolist(),
                              locations.values()))
     checkpoints: list = [None] * n
-    for p in np.flatnonzero((flags & FLAG_CHECKPOINT) & ~(flags & FLAG_LOADED)).tolist():
+    marked = int(np.bitwise_or.reduce(flags)) if n else 0   # (flags on any row: the loops below)
+    for p in np.flatnonzero((flags & FLAG_CHECKPOINT) & ~(flags & FLAG_LOADED)).tolist() \
+            if marked & FLAG_CHECKPOINT else ():
         seg = segments[int(seg_of[p])]
         checkpoints[p] = seg.graph.checkpoint(int(ids[p]) - seg.base)
     inline: list = [False] * n
     watched: dict = {}
     jobs_of = c.job[ids]
-    for p in np.flatnonzero(flags & FLAG_RESULT).tolist():
+    for p in np.flatnonzero(flags & FLAG_RESULT).tolist() if marked & FLAG_RESULT else ():
         job_id = int(jobs_of[p])
         if job_id not in watched:
             job = core.jobs.get(job_id)
@@ -436,14 +438,16 @@ def fail_unsatisfiable(core, ids: np.ndarray | None, now: float) -> None:
 
 
 def support_mask(core, worker) -> np.ndarray | None:
-    """Bool per global symbol code: can this worker run it (None: everything)."""
+    """Bool per global symbol code: can this worker run it (None: every symbol the
+    server knows so far, so that placement takes its fast paths)."""
     if not worker.symbols:
         return None
-    mask = worker.support_mask
+    cached = worker.support_mask   # (mask, mask or None)
     symbols = core.graph.symbols
-    if mask is None or len(mask) != len(symbols):
-        mask = worker.support_mask = np.array([supports(worker, s) for s in symbols], dtype=bool)
-    return mask
+    if cached is None or len(cached[0]) != len(symbols):
+        mask = np.array([supports(worker, s) for s in symbols], dtype=bool)
+        cached = worker.support_mask = (mask, None if mask.all() else mask)
+    return cached[1]
 
 
 def supports(worker, symbol: str) -> bool:

@@ -273,6 +273,11 @@ class SegmentIndex:
         m = self._count
         if not ids.size or not m:
             return np.full(ids.shape, -1, dtype=np.int64)
+        if ids.shape == (1,):   # (most reports name one task: no vector work)
+            t = int(ids[0])
+            k = max(int(self._gid[:m].searchsorted(t, "right")) - 1, 0)
+            offset = t - int(self._gid[k])
+            return np.array([int(self._row[k]) + offset if 0 <= offset < int(self._n[k]) else -1], dtype=np.int64)
         k = np.maximum(np.searchsorted(self._gid[:m], ids, side="right") - 1, 0)
         offset = ids - self._gid[k]
         ok = (offset >= 0) & (offset < self._n[k])

@@ -86,8 +86,14 @@ class SparseColumn:
         return np.array([get(i, 0) for i in rows.tolist()], dtype=np.int64)
 
     def __setitem__(self, rows, values) -> None:
-        rows = np.atleast_1d(np.asarray(rows))
-        values = np.broadcast_to(np.asarray(values, dtype=np.int64), rows.shape)
+        if not (type(rows) is np.ndarray and type(values) is np.ndarray and rows.shape == values.shape):
+            rows = np.atleast_1d(np.asarray(rows))
+            values = np.broadcast_to(np.asarray(values, dtype=np.int64), rows.shape)
+        if not values.any():   # (the usual write: all zero)
+            if self.values:
+                for i in rows.ravel().tolist():
+                    self.values.pop(i, None)
+            return
         nonzero = values != 0
         if self.values:
             for i in rows[~nonzero].tolist():

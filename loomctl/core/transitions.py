@@ -200,7 +200,7 @@ def _live_again(core, redo: np.ndarray) -> None:
 
 def _count(core, ids: np.ndarray, counter: str, sign: int) -> None:
     job_of = core.graph.cols.job[ids]
-    if (job_of == job_of[0]).all():
+    if len(ids) == 1 or (job_of == job_of[0]).all():
         pairs = ((int(job_of[0]), len(ids)),)
     else:
         jobs, counts = np.unique(job_of, return_counts=True)
@@ -212,15 +212,24 @@ def _count(core, ids: np.ndarray, counter: str, sign: int) -> None:
 
 
 # ---------------------------------------------------------------------- workers' load
+def _load(cpus: np.ndarray) -> tuple[int, int]:
+    """(cpus asked for, light tasks) of some tasks' ``cpus`` column."""
+    if len(cpus) <= 16:   # (a few: no vector work)
+        values = cpus.tolist()
+        return sum(values), values.count(0)
+    return int(cpus.sum()), len(cpus) - int(np.count_nonzero(cpus))
+
+
 def _assign(core, ids: np.ndarray, wid: int) -> None:
     g = core.graph
     c = g.cols
     worker = core.workers[wid]
     c.worker[ids] = wid
     cpus = c.cpus[ids]
-    worker.assigned_cpus += int(cpus.sum())
+    asked, light = _load(cpus)
+    worker.assigned_cpus += asked
     if not g.any_named_requests:
-        worker.assigned_light += int(np.count_nonzero(cpus == 0))
+        worker.assigned_light += light
         return
     for t, n in zip(ids.tolist(), cpus.tolist()):
         request = g.named_request(t)
@@ -233,15 +242,17 @@ def _assign(core, ids: np.ndarray, wid: int) -> None:
 def _unassign(core, ids: np.ndarray) -> None:
     g = core.graph
     c = g.cols
-    for wid in small_unique(c.worker[ids]).tolist():
+    holders = small_unique(c.worker[ids]).tolist()
+    for wid in holders:
         worker = core.workers.get(wid)
         if worker is None:   # removed: its record is gone with its counters
             continue
-        mine = ids[c.worker[ids] == wid]
+        mine = ids if len(holders) == 1 else ids[c.worker[ids] == wid]
         cpus = c.cpus[mine]
-        worker.assigned_cpus -= int(cpus.sum())
+        asked, light = _load(cpus)
+        worker.assigned_cpus -= asked
         if not g.any_named_requests:
-            worker.assigned_light -= int(np.count_nonzero(cpus == 0))
+            worker.assigned_light -= light
             continue
         for t, n in zip(mine.tolist(), cpus.tolist()):
             request = g.named_request(t)

@@ -50,7 +50,7 @@ class Worker:
     last_seen: float = 0.0
     stats: dict = field(default_factory=dict)
     tasks_done: int = 0
-    support_mask: np.ndarray | None = None   # cache of scheduler.support_mask
+    support_mask: tuple | None = None        # cache of scheduler.support_mask
     memory_limit: int | None = None          # bytes it may use (REGISTER), None: not said
     queue_factor: int = placement.QUEUE_FACTOR   # from the rate of cpu tasks it finishes
     rate_since: float | None = None          # start of the window counting them
