@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 import sys
+from itertools import accumulate
 
 import numpy as np
 
@@ -134,8 +135,7 @@ def _read(view: memoryview) -> Graph | None:
             k += length
     metadata = _varbytes(cols[b"METL"], cols.get(b"METD", b"")) if b"METL" in cols else None
     prio = cols.get(b"prio")
-    offsets = np.zeros(n + 1, np.int32)   # (the general reader's compact columns: int32)
-    np.cumsum(counts, out=offsets[1:])
+    offsets = np.array([0, *accumulate(counts)], np.int32)   # (the general reader's compact columns: int32)
     return Graph(
         symbols=symbols, types=np.array(types, np.uint16), input_offsets=offsets,
         inputs=np.array(inputs, np.int32), configs=_varbytes(config_lengths, config_data),
@@ -148,9 +148,7 @@ def _read(view: memoryview) -> Graph | None:
 
 
 def _varbytes(lengths: list, data: bytes) -> VarBytes:
-    offsets = np.zeros(len(lengths) + 1, np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return VarBytes(offsets, data)
+    return VarBytes(np.array([0, *accumulate(lengths)], np.int32), data)
 
 
 def _block(payload: memoryview):

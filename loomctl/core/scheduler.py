@@ -110,10 +110,12 @@ def _round(core, now: float) -> int:
             stealing.request(core, now)
         return 0
     core.stats["rounds"] += 1
-    ids = np.sort(ranked)
-    order = np.searchsorted(ids, ranked)          # positions in ids, best first
-    index = np.full(core.next_worker + 1, -1, dtype=np.int64)   # worker id -> k (the last: owner -1)
-    index[[w.id for w in workers]] = np.arange(len(workers))
+    if len(ranked) == 1:   # (a round of one task: a small job's)
+        ids, order = ranked, ranked[:1] * 0
+    else:
+        ids = np.sort(ranked)
+        order = np.searchsorted(ids, ranked)      # positions in ids, best first
+    index = _worker_index(core, workers)          # worker id -> k (the last: owner -1)
     inputs, consumer_of_slot = g.slots(ids)
     task_pos = np.searchsorted(ids, consumer_of_slot)
     holder = index[c.owner[inputs]]
@@ -146,10 +148,15 @@ def _round(core, now: float) -> int:
                                  spill=core.options.spill, groups=groups)
     chosen_ranked = chosen[order]
     placed = 0
-    for k, w in enumerate(workers):
-        mine = ranked[chosen_ranked == k]
+    if len(ranked) == 1:
+        k = int(chosen_ranked[0])
+        given = [(k, ranked)] if k >= 0 else []
+    else:
+        given = [(k, ranked[chosen_ranked == k]) for k in range(len(workers))]
+    for k, mine in given:
+        w = workers[k]
         if len(mine):
-            T.transition(core, np.sort(mine), ASSIGNED, w.id)
+            T.transition(core, np.sort(mine) if len(mine) > 1 else mine, ASSIGNED, w.id)
             ahead = speculation.extend(core, w, mine)   # their consumers, ahead of time
             core.commands.append(compute(core, w, np.concatenate([mine, ahead]) if len(ahead) else mine))
             placed += len(mine) + len(ahead)
@@ -162,6 +169,18 @@ def _round(core, now: float) -> int:
     if core.options.steal:
         stealing.request(core, now)
     return placed
+
+
+def _worker_index(core, workers: list) -> np.ndarray:
+    """Worker id -> its position in ``workers`` (-1 for no worker, the last entry: an
+    owner of -1), kept while the workers stay the same."""
+    key = tuple(w.id for w in workers)
+    cached = core.worker_index
+    if cached is None or cached[0] != key:
+        index = np.full(core.next_worker + 1, -1, dtype=np.int64)
+        index[list(key)] = np.arange(len(workers))
+        cached = core.worker_index = (key, index)
+    return cached[1]
 
 
 def _local_only(n: int, task_pos: np.ndarray, holder: np.ndarray, sizes: np.ndarray, near: list) -> np.ndarray:

@@ -76,6 +76,7 @@ class ServerCore:
         self.hold_until: float | None = None   # a restored server waits for its workers till then
         self.recheck_at: float | None = None   # when to check again what no worker can run
         self.next_worker = 0
+        self.worker_index = None   # (worker ids, id -> position), the scheduler's cache
         self.next_job = 1
         self.stats = {"scheduled": 0, "finished": 0, "failed": 0, "rounds": 0, "transfers": 0,
                       "transfer_bytes": 0, "retired_jobs": 0}
