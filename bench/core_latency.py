@@ -6,6 +6,7 @@ the client's RELEASE; timers every 0.25 s of simulated time (4 jobs per ms).
     python bench/core_latency.py                    # us per job, best of 5 x 2000 jobs
     python bench/core_latency.py --profile 20       # cProfile, top 20 by own time
     python bench/core_latency.py --client           # also the client's side (build, encode, decode)
+    python bench/core_latency.py --tree 10,13,16    # us per task of merge-tree jobs of 2^K leaves
 
 What it leaves out: zmq recv/send (~15-20% of a live server's main thread) and the
 journal file writes; bench/profile_server.py measures a live server.
@@ -49,7 +50,10 @@ class Rig:
         self.req = 0
 
     def _send(self, identity, kind, body, *blobs):
-        self.d.message(identity, P.encode(kind, body, *blobs), self.now)
+        return self._send_frames(identity, P.encode(kind, body, *blobs))
+
+    def _send_frames(self, identity, frames):
+        self.d.message(identity, frames, self.now)
         return self._flush()
 
     def _flush(self):
@@ -82,6 +86,59 @@ class Rig:
             self._flush()
 
 
+def tree_job(rig: Rig, k: int) -> tuple[int, float]:
+    """One merge tree of 2^k leaves through the rig: each worker in turn reports, in one
+    UPDATE, every task its COMPUTEs gave it that can run (a task given ahead waits until
+    its inputs are reported), as a worker does with light tasks in one step; the client
+    gathers the root and releases it.
+    Returns the tasks and the CPU seconds the Dispatch took (the rig's own work left out)."""
+    level = [tasks.const(b"leaf%d" % i) for i in range(1 << k)]
+    while len(level) > 1:
+        level = [tasks.merge(level[i:i + 2]) for i in range(0, len(level), 2)]
+    graph = graphfmt.to_bytes(graphfmt.build_graph(level)[0])
+    rig.req += 1
+    queues: dict = {name: {} for name in rig.workers}   # task -> its inputs, in the order given
+    done: set = set()
+    root = None
+    spent = 0.0
+
+    def send(identity, kind, body, *blobs):
+        nonlocal root, spent
+        frames = P.encode(kind, body, *blobs)
+        t0 = time.process_time()
+        out = rig._send_frames(identity, frames)
+        spent += time.process_time() - t0
+        for target, frames in out:
+            kind, body = frames[0], P.decode(frames)[1]
+            if kind == P.COMPUTE:
+                queues[target].update((row[0], row[3]) for row in body["tasks"])
+            elif kind == P.RESULTS_READY:
+                root = P.ids_from_bytes(body["ids"])
+    send(b"c1", P.SUBMIT, {"load": False, "notify": True, "trace": None, "req": rig.req}, graph)
+    while root is None:
+        for name, queue in queues.items():
+            ready = []
+            for t, inputs in queue.items():
+                if all(i in done for i in inputs):
+                    ready.append(t)
+            if not ready:
+                continue
+            for t in ready:
+                del queue[t]
+            done.update(ready)
+            n = len(ready)
+            send(name, P.UPDATE, {"finished": P.ids_to_bytes(ready), "sizes": P.ids_to_bytes([8] * n),
+                                  "lengths": P.ids_to_bytes([0] * n), "failed": [], "redirects": [],
+                                  "replicas": b"", "logs": [], "inline": b"", "blobs": []})
+    send(b"c1", P.RELEASE, {"ids": P.ids_to_bytes(root)})
+    rig.now += 0.25
+    t0 = time.process_time()
+    rig.d.tick(rig.now, 120.0)
+    rig._flush()
+    spent += time.process_time() - t0
+    return (2 << k) - 1, spent
+
+
 def client_side(n: int) -> float:
     """us per job of the client's own work: build + encode the graph, decode 4 replies."""
     from loomctl.client import _graph_bytes
@@ -102,8 +159,16 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="TOP")
     ap.add_argument("--no-journal", action="store_true")
     ap.add_argument("--client", action="store_true")
+    ap.add_argument("--tree", metavar="K,K...", help="merge-tree jobs of 2^K leaves instead: us per task")
     args = ap.parse_args()
     rig = Rig(journal=not args.no_journal)
+    if args.tree:
+        for k in [int(x) for x in args.tree.split(",")]:
+            tree_job(rig, k)   # (warm)
+            jobs = max(1, (1 << 14) >> k)
+            best = min(_timed_tree(rig, k, jobs) for _ in range(args.repeat))
+            print(f"tree 2^{k}: server dispatch+core {best:.2f} us per task (best of {args.repeat} x {jobs} jobs)")
+        return
     for _ in range(200):
         rig.job()
     if args.profile:
@@ -121,6 +186,17 @@ def main() -> None:
           f"{len(rig.d.core.jobs)} jobs live)")
     if args.client:
         print(f"client build+encode+decode: {min(client_side(args.jobs) for _ in range(3)):.1f} us per job")
+
+
+def _timed_tree(rig: Rig, k: int, jobs: int) -> float:
+    """Server CPU per task: the rig's own work (the workers' bookkeeping) is left out."""
+    spent = 0.0
+    n = 0
+    for _ in range(jobs):
+        count, seconds = tree_job(rig, k)
+        n += count
+        spent += seconds
+    return spent / n * 1e6
 
 
 def _timed(rig: Rig, n: int) -> float:
