@@ -533,6 +533,7 @@ def test_checkpoint_load_skips_the_task_and_its_private_inputs(tmp_path):
     compute = [t for _, body in env.messages(P.COMPUTE) for t in body["tasks"]]
     loaded = [t for t in compute if t[0] == job.base + 1]
     assert loaded and loaded[0][1] == S.OPEN and loaded[0][2] == str(path).encode() and loaded[0][3] == []
+    assert loaded[0][6] is None   # (loaded from its checkpoint: not written back to it)
     env.run_all()
     assert job.status == "finished"
 
@@ -725,7 +726,7 @@ def test_a_worker_that_joins_again_brings_its_data_back():
 def test_a_compute_of_tasks_whose_segments_are_out_of_row_order_gives_each_its_inputs():
     """Rows and segment slots are reused: a segment may lie below one with a lower slot.
     One COMPUTE holding tasks of both still gives every task its own inputs, in order."""
-    from loomctl.core import scheduler
+    from loomctl.core import compute
     env = Env(1)
 
     def job(*names):
@@ -745,7 +746,7 @@ def test_a_compute_of_tasks_whose_segments_are_out_of_row_order_gives_each_its_i
     assert any((s1 < s2) != (m1 < m2) for s1, m1 in zip(slots, merges) for s2, m2 in zip(slots, merges))
     worker = env.core.workers[env.wids[0]]
     ids = merges + [merges[0] - 1]
-    cmd = scheduler.compute(env.core, worker, np.array(ids, dtype=np.int64))
+    cmd = compute.compute(env.core, worker, np.array(ids, dtype=np.int64))
     assert [r.id for r in cmd.rows] == g.segs.ids_of(ids).tolist()   # (a COMPUTE names global ids)
     for row in cmd.rows:
         symbol, config, inputs = g.task(int(g.rows_of(np.array([row.id]))[0]))
@@ -767,3 +768,49 @@ def test_a_worker_joining_a_small_cluster_and_the_others_are_told_each_others_da
     told = [c for c in env.core.take_commands() if isinstance(c, M.Peers)]
     assert told and all(len(c.addresses) < workers.EAGER_PEERS for c in told)
     assert not any(c.target == b"x%d" % (workers.EAGER_PEERS - 1) for c in told)
+
+
+def test_a_compute_of_a_few_rows_is_the_one_built_column_wise(tmp_path):
+    """A few rows are built one by one, many column-wise: the same message for the same
+    rows, with inputs to fetch from an owner or a copy (spread), inputs not computed yet
+    (ahead), a large config (a view, listed), labels, checkpoint paths, a task replaced by
+    its checkpoint's load (other inputs than in its segment) and results a client waits for."""
+    from loomctl.core import compute
+    saved = tmp_path / "saved"
+    saved.write_bytes(b"saved")
+    big = tasks.const(b"x" * 70000)
+    big.label = "big"
+    b, c = tasks.const("b"), tasks.const("c")
+    m = tasks.merge((big, b))
+    m.checkpoint_path = str(tmp_path / "m")
+    r = tasks.run("cat", [(c, None)])
+    top = tasks.merge((m, r, b))
+    env = Env(1, 1, 1)
+    job, ids = env.submit([top, b])
+    env.core.job_results(job.id, b"c")   # (the client waits: results come inline)
+    a2 = tasks.const("a2")
+    loaded = tasks.run("cat", [(a2, None)])
+    loaded.checkpoint_path = str(saved)
+    env.submit([tasks.merge((loaded, tasks.const("!")))], load=True)
+    env.schedule()
+    b_id, c_id = ids[1], job.base + 3   # (b and c: finished; the large const stays assigned)
+    for w in env.wids:
+        env.finish(w, [t for t in env.assigned[w] if t in (b_id, c_id)])
+    rows = env.core.graph.rows_of(np.array([b_id]))
+    holder = int(env.core.cols.owner[rows[0]])
+    copy = next(w for w in env.wids if w != holder)
+    env.core.replicas_added(copy, rows, env.now)   # a copy of b
+    c_ = env.core.cols
+    live = np.flatnonzero(c_.state[:c_.n] != 3)[::-1]
+    assert len(live) >= 6
+    for worker in env.core.workers.values():
+        for k in range(len(live)):
+            for n in (1, 2, 3):
+                ids_ = live[k:k + n]
+                few, columns = compute._compute_few(env.core, worker, ids_), compute._compute_columns(env.core, worker, ids_)
+                assert (few.rows, few.locations, few.jobs.tolist(), few.large) == \
+                    (columns.rows, columns.locations, columns.jobs.tolist(), columns.large)
+    every = compute._compute_few(env.core, env.core.workers[next(w for w in env.wids if w not in (holder, copy))], live)
+    assert any(row.ahead for row in every.rows) and every.large and every.locations
+    assert any(row.label == "big" for row in every.rows) and any(row.checkpoint for row in every.rows)
+    assert any(row.inline for row in every.rows) and any(row.symbol == S.OPEN for row in every.rows)

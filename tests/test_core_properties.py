@@ -29,8 +29,9 @@ import graphfmt
 from graphfmt import symbols as S
 from graphfmt import tasks
 from loomctl import messages as M
+from loomctl.core import compute
 from loomctl.core.server import ServerCore, SubmitError
-from loomctl.core.tasktable import ASSIGNED, FINISHED
+from loomctl.core.tasktable import ASSIGNED, FINISHED, LIVE
 
 EXAMPLES = int(os.environ.get("LOOMCTL_FUZZ_EXAMPLES", "60"))
 PHASES = tuple(Phase) if os.environ.get("LOOMCTL_FUZZ_SHRINK") else tuple(p for p in Phase if p != Phase.shrink)
@@ -389,6 +390,17 @@ class CoreMachine(RuleBasedStateMachine):
             owned = np.flatnonzero(c.owner[:c.n] == wid)
             assert set(ids_of(owned).tolist()) <= self.holds[key], "the server thinks a worker holds what it does not"
             assert (c.state[owned] == FINISHED).all()
+
+    @invariant()
+    def both_ways_of_building_a_compute_agree(self):
+        c = self.core.cols
+        live = np.flatnonzero(LIVE[c.state[:c.n]])[::-1]   # (not in row order: rows keep the order given)
+        for worker in list(self.core.workers.values())[:2]:
+            for k in range(0, len(live), 5):
+                ids = live[k:k + 5]
+                few, columns = compute._compute_few(self.core, worker, ids), compute._compute_columns(self.core, worker, ids)
+                assert (few.rows, few.locations, few.jobs.tolist(), few.large) == \
+                    (columns.rows, columns.locations, columns.jobs.tolist(), columns.large)
 
 
 CoreMachine.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None, phases=PHASES,

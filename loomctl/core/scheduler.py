@@ -35,9 +35,10 @@ import numpy as np
 from graphfmt import symbols as S
 from loomctl import messages as M
 from loomctl.core import dynamic, jobs, placement, priority, speculation, stealing
+from loomctl.core.compute import compute
 from loomctl.core.workers import recompute_lost
 from loomctl.core import transitions as T
-from loomctl.core.tasktable import ASSIGNED, FLAG_CHECKPOINT, FLAG_LOADED, FLAG_OVERRIDE, FLAG_RESULT, READY, distinct
+from loomctl.core.tasktable import ASSIGNED, READY
 
 
 @dataclass
@@ -290,129 +291,6 @@ def _intake(core, now: float) -> None:
                 ids = ids[c.state[ids] == READY]
         if len(ids):
             core.pool.add(ids, priority.keys(core, ids), c.cpus[ids] == 0)
-
-
-FEW = 16   # (rows of a COMPUTE below which Python beats a numpy call)
-
-
-def compute(core, worker, ids: np.ndarray) -> M.Compute:
-    """The COMPUTE command giving ``ids`` to ``worker`` (rows in the order of ``ids``),
-    built column-wise: a row costs a few list operations, not a walk of the graph. It
-    names global ids already (its tasks' and inputs'; ``core.edge`` leaves it as it is)."""
-    g = core.graph
-    c = g.cols
-    n = len(ids)
-    flags = c.flags[ids]
-    symbol_of = g.symbols
-    symbols = [symbol_of[k] for k in c.symbol[ids].tolist()]
-    configs: list = [None] * n
-    labels: list = [None] * n
-    seg_of = g.segs.of(ids)
-    segments = g.segs.segments
-    single = not n or (seg_of == seg_of[0]).all()   # (the usual case: one segment)
-    any_large = bool(g.overrides)   # (a large config is a view: a frame of its own)
-    for s in ([int(seg_of[0])] if n and single else distinct(seg_of).tolist()):
-        pos = range(n) if single else np.flatnonzero(seg_of == s).tolist()
-        seg = segments[s]
-        graph = seg.graph
-        local = (ids if single else ids[pos]) - seg.base
-        offsets, data = graph.configs.offsets, graph.configs.data
-        begin, end = offsets[local], offsets[local + 1]
-        many = False
-        if len(local) > FEW:
-            lengths = end - begin
-            lo, hi = int(begin.min()), int(end.max())
-            many = hi - lo <= 2 * int(lengths.sum()) + 4096 and int(lengths.max()) <= M.LARGE_CONFIG
-        if many:   # (many, small and close together: one copy of their span, sliced)
-            span = bytes(data[lo:hi])
-            texts = [span[a:b] for a, b in zip((begin - lo).tolist(), (end - lo).tolist())]
-            if single:
-                configs = texts
-            else:
-                for p, text in zip(pos, texts):
-                    configs[p] = text
-        else:
-            for p, a, b in zip(pos, begin.tolist(), end.tolist()):
-                # (a large one: no copy here, none into the body, a frame of its own)
-                if b - a > M.LARGE_CONFIG:
-                    configs[p], any_large = memoryview(data)[a:b], True
-                else:
-                    configs[p] = bytes(data[a:b])
-        if graph.label_codes is not None:
-            names = graph.labels
-            for p, code in zip(pos, graph.label_codes[local].tolist()):
-                if code:
-                    labels[p] = names[code - 1]
-    if g.overrides:
-        for p in np.flatnonzero(flags & FLAG_OVERRIDE).tolist():
-            symbols[p], configs[p], _ = g.overrides[int(ids[p])]
-    # inputs, per slot: those not computed yet make the task "ahead" (core.speculation);
-    # those held by other workers get a location (an owner or a copy, spread)
-    order = np.argsort(ids, kind="stable")
-    inputs, consumer = g.slots(ids[order])
-    if len(consumer) > 1 and (consumer[1:] < consumer[:-1]).any():   # (segments whose rows are not in order)
-        by_consumer = np.argsort(consumer, kind="stable")
-        inputs, consumer = inputs[by_consumer], consumer[by_consumer]
-    starts = np.searchsorted(consumer, ids[order], "left")
-    ends = np.searchsorted(consumer, ids[order], "right")
-    holder = c.owner[inputs]
-    ids_of = g.segs.ids_of   # (the rows of the message are global ids, core.edge)
-    flat = ids_of(inputs).tolist() if len(inputs) else []
-    in_order = n < 2 or (bool((ids[1:] > ids[:-1]).all()) if n > FEW else ids.tolist() == sorted(ids.tolist()))
-    starts, ends = starts.tolist(), ends.tolist()
-    lists = [flat[a:b] for a, b in zip(starts, ends)]
-    if n > FEW:   # (an input not computed yet: given ahead)
-        pending = np.concatenate(([0], np.cumsum(holder < 0)))
-        waits = (pending[ends] > pending[starts]).tolist()
-    else:
-        unheld = (holder < 0).tolist()
-        waits = [True in unheld[a:b] for a, b in zip(starts, ends)]
-    if in_order:
-        input_lists, ahead = lists, waits
-    else:   # (row p is the rank of ids[p] among the ids)
-        rank = np.empty(n, dtype=np.int64)
-        rank[order] = np.arange(n)
-        rank = rank.tolist()
-        input_lists, ahead = [lists[k] for k in rank], [waits[k] for k in rank]
-    locations = {}
-    elsewhere = (holder >= 0) & (holder != worker.id)
-    if elsewhere.any():
-        address = {w.id: w.data_address for w in core.workers.values()}
-        spread = core.options.spill
-        for i, h in zip(inputs[elsewhere].tolist(), holder[elsewhere].tolist()):
-            if i in locations:
-                continue
-            copies = core.replicas.get(i, ()) if core.replicas else ()
-            if worker.id in copies:
-                continue
-            if copies and spread:   # fetch from the owner or a copy, spread
-                holders = [h, *sorted(copies)]
-                h = holders[(worker.id + i) % len(holders)]
-            locations[i] = address[h]
-    if locations:
-        locations = dict(zip(ids_of(np.fromiter(locations, dtype=np.int64, count=len(locations))).tolist(),
-                             locations.values()))
-    checkpoints: list = [None] * n
-    marked = int(np.bitwise_or.reduce(flags)) if n else 0   # (flags on any row: the loops below)
-    for p in np.flatnonzero((flags & FLAG_CHECKPOINT) & ~(flags & FLAG_LOADED)).tolist() \
-            if marked & FLAG_CHECKPOINT else ():
-        seg = segments[int(seg_of[p])]
-        checkpoints[p] = seg.graph.checkpoint(int(ids[p]) - seg.base)
-    inline: list = [False] * n
-    watched: dict = {}
-    jobs_of = c.job[ids]
-    for p in np.flatnonzero(flags & FLAG_RESULT).tolist() if marked & FLAG_RESULT else ():
-        job_id = int(jobs_of[p])
-        if job_id not in watched:
-            job = core.jobs.get(job_id)
-            watched[job_id] = job is not None and bool(job.watchers)
-        inline[p] = watched[job_id]
-    named = [g.named_request(t) or None for t in ids.tolist()] if g.any_named_requests else [None] * n
-    new, make = tuple.__new__, M.ComputeRow   # (a ComputeRow built as the tuple it is: fast)
-    rows = [new(make, row) for row in zip(ids_of(ids).tolist(), symbols, configs, input_lists, c.cpus[ids].tolist(), named,
-                                           checkpoints, labels, inline, ahead)]
-    large = [p for p, config in enumerate(configs) if type(config) is memoryview] if any_large else []
-    return M.Compute(worker.key, rows, locations, jobs_of.astype(np.int64), large)
 
 
 def fail_unsatisfiable(core, ids: np.ndarray | None, now: float) -> None:

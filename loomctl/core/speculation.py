@@ -49,7 +49,7 @@ def resume(core) -> int:
     something. Returns how many tasks were assigned."""
     if not core.frontier:
         return 0
-    from loomctl.core.scheduler import compute
+    from loomctl.core.compute import compute
     c = core.graph.cols
     placed = 0
     for wid in list(core.frontier):
