@@ -44,6 +44,7 @@ from loomctl import protocol as P
 from loomctl.access import AccessError, connect_address, read_access
 from loomctl.worker import data as D
 from loomctl.downloads import WorkerGone, WorkerLinks
+from loomctl.frames import EVERY, recv_message, send_message
 
 
 SERVER_GRACE_S = 3.0   # a blocking call raises LoomConnectionError this long after the server went
@@ -210,7 +211,7 @@ class Client:
     # ------------------------------------------------------------------ requests
     def _request(self, kind: bytes, body: dict | None = None, *blobs) -> dict:
         req = next(self.req)
-        self.sock.send_multipart(P.encode(kind, {**(body or {}), "req": req}, *blobs), copy=False)
+        send_message(self.sock, P.encode(kind, {**(body or {}), "req": req}, *blobs), copy=False)
         while req not in self.replies:
             if not self._poll(self.timeout_ms):
                 raise LoomConnectionError(f"no reply from the server to {kind.decode()} within {self.timeout_ms / 1000:.0f} s")
@@ -240,7 +241,7 @@ class Client:
         sock = self.sock
         while sock.getsockopt(_EVENTS) & _POLLIN:   # (asking is cheaper than a zmq.Again)
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_message(sock, EVERY)
             except zmq.Again:
                 return True
             kind, body, _ = P.decode(frames)
@@ -542,7 +543,7 @@ class Client:
             self.futures.pop(f.task_id, None)
         # a notice, not a request: nothing to wait for (the server handles it before any
         # later request of this client)
-        self.sock.send_multipart(P.encode(P.RELEASE, {"ids": P.ids_to_bytes(ids)}))
+        send_message(self.sock, P.encode(P.RELEASE, {"ids": P.ids_to_bytes(ids)}))
 
     def cancel(self, job: int) -> None:
         """Cancel a running job (its futures fail), or drop the results of a finished one."""

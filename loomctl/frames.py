@@ -1,18 +1,20 @@
-"""Receiving a zmq message frame by frame, copying only the small ones.
+"""Receiving a zmq message frame by frame, copying only the small ones; sending one.
 
 ``recv_message(sock, copied)`` returns the frames of one waiting message (zmq.Again if
 none): those whose index is in ``copied`` as bytes (a routing id, a kind, a msgpack
 body), the others as zmq Frames, whose memory is zmq's receive buffer, given back when
 the last reference goes (a graph file or a large config is never copied again on
 receipt). It uses plain ``recv`` with DONTWAIT and RCVMORE: pyzmq's recv_multipart
-builds flag enums per call.
+builds flag enums per call. ``send_message(sock, frames)`` sends one message with
+plain int flags (pyzmq's send_multipart combines enum flags for every frame).
 """
 
 from __future__ import annotations
 
 import zmq
 
-_DONTWAIT, _RCVMORE = int(zmq.DONTWAIT), int(zmq.RCVMORE)
+_DONTWAIT, _RCVMORE, _SNDMORE = int(zmq.DONTWAIT), int(zmq.RCVMORE), int(zmq.SNDMORE)
+EVERY = range(1 << 30)   # (``copied``: every frame as bytes)
 
 
 def recv_message(sock, copied: range) -> list:
@@ -20,3 +22,11 @@ def recv_message(sock, copied: range) -> list:
     while sock.getsockopt(_RCVMORE):
         frames.append(sock.recv(_DONTWAIT, copy=len(frames) in copied))
     return frames
+
+
+def send_message(sock, frames: list, dontwait: bool = False, copy: bool = True) -> None:
+    """Send the frames of one message (zmq.Again with ``dontwait`` when it cannot go now)."""
+    end = _DONTWAIT if dontwait else 0
+    last = len(frames) - 1
+    for k, frame in enumerate(frames):
+        sock.send(frame, end if k == last else end | _SNDMORE, copy=copy)

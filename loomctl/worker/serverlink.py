@@ -27,6 +27,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from loomctl import protocol as P
+from loomctl.frames import send_message
 from loomctl.worker.taskqueue import is_int
 
 log = logging.getLogger("loomctl.worker")
@@ -82,7 +83,7 @@ class ServerLink:
     # ------------------------------------------------------------------ the loop
     def send(self, kind: bytes, body: dict) -> None:
         try:
-            self.sock.send_multipart(P.encode(kind, body), zmq.NOBLOCK)
+            send_message(self.sock, P.encode(kind, body), dontwait=True)
         except zmq.Again:
             log.warning("could not send %s to the server (its queue is full)", kind.decode())
 
