@@ -814,3 +814,18 @@ def test_a_compute_of_a_few_rows_is_the_one_built_column_wise(tmp_path):
     assert any(row.ahead for row in every.rows) and every.large and every.locations
     assert any(row.label == "big" for row in every.rows) and any(row.checkpoint for row in every.rows)
     assert any(row.inline for row in every.rows) and any(row.symbol == S.OPEN for row in every.rows)
+
+
+def test_ranges_concatenates_each_range_whatever_their_lengths():
+    """segments.ranges (CSR gathers): rows all of one, all of two or of mixed lengths,
+    none, int32 or int64 bounds; always int64, in order."""
+    from loomctl.core.segments import ranges
+    rng = np.random.default_rng(7)
+    for _ in range(500):
+        n = int(rng.integers(0, 9))
+        starts = rng.integers(0, 100, n)
+        ends = starts + (int(rng.integers(0, 4)) if rng.random() < 0.6 else rng.integers(0, 4, n))
+        expected = [x for a, b in zip(starts.tolist(), ends.tolist()) for x in range(a, b)]
+        for dtype in (np.int32, np.int64):
+            got = ranges(starts.astype(dtype), ends.astype(dtype))
+            assert got.dtype == np.int64 and got.tolist() == expected

@@ -40,6 +40,12 @@ EMPTY = np.zeros(0, dtype=np.int64)
 def ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Concatenation of arange(s, e) for every pair, vectorised."""
     lengths = ends - starts
+    if len(lengths) > 1:   # (all of one length: a chain's or a tree's CSR rows, no repeat)
+        shortest = int(lengths.min())
+        if shortest == int(lengths.max()) and shortest <= 2:
+            starts = starts.astype(np.int64)
+            return starts if shortest == 1 else starts[:0] if not shortest else \
+                np.stack([starts, starts + 1], axis=1).ravel()
     total = int(lengths.sum())
     if total <= 0:
         return np.zeros(0, dtype=np.int64)
