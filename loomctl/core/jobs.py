@@ -73,22 +73,26 @@ def submit(core, client: bytes | None, graph: Graph, now: float, load: bool = Fa
     """Add a validated graph as a new job."""
     local_to_global, alias = map_inputs(core, graph, None)
     n = len(graph)
+    aliased = bool(alias.any())   # (none, the usual case: no mask work below)
     marked = (graph.flags & 1).astype(bool)   # the file's result flag
-    if (alias & marked).any():
+    if aliased and (alias & marked).any():
         raise SubmitError("a future cannot itself be a result of a submission")
     if not marked.any():   # no results marked: the sinks are the results
         consumed = np.zeros(n, dtype=bool)
         consumed[graph.inputs] = True
-        marked = ~consumed & ~alias
+        marked = ~consumed & ~alias if aliased else ~consumed
     job = Job(id=core.next_job, client=client, name=name, base=core.graph.segs.next_gid, n=n, submitted=now, trace=trace,
               detached=detached)
     core.next_job += 1
     core.jobs[job.id] = job
-    overrides, needed = (_checkpoints(graph, alias) if load else ({}, ~alias))
+    overrides, needed = (_checkpoints(graph, alias) if load else ({}, None if not aliased else ~alias))
     born = np.full(n, WAITING, dtype=np.uint8)   # (not np.where: two int64 temporaries)
-    born[~needed] = SKIPPED
-    born[alias] = ALIAS
-    results = marked & needed
+    if needed is not None:   # (None: every task)
+        born[~needed] = SKIPPED
+        born[alias] = ALIAS
+        results = marked & needed
+    else:
+        results = marked
     global_inputs = local_to_global[graph.inputs]
     del local_to_global, marked, needed   # (a large submission's memory peak is in add_tasks)
     ids = T.add_tasks(core, job, graph, global_inputs, born, results, overrides)

@@ -60,7 +60,7 @@ def tasks_finished(core, wid: int, ids: np.ndarray, sizes: np.ndarray, lengths: 
         if late.any():
             T.transition(core, ids[late], CANCELLED)
             mine &= ~late
-    everything_mine = mine.all()   # (the usual report: nothing to adopt, nothing stale)
+    everything_mine = np.count_nonzero(mine) == len(mine)   # (the usual report: nothing to adopt, nothing stale)
     if worker is not None and not everything_mine:   # not assigned here, but ready, wanted and not
         # computed yet (the report of a task that ran on while its worker was away, its server
         # restarted): taken

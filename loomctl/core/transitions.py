@@ -40,6 +40,10 @@ from loomctl.core.tasktable import (ALIAS, ALLOWED, ASSIGNED, CANCELLED, FINISHE
                                     READY, SKIPPED, STATE_NAMES, WAITING, distinct)
 
 
+_ACTIVE = np.ones(len(STATE_NAMES), dtype=bool)   # states a job's ``active`` counts
+_ACTIVE[[ALIAS, SKIPPED]] = False
+
+
 class TransitionError(AssertionError):
     """A state change the table does not allow: a bug in the core, never a peer's fault."""
 
@@ -61,7 +65,7 @@ def transition(core, ids: np.ndarray, to: int, worker: int | None = None) -> Non
     c = core.graph.cols
     prev = c.state[ids]
     allowed = ALLOWED[to, prev]
-    if not allowed.all():
+    if np.count_nonzero(allowed) != len(ids):   # (cheaper than .all() on a few)
         bad = int(ids[np.argmin(allowed)])
         raise TransitionError(f"task {bad}: {STATE_NAMES[c.state[bad]]} -> {STATE_NAMES[to]} is not allowed")
     if to == ASSIGNED:
@@ -70,8 +74,9 @@ def transition(core, ids: np.ndarray, to: int, worker: int | None = None) -> Non
         return
     was_assigned = prev == ASSIGNED
     left = None
-    if was_assigned.any():
-        left = ids if was_assigned.all() else ids[was_assigned]
+    assigned = np.count_nonzero(was_assigned)
+    if assigned:
+        left = ids if assigned == len(ids) else ids[was_assigned]
         _unassign(core, left)
     c.state[ids] = to
     if to == READY:
@@ -276,7 +281,7 @@ def add_tasks(core, job, graph: Graph, global_inputs: np.ndarray, born: np.ndarr
     base, n = segment.base, len(graph)
     c.state[base:base + n] = born           # the birth: the one write besides transition()
     job.segments.append(segment.index)
-    job.active += int(np.count_nonzero((born != ALIAS) & (born != SKIPPED)))
+    job.active += int(np.count_nonzero(_ACTIVE[born]))
     wanted = base + np.flatnonzero(results)
     c.flags[wanted] |= FLAG_RESULT
     c.holds[wanted] += 1
