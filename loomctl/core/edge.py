@@ -8,7 +8,7 @@ the modules ignore it) and the commands the modules made to global ids when they
 
 Invariants:
 - Every command taken from the core names global ids only; ``ServerCore.commands[:sealed]``
-  are mapped already, the rest name rows, but for COMPUTEs: ``scheduler.compute`` builds
+  are mapped already, the rest name rows, but for COMPUTEs: ``core.compute`` builds
   them with global ids (a tree of 2^10 tasks spent 7% of the server's time mapping its
   rows a second time).
 - Commands are mapped before any row they name can be given to another task: the
