@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from loomctl.core.tasktable import FLAG_OVERRIDE, LIVE, distinct, ranges
+from loomctl.core.tasktable import FLAG_OVERRIDE, LIVE, add_at, distinct, ranges
 
 MAX_LEVEL = 1 << 20     # b-levels beyond this count as equal (bounds the sweeps at submit)
 SWEEPS = 4096           # level sweeps at submit; tasks further from a sink get MAX_LEVEL
@@ -71,7 +71,7 @@ def segment_added(core, segment, user: np.ndarray | None) -> None:
             producers = inputs[slots[keep]] - inputs.dtype.type(base)
             if prio is not None:
                 np.maximum.at(prio, producers, np.repeat(prio[frontier], ends - starts)[keep])
-            np.subtract.at(left, producers, 1)
+            add_at(left, producers, -1)
             del slots, keep, starts, ends
             producers = distinct(producers)
             frontier = producers[left[producers] == 0]

@@ -37,7 +37,7 @@ from graphfmt.graph import Graph
 from loomctl import messages as M
 from loomctl.core import priority
 from loomctl.core.tasktable import (ALIAS, ALLOWED, ASSIGNED, CANCELLED, FINISHED, FLAG_QUEUED, FLAG_RESULT, LIVE,
-                                    READY, SKIPPED, STATE_NAMES, WAITING, distinct)
+                                    READY, SKIPPED, STATE_NAMES, WAITING, add_at, distinct)
 
 
 _ACTIVE = np.ones(len(STATE_NAMES), dtype=bool)   # states a job's ``active`` counts
@@ -99,7 +99,7 @@ def transition(core, ids: np.ndarray, to: int, worker: int | None = None) -> Non
         if to == SKIPPED:
             _count(core, ids, "active", -1)
         inputs = core.graph.inputs_of(ids)
-        np.subtract.at(c.holds, inputs, 1)
+        add_at(c.holds, inputs, -1)
         release_unheld(core, inputs)
     if left is not None and to != FINISHED:
         take_back(core, left)
@@ -179,10 +179,10 @@ def _finished(core, ids: np.ndarray) -> None:
     consumers = g.consumers_of(ids)
     consumers = consumers[c.state[consumers] == WAITING]
     if len(consumers):
-        np.subtract.at(c.remaining, consumers, 1)
+        add_at(c.remaining, consumers, -1)
         make_ready(core, small_unique(consumers))
     inputs = g.inputs_of(ids)
-    np.subtract.at(c.holds, inputs, 1)
+    add_at(c.holds, inputs, -1)
     release_unheld(core, np.concatenate([ids, inputs]) if len(inputs) else ids)
 
 
@@ -192,7 +192,7 @@ def _live_again(core, redo: np.ndarray) -> None:
     g = core.graph
     c = g.cols
     _count(core, redo, "finished", -1)
-    np.add.at(c.holds, g.inputs_of(redo), 1)
+    add_at(c.holds, g.inputs_of(redo), 1)
     consumers = g.consumers_of(redo)
     priority.raise_from(core, consumers)   # live again: ahead of its live consumers
     state = c.state[consumers]
@@ -292,7 +292,7 @@ def add_tasks(core, job, graph: Graph, global_inputs: np.ndarray, born: np.ndarr
     if len(live):
         inputs = g.inputs_of(live)
         if len(inputs):
-            np.add.at(c.holds, inputs, 1)
+            add_at(c.holds, inputs, 1)
             c.remaining[live] = g.unfinished_inputs(live, FINISHED)
         make_ready(core, live)
     return ids
@@ -319,8 +319,8 @@ def rewire(core, t: int, symbol: str, config: bytes, inputs: np.ndarray) -> None
     priority.raise_from(core, np.array([t], dtype=np.int64))
     state = c.state[t]
     if LIVE[state]:
-        np.add.at(c.holds, inputs, 1)       # the new first: an input in both stays held
-        np.subtract.at(c.holds, old, 1)
+        add_at(c.holds, inputs, 1)       # the new first: an input in both stays held
+        add_at(c.holds, old, -1)
         release_unheld(core, old)
     if state in (WAITING, READY):
         ids = np.array([t], dtype=np.int64)
