@@ -833,12 +833,12 @@ def test_ranges_concatenates_each_range_whatever_their_lengths():
 
 def test_add_at_counts_every_occurrence_of_a_row():
     """tasktable.add_at is np.add.at: repeated rows count once each, few or many rows,
-    narrow or sparse spans, int32 or int64 rows, into int32 columns."""
-    from loomctl.core.tasktable import add_at
+    narrow, sparse or huge spans, int32 or int64 rows, into int32 columns."""
+    from loomctl.core.tasktable import BINCOUNT_SPAN, add_at
     rng = np.random.default_rng(3)
     for _ in range(300):
-        n = int(rng.choice([0, 1, 5, 63, 64, 200, 3000]))
-        span = int(rng.choice([10, 1000, 100000]))
+        n = int(rng.choice([0, 1, 5, 63, 64, 200, 3000, 40000]))
+        span = int(rng.choice([10, 1000, 100000, 2 * BINCOUNT_SPAN]))
         rows = rng.integers(0, span, n).astype(rng.choice([np.int32, np.int64]))
         delta = int(rng.choice([1, -1, 3]))
         got, expected = np.zeros(span, np.int32), np.zeros(span, np.int32)

@@ -70,16 +70,20 @@ _COLUMNS = {
 MIN_CAPACITY = 1024
 
 
+BINCOUNT_SPAN = 1 << 17   # (its counts: 1 MB)
+
+
 def add_at(column: np.ndarray, rows: np.ndarray, delta: int) -> None:
     """``column[rows] += delta`` once per occurrence of a row (``np.add.at``); many rows
     over a narrow span are counted with np.bincount (ufunc.at costs ~50 ns a row: 133 us
-    for a 2^10 tree's 2,046 input slots, against 10 us)."""
+    for a 2^10 tree's 2,046 input slots, against 10 us). A span over BINCOUNT_SPAN rows
+    (a huge submission's) goes through np.add.at: no temporaries at its memory peak."""
     n = len(rows)
     if n < 64:
         np.add.at(column, rows, delta)
         return
     lo, hi = int(rows.min()), int(rows.max()) + 1
-    if lo < 0 or hi - lo > 8 * n:   # (sparse: the counts would be mostly zeros)
+    if lo < 0 or hi - lo > 8 * n or hi - lo > BINCOUNT_SPAN:   # (sparse: mostly zeros; or huge)
         np.add.at(column, rows, delta)
         return
     counts = np.bincount(rows - lo, minlength=hi - lo)
