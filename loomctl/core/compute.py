@@ -10,7 +10,8 @@ owner or a copy, spread).
 Invariants:
 - Both ways of building it give the same message: column-wise for many rows
   (``_compute_columns``), row by row for a few (``_compute_few``: numpy's per-call cost
-  rules there); ``tests/test_core.py`` compares them on random states.
+  rules there); ``tests/test_core_properties.py`` compares them on every random state,
+  ``tests/test_core.py`` on one with copies, ahead inputs, large configs and checkpoints.
 - A config longer than ``messages.LARGE_CONFIG`` is a view, not a copy, and its row is
   listed in ``large`` (a frame of its own on the wire).
 """
@@ -31,6 +32,7 @@ def compute(core, worker, ids: np.ndarray) -> M.Compute:
 
 
 def _compute_few(core, worker, ids: np.ndarray) -> M.Compute:
+    """Row by row: per row a few scalar reads of the columns and its segment's CSR."""
     g = core.graph
     c = g.cols
     segs = g.segs
