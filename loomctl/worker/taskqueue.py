@@ -286,7 +286,12 @@ class TaskQueue:
             if spec.cpus > room or not self._resources_free(spec):
                 keep.append(item)
                 if self.free_cpus <= full and not spec.light:
-                    # only light tasks can start from here on: skip to them cheaply
+                    # only light tasks can start from here on: skip to them cheaply (none
+                    # queued: nothing more starts, and a long queue of cpu tasks is not
+                    # walked at every start)
+                    if not self._ready_light:
+                        keep.extend(self._ready[pos + 1:])
+                        break
                     for rest in self._ready[pos + 1:]:
                         other = self.queued[rest[1]]
                         if other.light and self._resources_free(other) and (limit is None or len(start) < limit):
