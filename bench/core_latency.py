@@ -7,6 +7,7 @@ the client's RELEASE; timers every 0.25 s of simulated time (4 jobs per ms).
     python bench/core_latency.py --profile 20       # cProfile, top 20 by own time
     python bench/core_latency.py --client           # also the client's side (build, encode, decode)
     python bench/core_latency.py --tree 10,13,16    # us per task of merge-tree jobs of 2^K leaves
+    python bench/core_latency.py --worker           # the worker's state machine instead (WorkerState)
 
 What it leaves out: zmq recv/send (~15-20% of a live server's main thread) and the
 journal file writes; bench/profile_server.py measures a live server.
@@ -139,6 +140,49 @@ def tree_job(rig: Rig, k: int) -> tuple[int, float]:
     return (2 << k) - 1, spent
 
 
+def worker_side(n: int, repeat: int) -> None:
+    """The worker's sans-I/O state (WorkerState.handle) on what the server sends it: per
+    one-const job (its COMPUTE, run inline and reported, then its RELEASE_DATA) and per
+    task of one worker's half of a 2^10 merge tree (one COMPUTE of 1,023 rows, leaves and
+    merges given ahead, all run in one step)."""
+    from graphfmt import symbols as S
+    from loomctl.worker import state as W
+    from loomctl.worker.running import run_inline
+
+    def fresh():
+        s = W.WorkerState(cpus=1)
+        s.run_inline = lambda spec, inputs: run_inline(spec, inputs)
+        return s
+
+    def jobs(s, first: int) -> float:
+        t0 = time.process_time()
+        for t in range(first, first + n):
+            s.handle([W.Compute([[t, S.CONST, b"x", [], 0, None, None, None, True]], {})], 0.0)
+            s.handle([W.ReleaseData([t])], 0.0)
+        return (time.process_time() - t0) / n * 1e6
+    s = fresh()
+    jobs(s, 0)
+    best = min(jobs(s, (k + 1) * n) for k in range(repeat))
+    print(f"worker state: {best:.1f} us per one-const job (best of {repeat} x {n})")
+    rig = Rig(journal=False)
+    level = [tasks.const(b"leaf%d" % i) for i in range(1024)]
+    while len(level) > 1:
+        level = [tasks.merge(level[i:i + 2]) for i in range(0, len(level), 2)]
+    out = rig._send(b"c1", P.SUBMIT, {"load": False, "notify": True, "trace": None, "req": 1},
+                    graphfmt.to_bytes(graphfmt.build_graph(level)[0]))
+    frames = next(f for _, f in out if f[0] == P.COMPUTE)
+    spent = []
+    for _ in range(repeat):
+        kind, body, blobs = P.decode(frames)
+        rows = P.compute_rows(body, blobs)
+        s = fresh()
+        t0 = time.process_time()
+        s.handle([W.Compute(rows, {})], 0.0)
+        spent.append((time.process_time() - t0) / len(rows) * 1e6)
+    print(f"worker state: {min(spent):.2f} us per task of a 2^10 tree's half ({len(rows)} rows in one COMPUTE, "
+          f"best of {repeat})")
+
+
 def client_side(n: int) -> float:
     """us per job of the client's own work: build + encode the graph, decode 4 replies."""
     from loomctl.client import _graph_bytes
@@ -160,7 +204,11 @@ def main() -> None:
     ap.add_argument("--no-journal", action="store_true")
     ap.add_argument("--client", action="store_true")
     ap.add_argument("--tree", metavar="K,K...", help="merge-tree jobs of 2^K leaves instead: us per task")
+    ap.add_argument("--worker", action="store_true", help="the worker's state machine instead")
     args = ap.parse_args()
+    if args.worker:
+        worker_side(args.jobs, args.repeat)
+        return
     rig = Rig(journal=not args.no_journal)
     if args.tree:
         for k in [int(x) for x in args.tree.split(",")]:
