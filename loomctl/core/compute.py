@@ -38,7 +38,6 @@ def _compute_few(core, worker, ids: np.ndarray) -> M.Compute:
     segs = g.segs
     owner, flags_of = c.owner, c.flags
     wid = worker.id
-    replicas = core.replicas
     rows, large, locations, watched = [], [], {}, {}
     address = None
     for p, t in enumerate(ids.tolist()):
@@ -61,15 +60,11 @@ def _compute_few(core, worker, ids: np.ndarray) -> M.Compute:
             if h < 0:
                 ahead = True
             elif h != wid and i not in locations:
-                copies = replicas.get(i, ()) if replicas else ()
-                if wid in copies:
-                    continue
-                if address is None:
-                    address = {w.id: w.data_address for w in core.workers.values()}
-                if copies and core.options.spill:   # fetch from the owner or a copy, spread
-                    holders = [h, *sorted(copies)]
-                    h = holders[(wid + i) % len(holders)]
-                locations[i] = address[h]
+                source = _source(core, wid, i, h)
+                if source is not None:
+                    if address is None:
+                        address = {w.id: w.data_address for w in core.workers.values()}
+                    locations[i] = address[source]
         inline = False
         if flags & FLAG_RESULT:
             job_id = int(c.segment_job[c.segment[t]])
@@ -84,6 +79,19 @@ def _compute_few(core, worker, ids: np.ndarray) -> M.Compute:
     if locations:
         locations = {segs.id_of(i): a for i, a in locations.items()}
     return M.Compute(worker.key, rows, locations, c.job[ids].astype(np.int64), large)
+
+
+def _source(core, wid: int, i: int, owner: int) -> int | None:
+    """The worker that worker ``wid`` fetches input ``i`` from (held by ``owner``, another
+    worker): the owner or one of its copies, spread over them; None when ``wid`` holds a
+    copy itself."""
+    copies = core.replicas.get(i, ()) if core.replicas else ()
+    if wid in copies:
+        return None
+    if copies and core.options.spill:
+        holders = [owner, *sorted(copies)]
+        return holders[(wid + i) % len(holders)]
+    return owner
 
 
 def _compute_columns(core, worker, ids: np.ndarray) -> M.Compute:
@@ -148,15 +156,11 @@ def _compute_columns(core, worker, ids: np.ndarray) -> M.Compute:
     holder = c.owner[inputs]
     ids_of = g.segs.ids_of   # (the rows of the message are global ids, core.edge)
     flat = ids_of(inputs).tolist() if len(inputs) else []
-    in_order = n < 2 or (bool((ids[1:] > ids[:-1]).all()) if n > FEW else ids.tolist() == sorted(ids.tolist()))
+    in_order = n < 2 or bool((ids[1:] > ids[:-1]).all())
+    pending = np.concatenate(([0], np.cumsum(holder < 0)))   # (an input not computed yet: given ahead)
+    waits = (pending[ends] > pending[starts]).tolist()
     starts, ends = starts.tolist(), ends.tolist()
     lists = [flat[a:b] for a, b in zip(starts, ends)]
-    if n > FEW:   # (an input not computed yet: given ahead)
-        pending = np.concatenate(([0], np.cumsum(holder < 0)))
-        waits = (pending[ends] > pending[starts]).tolist()
-    else:
-        unheld = (holder < 0).tolist()
-        waits = [True in unheld[a:b] for a, b in zip(starts, ends)]
     if in_order:
         input_lists, ahead = lists, waits
     else:   # (row p is the rank of ids[p] among the ids)
@@ -168,17 +172,11 @@ def _compute_columns(core, worker, ids: np.ndarray) -> M.Compute:
     elsewhere = (holder >= 0) & (holder != worker.id)
     if elsewhere.any():
         address = {w.id: w.data_address for w in core.workers.values()}
-        spread = core.options.spill
         for i, h in zip(inputs[elsewhere].tolist(), holder[elsewhere].tolist()):
-            if i in locations:
-                continue
-            copies = core.replicas.get(i, ()) if core.replicas else ()
-            if worker.id in copies:
-                continue
-            if copies and spread:   # fetch from the owner or a copy, spread
-                holders = [h, *sorted(copies)]
-                h = holders[(worker.id + i) % len(holders)]
-            locations[i] = address[h]
+            if i not in locations:
+                source = _source(core, worker.id, i, h)
+                if source is not None:
+                    locations[i] = address[source]
     if locations:
         locations = dict(zip(ids_of(np.fromiter(locations, dtype=np.int64, count=len(locations))).tolist(),
                              locations.values()))

@@ -27,7 +27,7 @@ import time
 import zmq
 from loomctl import gcpolicy
 from loomctl import protocol as P
-from loomctl.frames import recv_message
+from loomctl.frames import recv_message, send_message
 from loomctl.access import remove_access, write_access
 from loomctl.core.restore import restore, snapshot
 from loomctl.routerpeers import RouterPeers
@@ -44,7 +44,6 @@ log = logging.getLogger("loomctl.server")
 BUSY_LOOP_FACTOR = 4
 RESTORE_WAIT_S = 5.0          # a restored server waits this long for workers before computing again
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-_DONTWAIT, _MORE = int(zmq.DONTWAIT), int(zmq.DONTWAIT | zmq.SNDMORE)
 
 
 def _tracer():
@@ -199,14 +198,11 @@ class Server:
 
     def _flush(self, now: float) -> None:
         outgoing = self.dispatch.flush(now)
-        send = self.sock.send
+        sock = self.sock
         for identity, frames in outgoing:
             try:   # (copy=False: a large frame, a COMPUTE's 10 MB const, is sent from where it
                 #     is; pyzmq still copies frames under zmq.COPY_THRESHOLD, which is cheaper)
-                send(identity, _MORE, copy=False)
-                for frame in frames[:-1]:
-                    send(frame, _MORE, copy=False)
-                send(frames[-1], _DONTWAIT, copy=False)
+                send_message(sock, [identity, *frames], dontwait=True, copy=False)
             except zmq.ZMQError as exc:   # the peer is gone: nothing to do
                 log.info("could not send to a peer: %s", exc)
         if self.journal is not None:   # (what a reply confirms is on disk within FLUSH_S, written
