@@ -325,3 +325,100 @@ def test_the_per_thread_packer_packs_as_msgpack_does_in_every_thread_and_after_a
     for t in threads:
         t.join()
     assert out == [True] * 4
+
+
+def test_a_one_task_job_costs_one_message_each_way_and_its_release_travels_with_the_next_compute():
+    w = Wire()
+    w.worker()
+    c = w.client()
+    w.out.clear()
+    graph = graphfmt.to_bytes(graphfmt.build_graph([tasks.const("x")])[0])
+    done = []
+    for req in (1, 2):
+        # the client's RELEASE of the previous job and its next SUBMIT, read in one batch
+        if done:
+            w.d.message(c, P.encode(P.RELEASE, {"ids": P.ids_to_bytes(done)}), w.now)
+        w.d.message(c, P.encode(P.SUBMIT, {"req": req, "notify": True}, graph), w.now)
+        sent = [(t, *P.decode(f)[:2]) for t, f in w.d.flush(w.now)]
+        assert [(t, k) for t, k, _ in sent] == [(b"w1", P.COMPUTE), (c, P.REPLY)]
+        compute = sent[0][2]
+        assert P.ids_from_bytes(compute.get("release", b"")).tolist() == done   # dropped first
+        (task, *_), = compute["tasks"]
+        finished = P.ids_to_bytes([task])
+        w.d.message(b"w1", P.encode(P.UPDATE, {"finished": finished, "sizes": P.ids_to_bytes([1]),
+                                              "lengths": P.ids_to_bytes([1]), "inline": finished,
+                                              "blobs": [b"\x00x"]}), w.now)
+        (target, (kind, body, _)), = [(t, P.decode(f)) for t, f in w.d.flush(w.now)]
+        # the results and the job's end in one message
+        assert (target, kind) == (c, P.RESULTS_READY) and body["status"] == "finished"
+        assert P.ids_from_bytes(body["ids"]).tolist() == [task] and body["counts"]["finished"] == 1
+        done = [task]
+    assert w.d.core.n_data == 1   # the first job's result was released on the worker
+
+
+def test_coalesce_keeps_what_each_target_receives_and_its_order():
+    import random
+
+    from loomctl import messages as M
+
+    def ids(rng):
+        return np.array(rng.sample(range(100), rng.randint(0, 3)), dtype=np.int64)
+
+    def make(rng, target):
+        kind = rng.choice("RCrjtx")
+        if kind == "R":
+            return M.ReleaseData(target, ids(rng))
+        if kind == "C":
+            return M.Compute(target, [rng.random()], {}, ids(rng))
+        if kind == "r":
+            return M.ResultsReady(target, rng.randint(1, 2), ids(rng), [])
+        if kind == "j":
+            return M.JobDone(target, rng.randint(1, 2), "finished", {})
+        if kind == "t":
+            return M.TaskFailed(target, {"id": rng.random()})
+        return M.Stop(target)
+
+    def received(commands, target):
+        """What ``target`` is told, as (kind, content) steps in order, joined messages split."""
+        steps = []
+        for cmd in commands:
+            if cmd.target != target:
+                continue
+            if type(cmd) is M.Compute and cmd.release is not None:
+                steps.append(("release", cmd.release.tolist()))
+            if type(cmd) is M.ReleaseData:
+                steps.append(("release", cmd.ids.tolist()))
+            elif type(cmd) is M.ResultsReady:
+                steps.append(("results", cmd.job, cmd.ids.tolist()))
+                if cmd.done is not None:
+                    steps.append(("done", cmd.done.job))
+            elif type(cmd) is M.JobDone:
+                steps.append(("done", cmd.job))
+            else:
+                steps.append((type(cmd).__name__, getattr(cmd, "rows", None), repr(getattr(cmd, "error", ""))))
+        # consecutive releases are one step: ids dropped together or one after another
+        joined = []
+        for step in steps:
+            if joined and step[0] == joined[-1][0] == "release":
+                joined[-1] = ("release", joined[-1][1] + step[1])
+            else:
+                joined.append(step)
+        return joined
+
+    rng = random.Random(18)
+    merged_any = False
+    for _ in range(3000):
+        targets = [b"a", b"b", b"c"][:rng.randint(1, 3)]
+        commands = [make(rng, rng.choice(targets)) for _ in range(rng.randint(0, 12))]
+        before = {t: received(commands, t) for t in targets}
+        out = M.coalesce(list(commands))
+        merged_any = merged_any or len(out) < len(commands)
+        assert {t: received(out, t) for t in targets} == before
+        for t in targets:   # nothing left that could have been joined
+            mine = [cmd for cmd in out if cmd.target == t]
+            for prev, cmd in zip(mine, mine[1:]):
+                assert not (type(prev) is M.ReleaseData and type(cmd) in (M.ReleaseData, M.Compute)
+                            and getattr(cmd, "release", None) is None)
+                assert not (type(prev) is M.ResultsReady and type(cmd) is M.JobDone
+                            and prev.done is None and prev.job == cmd.job)
+    assert merged_any
