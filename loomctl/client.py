@@ -312,8 +312,6 @@ class Client:
                     future.address, future.inline = address, inline.get(task_id)
                 else:
                     self.early_addresses[task_id] = (address, inline.get(task_id))
-            if "status" in body:   # the job ended with these results (no JOB_DONE follows)
-                self._apply(P.JOB_DONE, body)
         elif kind == P.TASK_FAILED:
             self.job_errors[body["job"]] = body
             self._prune(self.job_errors)

@@ -10,8 +10,6 @@ Invariants:
 - Id columns are int64 numpy arrays; the protocol encodes them with ``ids_to_bytes``.
 - ``ComputeRow`` is the one definition of a COMPUTE task row, for the server that builds
   it and the worker that reads it (``loomctl.worker.taskqueue.TaskSpec.from_wire``).
-- ``coalesce`` joins commands to one target without changing what that target is told
-  or in which order (tests/test_dispatch.py checks it on random command lists).
 """
 
 from __future__ import annotations
@@ -49,7 +47,6 @@ class Compute:
     locations: dict           # input id -> data address, for inputs the worker lacks
     jobs: np.ndarray          # the job of each row, in the order of rows
     large: list = field(default_factory=list)   # rows whose config is a large view (sent as a frame)
-    release: np.ndarray | None = None           # data to drop first (a ReleaseData joined: coalesce)
 
 
 @dataclass(slots=True)
@@ -102,7 +99,6 @@ class ResultsReady:
     ids: np.ndarray
     addresses: list           # data address per id
     inline: dict = field(default_factory=dict)   # id -> encoding, for some of the ids
-    done: "JobDone | None" = None   # the job ended with these results (a JobDone joined: coalesce)
 
 
 @dataclass(slots=True)
@@ -117,35 +113,6 @@ class JobDone:
     job: int
     status: str
     counts: dict
-
-
-def coalesce(commands: list) -> list:
-    """``commands`` with those to one target that can travel as one message joined:
-    every message costs a send, a wake-up of zmq's I/O threads on both sides and a
-    receive. What a target receives, and in which order, stays the same:
-    - a ReleaseData right after another to the same worker joins it;
-    - a ReleaseData right before a Compute to the same worker goes with it (dropped first);
-    - a JobDone right after the ResultsReady of its job to the same client goes with it.
-    """
-    if len(commands) < 2:
-        return commands
-    out: list = []
-    last: dict = {}   # target -> index in out of its last command
-    for cmd in commands:
-        k = last.get(cmd.target)
-        prev = out[k] if k is not None else None
-        kind, prev_kind = type(cmd), type(prev)
-        if prev_kind is ReleaseData and kind is ReleaseData:
-            out[k] = ReleaseData(cmd.target, np.concatenate([prev.ids, cmd.ids]))
-        elif prev_kind is ReleaseData and kind is Compute and cmd.release is None:
-            cmd.release = prev.ids
-            out[k] = cmd
-        elif prev_kind is ResultsReady and kind is JobDone and prev.done is None and prev.job == cmd.job:
-            prev.done = cmd
-        else:
-            last[cmd.target] = len(out)
-            out.append(cmd)
-    return out
 
 
 WORKER_COMMANDS = (Compute, ReleaseData, CancelTasks, PeerLost, Peers, Stop, StealTasks)

@@ -53,8 +53,7 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
                 dropped without a report, the server takes it back)
                locations: {input id: data_address},   (inputs this worker does not hold)
                jobs: ids (optional: the job of each task, in the order of tasks; present
-                     only when a task of a traced job is among them),
-               release: ids (optional: data to drop, as RELEASE_DATA, before these tasks)}
+                     only when a task of a traced job is among them)}
               + frames: the configs longer than messages.LARGE_CONFIG (64 KiB), each a
                 frame of its own; the row's config is then the number of its frame (0
                 for the first)
@@ -93,9 +92,7 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
     WAIT_JOB {job}    (subscribe to the job's pushes below)
   server -> client pushes (for jobs submitted with notify, or after WAIT_JOB)
     RESULTS_READY {job, ids, addresses: [data_address per id],
-                   inline: ids, blobs: [bytes] (optional: encodings of some of the ids),
-                   status, counts (optional: the job ended with these results; then no
-                   JOB_DONE follows, these fields are its)}
+                   inline: ids, blobs: [bytes] (optional: encodings of some of the ids)}
     TASK_FAILED {job, id, label, symbol, worker, message}
     JOB_DONE {job, status: finished|failed|cancelled, counts: {...}}
   peer/client -> worker data socket
@@ -121,9 +118,8 @@ import numpy as np
 
 from loomctl import messages as M
 
-PROTOCOL_VERSION = 5   # 2: DATA sends each object as its parts (frames), a REGISTER may hold data;
-                      # 3: SUBMIT sends its graph file as a blob frame; 4: COMPUTE large configs as frames;
-                      # 5: COMPUTE may carry a release, RESULTS_READY the job's end (messages.coalesce)
+PROTOCOL_VERSION = 4   # 2: DATA sends each object as its parts (frames), a REGISTER may hold data;
+                      # 3: SUBMIT sends its graph file as a blob frame; 4: COMPUTE large configs as frames
 INLINE_BYTES = 4096   # results up to this size travel with the finish report (see UPDATE)
 MAX_MESSAGE = 1 << 30  # the server's limit on one message (a SUBMIT's graph file: ~40M tasks);
                        # zmq drops a bigger one before holding it, from strangers too
@@ -251,10 +247,7 @@ def _compute_frames(cmd: M.Compute) -> list:
         for k in cmd.large:
             blobs.append(rows[k][2])
             rows[k] = rows[k]._replace(config=len(blobs) - 1)
-    body = {"tasks": rows, "locations": cmd.locations, "jobs": ids_to_bytes(cmd.jobs)}
-    if cmd.release is not None:
-        body["release"] = ids_to_bytes(cmd.release)
-    return encode(COMPUTE, body, *blobs)
+    return encode(COMPUTE, {"tasks": rows, "locations": cmd.locations, "jobs": ids_to_bytes(cmd.jobs)}, *blobs)
 
 
 def compute_rows(body: dict, blobs: list) -> list:
@@ -276,8 +269,6 @@ def _results_body(cmd: M.ResultsReady) -> dict:
     body = {"job": cmd.job, "ids": ids_to_bytes(cmd.ids), "addresses": cmd.addresses}
     if cmd.inline:
         body["inline"], body["blobs"] = ids_to_bytes(list(cmd.inline)), list(cmd.inline.values())
-    if cmd.done is not None:
-        body["status"], body["counts"] = cmd.done.status, cmd.done.counts
     return body
 
 
@@ -385,11 +376,6 @@ def decode_worker_event(kind: bytes, body: dict):
     if kind == REGISTER:
         return _register(body)
     raise ProtocolError(f"unknown worker message {kind!r}")
-
-
-def compute_release(body: dict) -> list:
-    """The ids a COMPUTE says to drop before its tasks (a RELEASE_DATA sent along)."""
-    return ids_from_bytes(field(body, "release", bytes)).tolist() if "release" in body else []
 
 
 def decode_ids_command(kind: bytes, body: dict) -> tuple:

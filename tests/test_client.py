@@ -68,19 +68,6 @@ def test_result_ready_read_together_with_the_submit_reply_is_not_lost():
         thread.join(5)
 
 
-def test_results_that_carry_their_job_s_end_end_the_job():
-    from loomctl.client import Client, Future
-    c = Client.__new__(Client)   # no server: the notice is fed in directly
-    c.futures, c.job_status, c.job_errors, c.early_addresses, c.replies = {}, {}, {}, {}, {}
-    future = c.futures[7] = Future(c, 7, 3)
-    c._apply(P.RESULTS_READY, {"job": 3, "ids": P.ids_to_bytes([7]), "addresses": ["tcp://127.0.0.1:1"],
-                               "inline": P.ids_to_bytes([7]), "blobs": [b"\x00x"],
-                               "status": "finished", "counts": {"finished": 1}})
-    assert future.address == "tcp://127.0.0.1:1" and future.inline == b"\x00x" and c.job_status == {3: "finished"}
-    c._apply(P.RESULTS_READY, {"job": 4, "ids": P.ids_to_bytes([8]), "addresses": ["tcp://127.0.0.1:1"]})
-    assert 4 not in c.job_status   # (results alone do not end a job)
-
-
 def test_job_records_do_not_grow_with_the_jobs_a_client_runs():
     from loomctl.client import JOB_RECORDS, Client, Future
     c = Client.__new__(Client)   # no server: the records are fed in directly

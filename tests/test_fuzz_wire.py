@@ -115,7 +115,7 @@ FIELDS = {
     P.HELLO: ["role", "version"],
     P.AUTH: ["proof"],
     P.FETCH: ["req", "ids"],
-    P.COMPUTE: ["tasks", "locations", "jobs", "release"],
+    P.COMPUTE: ["tasks", "locations", "jobs"],
     P.TRACE: ["path", "job", "on"],
     P.RELEASE_DATA: ["ids"],
     P.STEAL_TASKS: ["ids", "count"],

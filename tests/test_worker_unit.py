@@ -411,31 +411,6 @@ def test_worker_computes_reports_serves_and_stops(server, tmp_path):
     assert not os.path.exists(reg["work_dir"]) and not work.exists()
 
 
-def test_a_release_sent_along_with_a_compute_drops_the_data_before_the_tasks_run(server, tmp_path):
-    # (the server joins a RELEASE_DATA to the COMPUTE that follows it: messages.coalesce)
-    server.start_worker(work_dir=str(tmp_path / "work"), cpus=1)
-    server.wait_registered(1)
-    (identity, reg), = server.workers.items()
-    server.send(identity, P.COMPUTE, {"tasks": [[0, S.CONST, b"a", [], 0], [1, S.CONST, b"b", [], 0]],
-                                      "locations": {}})
-    server.collect_updates(identity, lambda m: sorted(m["finished"]) == [0, 1])
-    # 0 is released, and a task that needs 1 (still held) runs
-    server.send(identity, P.COMPUTE, {"tasks": [[2, S.MERGE, b"", [1, 1], 0]], "locations": {},
-                                      "release": P.ids_to_bytes([0])})
-    server.collect_updates(identity, lambda m: m["finished"] == [2])
-    ctx = zmq.Context()
-    try:
-        found, missing, objs = fetch(ctx, reg["data_address"], [0, 1, 2])
-        assert found == [1, 2] and missing == [0] and objs == [Plain(b"b"), Plain(b"bb")]
-        # a malformed release is ignored with the message (its tasks fail as malformed or not at all)
-        server.send(identity, P.COMPUTE, {"tasks": [[3, S.CONST, b"c", [], 0]], "release": "nope"})
-        server.send(identity, P.COMPUTE, {"tasks": [[4, S.CONST, b"d", [], 0]], "locations": {}})
-        server.collect_updates(identity, lambda m: 4 in m["finished"])
-        assert fetch(ctx, reg["data_address"], [1, 2, 4])[0] == [1, 2, 4]
-    finally:
-        ctx.destroy(0)
-
-
 def test_worker_gives_back_queued_tasks_and_ignores_malformed_steal_requests(server, tmp_path):
     gate = tmp_path / "go"
     server.start_worker(work_dir=str(tmp_path / "work"), cpus=1)

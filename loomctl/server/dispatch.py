@@ -123,7 +123,7 @@ class Dispatch:
         if tracer is not None:
             tracer.commands(commands, self.worker_of_key)
         out, self._out = self._out, []
-        out.extend(P.encode_command(cmd) for cmd in M.coalesce(commands))
+        out.extend(P.encode_command(cmd) for cmd in commands)
         if tracer is not None:
             out.extend(tracer.ended_jobs(self.core.jobs, self.core.workers.values()))
             if not tracer:   # no traced job left: no tracing cost from here on

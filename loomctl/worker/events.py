@@ -20,7 +20,6 @@ from loomctl.worker.taskqueue import TaskSpec
 class Compute:
     rows: list                 # COMPUTE task rows as they came
     locations: dict            # input id -> data address
-    release: list = ()         # data to drop first (a RELEASE_DATA the server sent along)
 
 
 @dataclass(slots=True)

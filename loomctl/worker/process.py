@@ -359,7 +359,7 @@ class Worker:
                 rows = P.compute_rows(body, blobs)
                 if self.tracer is not None and "jobs" in body:
                     self.tracer.assigned(rows, body["jobs"])
-                self._events.append(W.Compute(rows, P.field(body, "locations", dict, {}), P.compute_release(body)))
+                self._events.append(W.Compute(rows, P.field(body, "locations", dict, {})))
             elif kind == P.TRACE:
                 self._on_trace(body)
             elif kind in ID_EVENTS:   # CANCEL_TASKS, RELEASE_DATA, STEAL_TASKS

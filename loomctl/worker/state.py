@@ -95,8 +95,6 @@ class WorkerState:
             if kind is TaskDone:
                 self._done(event.outcome)
             elif kind is Compute:
-                if event.release:
-                    self._release(event.release)
                 self._compute(event.rows, event.locations)
             elif kind is ReleaseData:
                 self._release(event.ids)
