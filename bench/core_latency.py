@@ -110,9 +110,9 @@ def tree_job(rig: Rig, k: int) -> tuple[int, float]:
         out = rig._send_frames(identity, frames)
         spent += time.process_time() - t0
         for target, frames in out:
-            kind, body = frames[0], P.decode(frames)[1]
+            kind, body, blobs = P.decode(frames)
             if kind == P.COMPUTE:
-                queues[target].update((row[0], row[3]) for row in body["tasks"])
+                queues[target].update((row[0], row[3]) for row in P.compute_rows(body, blobs))
             elif kind == P.RESULTS_READY:
                 root = P.ids_from_bytes(body["ids"])
     send(b"c1", P.SUBMIT, {"load": False, "notify": True, "trace": None, "req": rig.req}, graph)

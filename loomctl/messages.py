@@ -9,7 +9,9 @@ Invariants:
   never learns more about a peer than that handle.
 - Id columns are int64 numpy arrays; the protocol encodes them with ``ids_to_bytes``.
 - ``ComputeRow`` is the one definition of a COMPUTE task row, for the server that builds
-  it and the worker that reads it (``loomctl.worker.taskqueue.TaskSpec.from_wire``).
+  it and the worker that reads it (``loomctl.worker.taskqueue.TaskSpec.from_wire``);
+  ``ComputeColumns`` holds many rows as columns and iterates as the same ComputeRows
+  (tests/test_core_properties.py: both ways of building a COMPUTE agree).
 """
 
 from __future__ import annotations
@@ -35,6 +37,55 @@ class ComputeRow(NamedTuple):
     ahead: bool = False   # speculative: some input is still being computed on this worker
 
 
+class ComputeColumns:
+    """The tasks of a COMPUTE as columns, for many rows: the server builds them with a
+    few array operations, not a row each, and the worker reads them without a row each
+    to unpack. Iterating gives the ComputeRows they stand for, in order."""
+
+    __slots__ = ("ids", "symbols", "symbol", "configs", "config_starts", "config_ends", "inputs", "input_ends",
+                 "cpus", "flags", "resources", "checkpoints", "labels")
+    INLINE, AHEAD = 1, 2   # (bits of ``flags``: ComputeRow.inline, ComputeRow.ahead)
+
+    def __init__(self, ids: np.ndarray, symbols: list, symbol: np.ndarray, configs: bytes, config_starts: np.ndarray,
+                 config_ends: np.ndarray, inputs: np.ndarray, input_ends: np.ndarray, cpus: np.ndarray,
+                 flags: np.ndarray, resources: dict | None = None, checkpoints: dict | None = None,
+                 labels: dict | None = None):
+        self.ids = ids                   # int64 task ids
+        self.symbols = symbols           # the symbol names ``symbol`` indexes
+        self.symbol = symbol             # per task: its symbol's index in ``symbols``
+        self.configs = configs               # bytes holding every task's config
+        self.config_starts = config_starts   # int64 per task: where its config is in ``configs``
+        self.config_ends = config_ends
+        self.inputs = inputs             # int64: the tasks' input ids one after another
+        self.input_ends = input_ends     # int64 per task: where its inputs end in ``inputs``
+        self.cpus = cpus                 # int64 per task
+        self.flags = flags               # uint8 per task: INLINE | AHEAD
+        self.resources = resources or {}     # row -> {name: amount}, for the rows that name some
+        self.checkpoints = checkpoints or {}  # row -> checkpoint path
+        self.labels = labels or {}           # row -> label
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self):
+        return self.rows(ComputeRow)
+
+    def rows(self, make, no_resources=lambda: None):
+        """``make(*fields)`` of each row, in ComputeRow's order (``no_resources()``: the
+        resources of a row that names none)."""
+        configs, flat, table = self.configs, self.inputs.tolist(), self.symbols
+        resources, checkpoints, labels = self.resources, self.checkpoints, self.labels
+        b = 0
+        for p, (tid, code, a, e, f, cpus, flag) in enumerate(zip(
+                self.ids.tolist(), self.symbol.tolist(), self.config_starts.tolist(), self.config_ends.tolist(),
+                self.input_ends.tolist(), self.cpus.tolist(), self.flags.tolist())):
+            named = resources.get(p) if resources else None
+            yield make(tid, table[code], configs[a:e], flat[b:f], cpus, no_resources() if named is None else named,
+                       checkpoints.get(p) if checkpoints else None, labels.get(p) if labels else None,
+                       bool(flag & 1), bool(flag & 2))
+            b = f
+
+
 LARGE_CONFIG = 1 << 16   # a config longer than this is a view in a ComputeRow (protocol: a frame of its own)
 COMPUTE_ROW_MIN = 5        # rows shorter than this are malformed; later fields are optional
 
@@ -43,7 +94,7 @@ COMPUTE_ROW_MIN = 5        # rows shorter than this are malformed; later fields 
 @dataclass(slots=True)
 class Compute:
     target: bytes
-    rows: list                # [ComputeRow]
+    rows: list                # [ComputeRow], or ComputeColumns (many rows, no large config)
     locations: dict           # input id -> data address, for inputs the worker lacks
     jobs: np.ndarray          # the job of each row, in the order of rows
     large: list = field(default_factory=list)   # rows whose config is a large view (sent as a frame)

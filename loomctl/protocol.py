@@ -57,6 +57,16 @@ Message bodies ("ids" fields are ids_to_bytes columns; task ids are server-globa
               + frames: the configs longer than messages.LARGE_CONFIG (64 KiB), each a
                 frame of its own; the row's config is then the number of its frame (0
                 for the first)
+              or, for many tasks and no large config, the same rows as columns:
+              {columns: {ids, inputs: ids columns; config_starts, config_ends, input_ends,
+                         cpus: uint32 per task; symbols: [str], symbol: uint16 per task, its
+                         index in symbols;
+                         configs: bytes (task p's is configs[config_starts[p]:config_ends[p]]);
+                         inputs: every task's inputs one after another (task p's end at
+                         input_ends[p]); flags: uint8 per task (1 inline, 2 ahead);
+                         resources, checkpoints, labels: [[row, value]] for the rows with
+                         one (optional)},
+               locations, jobs}   (messages.ComputeColumns)
     RELEASE_DATA {ids}     STOP {}
     CANCEL_TASKS {ids}     (their job ended: drop them if queued, kill a running program
                             with its process group, discard a running Python task's result;
@@ -118,8 +128,9 @@ import numpy as np
 
 from loomctl import messages as M
 
-PROTOCOL_VERSION = 4   # 2: DATA sends each object as its parts (frames), a REGISTER may hold data;
-                      # 3: SUBMIT sends its graph file as a blob frame; 4: COMPUTE large configs as frames
+PROTOCOL_VERSION = 5   # 2: DATA sends each object as its parts (frames), a REGISTER may hold data;
+                      # 3: SUBMIT sends its graph file as a blob frame; 4: COMPUTE large configs as frames;
+                      # 5: a COMPUTE of many tasks sends them as columns
 INLINE_BYTES = 4096   # results up to this size travel with the finish report (see UPDATE)
 MAX_MESSAGE = 1 << 30  # the server's limit on one message (a SUBMIT's graph file: ~40M tasks);
                        # zmq drops a bigger one before holding it, from strangers too
@@ -241,6 +252,9 @@ def _as_tuple(types):
 def _compute_frames(cmd: M.Compute) -> list:
     """A COMPUTE's frames: a large config (``cmd.large``) is not packed into the body but
     sent as a frame of its own, its row naming the frame by number (see COMPUTE)."""
+    if type(cmd.rows) is M.ComputeColumns:
+        return encode(COMPUTE, {"columns": _columns_body(cmd.rows), "locations": cmd.locations,
+                                "jobs": ids_to_bytes(cmd.jobs)})
     rows, blobs = cmd.rows, []
     if cmd.large:
         rows = list(rows)
@@ -250,10 +264,83 @@ def _compute_frames(cmd: M.Compute) -> list:
     return encode(COMPUTE, {"tasks": rows, "locations": cmd.locations, "jobs": ids_to_bytes(cmd.jobs)}, *blobs)
 
 
-def compute_rows(body: dict, blobs: list) -> list:
+def _columns_body(cols: M.ComputeColumns) -> dict:
+    u4 = _u4_bytes
+    body = {"ids": ids_to_bytes(cols.ids), "symbols": cols.symbols, "symbol": cols.symbol.astype("<u2").tobytes(),
+            "configs": cols.configs, "config_starts": u4(cols.config_starts), "config_ends": u4(cols.config_ends),
+            "inputs": ids_to_bytes(cols.inputs), "input_ends": u4(cols.input_ends), "cpus": u4(cols.cpus),
+            "flags": cols.flags.tobytes()}
+    for name in ("resources", "checkpoints", "labels"):
+        if getattr(cols, name):
+            body[name] = list(getattr(cols, name).items())
+    return body
+
+
+def _u4_bytes(values: np.ndarray) -> bytes:
+    """A uint32 column of COMPUTE columns (offsets, counts, cpus: no message holds 4 GiB)."""
+    return np.ascontiguousarray(values, dtype="<u4").tobytes()
+
+
+def _u4_column(raw) -> np.ndarray:
+    if not isinstance(raw, bytes) or len(raw) % 4:
+        raise ProtocolError("COMPUTE columns: a column is not a whole number of uint32 values")
+    return np.frombuffer(raw, dtype="<u4").astype(np.int64)
+
+
+def _sparse(body: dict, name: str, n: int, check) -> dict:
+    out = {}
+    for pair in field(body, name, list, []):
+        if not isinstance(pair, list) or len(pair) != 2 or type(pair[0]) is not int or not 0 <= pair[0] < n:
+            raise ProtocolError(f"COMPUTE columns: {name} are not [row, value] pairs")
+        out[pair[0]] = check(pair[1])
+    return out
+
+
+def _resources(value) -> dict:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in value.items()):
+        raise ProtocolError("COMPUTE columns: resources are not a map of names to amounts")
+    return {k: v for k, v in value.items() if v}
+
+
+def _text(value) -> str:
+    if type(value) is not str:
+        raise ProtocolError("COMPUTE columns: a checkpoint or label is not a string")
+    return value
+
+
+def compute_columns(body: dict) -> M.ComputeColumns:
+    """The ComputeColumns of a COMPUTE body's ``columns`` (ProtocolError when malformed)."""
+    ids = ids_from_bytes(field(body, "ids", bytes))
+    n = len(ids)
+    symbols = field(body, "symbols", list)
+    raw = field(body, "symbol", bytes)
+    configs = field(body, "configs", bytes)
+    u4 = _u4_column
+    starts, ends = u4(field(body, "config_starts", bytes)), u4(field(body, "config_ends", bytes))
+    inputs, input_ends = ids_from_bytes(field(body, "inputs", bytes)), u4(field(body, "input_ends", bytes))
+    cpus, flags = u4(field(body, "cpus", bytes)), np.frombuffer(field(body, "flags", bytes), np.uint8)
+    if len(raw) != 2 * n or not all(len(col) == n for col in (starts, ends, input_ends, cpus, flags)):
+        raise ProtocolError("COMPUTE columns are not all one per task")
+    symbol = np.frombuffer(raw, "<u2").astype(np.uint16)
+    if not all(type(x) is str for x in symbols) or n and int(symbol.max()) >= len(symbols):
+        raise ProtocolError("COMPUTE columns: a symbol is not a string of the table")
+    if n and ((ids < 0).any() or (cpus < 0).any() or (starts < 0).any() or (ends < starts).any()
+              or int(ends.max()) > len(configs)):
+        raise ProtocolError("COMPUTE columns: a task id, cpus or config bounds are out of range")
+    if n and (int(input_ends[0]) < 0 or (input_ends[1:] < input_ends[:-1]).any() or int(input_ends[-1]) != len(inputs)
+              or (inputs < 0).any()):
+        raise ProtocolError("COMPUTE columns: the inputs are not task ids in order")
+    return M.ComputeColumns(ids, symbols, symbol, configs, starts, ends, inputs, input_ends, cpus, flags,
+                            _sparse(body, "resources", n, _resources), _sparse(body, "checkpoints", n, _text),
+                            _sparse(body, "labels", n, _text))
+
+
+def compute_rows(body: dict, blobs: list) -> list | M.ComputeColumns:
     """A COMPUTE's task rows with the configs sent as frames in place, as read-only views
     of the frames (a row naming a frame that is not there keeps the number: that task is
-    malformed, not the message)."""
+    malformed, not the message); its ComputeColumns when it sent columns."""
+    if "columns" in body:
+        return compute_columns(field(body, "columns", dict))
     rows = field(body, "tasks", list)
     if not blobs:
         return rows

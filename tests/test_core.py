@@ -28,7 +28,9 @@ def wire(commands):
     """(target, kind, body) of each command, as the protocol sends it."""
     for cmd in commands:
         target, frames = P.encode_command(cmd)
-        kind, body, _ = P.decode(frames)
+        kind, body, blobs = P.decode(frames)
+        if kind == P.COMPUTE and "columns" in body:   # (many rows go as columns: read back as rows)
+            body = {**body, "tasks": [list(row) for row in P.compute_rows(body, blobs)]}
         yield target, kind, body
 
 
@@ -803,17 +805,63 @@ def test_a_compute_of_a_few_rows_is_the_one_built_column_wise(tmp_path):
     c_ = env.core.cols
     live = np.flatnonzero(c_.state[:c_.n] != 3)[::-1]
     assert len(live) >= 6
+    sent_as_columns = 0
     for worker in env.core.workers.values():
         for k in range(len(live)):
             for n in (1, 2, 3):
                 ids_ = live[k:k + n]
                 few, columns = compute._compute_few(env.core, worker, ids_), compute._compute_columns(env.core, worker, ids_)
                 assert (few.rows, few.locations, few.jobs.tolist(), few.large) == \
-                    (columns.rows, columns.locations, columns.jobs.tolist(), columns.large)
+                    (list(columns.rows), columns.locations, columns.jobs.tolist(), columns.large)
+                # without a large config the rows stay columns, and read back the same off the wire
+                if type(columns.rows) is M.ComputeColumns:
+                    sent_as_columns += 1
+                    _, body, blobs = P.decode(P.encode_command(columns)[1])
+                    assert list(P.compute_rows(body, blobs)) == few.rows
+    assert sent_as_columns
     every = compute._compute_few(env.core, env.core.workers[next(w for w in env.wids if w not in (holder, copy))], live)
     assert any(row.ahead for row in every.rows) and every.large and every.locations
     assert any(row.label == "big" for row in every.rows) and any(row.checkpoint for row in every.rows)
     assert any(row.inline for row in every.rows) and any(row.symbol == S.OPEN for row in every.rows)
+
+
+def test_many_rows_go_as_columns_and_read_back_as_the_rows_they_stand_for(tmp_path):
+    """A COMPUTE of more than compute.FEW rows and no large config is ComputeColumns: the
+    same rows as the row-by-row builder makes, in the order given, off the wire too, and
+    the same tasks for the worker (labels, a checkpoint, a result a client waits for,
+    tasks given ahead, inputs held elsewhere, rows of two jobs)."""
+    from loomctl.core import compute
+    from loomctl.worker.taskqueue import TaskSpec
+    env = Env(1, 1)
+    leaves = [tasks.const(b"x%d" % i) for i in range(40)]
+    for i, t in enumerate(leaves[:5]):
+        t.label = f"leaf{i}"
+    level = leaves
+    while len(level) > 1:
+        level = [tasks.merge(level[i:i + 2]) for i in range(0, len(level), 2)]
+    level[0].checkpoint_path = str(tmp_path / "root")
+    job, (root,) = env.submit([level[0]])
+    env.core.job_results(job.id, b"c")   # (a client waits: the root comes inline)
+    env.schedule()
+    env.finish(env.wids[1])   # what w1 was given is held there: inputs elsewhere for w0
+    env.submit([tasks.merge([tasks.const(str(i)) for i in range(20)])])   # (a second segment)
+    from loomctl.core.tasktable import LIVE
+    c = env.core.cols
+    live = np.flatnonzero(LIVE[c.state[:c.n]])
+    worker = env.core.workers[env.wids[0]]
+    rng = np.random.default_rng(3)
+    for chosen in (live, live[::-1], rng.permutation(live), live[:compute.FEW + 1]):
+        few, columns = compute._compute_few(env.core, worker, chosen), compute._compute_columns(env.core, worker, chosen)
+        assert type(columns.rows) is M.ComputeColumns and len(columns.rows) == len(chosen)
+        assert (list(columns.rows), columns.locations, columns.jobs.tolist()) == (few.rows, few.locations, few.jobs.tolist())
+        _, body, blobs = P.decode(P.encode_command(columns)[1])
+        sent = P.compute_rows(body, blobs)
+        assert list(sent) == few.rows
+        assert TaskSpec.from_columns(sent) == [TaskSpec.from_wire(list(row)) for row in few.rows]
+    every = compute._compute_few(env.core, worker, live)
+    rows = every.rows
+    assert any(r.label for r in rows) and any(r.checkpoint for r in rows) and any(r.inline for r in rows)
+    assert any(r.ahead for r in rows) and every.locations and len(set(c.job[live].tolist())) == 2
 
 
 def test_ranges_concatenates_each_range_whatever_their_lengths():

@@ -400,7 +400,7 @@ class CoreMachine(RuleBasedStateMachine):
                 ids = live[k:k + 5]
                 few, columns = compute._compute_few(self.core, worker, ids), compute._compute_columns(self.core, worker, ids)
                 assert (few.rows, few.locations, few.jobs.tolist(), few.large) == \
-                    (columns.rows, columns.locations, columns.jobs.tolist(), columns.large)
+                    (list(columns.rows), columns.locations, columns.jobs.tolist(), columns.large)
 
 
 CoreMachine.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None, phases=PHASES,

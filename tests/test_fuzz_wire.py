@@ -115,7 +115,7 @@ FIELDS = {
     P.HELLO: ["role", "version"],
     P.AUTH: ["proof"],
     P.FETCH: ["req", "ids"],
-    P.COMPUTE: ["tasks", "locations", "jobs"],
+    P.COMPUTE: ["tasks", "locations", "jobs", "columns"],
     P.TRACE: ["path", "job", "on"],
     P.RELEASE_DATA: ["ids"],
     P.STEAL_TASKS: ["ids", "count"],
@@ -699,9 +699,9 @@ def _computed(sock, seconds=1.0) -> list:
     ids, deadline = [], time.monotonic() + seconds
     while time.monotonic() < deadline:
         if sock.poll(50):
-            kind, body, _ = P.decode(sock.recv_multipart())
+            kind, body, blobs = P.decode(sock.recv_multipart())
             if kind == P.COMPUTE:
-                ids += [task[0] for task in body["tasks"]]
+                ids += [task[0] for task in P.compute_rows(body, blobs)]
     return ids
 
 

@@ -411,6 +411,38 @@ def test_worker_computes_reports_serves_and_stops(server, tmp_path):
     assert not os.path.exists(reg["work_dir"]) and not work.exists()
 
 
+def test_a_compute_sent_as_columns_runs_its_tasks_and_malformed_columns_are_ignored(server, tmp_path):
+    import numpy as np
+    from loomctl import messages as M
+    server.start_worker(work_dir=str(tmp_path / "work"), cpus=1)
+    server.wait_registered(1)
+    (identity, reg), = server.workers.items()
+    n = 20   # consts 0..19 "c0".."c19", then task 20 merges them all in reverse, labelled
+    configs = b"".join(b"c%d" % i for i in range(n))
+    ends = np.cumsum([len(b"c%d" % i) for i in range(n)] + [0])
+    cols = M.ComputeColumns(np.arange(n + 1), [S.CONST, S.MERGE], np.array([0] * n + [1], np.uint16), configs,
+                            np.concatenate([[0], ends[:-1]]), ends, np.arange(n)[::-1].copy(),
+                            np.array([0] * n + [n]), np.zeros(n + 1, np.int64), np.array([0] * n + [2], np.uint8),
+                            labels={n: "all"})
+    target, frames = P.encode_command(M.Compute(identity, cols, {}, np.ones(n + 1, np.int64)))
+    server.sock.send_multipart([target, *frames])
+    up = server.collect_updates(identity, lambda m: len(m["finished"]) == n + 1)
+    assert dict(zip(up["finished"], up["sizes"]))[n] == len(configs) and not up["failed"]
+    ctx = zmq.Context()
+    try:
+        found, _, objs = fetch(ctx, reg["data_address"], [n, 3])
+        assert found == [n, 3] and objs == [Plain(b"".join(b"c%d" % i for i in reversed(range(n)))), Plain(b"c3")]
+        body = P.decode(frames)[1]
+        for broken in ({**body["columns"], "flags": b"\x00"}, {**body["columns"], "input_ends": b"\x01"},
+                       {**body["columns"], "symbol": b"\x05\x00" * (n + 1)}, "nope"):
+            server.send(identity, P.COMPUTE, {**body, "columns": broken})
+        server.send(identity, P.COMPUTE, {"tasks": [[99, S.CONST, b"after", [], 0]], "locations": {}})
+        up = server.collect_updates(identity, lambda m: 99 in m["finished"])
+        assert up["finished"] == [99] and not up["failed"]   # (nothing of the broken ones ran)
+    finally:
+        ctx.destroy(0)
+
+
 def test_worker_gives_back_queued_tasks_and_ignores_malformed_steal_requests(server, tmp_path):
     gate = tmp_path / "go"
     server.start_worker(work_dir=str(tmp_path / "work"), cpus=1)

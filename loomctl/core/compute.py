@@ -14,6 +14,9 @@ Invariants:
   ``tests/test_core.py`` on one with copies, ahead inputs, large configs and checkpoints.
 - A config longer than ``messages.LARGE_CONFIG`` is a view, not a copy, and its row is
   listed in ``large`` (a frame of its own on the wire).
+- The column-wise way keeps the rows as ``messages.ComputeColumns`` unless a config is
+  large or a task was replaced (``core.dynamic``); iterated, they are the same rows
+  (``tests/test_core.py``: also off the wire, and as the worker's tasks).
 """
 
 from __future__ import annotations
@@ -96,19 +99,22 @@ def _source(core, wid: int, i: int, owner: int) -> int | None:
 
 def _compute_columns(core, worker, ids: np.ndarray) -> M.Compute:
     """Built column-wise: a row costs a few list operations, not a walk of the graph. It
-    names global ids already (its tasks' and inputs'; ``core.edge`` leaves it as it is)."""
+    names global ids already (its tasks' and inputs'; ``core.edge`` leaves it as it is).
+    Without large configs or replaced tasks the rows stay columns (``ComputeColumns``)."""
     g = core.graph
     c = g.cols
     n = len(ids)
     flags = c.flags[ids]
-    symbol_of = g.symbols
-    symbols = [symbol_of[k] for k in c.symbol[ids].tolist()]
     configs: list = [None] * n
     labels: list = [None] * n
+    any_labels = False
+    span = None   # (one segment's configs, small and close together: (bytes, starts, ends))
     seg_of = g.segs.of(ids)
     segments = g.segs.segments
     single = not n or (seg_of == seg_of[0]).all()   # (the usual case: one segment)
-    any_large = bool(g.overrides)   # (a large config is a view: a frame of its own)
+    # (a large config is a view: a frame of its own; so may be one that replaced a task's)
+    replaced = bool(g.overrides) and bool(np.count_nonzero(flags & FLAG_OVERRIDE))
+    any_large = replaced
     for s in ([int(seg_of[0])] if n and single else distinct(seg_of).tolist()):
         pos = range(n) if single else np.flatnonzero(seg_of == s).tolist()
         seg = segments[s]
@@ -121,9 +127,11 @@ def _compute_columns(core, worker, ids: np.ndarray) -> M.Compute:
             lengths = end - begin
             lo, hi = int(begin.min()), int(end.max())
             many = hi - lo <= 2 * int(lengths.sum()) + 4096 and int(lengths.max()) <= M.LARGE_CONFIG
-        if many:   # (many, small and close together: one copy of their span, sliced)
-            span = bytes(data[lo:hi])
-            texts = [span[a:b] for a, b in zip((begin - lo).tolist(), (end - lo).tolist())]
+        if many and single and not any_large:   # (one copy of their span, sent as it is)
+            span = (bytes(data[lo:hi]), (begin - lo).astype(np.int64), (end - lo).astype(np.int64))
+        elif many:   # (one copy of their span, sliced)
+            whole = bytes(data[lo:hi])
+            texts = [whole[a:b] for a, b in zip((begin - lo).tolist(), (end - lo).tolist())]
             if single:
                 configs = texts
             else:
@@ -140,10 +148,7 @@ def _compute_columns(core, worker, ids: np.ndarray) -> M.Compute:
             names = graph.labels
             for p, code in zip(pos, graph.label_codes[local].tolist()):
                 if code:
-                    labels[p] = names[code - 1]
-    if g.overrides:
-        for p in np.flatnonzero(flags & FLAG_OVERRIDE).tolist():
-            symbols[p], configs[p], _ = g.overrides[int(ids[p])]
+                    labels[p], any_labels = names[code - 1], True
     # inputs, per slot: those not computed yet make the task "ahead" (core.speculation);
     # those held by other workers get a location (an owner or a copy, spread)
     order = np.argsort(ids, kind="stable")
@@ -155,19 +160,13 @@ def _compute_columns(core, worker, ids: np.ndarray) -> M.Compute:
     ends = np.searchsorted(consumer, ids[order], "right")
     holder = c.owner[inputs]
     ids_of = g.segs.ids_of   # (the rows of the message are global ids, core.edge)
-    flat = ids_of(inputs).tolist() if len(inputs) else []
     in_order = n < 2 or bool((ids[1:] > ids[:-1]).all())
     pending = np.concatenate(([0], np.cumsum(holder < 0)))   # (an input not computed yet: given ahead)
-    waits = (pending[ends] > pending[starts]).tolist()
-    starts, ends = starts.tolist(), ends.tolist()
-    lists = [flat[a:b] for a, b in zip(starts, ends)]
-    if in_order:
-        input_lists, ahead = lists, waits
-    else:   # (row p is the rank of ids[p] among the ids)
+    waits = pending[ends] > pending[starts]
+    rank = None
+    if not in_order:   # (row p is the rank of ids[p] among the ids)
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(n)
-        rank = rank.tolist()
-        input_lists, ahead = [lists[k] for k in rank], [waits[k] for k in rank]
     locations = {}
     elsewhere = (holder >= 0) & (holder != worker.id)
     if elsewhere.any():
@@ -180,13 +179,15 @@ def _compute_columns(core, worker, ids: np.ndarray) -> M.Compute:
     if locations:
         locations = dict(zip(ids_of(np.fromiter(locations, dtype=np.int64, count=len(locations))).tolist(),
                              locations.values()))
-    checkpoints: list = [None] * n
+    checkpoints: dict = {}
     marked = int(np.bitwise_or.reduce(flags)) if n else 0   # (flags on any row: the loops below)
     for p in np.flatnonzero((flags & (FLAG_CHECKPOINT | FLAG_LOADED)) == FLAG_CHECKPOINT).tolist() \
             if marked & FLAG_CHECKPOINT else ():
         seg = segments[int(seg_of[p])]
-        checkpoints[p] = seg.graph.checkpoint(int(ids[p]) - seg.base)
-    inline: list = [False] * n
+        path = seg.graph.checkpoint(int(ids[p]) - seg.base)
+        if path:
+            checkpoints[p] = path
+    inline: list = []
     watched: dict = {}
     jobs_of = c.job[ids]
     for p in np.flatnonzero(flags & FLAG_RESULT).tolist() if marked & FLAG_RESULT else ():
@@ -194,10 +195,60 @@ def _compute_columns(core, worker, ids: np.ndarray) -> M.Compute:
         if job_id not in watched:
             job = core.jobs.get(job_id)
             watched[job_id] = job is not None and bool(job.watchers)
-        inline[p] = watched[job_id]
-    named = [g.named_request(t) or None for t in ids.tolist()] if g.any_named_requests else [None] * n
+        if watched[job_id]:
+            inline.append(p)
+    named = {p: r for p, r in enumerate(g.named_request(t) for t in ids.tolist()) if r} \
+        if g.any_named_requests else {}
+    if not any_large:   # (nothing replaced either)
+        if span is None:   # (the configs one after another)
+            lengths = np.fromiter(map(len, configs), np.int64, n)
+            config_ends = np.cumsum(lengths)
+            span = (b"".join(configs), config_ends - lengths, config_ends)
+        columns = _columns(g, ids, ids_of(inputs), starts, ends, rank, waits, span, inline, named, checkpoints,
+                           {p: name for p, name in enumerate(labels) if name is not None} if any_labels else {})
+        return M.Compute(worker.key, columns, locations, jobs_of.astype(np.int64), [])
+    symbol_of = g.symbols
+    symbols = [symbol_of[k] for k in c.symbol[ids].tolist()]
+    if replaced:
+        for p in np.flatnonzero(flags & FLAG_OVERRIDE).tolist():
+            symbols[p], configs[p], _ = g.overrides[int(ids[p])]
+    flat = ids_of(inputs).tolist() if len(inputs) else []
+    waits = waits.tolist()
+    lists = [flat[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+    if in_order:
+        input_lists, ahead = lists, waits
+    else:
+        rank = rank.tolist()
+        input_lists, ahead = [lists[k] for k in rank], [waits[k] for k in rank]
+    flag_inline = [False] * n
+    for p in inline:
+        flag_inline[p] = True
     new, make = tuple.__new__, M.ComputeRow   # (a ComputeRow built as the tuple it is: fast)
-    rows = [new(make, row) for row in zip(ids_of(ids).tolist(), symbols, configs, input_lists, c.cpus[ids].tolist(), named,
-                                           checkpoints, labels, inline, ahead)]
+    rows = [new(make, row) for row in zip(ids_of(ids).tolist(), symbols, configs, input_lists, c.cpus[ids].tolist(),
+                                           [named.get(p) for p in range(n)] if named else [None] * n,
+                                           [checkpoints.get(p) for p in range(n)] if checkpoints else [None] * n,
+                                           labels, flag_inline, ahead)]
     large = [p for p, config in enumerate(configs) if type(config) is memoryview] if any_large else []
     return M.Compute(worker.key, rows, locations, jobs_of.astype(np.int64), large)
+
+
+def _columns(g, ids, inputs, starts, ends, rank, waits, span, inline, named, checkpoints, labels) -> M.ComputeColumns:
+    """The rows of ``ids`` as columns: ``inputs`` (global ids) and ``waits`` per slot and per
+    row in id order (``starts``, ``ends``), ``rank`` the id order of each row (None: the
+    same), ``span`` the configs (bytes, where each starts, where it ends)."""
+    if rank is None:
+        input_ends = ends.astype(np.int64)
+    else:   # (each row's slots, gathered in row order)
+        lengths = (ends - starts)[rank]
+        input_ends = np.cumsum(lengths)
+        inputs = inputs[np.repeat(starts[rank] - (input_ends - lengths), lengths) + np.arange(int(input_ends[-1]))] \
+            if len(lengths) and input_ends[-1] else inputs[:0]
+        waits = waits[rank]
+    codes = g.cols.symbol[ids]
+    used = distinct(codes)
+    flags = waits.astype(np.uint8) * np.uint8(M.ComputeColumns.AHEAD)
+    flags[inline] |= np.uint8(M.ComputeColumns.INLINE)
+    return M.ComputeColumns(g.segs.ids_of(ids).astype(np.int64), [g.symbols[k] for k in used.tolist()],
+                            np.searchsorted(used, codes).astype(np.uint16), span[0], span[1], span[2],
+                            inputs.astype(np.int64), input_ends, g.cols.cpus[ids].astype(np.int64), flags,
+                            named, checkpoints, labels)

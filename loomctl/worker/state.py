@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 
 from loomctl import protocol as P
+from loomctl.messages import ComputeColumns
 from loomctl.worker import data
 from loomctl.worker.events import (  # noqa: F401  (the state's events and instructions, as W.<name>)
     CancelTasks, CloseLink, Compute, Connect, Execute, Fetched, Kill, LinkReady, Loaded, MemorySample, PeerGone,
@@ -187,14 +188,17 @@ class WorkerState:
                 key = int(key)
             if is_int(key) and isinstance(address, str):
                 locations[key] = address
-        specs = []
-        for row in rows:
-            try:
-                specs.append(TaskSpec.from_wire(row))
-            except P.ProtocolError as exc:
-                log.warning("malformed task in COMPUTE: %s", exc)
-                if isinstance(row, (list, tuple)) and row and is_int(row[0]):
-                    self._fail(row[0], f"malformed task assignment: {exc}")
+        if type(rows) is ComputeColumns:   # (checked whole as they were read)
+            specs = TaskSpec.from_columns(rows)
+        else:
+            specs = []
+            for row in rows:
+                try:
+                    specs.append(TaskSpec.from_wire(row))
+                except P.ProtocolError as exc:
+                    log.warning("malformed task in COMPUTE: %s", exc)
+                    if isinstance(row, (list, tuple)) and row and is_int(row[0]):
+                        self._fail(row[0], f"malformed task assignment: {exc}")
         fetch, failed = self.queue.assign(specs, self.store.sizes, locations)   # (sizes: the ids held)
         for task_id, message in failed:
             self._fail(task_id, message)

@@ -111,6 +111,12 @@ class TaskSpec:
         return cls(tid, symbol, config, list(inputs), cpus, resources, checkpoint or None, label, inline is True,
                    ahead is True)
 
+    @classmethod
+    def from_columns(cls, columns) -> list:
+        """The tasks of a COMPUTE sent as columns (``messages.ComputeColumns``, checked as
+        ``protocol.compute_columns`` read them)."""
+        return list(columns.rows(cls, dict))
+
     @property
     def light(self) -> bool:
         return self.cpus == 0
