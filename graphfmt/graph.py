@@ -61,7 +61,7 @@ class VarBytes:
 
     @classmethod
     def from_list(cls, items: list[bytes]) -> "VarBytes":
-        lengths = np.fromiter((len(x) for x in items), dtype=np.int64, count=len(items))
+        lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
         if not len(items) or int(lengths.max()) < LARGE_ITEM:
             return cls(offsets_from_lengths(lengths), b"".join(items))
         out = cls(offsets_from_lengths(lengths), None)

@@ -11,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable
 
 import msgpack
@@ -66,64 +67,63 @@ def build_graph(results, external: External | None = None) -> tuple[Graph, list[
                     order.append(task)
 
     result_ids = [index[id(resolve(r))] for r in roots]
-    graph = _columns(order, index, resolve)
+    graph = _columns(order, index, resolve, plain=not substitutes)
     graph.flags[result_ids] |= FLAG_RESULT
     return graph, result_ids
 
 
-def _columns(order: list[Task], index: dict[int, int], resolve) -> Graph:
+def _columns(order: list[Task], index: dict[int, int], resolve, plain: bool) -> Graph:
+    """The columns of ``order``, an attribute at a time over all tasks (each a C-level
+    pass; Python only where a task sets an optional attribute); ``plain``: every input is
+    a Task (none went through ``resolve``)."""
     n = len(order)
-    symbols: dict[str, int] = {}
+    names = [task.task_type for task in order]
+    symbols = {name: code for code, name in enumerate(dict.fromkeys(names))}
+    inputs_of = [task.inputs for task in order]
+    counts = np.fromiter(map(len, inputs_of), dtype=np.int64, count=n)
+    every_input = itertools.chain.from_iterable(inputs_of)
+    if not plain:
+        every_input = (x if isinstance(x, Task) else resolve(x) for x in every_input)
+    flat_inputs = np.fromiter(map(index.__getitem__, map(id, every_input)), dtype=np.int64, count=int(counts.sum()))
+    configs = [task.config for task in order]
+    if set(map(type, configs)) - {bytes}:
+        configs = [config if type(config) is bytes else bytes(config) for config in configs]
+    # (the optional attributes: a C-level count says whether any task sets one)
+    label_codes = np.zeros(n, dtype=np.uint32)
     labels: dict[str, int] = {}
+    every = [task.label for task in order]
+    for i, label in enumerate(every) if every.count(None) < n else ():
+        if label is not None:
+            label_codes[i] = labels.get(label) or labels.setdefault(label, len(labels) + 1)
+    request_codes = np.zeros(n, dtype=np.uint16)
     requests: dict[tuple, int] = {}
     request_table: list[dict] = []
-    types: list[int] = []    # (lists, made arrays at the end: a numpy item write costs more)
-    counts: list[int] = []
-    label_codes = np.zeros(n, dtype=np.uint32)
-    request_codes = np.zeros(n, dtype=np.uint16)
-    flat_inputs: list[int] = []
-    configs: list[bytes] = []
-    checkpoints: list[bytes] | None = None
-    metadata: list[bytes] | None = None
-    priorities: np.ndarray | None = None
-    for i, task in enumerate(order):
-        code = symbols.get(task.task_type)
-        if code is None:
-            code = symbols[task.task_type] = len(symbols)
-        types.append(code)
-        ins = task.inputs
-        counts.append(len(ins))
-        if ins:
-            flat_inputs.extend([index[id(x if isinstance(x, Task) else resolve(x))] for x in ins])
-        config = task.config
-        configs.append(config if isinstance(config, bytes) else bytes(config))
-        if task.label is not None:
-            label_codes[i] = labels.get(task.label) or labels.setdefault(task.label, len(labels) + 1)
-        rr = task.resource_request
+    every = [task.resource_request for task in order]
+    for i, rr in enumerate(every) if every.count(None) < n else ():
         if rr is not None and (rr.cpus or rr.resources):
             key = rr.key()
             if key not in requests:
                 request_table.append(rr.to_dict())
                 requests[key] = len(request_table)
             request_codes[i] = requests[key]
-        if task.checkpoint_path:
-            checkpoints = checkpoints if checkpoints is not None else [b""] * n
-            checkpoints[i] = task.checkpoint_path.encode()
-        if task.metadata is not None:
-            metadata = metadata if metadata is not None else [b""] * n
-            metadata[i] = msgpack.packb(task.metadata, use_bin_type=True)
-        priority = getattr(task, "priority", 0)
+    checkpoints = [task.checkpoint_path for task in order]
+    checkpoints = [path.encode() if path else b"" for path in checkpoints] if any(checkpoints) else None
+    metadata = [task.metadata for task in order]
+    metadata = [b"" if m is None else msgpack.packb(m, use_bin_type=True) for m in metadata] \
+        if metadata.count(None) < n else None
+    priorities = None
+    every = [getattr(task, "priority", 0) for task in order]
+    for i, priority in enumerate(every) if every.count(0) < n else ():
         if priority:
             if isinstance(priority, bool) or not isinstance(priority, int) \
                     or not -PRIORITY_LIMIT <= priority <= PRIORITY_LIMIT:
-                raise TypeError(f"{task!r}: priority must be an integer from {-PRIORITY_LIMIT} to "
+                raise TypeError(f"{order[i]!r}: priority must be an integer from {-PRIORITY_LIMIT} to "
                                 f"{PRIORITY_LIMIT}, not {priority!r}")
             priorities = priorities if priorities is not None else np.zeros(n, dtype=np.int32)
             priorities[i] = priority
     return Graph(
-        symbols=list(symbols), types=np.array(types, dtype=np.uint16),
-        input_offsets=offsets_from_lengths(np.array(counts, dtype=np.int64)),
-        inputs=np.array(flat_inputs, dtype=np.int64), configs=VarBytes.from_list(configs),
+        symbols=list(symbols), types=np.fromiter(map(symbols.__getitem__, names), dtype=np.uint16, count=n),
+        input_offsets=offsets_from_lengths(counts), inputs=flat_inputs, configs=VarBytes.from_list(configs),
         flags=np.zeros(n, dtype=np.uint8), request_codes=request_codes, requests=request_table,
         label_codes=label_codes, labels=list(labels),
         checkpoints=VarBytes.from_list(checkpoints) if checkpoints is not None else None,
