@@ -57,7 +57,12 @@ def build_graph(results, external: External | None = None) -> tuple[Graph, list[
             for child in pending:
                 if not isinstance(child, Task):
                     child = resolve(child)
-                if id(child) not in index:
+                key = id(child)
+                if key not in index:
+                    if not child.inputs:   # (a source: numbered here, not pushed)
+                        index[key] = len(order)
+                        order.append(child)
+                        continue
                     stack.append((child, iter(child.inputs)))
                     break
             else:
