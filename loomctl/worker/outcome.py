@@ -10,7 +10,7 @@ Invariants:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from loomctl import protocol as P
 from loomctl.worker import data
@@ -26,7 +26,7 @@ class Outcome:
     length: int = 0
     error: str | None = None
     redirect: bytes | None = None
-    logs: list = field(default_factory=list)
+    logs: list | tuple = ()  # [(level, message)] (a tuple: none, and no list made per task)
     started: float = 0.0     # Unix times of the run (for traces); 0: not measured
     ended: float = 0.0
 

@@ -271,7 +271,7 @@ class WorkerState:
         report = self.report
         for level, message in outcome.logs:
             report.logs.append([task_id, level, message])
-        if outcome.error is None and outcome.redirect is None:
+        if outcome.error is None and outcome.redirect is None and self.store.limit is not None:
             too_big = self.store.too_big(task_id, outcome.size)
             if too_big:
                 outcome.error, outcome.result = too_big, None
