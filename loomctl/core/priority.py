@@ -54,10 +54,14 @@ def segment_added(core, segment, user: np.ndarray | None) -> None:
     del replaced
     finished_sweeps = True
     if inside.any():
-        if not segment.pruned and inside.all():   # every edge is in the consumer CSR
+        every = inside.all()
+        if not segment.pruned and every:   # every edge is in the consumer CSR
             left = np.diff(segment.consumer_offsets)   # consumers not levelled yet
         else:
             left = np.bincount(inputs[inside] - base, minlength=n).astype(np.int32)
+        # (a tree: no task with two consumers in the segment; a level's producers are
+        # then distinct and each levelled once its one consumer is)
+        single = every and prio is None and int(left.max()) <= 1
         frontier = np.flatnonzero(left == 0)
         depth = 1
         while len(frontier):
@@ -67,6 +71,10 @@ def segment_added(core, segment, user: np.ndarray | None) -> None:
             level[frontier] = depth
             starts, ends = offsets[frontier], offsets[frontier + 1]
             slots = ranges(starts, ends)
+            if single:
+                frontier = inputs[slots] - inputs.dtype.type(base)
+                depth += 1
+                continue
             keep = inside[slots]
             producers = inputs[slots[keep]] - inputs.dtype.type(base)
             if prio is not None:
