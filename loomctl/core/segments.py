@@ -363,6 +363,24 @@ class SegmentIndex:
             return (consumers[keep], out[1][keep]) if per_slot else consumers[keep]
         return out
 
+    def input_counts(self, ids: np.ndarray) -> np.ndarray:
+        """How many input slots each of ``ids`` has (int64)."""
+        if not len(ids):
+            return EMPTY
+        seg_ids = self.of(ids)
+        first = int(seg_ids[0])
+        if (seg_ids == first).all():
+            seg = self.segments[first]
+            local = ids - seg.base
+            return (seg.input_offsets[local + 1] - seg.input_offsets[local]).astype(np.int64)
+        out = np.empty(len(ids), dtype=np.int64)
+        for s in distinct(seg_ids).tolist():
+            mine = seg_ids == s
+            seg = self.segments[s]
+            local = ids[mine] - seg.base
+            out[mine] = seg.input_offsets[local + 1] - seg.input_offsets[local]
+        return out
+
     def task_inputs(self, task_id: int) -> np.ndarray:
         seg, local = self.locate(task_id)
         return seg.inputs[seg.input_offsets[local]:seg.input_offsets[local + 1]].astype(np.int64)

@@ -196,27 +196,37 @@ class _Walk:
             for taken in self.taken:
                 self.marks[taken] = True
         marks = self.marks
-        x = g.consumers_of(seeds)
-        x = T.small_unique(x[c.state[x] == WAITING])
-        x = x[~marks[x]]
+        x = g.consumers_of(seeds)   # (one per slot on a seed)
+        x = np.sort(x[c.state[x] == WAITING])
+        hits = None   # per distinct consumer, its slots on seeds (with plain CSRs: each an input)
+        if len(x) > 1:
+            first = np.flatnonzero(np.concatenate(([True], x[1:] != x[:-1])))
+            if not g.overrides and not g.extra_consumers:
+                hits = np.diff(np.append(first, len(x)))
+            x = x[first]
+        keep = ~marks[x]
         code = c.symbol[x]
-        ok = c.cpus[x] <= w.cpus
+        keep &= c.cpus[x] <= w.cpus
         if self.dynamic:
-            ok &= ~np.isin(code, self.dynamic)
+            keep &= ~np.isin(code, self.dynamic)
         if self.mask is not None:
-            ok &= self.mask[code]
+            keep &= self.mask[code]
         if g.any_named_requests:
-            ok &= np.array([not g.named_request(t) for t in x.tolist()], dtype=bool)
-        x = x[ok]
+            keep &= np.array([not g.named_request(t) for t in x.tolist()], dtype=bool)
+        x = x[keep]
         if not len(x):
             return EMPTY, False
-        inputs, consumer = g.slots(x)
-        state = c.state[inputs]
-        good = (state == FINISHED) | ((state == ASSIGNED) & (c.worker[inputs] == w.id)) | marks[inputs]
-        if not good.all():   # (x is sorted, and the slots are its)
-            bad = np.zeros(len(x), dtype=bool)
-            bad[np.searchsorted(x, consumer[~good])] = True
-            x = x[~bad]
+        # a consumer whose every input is a seed is good as it is (a tree's next level); the
+        # others' inputs are looked at: finished, assigned to w, or taken by this walk
+        rest = x if hits is None else x[hits[keep] < g.segs.input_counts(x)]
+        if len(rest):
+            inputs, consumer = g.slots(rest)
+            state = c.state[inputs]
+            good = (state == FINISHED) | ((state == ASSIGNED) & (c.worker[inputs] == w.id)) | marks[inputs]
+            if not good.all():   # (x is sorted, and the slots are of some of its ids)
+                bad = np.zeros(len(x), dtype=bool)
+                bad[np.searchsorted(x, consumer[~good])] = True
+                x = x[~bad]
         need = c.cpus[x]
         light, heavy = x[need == 0], x[need > 0]
         room = max(0, self.light_room)
