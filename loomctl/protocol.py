@@ -296,10 +296,20 @@ def _sparse(body: dict, name: str, n: int, check) -> dict:
     return out
 
 
-def _resources(value) -> dict:
-    if not isinstance(value, dict) or not all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in value.items()):
-        raise ProtocolError("COMPUTE columns: resources are not a map of names to amounts")
+def resource_amounts(value) -> dict | None:
+    """A COMPUTE task's resources as {name: amount}, the zero ones left out; None when
+    ``value`` is no map of names to non-negative integers."""
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and type(v) is int and v >= 0 for k, v in value.items()):
+        return None
     return {k: v for k, v in value.items() if v}
+
+
+def _resources(value) -> dict:
+    amounts = resource_amounts(value)
+    if amounts is None:
+        raise ProtocolError("COMPUTE columns: resources are not a map of names to amounts")
+    return amounts
 
 
 def _text(value) -> str:

@@ -365,17 +365,13 @@ class SegmentIndex:
 
     def input_counts(self, ids: np.ndarray) -> np.ndarray:
         """How many input slots each of ``ids`` has (int64)."""
-        if not len(ids):
-            return EMPTY
-        seg_ids = self.of(ids)
-        first = int(seg_ids[0])
-        if (seg_ids == first).all():
-            seg = self.segments[first]
-            local = ids - seg.base
-            return (seg.input_offsets[local + 1] - seg.input_offsets[local]).astype(np.int64)
         out = np.empty(len(ids), dtype=np.int64)
-        for s in distinct(seg_ids).tolist():
-            mine = seg_ids == s
+        if not len(ids):
+            return out
+        seg_ids = self.of(ids)
+        present = (int(seg_ids[0]),) if (seg_ids == seg_ids[0]).all() else distinct(seg_ids).tolist()
+        for s in present:
+            mine = slice(None) if len(present) == 1 else seg_ids == s
             seg = self.segments[s]
             local = ids[mine] - seg.base
             out[mine] = seg.input_offsets[local + 1] - seg.input_offsets[local]

@@ -54,9 +54,8 @@ def run_inline(spec: TaskSpec, inputs: list, timed: bool = False) -> Outcome:
     """Execute an inline built-in (``taskqueue.route``: no checkpoint, no context, no
     logs), in the worker's loop; timed only when ``timed`` (a traced worker); never raises."""
     out = Outcome(spec.id, started=time.time() if timed else 0.0)
-    try:   # (an inline task has no checkpoint to write: ``finalize`` without it)
-        result = execute(spec.symbol, spec.config, inputs, None)
-        out.size, out.length, out.result = result.size(), result.length(), result
+    try:
+        finalize(out, spec, execute(spec.symbol, spec.config, inputs, None))
     except Exception as exc:   # (a bug must not take the worker down either)
         out.error = _error_of(exc)
     if timed:

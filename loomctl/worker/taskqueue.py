@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 from graphfmt import symbols as S
 from loomctl.messages import COMPUTE_ROW_MIN, ComputeRow
-from loomctl.protocol import ProtocolError
+from loomctl.protocol import ProtocolError, resource_amounts
 
 _ROW_FIELDS = len(ComputeRow._fields)
 SHORT_STREAK = 3
@@ -100,10 +100,9 @@ class TaskSpec:
         if resources is None or type(resources) is dict and not resources:
             resources = {}
         else:
-            if not isinstance(resources, dict) or not all(
-                    isinstance(k, str) and is_int(v) and v >= 0 for k, v in resources.items()):
+            resources = resource_amounts(resources)
+            if resources is None:
                 raise ProtocolError(f"task {tid}: resources are not a map of names to amounts")
-            resources = {k: v for k, v in resources.items() if v}
         if checkpoint is not None and type(checkpoint) is not str:
             raise ProtocolError(f"task {tid}: checkpoint is not a string")
         if label is not None and type(label) is not str:
